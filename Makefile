@@ -1,0 +1,42 @@
+# Modelfleet. `make demo` and `make test` each set up everything they need from scratch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+REQS := $(wildcard requirements/*.txt)
+STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
+
+.PHONY: setup test demo lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(REQS)
+	scripts/system-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements/dev.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+## test: set up, start PostgreSQL/Redis if needed, run the whole suite (slow e2e tests included)
+test: setup
+	scripts/with-services.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+## demo: set up, start the control plane and a Celery worker, upload the digits model
+demo: setup
+	scripts/with-services.sh $(PY) scripts/demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+## bench: the registry pipeline benchmark (see docs/benchmarks.md)
+bench: setup
+	scripts/with-services.sh $(PY) bench/registry_pipeline.py
+
+clean:
+	rm -rf var/test var/demo

@@ -1,0 +1,46 @@
+"""Wire contract v1: the single implementation both the control plane and the agent use.
+
+See ARCHITECTURE.md, "Wire contract v1", and docs/protocol.md.
+"""
+
+from agent.protocol.dsse import (
+    DESIRED_PAYLOAD_TYPE,
+    MANIFEST_PAYLOAD_TYPE,
+    EnvelopeError,
+    EnvelopeMalformed,
+    PayloadTypeMismatch,
+    SignatureInvalid,
+    envelope_bytes,
+    keyid_for,
+    pae,
+    public_key_bytes,
+    public_key_from_hex,
+    sign,
+    trusted_keys,
+    verify,
+)
+from agent.protocol.schemas import SchemaError, canonical_json, is_semver, parse, validate
+from agent.protocol.topics import Topics
+
+__all__ = [
+    "DESIRED_PAYLOAD_TYPE",
+    "MANIFEST_PAYLOAD_TYPE",
+    "EnvelopeError",
+    "EnvelopeMalformed",
+    "PayloadTypeMismatch",
+    "SchemaError",
+    "SignatureInvalid",
+    "Topics",
+    "canonical_json",
+    "envelope_bytes",
+    "is_semver",
+    "keyid_for",
+    "pae",
+    "parse",
+    "public_key_bytes",
+    "public_key_from_hex",
+    "sign",
+    "trusted_keys",
+    "validate",
+    "verify",
+]

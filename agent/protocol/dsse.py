@@ -1,0 +1,142 @@
+"""DSSE envelopes signed with Ed25519 (ARCHITECTURE.md, "Signing").
+
+Implements DSSE protocol v1 (secure-systems-lab/dsse): the signature covers
+``PAE(type, body)`` and never the JSON of the envelope, so verification does not
+depend on how the envelope was serialised. Verifiers return the verified payload
+bytes; callers parse those bytes and never re-decode the envelope themselves.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+MANIFEST_PAYLOAD_TYPE = "application/vnd.modelfleet.manifest+json"
+DESIRED_PAYLOAD_TYPE = "application/vnd.modelfleet.desired+json"
+
+
+class EnvelopeError(Exception):
+    """Base class; ``reason`` is the reason code the agent publishes in its events."""
+
+    reason = "signature_invalid"
+
+
+class EnvelopeMalformed(EnvelopeError):
+    """Not a DSSE envelope at all (bad JSON, missing fields, bad base64)."""
+
+
+class PayloadTypeMismatch(EnvelopeError):
+    reason = "payload_type"
+
+
+class SignatureInvalid(EnvelopeError):
+    """No signature by a trusted key verifies."""
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """Pre-Authentication Encoding: ``DSSEv1 SP LEN(type) SP type SP LEN(body) SP body``."""
+    type_bytes = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %s %d %s" % (len(type_bytes), type_bytes, len(payload), payload)
+
+
+def public_key_bytes(public_key: Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def keyid_for(public_key: Ed25519PublicKey) -> str:
+    """The keyid is the hex sha256 of the raw 32-byte public key."""
+    return hashlib.sha256(public_key_bytes(public_key)).hexdigest()
+
+
+def public_key_from_hex(hex_key: str) -> Ed25519PublicKey:
+    raw = bytes.fromhex(hex_key)
+    if len(raw) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes (64 hex characters)")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def trusted_keys(public_keys_hex: list[str]) -> dict[str, Ed25519PublicKey]:
+    """Build the ``{keyid: key}`` map that :func:`verify` expects from pinned hex keys."""
+    keys = [public_key_from_hex(k) for k in public_keys_hex]
+    return {keyid_for(k): k for k in keys}
+
+
+def sign(payload: bytes, *, payload_type: str, private_key: Ed25519PrivateKey) -> dict[str, Any]:
+    signature = private_key.sign(pae(payload_type, payload))
+    return {
+        "payloadType": payload_type,
+        "payload": base64.b64encode(payload).decode("ascii"),
+        "signatures": [
+            {
+                "keyid": keyid_for(private_key.public_key()),
+                "sig": base64.b64encode(signature).decode("ascii"),
+            }
+        ],
+    }
+
+
+def envelope_bytes(envelope: Mapping[str, Any]) -> bytes:
+    """The canonical serialisation we store and serve (sorted keys, no spaces)."""
+    return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _b64decode(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise EnvelopeMalformed(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise EnvelopeMalformed(f"{what} is not valid base64") from exc
+
+
+def verify(
+    envelope: Mapping[str, Any] | bytes | str,
+    *,
+    payload_type: str,
+    keys: Mapping[str, Ed25519PublicKey],
+) -> bytes:
+    """Return the payload bytes if a trusted key signed them under ``payload_type``.
+
+    The payload type is checked before any signature so that a validly signed
+    document of another kind (a manifest offered as a desired state) is refused
+    with its own reason code.
+    """
+    if isinstance(envelope, (bytes, str)):
+        try:
+            envelope = json.loads(envelope)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EnvelopeMalformed("envelope is not JSON") from exc
+    if not isinstance(envelope, Mapping):
+        raise EnvelopeMalformed("envelope must be a JSON object")
+    signatures = envelope.get("signatures")
+    if not isinstance(signatures, list) or not signatures:
+        raise EnvelopeMalformed("envelope has no signatures")
+    if envelope.get("payloadType") != payload_type:
+        raise PayloadTypeMismatch(
+            f"payload type {envelope.get('payloadType')!r} is not the expected {payload_type!r}"
+        )
+    payload = _b64decode(envelope.get("payload"), "payload")
+    message = pae(payload_type, payload)
+    for entry in signatures:
+        if not isinstance(entry, Mapping):
+            continue
+        key = keys.get(entry.get("keyid", ""))
+        if key is None:
+            continue
+        try:
+            key.verify(_b64decode(entry.get("sig"), "signature"), message)
+        except InvalidSignature:
+            continue
+        return payload
+    raise SignatureInvalid("no signature from a trusted key verifies this envelope")

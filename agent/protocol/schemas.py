@@ -1,0 +1,263 @@
+"""Message schemas of wire contract v1 (ARCHITECTURE.md, "Wire contract v1").
+
+One JSON Schema per message kind. The control plane validates what devices send
+with these, and the agent validates what it receives: one definition, two users.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+SCHEMA_VERSION = 1
+
+# Names that end up in topics, file paths and URLs: keep them boring.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# semver.org 2.0.0, the official regular expression.
+SEMVER_PATTERN = (
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+SEMVER_RE = re.compile(SEMVER_PATTERN)
+
+# Reason codes the agent publishes when it refuses a desired state (agent issue).
+REFUSAL_REASONS = (
+    "signature_invalid",
+    "payload_type",
+    "replay",
+    "expired",
+    "wrong_device",
+    "manifest_mismatch",
+    "too_large",
+    "hash_mismatch",
+    "incompatible",
+    "load_failed",
+    "golden_failed",
+    "download_failed",
+)
+
+_str = {"type": "string"}
+_count = {"type": "integer", "minimum": 0}
+_sha = {"type": "string", "pattern": SHA256_PATTERN}
+_name = {"type": "string", "pattern": NAME_PATTERN}
+_semver = {"type": "string", "pattern": SEMVER_PATTERN}
+_ts = {"type": "string", "format": "date-time", "minLength": 1}
+
+_tensor = {
+    "type": "object",
+    "required": ["name", "shape", "dtype"],
+    "properties": {
+        "name": _str,
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "dtype": _str,
+    },
+}
+
+MANIFEST = {
+    "type": "object",
+    "required": ["schema", "model", "version", "variant", "created_at", "raw", "blob", "tflite"],
+    "properties": {
+        "schema": {"const": SCHEMA_VERSION},
+        "model": _name,
+        "version": _semver,
+        "variant": _name,
+        "created_at": _ts,
+        "raw": {
+            "type": "object",
+            "required": ["sha256", "size", "format"],
+            "properties": {"sha256": _sha, "size": _count, "format": {"const": "tflite"}},
+        },
+        "blob": {
+            "type": "object",
+            "required": ["sha256", "size", "compression"],
+            "properties": {"sha256": _sha, "size": _count, "compression": {"enum": ["zstd"]}},
+        },
+        "tflite": {
+            "type": "object",
+            "required": ["inputs", "outputs", "ops", "quantization"],
+            "properties": {
+                "inputs": {"type": "array", "items": _tensor},
+                "outputs": {"type": "array", "items": _tensor},
+                "ops": {"type": "array", "items": _str},
+                "quantization": _str,
+            },
+        },
+        "requires": {
+            "type": "object",
+            "properties": {
+                "hardware": {"type": "array", "items": _str},
+                "runtime": {"type": "array", "items": _str},
+            },
+        },
+        "labels": {"type": "array", "items": _str},
+        # Contract extension (docs/protocol.md): the version's golden set, which the
+        # agent downloads and runs on the candidate before it swaps.
+        "golden": {
+            "type": ["object", "null"],
+            "required": ["sha256", "size", "samples"],
+            "properties": {
+                "sha256": _sha,
+                "size": _count,
+                "samples": _count,
+                "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+            },
+        },
+    },
+}
+
+DESIRED = {
+    "type": "object",
+    "required": ["schema", "device_id", "generation", "issued_at", "expires_at", "models"],
+    "properties": {
+        "schema": {"const": SCHEMA_VERSION},
+        "device_id": {"type": "string", "pattern": DEVICE_ID_PATTERN},
+        "generation": {"type": "integer", "minimum": 1},
+        "issued_at": _ts,
+        "expires_at": _ts,
+        "models": {
+            "type": "object",
+            "propertyNames": {"pattern": NAME_PATTERN},
+            "additionalProperties": {
+                "type": "object",
+                "required": ["version", "variant", "manifest_url", "blob_url", "manifest_sha256"],
+                "properties": {
+                    "version": _semver,
+                    "variant": _name,
+                    "manifest_url": _str,
+                    "blob_url": _str,
+                    "golden_url": {"type": ["string", "null"]},
+                    "manifest_sha256": _sha,
+                },
+            },
+        },
+        "rollout": {"type": ["object", "null"]},
+    },
+}
+
+STATUS = {
+    "type": "object",
+    "required": ["online"],
+    "properties": {"online": {"type": "boolean"}, "agent_version": _str, "ts": _str},
+}
+
+REPORTED = {
+    "type": "object",
+    "required": ["generation", "models"],
+    "properties": {
+        "generation": _count,
+        "ts": _str,
+        "models": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["version", "variant"],
+                "properties": {"version": _semver, "variant": _name},
+            },
+        },
+    },
+}
+
+EVENT = {
+    "type": "object",
+    "required": ["id", "ts", "type"],
+    "properties": {
+        "id": {"type": "string", "minLength": 1, "maxLength": 64},
+        "ts": _str,
+        "type": _str,
+        "generation": _count,
+        "model": _str,
+        "version": _str,
+        "variant": _str,
+        "reason": {"type": ["string", "null"]},
+        "message": {"type": ["string", "null"], "maxLength": 2000},
+    },
+}
+
+_latency = {
+    "type": "object",
+    "required": ["p50", "p95", "p99"],
+    "properties": {k: {"type": "number", "minimum": 0} for k in ("p50", "p95", "p99")},
+}
+
+TELEMETRY = {
+    "type": "object",
+    "required": ["id", "ts", "window_s", "models"],
+    "properties": {
+        "id": {"type": "string", "minLength": 1, "maxLength": 64},
+        "ts": _str,
+        "window_s": {"type": "number", "exclusiveMinimum": 0},
+        "models": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["version", "variant", "inferences", "errors"],
+                "properties": {
+                    "version": _semver,
+                    "variant": _name,
+                    "inferences": _count,
+                    "errors": _count,
+                    "latency_ms": _latency,
+                    "feedback": {
+                        "type": "object",
+                        "required": ["labeled", "correct"],
+                        "properties": {"labeled": _count, "correct": _count},
+                    },
+                },
+            },
+        },
+        "health": {"type": "object"},
+        "dropped": _count,
+    },
+}
+
+VALIDATORS = {
+    name: Draft202012Validator(schema)
+    for name, schema in {
+        "manifest": MANIFEST,
+        "desired": DESIRED,
+        "status": STATUS,
+        "reported": REPORTED,
+        "events": EVENT,
+        "telemetry": TELEMETRY,
+    }.items()
+}
+
+
+class SchemaError(ValueError):
+    """A message does not follow the contract; ``path`` names the offending field."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+def validate(kind: str, data: Any) -> dict[str, Any]:
+    """Validate ``data`` as message ``kind`` and return it; raise :class:`SchemaError`."""
+    error = next(iter(sorted(VALIDATORS[kind].iter_errors(data), key=lambda e: e.path)), None)
+    if error is not None:
+        raise SchemaError(error.message, "/".join(str(p) for p in error.absolute_path))
+    return data
+
+
+def parse(kind: str, payload: bytes) -> dict[str, Any]:
+    """Parse verified payload bytes as JSON and validate them as ``kind``."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SchemaError("not valid UTF-8 JSON") from exc
+    return validate(kind, data)
+
+
+def canonical_json(data: Any) -> bytes:
+    """Deterministic bytes for signing and hashing: sorted keys, no whitespace."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def is_semver(value: str) -> bool:
+    return bool(SEMVER_RE.match(value))

@@ -1,0 +1,5 @@
+"""Modelfleet control plane (Django project)."""
+
+from fleet.celery import app as celery_app
+
+__all__ = ["celery_app"]

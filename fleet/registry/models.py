@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+
+from agent.protocol.schemas import NAME_PATTERN, SEMVER_PATTERN
+from fleet.registry.choices import ArtifactStatus, SigningKeyStatus, Task, VersionStatus
+
+name_validator = RegexValidator(
+    NAME_PATTERN, "Use lowercase letters, digits, '.', '_' or '-' (at most 64 characters)."
+)
+semver_validator = RegexValidator(SEMVER_PATTERN, "Not a semantic version (e.g. 1.4.0).")
+
+
+class MLModel(models.Model):
+    """A model as ops know it ("digits"), independent of its versions and variants."""
+
+    name = models.CharField(max_length=64, unique=True, validators=[name_validator])
+    task = models.CharField(max_length=20, choices=Task.choices, default=Task.CLASSIFICATION)
+    labels = models.JSONField(default=list, blank=True, help_text="Class labels, in output order.")
+    description = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "ML model"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelVersion(models.Model):
+    model = models.ForeignKey(MLModel, on_delete=models.PROTECT, related_name="versions")
+    version = models.CharField(max_length=64, validators=[semver_validator])
+    notes = models.TextField(blank=True)
+    status = models.CharField(max_length=12, choices=VersionStatus.choices, default=VersionStatus.DRAFT)
+    # The golden set: a small labeled .npz (x, y) run on the server for every variant and
+    # on the device before every swap.
+    golden_file = models.CharField(max_length=255, blank=True, help_text="Name in artifact storage.")
+    golden_sha256 = models.CharField(max_length=64, blank=True)
+    golden_size = models.PositiveBigIntegerField(null=True, blank=True)
+    golden_samples = models.PositiveIntegerField(null=True, blank=True)
+    golden_input_shape = models.JSONField(null=True, blank=True, help_text="Shape of one sample of x.")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["model__name", "-created_at"]
+        constraints = [models.UniqueConstraint(fields=["model", "version"], name="registry_version_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} {self.version}"
+
+    @property
+    def has_golden_set(self) -> bool:
+        return bool(self.golden_file)
+
+
+class SigningKey(models.Model):
+    """The public half of a signing key. The private half lives in a file, never here."""
+
+    keyid = models.CharField(max_length=64, unique=True, help_text="hex sha256 of the raw public key")
+    public_key = models.CharField(max_length=64, help_text="raw 32-byte Ed25519 public key, hex")
+    status = models.CharField(
+        max_length=10, choices=SigningKeyStatus.choices, default=SigningKeyStatus.ACTIVE
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.keyid[:16]}… ({self.status})"
+
+
+class Artifact(models.Model):
+    """One variant (float32, int8, …) of a version: the uploaded .tflite, its zstd blob
+    and the signed manifest that names both by sha256."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="artifacts")
+    variant = models.CharField(max_length=64, validators=[name_validator])
+    status = models.CharField(max_length=10, choices=ArtifactStatus.choices, default=ArtifactStatus.PENDING)
+    failure_code = models.CharField(max_length=40, blank=True)
+    failure_reason = models.TextField(blank=True)
+    task_id = models.CharField(max_length=64, blank=True)
+
+    raw_file = models.CharField(max_length=255, blank=True, help_text="Name in artifact storage.")
+    raw_sha256 = models.CharField(max_length=64, blank=True)
+    raw_size = models.PositiveBigIntegerField(null=True, blank=True)
+    blob_file = models.CharField(max_length=255, blank=True, help_text="Name in artifact storage.")
+    blob_sha256 = models.CharField(max_length=64, blank=True)
+    blob_size = models.PositiveBigIntegerField(null=True, blank=True)
+    compression = models.CharField(max_length=10, blank=True)
+    compression_level = models.PositiveSmallIntegerField(null=True, blank=True)
+
+    tflite_signature = models.JSONField(
+        null=True, blank=True, help_text="inputs, outputs (name, shape, dtype), ops, quantization"
+    )
+    golden_accuracy = models.FloatField(null=True, blank=True)
+    golden_samples = models.PositiveIntegerField(null=True, blank=True)
+
+    manifest_envelope = models.TextField(blank=True, help_text="The DSSE envelope, exactly as served.")
+    manifest_sha256 = models.CharField(
+        max_length=64, blank=True, help_text="sha256 of the manifest payload (what desired states pin)"
+    )
+    signing_key = models.ForeignKey(SigningKey, null=True, blank=True, on_delete=models.PROTECT)
+
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            # A failed upload keeps its row (and reason) but does not block a new try.
+            models.UniqueConstraint(
+                fields=["version", "variant"],
+                condition=~models.Q(status=ArtifactStatus.FAILED),
+                name="registry_artifact_variant_unique",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.version} [{self.variant}]"
+
+    @property
+    def compression_ratio(self) -> float | None:
+        if not self.raw_size or not self.blob_size:
+            return None
+        return self.raw_size / self.blob_size

@@ -1,0 +1,144 @@
+"""Inspect a .tflite flatbuffer with the TFLite schema that ships inside LiteRT.
+
+Uses the generated read-only accessors (lazy, zero-copy over an mmap) rather than the
+object API, so a 100 MB model is inspected without copying its weights. Every offset
+the file declares is checked against its length, which is how a truncated upload is told
+apart from a merely odd one.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ai_edge_litert import schema_py_generated as schema
+
+FILE_IDENTIFIER = b"TFL3"
+
+
+@dataclass
+class InvalidModel(Exception):
+    code: str  # not_flatbuffer | wrong_identifier | truncated | malformed_tflite
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@cache
+def _enum_names(enum_class: type) -> dict[int, str]:
+    return {v: k for k, v in vars(enum_class).items() if not k.startswith("_") and isinstance(v, int)}
+
+
+def _dtype_name(tensor_type: int) -> str:
+    return _enum_names(schema.TensorType).get(tensor_type, f"type_{tensor_type}").lower()
+
+
+def _op_name(code: Any) -> str:
+    # DeprecatedBuiltinCode holds codes < 127; BuiltinCode the rest (schema comment).
+    builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+    if builtin == schema.BuiltinOperator.CUSTOM:
+        custom = code.CustomCode()
+        return f"CUSTOM:{custom.decode('utf-8', 'replace') if custom else '?'}"
+    return _enum_names(schema.BuiltinOperator).get(builtin, f"OP_{builtin}")
+
+
+def _tensor_description(tensor: Any) -> dict[str, Any]:
+    name = tensor.Name()
+    return {
+        "name": name.decode("utf-8", "replace") if name else "",
+        "shape": [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else [],
+        "dtype": _dtype_name(tensor.Type()),
+    }
+
+
+def _check_vector_in_bounds(table: Any, field_offset: int, element_size: int, size: int, what: str) -> None:
+    offset = table._tab.Offset(field_offset)
+    if not offset:
+        return
+    start = table._tab.Vector(offset)
+    end = start + table._tab.VectorLen(offset) * element_size
+    if end > size:
+        raise InvalidModel("truncated", f"{what} runs past the end of the file ({end} > {size} bytes)")
+
+
+def _quantization(model: Any, subgraph: Any) -> str:
+    """int8 / uint8 / float16 when the constant (weight) tensors use that type, else none."""
+    weight_types = set()
+    for i in range(subgraph.TensorsLength()):
+        tensor = subgraph.Tensors(i)
+        buffer_index = tensor.Buffer()
+        if buffer_index and buffer_index < model.BuffersLength():
+            buffer = model.Buffers(buffer_index)
+            if buffer.DataLength() or buffer.Size():
+                weight_types.add(_dtype_name(tensor.Type()))
+    for name in ("int8", "uint8", "int4", "float16"):
+        if name in weight_types:
+            return name
+    return "none"
+
+
+def _parse(buf: Any, size: int) -> dict[str, Any]:
+    model = schema.Model.GetRootAs(buf, 0)
+    if model.SubgraphsLength() < 1:
+        raise InvalidModel("malformed_tflite", "the model has no subgraph")
+    for i in range(model.BuffersLength()):
+        buffer = model.Buffers(i)
+        _check_vector_in_bounds(buffer, 4, 1, size, f"buffer {i}")
+        if buffer.Offset() and buffer.Offset() + buffer.Size() > size:
+            raise InvalidModel("truncated", f"buffer {i} lies past the end of the file")
+    subgraph = model.Subgraphs(0)
+    tensors = subgraph.TensorsLength()
+    for index_list, what in ((subgraph.InputsAsNumpy(), "input"), (subgraph.OutputsAsNumpy(), "output")):
+        if not hasattr(index_list, "__len__") or len(index_list) == 0:
+            raise InvalidModel("malformed_tflite", f"the main subgraph declares no {what}")
+        if any(not 0 <= int(t) < tensors for t in index_list):
+            raise InvalidModel("malformed_tflite", f"an {what} names a tensor that does not exist")
+    ops = sorted({_op_name(model.OperatorCodes(i)) for i in range(model.OperatorCodesLength())})
+    description = model.Description()
+    return {
+        "schema_version": int(model.Version()),
+        "description": description.decode("utf-8", "replace") if description else "",
+        "subgraphs": int(model.SubgraphsLength()),
+        "inputs": [_tensor_description(subgraph.Tensors(int(t))) for t in subgraph.InputsAsNumpy()],
+        "outputs": [_tensor_description(subgraph.Tensors(int(t))) for t in subgraph.OutputsAsNumpy()],
+        "ops": ops,
+        "quantization": _quantization(model, subgraph),
+        "tensors": int(tensors),
+        "operators": int(subgraph.OperatorsLength()),
+    }
+
+
+def inspect_buffer(buf: Any) -> dict[str, Any]:
+    """Describe a TFLite flatbuffer held in ``buf`` (bytes or mmap); raise :class:`InvalidModel`."""
+    size = len(buf)
+    if size < 8:
+        raise InvalidModel("not_flatbuffer", f"the file is {size} bytes, too short to be a flatbuffer")
+    (root_offset,) = struct.unpack_from("<I", buf, 0)
+    if root_offset < 8 or root_offset + 4 > size or root_offset % 4:
+        raise InvalidModel("not_flatbuffer", "the file does not start with a flatbuffer root offset")
+    if bytes(buf[4:8]) != FILE_IDENTIFIER:
+        raise InvalidModel(
+            "wrong_identifier",
+            f"file identifier is {bytes(buf[4:8])!r}, a TFLite model has {FILE_IDENTIFIER!r}",
+        )
+    try:
+        return _parse(buf, size)
+    except InvalidModel:
+        raise
+    except (IndexError, struct.error, ValueError, TypeError) as exc:
+        # The accessors read past the end (or across garbage): the file was cut short or
+        # the bytes are not a TFLite model after all.
+        raise InvalidModel("truncated", f"the flatbuffer is incomplete or corrupt ({exc})") from exc
+
+
+def inspect_file(path: str | Path) -> dict[str, Any]:
+    with open(path, "rb") as handle:
+        if handle.seek(0, 2) == 0:
+            raise InvalidModel("not_flatbuffer", "the file is empty")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return inspect_buffer(buf)

@@ -1,0 +1,251 @@
+"""Control-plane settings, all from the environment (docs/operations.md lists every one).
+
+Defaults make `make demo` work on a laptop: SQLite under var/, Redis and Mosquitto on
+localhost, artifacts on local disk, a generated dev signing key. A bad value stops the
+process at start with a message that names the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+
+
+def _read(name: str, cast, default):
+    """Read one variable; on a bad value name it, instead of failing somewhere later."""
+    try:
+        return cast(name, default=default)
+    except (ValueError, TypeError, ImproperlyConfigured) as exc:
+        raise ImproperlyConfigured(f"{name}: invalid value ({exc})") from exc
+
+
+def _secret(name: str, default: str | None = None) -> str | None:
+    """A secret from NAME or from the file named by NAME_FILE (docker/systemd secrets)."""
+    path = env.str(f"{name}_FILE", default="")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE: cannot read {path}: {exc}") from exc
+    return env.str(name, default=default)
+
+
+def _positive(name: str, value: int | float) -> int | float:
+    if value <= 0:
+        raise ImproperlyConfigured(f"{name}: must be greater than zero, got {value}")
+    return value
+
+
+DEBUG = _read("DEBUG", env.bool, False)
+
+
+def _path(name: str, default: Path) -> Path:
+    """A path setting; relative values are relative to the project directory."""
+    value = Path(_read(name, env.str, str(default)))
+    return value if value.is_absolute() else BASE_DIR / value
+
+
+VAR_DIR = _path("VAR_DIR", BASE_DIR / "var")
+
+SECRET_KEY = _secret("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY: required when DEBUG is off (set SECRET_KEY or SECRET_KEY_FILE, "
+            "or DEBUG=1 for a development default)"
+        )
+    SECRET_KEY = "dev-only-insecure-secret-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = _read("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = _read("CSRF_TRUSTED_ORIGINS", env.list, [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "django_celery_beat",
+    "fleet.core",
+    "fleet.registry",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "fleet.urls"
+WSGI_APPLICATION = "fleet.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "fleet" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+# --- database
+_sqlite_default = f"sqlite:///{VAR_DIR / 'modelfleet.sqlite3'}"
+try:
+    DATABASES = {"default": env.db_url("DATABASE_URL", default=_sqlite_default)}
+except (ValueError, ImproperlyConfigured) as exc:
+    raise ImproperlyConfigured(f"DATABASE_URL: invalid value ({exc})") from exc
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL and IMMEDIATE transactions let the web server and a Celery worker share the
+    # demo database without "database is locked" errors.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# --- artifact storage (Django storage API; docs/operations.md shows the S3 setup)
+ARTIFACT_ROOT = _path("ARTIFACT_ROOT", VAR_DIR / "artifacts")
+ARTIFACT_STORAGE = _read("ARTIFACT_STORAGE", env.str, "local")
+if ARTIFACT_STORAGE == "local":
+    _artifact_backend = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(ARTIFACT_ROOT), "file_permissions_mode": 0o640},
+    }
+elif ARTIFACT_STORAGE == "s3":
+    _artifact_backend = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": _read("ARTIFACT_S3_BUCKET", env.str, None),
+            "endpoint_url": _read("ARTIFACT_S3_ENDPOINT_URL", env.str, None),
+            "region_name": _read("ARTIFACT_S3_REGION", env.str, None),
+            "access_key": _secret("ARTIFACT_S3_ACCESS_KEY"),
+            "secret_key": _secret("ARTIFACT_S3_SECRET_KEY"),
+            "default_acl": "private",
+            "file_overwrite": False,
+        },
+    }
+    if not _artifact_backend["OPTIONS"]["bucket_name"]:
+        raise ImproperlyConfigured("ARTIFACT_S3_BUCKET: required when ARTIFACT_STORAGE=s3")
+else:
+    raise ImproperlyConfigured(f"ARTIFACT_STORAGE: must be 'local' or 's3', got {ARTIFACT_STORAGE!r}")
+
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "artifacts": _artifact_backend,
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+MEDIA_ROOT = VAR_DIR / "media"
+
+# Uploads stream to a temporary file on disk, never into memory (registry issue, 4).
+FILE_UPLOAD_HANDLERS = ["fleet.registry.uploads.LimitedTemporaryFileUploadHandler"]
+FILE_UPLOAD_TEMP_DIR = _read("FILE_UPLOAD_TEMP_DIR", env.str, None)
+ARTIFACT_MAX_UPLOAD_BYTES = _positive(
+    "ARTIFACT_MAX_UPLOAD_BYTES", _read("ARTIFACT_MAX_UPLOAD_BYTES", env.int, 512 * 1024 * 1024)
+)
+GOLDEN_SET_MAX_BYTES = _positive(
+    "GOLDEN_SET_MAX_BYTES", _read("GOLDEN_SET_MAX_BYTES", env.int, 16 * 1024 * 1024)
+)
+# zstd level: high by default, because an artifact is compressed once and downloaded
+# by every device of the fleet.
+ARTIFACT_ZSTD_LEVEL = _read("ARTIFACT_ZSTD_LEVEL", env.int, 19)
+if not 1 <= ARTIFACT_ZSTD_LEVEL <= 22:
+    raise ImproperlyConfigured(f"ARTIFACT_ZSTD_LEVEL: must be 1..22, got {ARTIFACT_ZSTD_LEVEL}")
+ARTIFACT_ZSTD_THREADS = _read("ARTIFACT_ZSTD_THREADS", env.int, -1)  # -1: one per CPU
+
+# --- signing: the private key never lives in the database
+SIGNING_KEY_FILE = _path("SIGNING_KEY_FILE", VAR_DIR / "signing-key.pem")
+# Only a development setup may generate its own key; production provisions one.
+SIGNING_KEY_AUTOGENERATE = _read("SIGNING_KEY_AUTOGENERATE", env.bool, DEBUG)
+
+# --- Redis, Celery, MQTT
+REDIS_URL = _read("REDIS_URL", env.str, "redis://127.0.0.1:6379/0")
+MQTT_URL = _read("MQTT_URL", env.str, "mqtt://127.0.0.1:1883")
+for _name, _url, _schemes in (
+    ("REDIS_URL", REDIS_URL, ("redis", "rediss", "unix")),
+    ("MQTT_URL", MQTT_URL, ("mqtt", "mqtts", "ws", "wss")),
+):
+    if _url.split("://", 1)[0] not in _schemes or "://" not in _url:
+        raise ImproperlyConfigured(f"{_name}: must start with one of {_schemes}, got {_url!r}")
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = REDIS_URL
+CELERY_RESULT_EXPIRES = 3600
+CELERY_TASK_DEFAULT_QUEUE = _read("CELERY_QUEUE", env.str, "fleet")
+CELERY_TASK_ACKS_LATE = True  # a worker killed mid-task leaves the task for another
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = _positive(
+    "CELERY_TASK_SOFT_TIME_LIMIT", _read("CELERY_TASK_SOFT_TIME_LIMIT", env.int, 600)
+)
+CELERY_TASK_TIME_LIMIT = _read("CELERY_TASK_TIME_LIMIT", env.int, CELERY_TASK_SOFT_TIME_LIMIT + 60)
+if CELERY_TASK_TIME_LIMIT <= CELERY_TASK_SOFT_TIME_LIMIT:
+    raise ImproperlyConfigured("CELERY_TASK_TIME_LIMIT: must be above CELERY_TASK_SOFT_TIME_LIMIT")
+CELERY_TASK_ALWAYS_EAGER = _read("CELERY_TASK_ALWAYS_EAGER", env.bool, False)
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = "UTC"
+
+# --- API
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "fleet.core.auth.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["fleet.core.permissions.IsViewer"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "fleet.core.errors.api_exception_handler",
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Modelfleet control plane API",
+    "DESCRIPTION": "Model registry, devices and rollouts. See docs/api.md.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+# How long an upload may wait for its pipeline to finish when the client asks to (?wait=).
+ARTIFACT_UPLOAD_MAX_WAIT_SECONDS = _read("ARTIFACT_UPLOAD_MAX_WAIT_SECONDS", env.int, 300)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": _read("LOG_LEVEL", env.str, "INFO")},
+}

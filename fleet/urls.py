@@ -1,0 +1,46 @@
+from django.contrib import admin
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from fleet.registry import api as registry_api
+
+VERSION = r"(?P<version>[0-9A-Za-z.+-]+)"
+NAME = r"(?P<name>[a-z0-9][a-z0-9_.-]*)"
+
+api_v1 = [
+    path("models/", registry_api.ModelListCreate.as_view(), name="model-list"),
+    re_path(rf"^models/{NAME}/$", registry_api.ModelDetail.as_view(), name="model-detail"),
+    re_path(rf"^models/{NAME}/versions/$", registry_api.VersionListCreate.as_view(), name="version-list"),
+    re_path(
+        rf"^models/{NAME}/versions/{VERSION}/$", registry_api.VersionDetail.as_view(), name="version-detail"
+    ),
+    *[
+        re_path(
+            rf"^models/{NAME}/versions/{VERSION}/{action}$",
+            registry_api.version_action_view(action).as_view(),
+            name=f"version-{action}",
+        )
+        for action in registry_api.VERSION_ACTIONS
+    ],
+    re_path(
+        rf"^models/{NAME}/versions/{VERSION}/artifacts/$",
+        registry_api.VersionArtifacts.as_view(),
+        name="version-artifacts",
+    ),
+    path("artifacts/", registry_api.ArtifactList.as_view(), name="artifact-list"),
+    path("artifacts/<int:id>/", registry_api.ArtifactDetail.as_view(), name="artifact-detail"),
+    path("artifacts/<int:id>/manifest", registry_api.ArtifactManifest.as_view(), name="artifact-manifest"),
+    path("artifacts/<int:id>/blob", registry_api.ArtifactBlob.as_view(), name="artifact-blob"),
+    path("artifacts/<int:id>/golden", registry_api.ArtifactGolden.as_view(), name="artifact-golden"),
+    path("signing-keys/", registry_api.SigningKeyList.as_view(), name="signing-key-list"),
+]
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(api_v1)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+]
+
+handler404 = "fleet.core.errors.json_404"
+handler500 = "fleet.core.errors.json_500"

@@ -1,0 +1,104 @@
+"""Shared fixtures. They start or use real services: PostgreSQL, Redis, a Celery worker
+process, LiteRT on the sample .tflite files the project builds itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_var_dir():
+    """Each run starts with empty artifact storage, so orphan checks see only this run."""
+    from django.conf import settings
+
+    shutil.rmtree(settings.ARTIFACT_ROOT, ignore_errors=True)
+    settings.ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The sample digits models (real .tflite bytes) and golden set."""
+    from samples import digits
+
+    return digits
+
+
+def wait_until(condition, *, timeout: float, interval: float = 0.05, message: str = "condition"):
+    """Poll ``condition`` until it returns a truthy value; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory):
+    """A real `celery worker` process on a queue of its own, against the test database."""
+    from django.db import connection
+
+    from fleet.celery import app
+
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    node = f"{queue}@localhost"
+    app.conf.task_default_queue = queue
+    env = {
+        **os.environ,
+        "DATABASE_URL": os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + connection.settings_dict["NAME"],
+        "CELERY_QUEUE": queue,
+    }
+    log_path = tmp_path_factory.mktemp("celery") / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "fleet",
+                "worker",
+                "-P",
+                "solo",
+                "-Q",
+                queue,
+                "-n",
+                node,
+                "--without-gossip",
+                "--without-mingle",
+                "-l",
+                "info",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: worker.poll() is not None or app.control.ping(destination=[node], timeout=0.5),
+            timeout=60,
+            message="the Celery worker to answer ping",
+        )
+        if worker.poll() is not None:
+            raise RuntimeError(f"celery worker exited at start:\n{log_path.read_text()}")
+        yield worker
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()

@@ -1,0 +1,95 @@
+"""Personas (healthchecks style): ada is an admin, alice an operator, bob a viewer,
+charlie has an account but no role. Each has an API token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.files.uploadedfile import SimpleUploadedFile
+from rest_framework.test import APIClient
+
+from fleet.core.choices import Role
+from fleet.core.services import api_token_create, user_ensure
+from fleet.registry import services
+
+
+@dataclass
+class Persona:
+    user: object
+    token: str
+
+    def client(self) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {self.token}")
+        return client
+
+
+def _persona(username: str, role: Role | None) -> Persona:
+    from django.contrib.auth.models import User
+
+    user = user_ensure(username=username, role=role) if role else User.objects.create(username=username)
+    return Persona(user, api_token_create(user=user, name="tests")[1])
+
+
+@pytest.fixture
+def ada(db):
+    return _persona("ada", Role.ADMIN)
+
+
+@pytest.fixture
+def alice(db):
+    return _persona("alice", Role.OPERATOR)
+
+
+@pytest.fixture
+def bob(db):
+    return _persona("bob", Role.VIEWER)
+
+
+@pytest.fixture
+def charlie(db):
+    return _persona("charlie", None)
+
+
+@pytest.fixture
+def anonymous():
+    return APIClient()
+
+
+@pytest.fixture
+def digits_model(alice):
+    from samples import digits
+
+    return services.model_create(name="digits", labels=digits.LABELS, created_by=alice.user)
+
+
+@pytest.fixture
+def golden_npz(digits) -> bytes:
+    return digits.golden_set_npz()
+
+
+@pytest.fixture
+def version_v1(digits_model, golden_npz, alice):
+    return services.version_create(
+        model=digits_model,
+        version="1.0.0",
+        golden_set=SimpleUploadedFile("golden.npz", golden_npz),
+        created_by=alice.user,
+    )
+
+
+def upload(client: APIClient, model: str, version: str, variant: str, data: bytes, wait: float = 60):
+    """POST a .tflite through the real multipart parser and upload handler."""
+    return client.post(
+        f"/api/v1/models/{model}/versions/{version}/artifacts/?wait={wait}",
+        {"variant": variant, "file": SimpleUploadedFile(f"{variant}.tflite", data)},
+        format="multipart",
+    )
+
+
+def stored_files(prefix: str = "") -> list[Path]:
+    root = Path(settings.ARTIFACT_ROOT)
+    return sorted(p for p in root.rglob("*") if p.is_file() and str(p.relative_to(root)).startswith(prefix))
