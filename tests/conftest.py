@@ -16,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _clean_var_dir():
-    """Each run starts with empty artifact storage, so orphan checks see only this run."""
+@pytest.fixture(autouse=True)
+def _empty_artifact_storage():
+    """Each test starts with empty artifact storage, so orphan checks see only its files."""
     from django.conf import settings
 
     shutil.rmtree(settings.ARTIFACT_ROOT, ignore_errors=True)

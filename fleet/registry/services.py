@@ -231,7 +231,8 @@ def artifact_upload(
 ) -> Artifact:
     """Store an uploaded .tflite as a pending variant and queue its pipeline.
 
-    ``upload`` is a Django uploaded file; it must be on disk (our upload handler makes sure).
+    ``upload`` is a Django uploaded file on disk (our upload handler makes sure); it is
+    consumed: local storage moves it into place instead of copying it.
     """
     _require_name(variant, "variant")
     if version.status == VersionStatus.REVOKED:
@@ -248,6 +249,7 @@ def artifact_upload(
     raw_name = artifact_storage().save(
         f"raw/{version.model.name}/{version.version}/{variant}-{uuid.uuid4().hex[:12]}.tflite", upload
     )
+    upload.close()  # local storage moved the temporary file into place; nothing left to read
     task_id = str(uuid.uuid4())
     try:
         with transaction.atomic():

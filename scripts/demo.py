@@ -1,0 +1,269 @@
+"""`make demo`: the control plane end to end on this machine.
+
+Starts the web app and a Celery worker (Redis and PostgreSQL are started by
+scripts/with-services.sh when missing), creates an admin and an operator with an API
+token, uploads the digits sample model v1 as float32 and int8 through the HTTP API,
+waits for both artifacts to be ready and prints what the registry made of them. Then it
+keeps the admin running until Ctrl-C (DEMO_EXIT=1 makes it stop right away, for tests).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import requests
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from samples import digits  # noqa: E402
+
+console = Console()
+VAR = Path(os.environ.get("DEMO_VAR_DIR", ROOT / "var" / "demo"))
+
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def demo_env(port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DEBUG", "1")
+    env.setdefault("VAR_DIR", str(VAR))
+    env.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
+    env.setdefault("CELERY_QUEUE", f"demo-{os.getpid()}")
+    env.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def manage(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if result.returncode:
+        console.print(f"[red]manage.py {' '.join(args)} failed:[/red]\n{result.stderr}")
+        raise SystemExit(1)
+    return result.stdout.strip()
+
+
+def start(stack: ExitStack, name: str, env: dict[str, str], *args: str) -> subprocess.Popen:
+    log = (VAR / "logs" / f"{name}.log").open("wb")
+    stack.callback(log.close)
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop() -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    stack.callback(stop)
+    return process
+
+
+def wait_for(what: str, check, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if process.poll() is not None:
+            raise SystemExit(f"{what} exited; see {VAR / 'logs'}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not come up in {timeout:.0f}s; see {VAR / 'logs'}")
+        time.sleep(0.2)
+
+
+def http_up(base: str) -> bool:
+    try:
+        return requests.get(f"{base}/api/v1/signing-keys/", timeout=2).status_code == 401
+    except requests.ConnectionError:
+        return False
+
+
+def worker_up(env: dict[str, str]) -> bool:
+    ping = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "fleet",
+            "inspect",
+            "ping",
+            "-t",
+            "1",
+            "-d",
+            f"{env['CELERY_QUEUE']}@localhost",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+    )
+    return ping.returncode == 0
+
+
+def api_call(session: requests.Session, method: str, url: str, expect: int, **kwargs) -> dict:
+    response = session.request(method, url, timeout=300, **kwargs)
+    if response.status_code != expect:
+        raise SystemExit(f"{method} {url} answered {response.status_code}: {response.text}")
+    return response.json()
+
+
+def upload_digits(base: str, token: str, progress: Progress) -> list[dict]:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    api = f"{base}/api/v1"
+    step = progress.add_task("Creating model 'digits' and version 1.0.0 with its golden set", total=None)
+    api_call(
+        session,
+        "POST",
+        f"{api}/models/",
+        201,
+        json={
+            "name": "digits",
+            "task": "classification",
+            "labels": digits.LABELS,
+            "description": "8x8 handwritten digits (scikit-learn), MLP 64-32-10",
+        },
+    )
+    api_call(
+        session,
+        "POST",
+        f"{api}/models/digits/versions/",
+        201,
+        data={"version": "1.0.0", "notes": "first release"},
+        files={"golden_set": ("golden.npz", digits.golden_set_npz())},
+    )
+    progress.update(step, total=1, completed=1)
+    artifacts = []
+    for variant, tflite in digits.build_digits_models().items():
+        step = progress.add_task(
+            f"Uploading {variant} ({len(tflite):,} bytes): inspect, smoke-run, golden set, zstd, sign",
+            total=None,
+        )
+        artifacts.append(
+            api_call(
+                session,
+                "POST",
+                f"{api}/models/digits/versions/1.0.0/artifacts/?wait=120",
+                201,
+                data={"variant": variant},
+                files={"file": (f"{variant}.tflite", tflite)},
+            )
+        )
+        progress.update(step, total=1, completed=1)
+    api_call(session, "POST", f"{api}/models/digits/versions/1.0.0/release", 200)
+    return artifacts
+
+
+def report(artifacts: list[dict], base: str, admin_password: str, token: str) -> None:
+    table = Table(title="digits 1.0.0 in the registry")
+    for column in ("variant", "status", "size", "compressed", "ratio", "golden accuracy", "manifest sha256"):
+        table.add_column(column, justify="right" if column in ("size", "compressed", "ratio") else "left")
+    for artifact in artifacts:
+        table.add_row(
+            artifact["variant"],
+            f"[green]{artifact['status']}[/green]",
+            f"{artifact['raw_size']:,} B",
+            f"{artifact['blob_size']:,} B",
+            f"{artifact['compression_ratio']:.2f}x",
+            f"{artifact['golden_accuracy']:.1%} of {artifact['golden_samples']}",
+            artifact["manifest_sha256"][:16] + "…",
+        )
+    console.print(table)
+    console.print(
+        Panel.fit(
+            f"Admin:     [bold]{base}/admin/[/bold]  "
+            f"user [bold]admin[/bold] / password [bold]{admin_password}[/bold]\n"
+            f"API docs:  {base}/api/docs/\n"
+            f"Operator:  olivia, API token [bold]{token}[/bold]\n"
+            f"Try:       curl -H 'Authorization: Bearer {token}' {base}/api/v1/artifacts/",
+            title="Modelfleet control plane is running",
+        )
+    )
+
+
+def main() -> int:
+    shutil.rmtree(VAR, ignore_errors=True)
+    (VAR / "logs").mkdir(parents=True)
+    port = free_port(int(os.environ.get("DEMO_PORT", "8000")))
+    base = f"http://127.0.0.1:{port}"
+    env = demo_env(port)
+    admin_password = secrets.token_urlsafe(9)
+    with (
+        ExitStack() as stack,
+        Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+        ) as progress,
+    ):
+        step = progress.add_task("Migrating the database", total=None)
+        manage(env, "migrate", "--noinput")
+        manage(env, "ensure_user", "admin", "--role", "admin", "--password", admin_password)
+        token = manage(env, "create_api_token", "olivia", "--role", "operator", "--name", "demo")
+        progress.update(step, total=1, completed=1)
+
+        step = progress.add_task(f"Starting the web app on {base} and a Celery worker", total=None)
+        web = start(
+            stack, "web", env, sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"
+        )
+        worker = start(
+            stack,
+            "worker",
+            env,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "fleet",
+            "worker",
+            "-P",
+            "solo",
+            "-Q",
+            env["CELERY_QUEUE"],
+            "-n",
+            f"{env['CELERY_QUEUE']}@localhost",
+            "-l",
+            "info",
+        )
+        wait_for("the web app", lambda: http_up(base), web)
+        wait_for("the Celery worker", lambda: worker_up(env), worker)
+        progress.update(step, total=1, completed=1)
+
+        artifacts = upload_digits(base, token, progress)
+        progress.stop()
+        report(artifacts, base, admin_password, token)
+        if os.environ.get("DEMO_EXIT") == "1":
+            console.print("DEMO_EXIT=1: stopping.")
+            return 0
+        console.print("Press Ctrl-C to stop the demo.")
+        try:
+            while web.poll() is None and worker.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("Stopping…")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

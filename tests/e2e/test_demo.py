@@ -1,0 +1,30 @@
+"""`make demo`'s script, run for real: web app, Celery worker, uploads over HTTP."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_the_demo_uploads_both_variants_and_reports_them_ready(tmp_path):
+    env = {
+        **os.environ,
+        "DEMO_EXIT": "1",
+        "DEMO_VAR_DIR": str(tmp_path / "demo"),
+        "VAR_DIR": str(tmp_path / "demo"),
+        "DEMO_PORT": "0",
+        "COLUMNS": "200",
+    }
+    env.pop("DATABASE_URL")  # the demo runs on its documented default, SQLite
+    result = subprocess.run(
+        [sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if "ready" in line]
+    assert any("float32" in row and "% of 200" in row for row in rows), result.stdout
+    assert any("int8" in row and "% of 200" in row for row in rows), result.stdout
+    assert "/admin/" in result.stdout and "API token" in result.stdout
