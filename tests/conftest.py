@@ -4,7 +4,6 @@ process, LiteRT on the sample .tflite files the project builds itself."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -14,15 +13,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _empty_artifact_storage():
-    """Each test starts with empty artifact storage, so orphan checks see only its files."""
-    from django.conf import settings
-
-    shutil.rmtree(settings.ARTIFACT_ROOT, ignore_errors=True)
-    settings.ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture(scope="session")

@@ -261,3 +261,36 @@ def canonical_json(data: Any) -> bytes:
 
 def is_semver(value: str) -> bool:
     return bool(SEMVER_RE.match(value))
+
+
+def build_manifest(
+    *,
+    model: str,
+    version: str,
+    variant: str,
+    created_at: str,
+    raw_sha256: str,
+    raw_size: int,
+    blob_sha256: str,
+    blob_size: int,
+    tflite: dict[str, Any],
+    labels: list[str],
+    golden: dict[str, Any] | None = None,
+    hardware: list[str] | None = None,
+    runtime: list[str] | None = None,
+) -> dict[str, Any]:
+    """The artifact manifest (ARCHITECTURE.md, "Artifact manifest"), validated."""
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "model": model,
+        "version": version,
+        "variant": variant,
+        "created_at": created_at,
+        "raw": {"sha256": raw_sha256, "size": raw_size, "format": "tflite"},
+        "blob": {"sha256": blob_sha256, "size": blob_size, "compression": "zstd"},
+        "tflite": {key: tflite[key] for key in ("inputs", "outputs", "ops", "quantization")},
+        "requires": {"hardware": hardware or ["any"], "runtime": runtime or ["litert>=1.0"]},
+        "labels": list(labels),
+        "golden": golden,
+    }
+    return validate("manifest", manifest)

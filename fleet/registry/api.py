@@ -265,17 +265,17 @@ VERSION_ACTIONS = {
 
 
 def version_action_view(action: str) -> type[APIView]:
-    @extend_schema(
-        parameters=[NAME_PARAM, VERSION_PARAM],
-        request=None,
-        responses={200: VersionSerializer, **ERRORS},
-        summary=f"{action.capitalize()} a version",
-        operation_id=f"models_versions_{action}",
-    )
     class VersionAction(APIView):
         permission_classes = [ViewerReadsOperatorWrites]
         serializer_class = VersionSerializer
 
+        @extend_schema(
+            parameters=[NAME_PARAM, VERSION_PARAM],
+            request=None,
+            responses={200: VersionSerializer, **ERRORS},
+            summary=f"{action.capitalize()} a version",
+            operation_id=f"models_versions_{action}",
+        )
         def post(self, request, name: str, version: str):
             found = selectors.version_get(model_name=name, version=version)
             changed = services.version_set_status(version=found, status=VERSION_ACTIONS[action])

@@ -343,9 +343,8 @@ def compress_file(source: Path, target: Any, *, level: int, threads: int) -> dic
 
 
 def manifest_payload(*, artifact: Artifact, created_at: str) -> dict[str, Any]:
-    """The manifest of ARCHITECTURE.md "Artifact manifest", validated against the contract."""
+    """The manifest of ARCHITECTURE.md "Artifact manifest", built by the wire contract."""
     version = artifact.version
-    signature = artifact.tflite_signature
     golden = None
     if version.has_golden_set:
         golden = {
@@ -354,24 +353,19 @@ def manifest_payload(*, artifact: Artifact, created_at: str) -> dict[str, Any]:
             "samples": version.golden_samples,
             "accuracy": artifact.golden_accuracy,
         }
-    manifest = {
-        "schema": protocol.schemas.SCHEMA_VERSION,
-        "model": version.model.name,
-        "version": version.version,
-        "variant": artifact.variant,
-        "created_at": created_at,
-        "raw": {"sha256": artifact.raw_sha256, "size": artifact.raw_size, "format": "tflite"},
-        "blob": {
-            "sha256": artifact.blob_sha256,
-            "size": artifact.blob_size,
-            "compression": artifact.compression,
-        },
-        "tflite": {key: signature[key] for key in ("inputs", "outputs", "ops", "quantization")},
-        "requires": {"hardware": ["any"], "runtime": ["litert>=1.0"]},
-        "labels": list(version.model.labels),
-        "golden": golden,
-    }
-    return protocol.validate("manifest", manifest)
+    return protocol.schemas.build_manifest(
+        model=version.model.name,
+        version=version.version,
+        variant=artifact.variant,
+        created_at=created_at,
+        raw_sha256=artifact.raw_sha256,
+        raw_size=artifact.raw_size,
+        blob_sha256=artifact.blob_sha256,
+        blob_size=artifact.blob_size,
+        tflite=artifact.tflite_signature,
+        labels=list(version.model.labels),
+        golden=golden,
+    )
 
 
 def _sign_manifest(artifact: Artifact) -> None:

@@ -3,6 +3,7 @@ charlie has an account but no role. Each has an API token."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,15 @@ class Persona:
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Bearer {self.token}")
         return client
+
+
+@pytest.fixture(autouse=True)
+def _empty_artifact_storage():
+    """Each test starts with empty artifact storage, so orphan checks see only its files."""
+    from django.conf import settings
+
+    shutil.rmtree(settings.ARTIFACT_ROOT, ignore_errors=True)
+    settings.ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
 
 
 def _persona(username: str, role: Role | None) -> Persona:

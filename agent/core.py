@@ -1,0 +1,537 @@
+"""The agent: apply loop, serving, telemetry (ARCHITECTURE.md, "The agent on a device").
+
+An ``Agent`` owns everything it uses (store, slots, MQTT client, HTTP session, threads):
+no module-level state, so a fleet simulator can run hundreds in one process.
+
+Apply loop for one desired-state envelope: verify the DSSE signature and payload type;
+check device id, generation (must exceed the applied one) and expiry; for each model whose
+version or variant differs: fetch and verify the manifest and its pinned sha256, check the
+size limits and that the variant fits this device, download the blob (resumable, capped),
+verify its sha256, stream-decompress with an output cap, verify the raw sha256, store it
+crash-safely, load the candidate beside the live interpreter, smoke-run it and run the
+golden set, swap, persist the state, and report. Every refusal publishes an event with a
+reason code and leaves the old model serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import psutil
+import requests
+
+from agent import __version__, protocol, runtime
+from agent.config import Config
+from agent.download import Downloader, TransferError, decompress_blob
+from agent.localapi import LocalApi, as_inputs
+from agent.mqtt import MqttLink
+from agent.serving import LoadedModel, Models
+from agent.store import Installed, ModelState, Store
+from agent.telemetry import TelemetryWindow, health_snapshot, telemetry_message
+
+log = logging.getLogger(__name__)
+MANIFEST_MAX_BYTES = 1024 * 1024
+# Where a crash-consistency test may ask the agent to SIGKILL itself (FLEET_AGENT_CRASH_AT).
+CRASH_POINTS = ("after_download", "after_install", "before_swap", "after_swap", "after_state")
+
+
+class Refusal(Exception):
+    """A desired state (or one model of it) is refused; ``reason`` is the published code."""
+
+    def __init__(
+        self, reason: str, message: str, *, permanent: bool = True, model: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.reason, self.message, self.permanent, self.model = reason, message, permanent, model
+
+
+@dataclass
+class ApplyResult:
+    status: str  # applied | unchanged | refused
+    generation: int | None = None
+    reason: str | None = None
+    message: str = ""
+    permanent: bool = True
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class Agent:
+    def __init__(self, config: Config, *, session: requests.Session | None = None) -> None:
+        self.config = config
+        self.store = Store(config.state_dir)
+        self.state = self.store.load_state()
+        self.models = Models()
+        self.window = TelemetryWindow()
+        self.keys = protocol.trusted_keys(list(config.trusted_keys))
+        self.session = session or requests.Session()
+        if config.control_plane.token:
+            self.session.headers["Authorization"] = f"Bearer {config.control_plane.token}"
+        self._stop = threading.Event()
+        limits = config.limits
+        self.downloader = Downloader(
+            session=self.session,
+            timeout_s=limits.download_timeout_s,
+            attempts=limits.download_attempts,
+            backoff_initial_s=limits.backoff_initial_s,
+            backoff_max_s=limits.backoff_max_s,
+            stop=self._stop,
+        )
+        self.link = MqttLink(config, on_desired=self.submit_desired)
+        self.api: LocalApi | None = None
+        self.labels: dict[str, list[str]] = {}
+        self._pending: bytes | None = None
+        self._pending_cond = threading.Condition()
+        self._apply_lock = threading.Lock()  # one apply at a time (loop or direct call)
+        self._refused: set[int] = set()  # generations refused for good: no retry on redelivery
+        self._predictions: collections.OrderedDict[str, tuple[str, str, str, int | None]] = (
+            collections.OrderedDict()
+        )
+        self._predictions_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.started_at = time.monotonic()
+        self._process = psutil.Process()
+        self.crash_at = os.environ.get("FLEET_AGENT_CRASH_AT", "")
+
+    # --- lifecycle
+
+    def load_from_disk(self) -> None:
+        """Serve what the state file names, before touching the network. If the active
+        model cannot load (a corrupt disk), fall back to the previous one."""
+        for name, entry in self.state.models.items():
+            for installed in (entry.active, entry.previous):
+                if installed is None or not self.store.is_complete(name, installed):
+                    continue
+                try:
+                    model = LoadedModel.load(
+                        name, installed.version, installed.variant, self.store.model_path(name, installed)
+                    )
+                except runtime.RuntimeLoadError as exc:
+                    log.error("cannot load %s %s from disk: %s", name, installed.key, exc)
+                    continue
+                self.models.swap(model)
+                self._remember_labels(name, installed)
+                if installed != entry.active:
+                    log.warning("serving previous version %s of %s", installed.key, name)
+                    self.state.models[name] = ModelState(active=installed, previous=None)
+                break
+
+    def start(self) -> None:
+        self.load_from_disk()
+        self.api = LocalApi(self)
+        self.api.start()
+        self.link.start()
+        self._publish_reported()
+        for target, name in ((self._apply_loop, "apply"), (self._telemetry_loop, "telemetry")):
+            thread = threading.Thread(target=target, name=f"{name}-{self.config.device_id}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Graceful stop: no new requests, in-flight ones finish, last telemetry window
+        flushed, offline status published, MQTT disconnected."""
+        self._stop.set()
+        with self._pending_cond:
+            self._pending_cond.notify_all()
+        if self.api is not None:
+            self.api.stop()
+        for thread in self._threads:
+            thread.join(timeout=self.config.limits.drain_timeout_s)
+        self._publish_telemetry()
+        self.link.stop()
+
+    def alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads)
+
+    def run_forever(self) -> None:
+        """Foreground service for systemd (Type=notify, watchdog); returns after SIGTERM."""
+        import sdnotify
+
+        notifier = sdnotify.SystemdNotifier()
+        stop_requested = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop_requested.set())
+        self.start()
+        notifier.notify(f"READY=1\nSTATUS=serving {', '.join(self.models.live()) or 'no model yet'}")
+        log.info(
+            "agent %s ready; local API at %s", self.config.device_id, self.api.address if self.api else "-"
+        )
+        watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6 or 10.0
+        while not stop_requested.wait(watchdog_s):
+            if self.alive():
+                notifier.notify("WATCHDOG=1")
+        notifier.notify("STOPPING=1")
+        self.stop()
+
+    def _crash_point(self, name: str) -> None:
+        if self.crash_at == name:
+            log.warning("crash point %s reached: killing myself (test hook)", name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # --- reporting
+
+    def _event(
+        self,
+        kind: str,
+        *,
+        generation: int | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        variant: str | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        event: dict[str, Any] = {"id": uuid.uuid4().hex, "ts": utc_now(), "type": kind}
+        for key, value in (
+            ("generation", generation),
+            ("model", model),
+            ("version", version),
+            ("variant", variant),
+            ("reason", reason),
+            ("message", message),
+        ):
+            if value is not None:
+                event[key] = value
+        if reason:
+            log.warning(
+                "event %s reason=%s generation=%s model=%s: %s", kind, reason, generation, model, message
+            )
+        else:
+            log.info("event %s generation=%s model=%s %s", kind, generation, model, version or "")
+        self.link.publish("events", protocol.validate("events", event))
+
+    def reported(self) -> dict[str, Any]:
+        return {
+            "generation": self.state.applied_generation,
+            "ts": utc_now(),
+            "models": {
+                name: {"version": entry.active.version, "variant": entry.active.variant}
+                for name, entry in self.state.models.items()
+                if entry.active is not None
+            },
+        }
+
+    def _publish_reported(self) -> None:
+        self.link.publish("reported", protocol.validate("reported", self.reported()), retain=True)
+
+    def _publish_telemetry(self) -> None:
+        message = telemetry_message(
+            models=self.window.take(),
+            window_s=self.config.telemetry_interval_s,
+            health=health_snapshot(
+                state_dir=self.config.state_dir, started_at=self.started_at, process=self._process
+            ),
+            dropped=self.link.dropped,
+        )
+        self.link.publish("telemetry", message)
+
+    def _telemetry_loop(self) -> None:
+        while not self._stop.wait(self.config.telemetry_interval_s):
+            try:
+                self._publish_telemetry()
+            except Exception:
+                log.exception("telemetry window failed")
+
+    def health(self) -> dict[str, Any]:
+        rt = runtime.runtime()
+        return {
+            "status": "ok" if self.models.live() else "no_model",
+            "device_id": self.config.device_id,
+            "agent_version": __version__,
+            "runtime": {"name": rt.name, "version": rt.version},
+            "models": {
+                name: {"version": m.version, "variant": m.variant} for name, m in self.models.live().items()
+            },
+            "applied_generation": self.state.applied_generation,
+            "mqtt_connected": self.link.connected.is_set(),
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+        }
+
+    # --- serving
+
+    def _remember_labels(self, name: str, installed: Installed) -> None:
+        manifest_path = self.store.model_dir(name, installed) / "manifest.json"
+        try:
+            self.labels[name] = protocol.parse("manifest", manifest_path.read_bytes()).get("labels", [])
+        except (OSError, protocol.SchemaError):
+            self.labels[name] = []
+
+    def predict(self, name: str, raw_inputs: list[Any]) -> dict[str, Any]:
+        slot = self.models.get(name)
+        try:
+            prediction = slot.predict(raw_inputs, as_inputs)
+        except Exception:
+            live = slot.live
+            if live is not None:
+                self.window.record_inference(name, live.version, live.variant, 0.0, error=True)
+            raise
+        self.window.record_inference(name, prediction.version, prediction.variant, prediction.latency_ms)
+        first = prediction.outputs[0]
+        predicted = int(np.argmax(first.reshape(-1))) if first.ndim <= 2 and first.shape[0] == 1 else None
+        labels = self.labels.get(name) or []
+        prediction_id = uuid.uuid4().hex
+        with self._predictions_lock:
+            self._predictions[prediction_id] = (name, prediction.version, prediction.variant, predicted)
+            while len(self._predictions) > self.config.limits.recent_predictions:
+                self._predictions.popitem(last=False)
+        return {
+            "model": name,
+            "version": prediction.version,
+            "variant": prediction.variant,
+            "prediction_id": prediction_id,
+            "outputs": [output.tolist() for output in prediction.outputs],
+            "label": labels[predicted] if predicted is not None and predicted < len(labels) else predicted,
+            "latency_ms": round(prediction.latency_ms, 3),
+        }
+
+    def feedback(self, prediction_id: str, label: Any) -> dict[str, Any]:
+        with self._predictions_lock:
+            entry = self._predictions.get(prediction_id)
+        if entry is None:
+            raise KeyError(f"unknown or expired prediction_id {prediction_id!r}")
+        name, version, variant, predicted = entry
+        labels = self.labels.get(name) or []
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise ValueError("label must be a class index or one of the model's labels")
+        if isinstance(label, str) and label in labels:
+            index = labels.index(label)
+        elif isinstance(label, int) or label.isdigit():
+            index = int(label)
+        else:
+            raise ValueError(f"unknown label {label!r}; known labels: {labels}")
+        correct = predicted is not None and index == predicted
+        self.window.record_feedback(name, version, variant, correct=correct)
+        return {"prediction_id": prediction_id, "correct": correct}
+
+    # --- desired state
+
+    def submit_desired(self, envelope: bytes) -> None:
+        """Called from the MQTT thread: keep only the newest envelope and return at once."""
+        with self._pending_cond:
+            self._pending = envelope
+            self._pending_cond.notify_all()
+
+    def _next_desired(self, timeout: float | None) -> bytes | None:
+        with self._pending_cond:
+            self._pending_cond.wait_for(lambda: self._pending is not None or self._stop.is_set(), timeout)
+            envelope, self._pending = self._pending, None
+            return envelope
+
+    def _apply_loop(self) -> None:
+        limits = self.config.limits
+        retry: bytes | None = None
+        delay = limits.backoff_initial_s
+        while not self._stop.is_set():
+            # A transient failure is retried after a backoff, unless something newer arrives.
+            envelope = self._next_desired(random.uniform(0, delay) if retry else None) or retry
+            if envelope is None or self._stop.is_set():
+                continue
+            try:
+                result = self.apply(envelope)
+            except Exception:
+                log.exception("apply failed unexpectedly")
+                result = ApplyResult("refused", permanent=False)
+            if result.status == "refused" and not result.permanent:
+                retry, delay = envelope, min(delay * 2, limits.backoff_max_s)
+            else:
+                retry, delay = None, limits.backoff_initial_s
+
+    def apply(self, envelope: bytes) -> ApplyResult:
+        with self._apply_lock:
+            try:
+                desired = self._verify_desired(envelope)
+            except Refusal as refusal:
+                self._event("failed", reason=refusal.reason, message=refusal.message)
+                return ApplyResult("refused", None, refusal.reason, refusal.message)
+            generation = desired["generation"]
+            if generation == self.state.applied_generation or generation in self._refused:
+                return ApplyResult("unchanged", generation)  # the retained copy, redelivered
+            try:
+                self._check_freshness(desired)
+                self._event("notified", generation=generation)
+                for name, spec in sorted(desired["models"].items()):
+                    self._apply_model(name, spec, generation)
+            except Refusal as refusal:
+                if refusal.permanent:
+                    self._refused.add(generation)
+                self._event(
+                    "failed",
+                    generation=generation,
+                    model=refusal.model,
+                    reason=refusal.reason,
+                    message=refusal.message,
+                )
+                return ApplyResult("refused", generation, refusal.reason, refusal.message, refusal.permanent)
+            self.state.applied_generation = generation
+            self.store.save_state(self.state)
+            self._crash_point("after_state")
+            self._publish_reported()
+            return ApplyResult("applied", generation)
+
+    def _verify_desired(self, envelope: bytes) -> dict[str, Any]:
+        try:
+            payload = protocol.verify(envelope, payload_type=protocol.DESIRED_PAYLOAD_TYPE, keys=self.keys)
+            desired = protocol.parse("desired", payload)
+        except protocol.EnvelopeError as exc:
+            raise Refusal(exc.reason, str(exc)) from exc
+        except protocol.SchemaError as exc:
+            raise Refusal("payload_type", f"signed payload is not a desired state: {exc}") from exc
+        if desired["device_id"] != self.config.device_id:
+            raise Refusal("wrong_device", f"desired state is for {desired['device_id']!r}")
+        return desired
+
+    def _check_freshness(self, desired: dict[str, Any]) -> None:
+        if desired["generation"] < self.state.applied_generation:
+            raise Refusal(
+                "replay",
+                f"generation {desired['generation']} is older than the applied "
+                f"{self.state.applied_generation}",
+            )
+        if _parse_time(desired["expires_at"]) <= datetime.now(UTC):
+            raise Refusal("expired", f"desired state expired at {desired['expires_at']}")
+
+    # --- one model
+
+    def _apply_model(self, name: str, spec: dict[str, Any], generation: int) -> None:
+        wanted = Installed(spec["version"], spec["variant"])
+        entry = self.state.models.get(name, ModelState())
+        if entry.active == wanted and self.models.slot(name).live is not None:
+            return
+        common = {
+            "generation": generation,
+            "model": name,
+            "version": wanted.version,
+            "variant": wanted.variant,
+        }
+        try:
+            self._event("downloading", **common)
+            manifest_payload, manifest = self._fetch_manifest(name, spec)
+            self._check_fits(manifest)
+            if not self.store.is_complete(name, wanted):
+                raw_temp, golden = self._fetch_artifact(name, spec, manifest)
+                self._crash_point("after_download")
+                self.store.install(
+                    name, wanted, tflite_temp=raw_temp, manifest=manifest_payload, golden=golden
+                )
+                self._crash_point("after_install")
+            self._event("verifying", **common)
+            candidate = self._load_and_check(name, wanted, manifest)
+        except Refusal as refusal:
+            refusal.model = name
+            raise
+        self._crash_point("before_swap")
+        previous = self.models.swap(candidate, drain_timeout=self.config.limits.drain_timeout_s)
+        self._crash_point("after_swap")
+        self.labels[name] = manifest.get("labels", [])
+        old = entry.active if previous is not None else None
+        self.state.models[name] = ModelState(active=wanted, previous=old if old != wanted else entry.previous)
+        self.store.save_state(self.state)
+        self.store.prune(name, {item for item in (wanted, self.state.models[name].previous) if item})
+        self._event("active", **common)
+
+    def _transfer(self, exc: TransferError) -> Refusal:
+        return Refusal(exc.reason, str(exc), permanent=exc.permanent)
+
+    def _fetch_manifest(self, name: str, spec: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        try:
+            envelope = self.downloader.fetch_bytes(spec["manifest_url"], max_bytes=MANIFEST_MAX_BYTES)
+        except TransferError as exc:
+            raise self._transfer(exc) from exc
+        try:
+            payload = protocol.verify(envelope, payload_type=protocol.MANIFEST_PAYLOAD_TYPE, keys=self.keys)
+            manifest = protocol.parse("manifest", payload)
+        except protocol.EnvelopeError as exc:
+            raise Refusal(exc.reason, f"manifest: {exc}") from exc
+        except protocol.SchemaError as exc:
+            raise Refusal("manifest_mismatch", f"manifest does not follow the contract: {exc}") from exc
+        if hashlib.sha256(payload).hexdigest() != spec["manifest_sha256"]:
+            raise Refusal("manifest_mismatch", "manifest sha256 differs from the one the desired state pins")
+        named = (manifest["model"], manifest["version"], manifest["variant"])
+        if named != (name, spec["version"], spec["variant"]):
+            raise Refusal(
+                "manifest_mismatch",
+                f"manifest is for {named}, desired state asks for {(name, spec['version'], spec['variant'])}",
+            )
+        return payload, manifest
+
+    def _check_fits(self, manifest: dict[str, Any]) -> None:
+        limit = self.config.limits.max_artifact_bytes
+        for part in ("raw", "blob"):
+            if manifest[part]["size"] > limit:
+                raise Refusal(
+                    "too_large", f"{part} is {manifest[part]['size']} bytes; this device takes {limit}"
+                )
+        device = self.config.device
+        requires = manifest.get("requires", {})
+        hardware = requires.get("hardware", ["any"])
+        if "any" not in hardware and device.hardware not in hardware:
+            raise Refusal("incompatible", f"needs hardware {hardware}, this device is {device.hardware!r}")
+        runtimes = requires.get("runtime", [])
+        if runtimes and not any(r.startswith(("litert", "tflite")) for r in runtimes):
+            raise Refusal(
+                "incompatible", f"needs runtime {runtimes}; this device runs {runtime.runtime().name}"
+            )
+        missing = sorted(set(manifest["tflite"]["ops"]) & set(device.unsupported_ops))
+        if missing:
+            raise Refusal("incompatible", f"uses ops this device's runtime lacks: {', '.join(missing)}")
+        if manifest["tflite"]["quantization"] == "int8" and not device.int8:
+            raise Refusal("incompatible", "int8 variant, and this device does not run int8 models")
+
+    def _fetch_artifact(self, name: str, spec: dict[str, Any], manifest: dict[str, Any]):
+        blob, raw = manifest["blob"], manifest["raw"]
+        try:
+            partial = self.downloader.fetch_blob(
+                spec["blob_url"],
+                partial=self.store.partial_path(blob["sha256"]),
+                size=blob["size"],
+                sha256=blob["sha256"],
+            )
+            raw_temp = self.store.scratch_path(f"{raw['sha256']}.tflite.tmp")
+            decompress_blob(partial, raw_temp, raw_size=raw["size"], raw_sha256=raw["sha256"])
+            partial.unlink(missing_ok=True)
+            golden = None
+            if manifest.get("golden"):
+                golden_url = spec.get("golden_url") or spec["manifest_url"].rsplit("/", 1)[0] + "/golden"
+                golden = self.downloader.fetch_bytes(golden_url, max_bytes=manifest["golden"]["size"])
+                if hashlib.sha256(golden).hexdigest() != manifest["golden"]["sha256"]:
+                    raise Refusal("hash_mismatch", "golden set sha256 differs from the manifest")
+        except TransferError as exc:
+            raise self._transfer(exc) from exc
+        return raw_temp, golden
+
+    def _load_and_check(self, name: str, wanted: Installed, manifest: dict[str, Any]) -> LoadedModel:
+        path = self.store.model_path(name, wanted)
+        try:
+            candidate = LoadedModel.load(name, wanted.version, wanted.variant, path)
+        except runtime.RuntimeLoadError as exc:
+            raise Refusal("load_failed", str(exc)) from exc
+        golden = manifest.get("golden")
+        if golden:
+            golden_path = self.store.model_dir(name, wanted) / "golden.npz"
+            try:
+                x, y = runtime.read_golden_set(golden_path)
+                accuracy = runtime.golden_accuracy(candidate.interpreter, x, y)
+            except (runtime.GoldenSetError, ValueError, OSError) as exc:
+                raise Refusal("golden_failed", f"golden set could not run: {exc}") from exc
+            floor = (golden.get("accuracy") or 0.0) - self.config.device.golden_tolerance
+            if accuracy < floor:
+                raise Refusal("golden_failed", f"golden accuracy {accuracy:.3f} is below {floor:.3f}")
+        return candidate

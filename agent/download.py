@@ -1,0 +1,398 @@
+"""Downloading and unpacking artifacts (ARCHITECTURE.md, "The agent on a device").
+
+The agent fetches small signed documents (manifest envelope, golden set) whole, and model
+blobs resumably with ``Range``/``If-Range`` into a partial file that survives restarts.
+Nothing a server sends is trusted before it is verified: every body is capped at the size
+the caller expects (a lying or hostile server is cut off at the first byte too many, not
+after it has filled the disk), and every blob is checked against the sha256 the signed
+manifest names. Decompression is capped the same way, so a zstd bomb cannot fill the disk
+either.
+
+Failures raise :class:`TransferError` with the reason code the agent publishes
+(``download_failed``, ``too_large``, ``hash_mismatch``; see ``REFUSAL_REASONS`` in
+``agent/protocol/schemas.py``) and whether retrying could help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import requests
+import urllib3
+import zstandard
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 64 * 1024
+# Statuses that say "try again later" rather than "this will never work".
+TRANSIENT_STATUSES = frozenset({408, 429})
+# Compression would make byte ranges and size caps refer to different bytes than the
+# manifest does; blobs are already zstd, and the documents are small.
+IDENTITY = {"Accept-Encoding": "identity"}
+_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+
+T = TypeVar("T")
+
+
+class TransferError(Exception):
+    """A download or unpack failed; ``reason`` is the reason code the agent publishes.
+
+    ``permanent`` failures (the server's file is not the one the manifest describes, the
+    artifact is gone, access is refused) are not retried by the caller; the others (network
+    trouble, a stopping agent) may succeed on a later attempt.
+    """
+
+    def __init__(self, reason: str, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.permanent = permanent
+
+
+class _Transient(Exception):
+    """Worth another attempt after a backoff (connection trouble, 5xx, 429, short body)."""
+
+
+class _Restart(Exception):
+    """The partial file is useless (416, a range we did not ask for): start again from 0."""
+
+
+def _transient_or_permanent(response: requests.Response, url: str) -> NoReturn:
+    """Raise for any status the caller did not handle itself."""
+    status = response.status_code
+    if status >= 500 or status in TRANSIENT_STATUSES:
+        raise _Transient(f"HTTP {status} from {url}")
+    raise TransferError("download_failed", f"HTTP {status} from {url}", permanent=True)
+
+
+def _declared_length(response: requests.Response) -> int | None:
+    value = response.headers.get("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _delete(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Downloader:
+    """Fetches documents and blobs with retries, size caps and resume.
+
+    One instance is meant for one thread at a time (``bytes_received`` is a plain counter).
+    """
+
+    def __init__(
+        self,
+        *,
+        session: requests.Session,
+        timeout_s: float = 30.0,
+        attempts: int = 5,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 60.0,
+        stop: threading.Event | None = None,
+    ) -> None:
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        self.session = session
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.stop = stop or threading.Event()
+        self.bytes_received = 0
+
+    # --- retry loop
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise TransferError("download_failed", "stopped", permanent=False)
+
+    def _backoff_s(self, failures: int) -> float:
+        # Exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff
+        # and Jitter"): a fleet that lost the server at once does not come back at once.
+        return random.uniform(0, min(self.backoff_max_s, self.backoff_initial_s * 2 ** (failures - 1)))
+
+    def _with_retries(
+        self, url: str, attempt: Callable[[], T], *, on_restart: Callable[[], None] | None = None
+    ) -> T:
+        last_error = ""
+        for number in range(1, self.attempts + 1):
+            self._check_stop()
+            try:
+                return attempt()
+            except _Restart as exc:
+                # Not the server's fault and not worth a wait: the next attempt starts from 0.
+                log.info("download %s: %s; starting again from the first byte", url, exc)
+                if on_restart is not None:
+                    on_restart()
+                last_error = str(exc)
+                continue
+            except _Transient as exc:
+                last_error = str(exc)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+            if number == self.attempts:
+                break
+            delay_s = self._backoff_s(number)
+            log.info(
+                "download %s: attempt %d/%d failed (%s); retrying in %.2fs",
+                url,
+                number,
+                self.attempts,
+                last_error,
+                delay_s,
+            )
+            # Waiting on the stop event rather than sleeping lets a stopping agent leave now.
+            if self.stop.wait(delay_s):
+                self._check_stop()
+        raise TransferError(
+            "download_failed", f"{url}: gave up after {self.attempts} attempts: {last_error}", permanent=False
+        )
+
+    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
+        return self.session.get(url, headers={**IDENTITY, **headers}, stream=True, timeout=self.timeout_s)
+
+    def _body(self, response: requests.Response, limit: int) -> Iterator[bytes]:
+        """Yield the body, reading at most ``limit + 1`` bytes: one byte past the limit is
+        enough to know the server sends too much, and nothing more is read off the wire.
+
+        ``read1`` returns whatever has arrived instead of waiting for a full chunk, so the
+        bytes before a dropped connection reach the caller (``read`` would discard them
+        with the error) and a stop request is seen between two packets on a slow link.
+        """
+        remaining = limit + 1
+        while remaining > 0:
+            self._check_stop()
+            chunk = response.raw.read1(min(CHUNK_BYTES, remaining), decode_content=True)
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            self.bytes_received += len(chunk)
+            yield chunk
+
+    # --- small documents
+
+    def fetch_bytes(self, url: str, *, max_bytes: int) -> bytes:
+        """GET a small document whole; more than ``max_bytes`` is refused as ``too_large``."""
+        return self._with_retries(url, lambda: self._fetch_bytes_once(url, max_bytes))
+
+    def _fetch_bytes_once(self, url: str, max_bytes: int) -> bytes:
+        with self._get(url, {}) as response:
+            if response.status_code != 200:
+                _transient_or_permanent(response, url)
+            declared = _declared_length(response)
+            if declared is not None and declared > max_bytes:
+                raise TransferError(
+                    "too_large",
+                    f"{url} is {declared} bytes, more than the {max_bytes} allowed",
+                    permanent=True,
+                )
+            body = bytearray()
+            for chunk in self._body(response, max_bytes):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise TransferError(
+                        "too_large", f"{url} sent more than the {max_bytes} bytes allowed", permanent=True
+                    )
+        if declared is not None and len(body) < declared:
+            raise _Transient(f"{url}: connection closed after {len(body)} of {declared} bytes")
+        return bytes(body)
+
+    # --- blobs
+
+    def fetch_blob(self, url: str, *, partial: Path, size: int, sha256: str) -> Path:
+        """Download a blob of ``size`` bytes and sha256 ``sha256`` into ``partial``; return it.
+
+        ``partial`` may hold the beginning of the blob from an earlier attempt or an earlier
+        process; it is resumed with ``Range`` + ``If-Range`` (the blob's ETag is its quoted
+        sha256, as the control plane serves it). The file is verified and fsynced on return.
+        """
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        left_over = partial.exists() and partial.stat().st_size > 0
+        self._download(url, partial, size, sha256)
+        matches = _sha256_of(partial) == sha256
+        if not matches and left_over:
+            # Bytes an earlier process wrote are the only ones this call cannot vouch for
+            # (a power cut may have left garbage in them). Give the blob one clean try
+            # before calling it a mismatch, which the caller would publish as a refusal.
+            log.warning("download %s: the resumed file does not match; downloading it again", url)
+            _delete(partial)
+            self._download(url, partial, size, sha256)
+            matches = _sha256_of(partial) == sha256
+        if not matches:
+            _delete(partial)
+            raise TransferError(
+                "hash_mismatch", f"{url}: the downloaded blob's sha256 is not {sha256}", permanent=True
+            )
+        _fsync(partial)
+        return partial
+
+    def _download(self, url: str, partial: Path, size: int, sha256: str) -> None:
+        self._with_retries(
+            url,
+            lambda: self._fetch_blob_once(url, partial, size, sha256),
+            on_restart=lambda: _delete(partial),
+        )
+
+    def _fetch_blob_once(self, url: str, partial: Path, size: int, sha256: str) -> None:
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:
+            # Cannot be a prefix of the blob we want; whatever it is, it goes.
+            _delete(partial)
+            have = 0
+        if have == size:
+            return  # complete already; the caller verifies it
+        headers = {"Range": f"bytes={have}-", "If-Range": f'"{sha256}"'} if have else {}
+        with self._get(url, headers) as response:
+            if response.status_code == 206:
+                offset = self._check_content_range(
+                    response, url, expected_start=have, size=size, partial=partial
+                )
+            elif response.status_code == 200:
+                # The server ignored the range or its validator no longer matched: a full body.
+                self._check_total_size(_declared_length(response), url, size=size, partial=partial)
+                offset = 0
+            elif response.status_code == 416 and have:
+                raise _Restart(f"HTTP 416 for bytes {have}- of {url}")
+            else:
+                _transient_or_permanent(response, url)
+            self._write_body(response, url, partial, offset=offset, size=size)
+
+    def _check_total_size(self, total: int | None, url: str, *, size: int, partial: Path) -> None:
+        """A server that names another length serves another file than the manifest's."""
+        if total is None or total == size:
+            return
+        _delete(partial)
+        if total > size:
+            raise TransferError(
+                "too_large", f"{url} is {total} bytes; the manifest says {size}", permanent=True
+            )
+        raise TransferError(
+            "hash_mismatch", f"{url} is {total} bytes; the manifest says {size}", permanent=True
+        )
+
+    def _check_content_range(
+        self, response: requests.Response, url: str, *, expected_start: int, size: int, partial: Path
+    ) -> int:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+        if match is None:
+            raise _Restart(f"206 from {url} without a usable Content-Range")
+        start, end, total = match.groups()
+        self._check_total_size(None if total == "*" else int(total), url, size=size, partial=partial)
+        if int(start) != expected_start or int(end) < int(start):
+            raise _Restart(f"206 from {url} is for bytes {start}-{end}, we asked from {expected_start}")
+        return expected_start
+
+    def _write_body(
+        self, response: requests.Response, url: str, partial: Path, *, offset: int, size: int
+    ) -> None:
+        allowed = size - offset
+        declared = _declared_length(response)
+        if declared is not None and declared > allowed:
+            _delete(partial)
+            raise TransferError(
+                "too_large",
+                f"{url} announces {declared} bytes from byte {offset}; the blob is {size} bytes",
+                permanent=True,
+            )
+        written = 0
+        # "r+b" keeps the bytes we have; "wb" starts over. Either way everything received
+        # is on disk when a connection drops, so the next attempt resumes from there.
+        mode = "r+b" if offset and partial.exists() else "wb"
+        with open(partial, mode) as handle:
+            handle.seek(offset)
+            handle.truncate()
+            try:
+                for chunk in self._body(response, allowed):
+                    if written + len(chunk) > allowed:
+                        raise TransferError(
+                            "too_large", f"{url} sent more than the {size} bytes of the blob", permanent=True
+                        )
+                    handle.write(chunk)
+                    written += len(chunk)
+            except TransferError as exc:
+                if exc.permanent:
+                    handle.close()
+                    _delete(partial)
+                raise
+            finally:
+                # What we keep for a resume must survive a power cut as it is, not as a
+                # file of the right length with zeros in it.
+                if not handle.closed:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        if offset + written < size:
+            raise _Transient(f"{url}: got {offset + written} of {size} bytes")
+
+
+def decompress_blob(
+    blob: Path, out: Path, *, raw_size: int, raw_sha256: str, chunk_bytes: int = 1 << 20
+) -> None:
+    """Stream-decompress the zstd ``blob`` into ``out`` (fsynced), checking size and sha256.
+
+    Output is capped at ``raw_size`` bytes whatever the frame header claims, so a blob that
+    inflates past the manifest's size is refused as ``too_large`` after one chunk too many.
+    A corrupt frame (zstd checks the frame checksum), a short output or another sha256 is
+    ``hash_mismatch``. ``out`` is removed on any error.
+    """
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        with (
+            open(blob, "rb") as source,
+            zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True) as reader,
+            open(out, "wb") as target,
+        ):
+            while True:
+                # Never ask for more than one byte past the cap, so a bomb costs one chunk.
+                chunk = reader.read(min(chunk_bytes, raw_size - written + 1))
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > raw_size:
+                    raise TransferError(
+                        "too_large",
+                        f"{blob.name} inflates past the manifest's {raw_size} bytes",
+                        permanent=True,
+                    )
+                digest.update(chunk)
+                target.write(chunk)
+            target.flush()
+            os.fsync(target.fileno())
+        if written < raw_size:
+            raise TransferError(
+                "hash_mismatch", f"{blob.name} inflates to {written} bytes, not {raw_size}", permanent=True
+            )
+        if digest.hexdigest() != raw_sha256:
+            raise TransferError(
+                "hash_mismatch", f"{blob.name}: the model's sha256 is not {raw_sha256}", permanent=True
+            )
+    except zstandard.ZstdError as exc:
+        _delete(out)
+        raise TransferError(
+            "hash_mismatch", f"{blob.name} is not a valid zstd frame: {exc}", permanent=True
+        ) from exc
+    except BaseException:
+        _delete(out)
+        raise

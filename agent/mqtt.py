@@ -1,0 +1,213 @@
+"""The agent's MQTT link (ARCHITECTURE.md, "MQTT topics"), paho-mqtt 2.x behind a small
+interface.
+
+* client id = device id, MQTT v5 with a persistent session (clean_start false plus a
+  session expiry), QoS 1 everywhere;
+* a retained ``status`` of ``{"online": true}`` on connect, and the same topic as a retained
+  last will ``{"online": false}`` so the plane learns of a power cut;
+* subscribes to its own ``desired`` only (the broker ACL refuses anything else anyway);
+* reconnects with exponential backoff and full jitter, so a fleet that lost its broker
+  does not reconnect in lockstep;
+* messages published while offline wait in a queue bounded by count and bytes; when full
+  the oldest is dropped and counted, and the count is reported in telemetry.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import __version__
+from agent.config import Config
+from agent.protocol.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outgoing:
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+class OfflineQueue:
+    """FIFO bounded by message count and total bytes; drops the oldest when full."""
+
+    def __init__(self, *, max_messages: int, max_bytes: int) -> None:
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._items: collections.deque[Outgoing] = collections.deque()
+        self._bytes = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def put(self, item: Outgoing) -> None:
+        with self._lock:
+            self._items.append(item)
+            self._bytes += len(item.payload)
+            while self._items and (len(self._items) > self.max_messages or self._bytes > self.max_bytes):
+                old = self._items.popleft()
+                self._bytes -= len(old.payload)
+                self.dropped += 1
+
+    def take_all(self) -> list[Outgoing]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._bytes = 0
+            return items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class MqttLink:
+    def __init__(self, config: Config, *, on_desired: Callable[[bytes], None]) -> None:
+        self.config = config
+        self.topics = Topics(config.broker.topic_prefix)
+        self.device_id = config.device_id
+        self.on_desired = on_desired
+        limits = config.limits
+        self.queue = OfflineQueue(
+            max_messages=limits.offline_queue_messages, max_bytes=limits.offline_queue_bytes
+        )
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._publish_lock = threading.Lock()
+        self.client = self._make_client()
+        self.connects = 0
+
+    def _status(self, online: bool) -> bytes:
+        return json.dumps(
+            {
+                "online": online,
+                "agent_version": __version__,
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        ).encode()
+
+    def _make_client(self) -> mqtt.Client:
+        broker = self.config.broker
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=False,  # we reconnect ourselves, with jitter
+        )
+        if broker.username is not None:
+            client.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            client.tls_set(ca_certs=str(broker.ca_file) if broker.ca_file else None)
+        client.will_set(self.topics.device(self.device_id, "status"), self._status(False), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.message_callback_add(self.topics.desired(self.device_id), self._on_desired)
+        return client
+
+    # --- paho callbacks (network thread)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("mqtt connect refused: %s", reason_code)
+            return
+        self.connects += 1
+        client.subscribe(self.topics.desired(self.device_id), qos=1)
+        client.publish(self.topics.device(self.device_id, "status"), self._status(True), qos=1, retain=True)
+        self.connected.set()
+        for item in self.queue.take_all():
+            self._send(item)
+        log.info("mqtt connected to %s (session present: %s)", self.config.broker.url, flags.session_present)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("mqtt disconnected: %s", reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        log.warning("ignoring message on unexpected topic %s", message.topic)
+
+    def _on_desired(self, client, userdata, message) -> None:
+        if message.payload:
+            self.on_desired(bytes(message.payload))
+
+    # --- publishing
+
+    def _send(self, item: Outgoing) -> None:
+        info = self.client.publish(item.topic, item.payload, qos=1, retain=item.retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            # Lost the connection between the check and the publish: keep it for later.
+            self.queue.put(item)
+
+    def publish(self, kind: str, message: dict[str, Any], *, retain: bool = False) -> None:
+        item = Outgoing(self.topics.device(self.device_id, kind), json.dumps(message).encode(), retain)
+        with self._publish_lock:
+            if self.connected.is_set():
+                self._send(item)
+            else:
+                self.queue.put(item)
+
+    @property
+    def dropped(self) -> int:
+        return self.queue.dropped
+
+    # --- connection loop
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.device_id}", daemon=True)
+        self._thread.start()
+
+    def _connect_properties(self) -> Properties:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.config.broker.session_expiry_s
+        return properties
+
+    def _run(self) -> None:
+        broker, limits = self.config.broker, self.config.limits
+        delay = limits.reconnect_initial_s
+        while not self._stop.is_set():
+            try:
+                self.client.connect(
+                    broker.host,
+                    broker.port,
+                    keepalive=broker.keepalive_s,
+                    clean_start=False,
+                    properties=self._connect_properties(),
+                )
+                delay = limits.reconnect_initial_s
+                self.client.loop_forever(retry_first_connection=False)
+            except (OSError, mqtt.WebsocketConnectionError) as exc:
+                log.warning("mqtt connection to %s failed: %s", broker.url, exc)
+            self.connected.clear()
+            if self._stop.is_set():
+                break
+            # Full jitter (AWS architecture blog): uniform in [0, delay].
+            self._stop.wait(random.uniform(0, delay))
+            delay = min(delay * 2, limits.reconnect_max_s)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish offline status (retained) and disconnect cleanly."""
+        self._stop.set()
+        if self.connected.is_set():
+            info = self.client.publish(
+                self.topics.device(self.device_id, "status"), self._status(False), qos=1, retain=True
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout)
+        self.client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout)

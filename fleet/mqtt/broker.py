@@ -1,0 +1,336 @@
+"""Running and administering Mosquitto with the project's own configuration.
+
+Two halves:
+
+* ``start_broker`` runs a Mosquitto of our own (tests, ``make demo``) from
+  ``docker/mosquitto/mosquitto.conf``, on a port of its own, with the dynamic security
+  plugin initialised with an admin account.
+* ``DynSec`` drives the dynamic security plugin over ``$CONTROL/dynamic-security/v1``:
+  per-device credentials and roles, service accounts, disabling clients. Changes are
+  live; the broker is never restarted or reloaded.
+
+This module imports no Django, so the agent's tests and the demo can use it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+
+from agent.protocol.topics import DESIRED, DEVICE_TOPICS, INGEST_SHARE_GROUP, Topics
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+CONFIG_TEMPLATE = ROOT / "docker" / "mosquitto" / "mosquitto.conf"
+PLUGIN_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/arm-linux-gnueabihf/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+ADMIN_USER = "fleet-admin"
+PUBLISHER_ROLE = "fleet-publisher"
+INGEST_ROLE = "fleet-ingest"
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+def find_dynsec_plugin() -> str:
+    for candidate in PLUGIN_CANDIDATES:
+        if Path(candidate).exists():
+            return candidate
+    raise BrokerError(
+        "Mosquitto's dynamic security plugin was not found; install the Debian package "
+        f"'mosquitto' (2.0 or newer). Looked in: {', '.join(PLUGIN_CANDIDATES)}"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+@dataclass
+class BrokerProcess:
+    """A Mosquitto we started. ``stop()`` and ``start()`` keep its data (retained
+    messages, sessions, credentials), like a real broker restart."""
+
+    data_dir: Path
+    port: int
+    admin_password: str
+    bind: str = "127.0.0.1"
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.bind}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / "mosquitto.conf"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.process = subprocess.Popen(
+            ["mosquitto", "-c", str(self.config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while not port_open(self.bind, self.port):
+            if self.process.poll() is not None:
+                raise BrokerError(f"mosquitto exited: {self.process.stderr.read().decode(errors='replace')}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BrokerError(f"mosquitto did not listen on {self.port} within {timeout}s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()  # SIGTERM: Mosquitto saves its persistence file
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+    def admin(self) -> DynSec:
+        return DynSec(self.url, ADMIN_USER, self.admin_password)
+
+
+def render_config(*, port: int, bind: str, data_dir: Path) -> str:
+    replacements = {
+        "@USER@": getpass.getuser(),
+        "@PORT@": str(port),
+        "@BIND@": bind,
+        "@DATA_DIR@": str(data_dir),
+        "@DYNSEC_PLUGIN@": find_dynsec_plugin(),
+        "@DYNSEC_FILE@": str(data_dir / "dynamic-security.json"),
+    }
+    text = CONFIG_TEMPLATE.read_text()
+    for placeholder, value in replacements.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def start_broker(data_dir: Path, *, port: int = 0, bind: str = "127.0.0.1") -> BrokerProcess:
+    """Start a Mosquitto with the project's config in ``data_dir`` (created if needed)."""
+    if shutil.which("mosquitto") is None or shutil.which("mosquitto_ctrl") is None:
+        raise BrokerError(
+            "mosquitto and mosquitto_ctrl are needed: apt-get install mosquitto mosquitto-clients"
+        )
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    password_file = data_dir / "admin-password"
+    dynsec_file = data_dir / "dynamic-security.json"
+    if not dynsec_file.exists():
+        password_file.write_text(secrets.token_urlsafe(24))
+        password_file.chmod(0o600)
+        subprocess.run(
+            ["mosquitto_ctrl", "dynsec", "init", str(dynsec_file), ADMIN_USER, password_file.read_text()],
+            check=True,
+            capture_output=True,
+        )
+    broker = BrokerProcess(data_dir, port or free_port(), password_file.read_text(), bind)
+    broker.config_path.write_text(render_config(port=broker.port, bind=bind, data_dir=data_dir))
+    broker.start()
+    return broker
+
+
+def mqtt_client(
+    url: str,
+    *,
+    client_id: str = "",
+    username: str | None = None,
+    password: str | None = None,
+    clean_start: bool = True,
+) -> mqtt.Client:
+    """A connected MQTT v5 client with its network loop running."""
+    parsed = urlparse(url)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if username is not None:
+        client.username_pw_set(username, password)
+    if parsed.scheme in ("mqtts", "wss"):
+        client.tls_set()
+    connected = threading.Event()
+    result: dict[str, Any] = {}
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        result["rc"] = reason_code
+        connected.set()
+
+    client.on_connect = on_connect
+    client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, keepalive=30, clean_start=clean_start)
+    client.loop_start()
+    if not connected.wait(10) or result["rc"].is_failure:
+        client.loop_stop()
+        raise BrokerError(f"cannot connect to {url} as {username!r}: {result.get('rc', 'timeout')}")
+    client.on_connect = None
+    return client
+
+
+@dataclass
+class DynSec:
+    """Client of Mosquitto's dynamic security control API (mosquitto_ctrl dynsec, over MQTT)."""
+
+    url: str
+    username: str
+    password: str
+    topics: Topics = field(default_factory=Topics)
+    timeout_s: float = 10.0
+
+    def command(self, *commands: dict[str, Any]) -> list[dict[str, Any]]:
+        """Send commands in one message; raise BrokerError naming the first that failed."""
+        client = mqtt_client(
+            self.url,
+            client_id=f"fleet-dynsec-{uuid.uuid4().hex[:8]}",
+            username=self.username,
+            password=self.password,
+        )
+        answered = threading.Event()
+        responses: list[dict[str, Any]] = []
+
+        def on_message(client, userdata, message):
+            responses.extend(json.loads(message.payload).get("responses", []))
+            answered.set()
+
+        try:
+            subscribed = threading.Event()
+            client.on_message = on_message
+            client.on_subscribe = lambda *args: subscribed.set()
+            client.subscribe(f"{CONTROL_TOPIC}/response", qos=1)
+            if not subscribed.wait(self.timeout_s):
+                raise BrokerError("the broker did not confirm the control response subscription")
+            client.publish(CONTROL_TOPIC, json.dumps({"commands": list(commands)}), qos=1)
+            if not answered.wait(self.timeout_s):
+                raise BrokerError("the broker did not answer the dynamic security command")
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        for response in responses:
+            if response.get("error"):
+                raise BrokerError(f"{response.get('command')}: {response['error']}")
+        return responses
+
+    # --- roles and clients
+
+    def _role_commands(self, role: str, acls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        return [
+            {"command": "createRole", "rolename": role},
+            *[
+                {
+                    "command": "addRoleACL",
+                    "rolename": role,
+                    "acltype": acl_type,
+                    "topic": topic,
+                    "priority": 0,
+                    "allow": True,
+                }
+                for acl_type, topic in acls
+            ],
+        ]
+
+    def _ignore_existing(self, *commands: dict[str, Any]) -> None:
+        for command in commands:
+            with contextlib.suppress(BrokerError):
+                self.command(command)
+
+    def set_default_deny(self) -> None:
+        """Anything not granted by a role is refused, including receiving messages."""
+        self.command(
+            {
+                "command": "setDefaultACLAccess",
+                "acls": [
+                    {"acltype": "publishClientSend", "allow": False},
+                    {"acltype": "publishClientReceive", "allow": False},
+                    {"acltype": "subscribe", "allow": False},
+                    {"acltype": "unsubscribe", "allow": True},
+                ],
+            }
+        )
+
+    def device_acls(self, device_id: str) -> list[tuple[str, str]]:
+        """Exactly the contract: read own desired, write own status/reported/events/telemetry."""
+        desired = self.topics.desired(device_id)
+        return [
+            ("subscribeLiteral", desired),
+            ("publishClientReceive", desired),
+            *[("publishClientSend", self.topics.device(device_id, kind)) for kind in DEVICE_TOPICS],
+        ]
+
+    def ensure_device(self, device_id: str, password: str) -> None:
+        """Create (or reset) the device's client and role. Idempotent."""
+        role = f"device-{device_id}"
+        self._ignore_existing(
+            {"command": "deleteClient", "username": device_id}, {"command": "deleteRole", "rolename": role}
+        )
+        self.command(
+            *self._role_commands(role, self.device_acls(device_id)),
+            {
+                "command": "createClient",
+                "username": device_id,
+                "password": password,
+                "clientid": device_id,
+                "roles": [{"rolename": role}],
+            },
+        )
+
+    def ensure_service_account(self, username: str, password: str, *, role: str) -> None:
+        prefix = self.topics.prefix
+        acls = {
+            PUBLISHER_ROLE: [("publishClientSend", f"{prefix}/devices/+/{DESIRED}")],
+            INGEST_ROLE: [
+                *[
+                    ("subscribePattern", f"$share/{INGEST_SHARE_GROUP}/{prefix}/devices/+/{kind}")
+                    for kind in DEVICE_TOPICS
+                ],
+                *[("subscribePattern", f"{prefix}/devices/+/{kind}") for kind in DEVICE_TOPICS],
+                *[("publishClientReceive", f"{prefix}/devices/+/{kind}") for kind in DEVICE_TOPICS],
+            ],
+        }[role]
+        self._ignore_existing(
+            {"command": "deleteClient", "username": username}, {"command": "deleteRole", "rolename": role}
+        )
+        self.command(
+            *self._role_commands(role, acls),
+            {
+                "command": "createClient",
+                "username": username,
+                "password": password,
+                "roles": [{"rolename": role}],
+            },
+        )
+
+    def disable_client(self, username: str) -> None:
+        """Refuse new connections and kick the current one (dynsec disconnects it)."""
+        self.command({"command": "disableClient", "username": username})
+
+    def enable_client(self, username: str) -> None:
+        self.command({"command": "enableClient", "username": username})
+
+    def set_password(self, username: str, password: str) -> None:
+        self.command({"command": "setClientPassword", "username": username, "password": password})
