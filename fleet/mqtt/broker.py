@@ -30,6 +30,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.protocol.topics import DESIRED, DEVICE_TOPICS, INGEST_SHARE_GROUP, Topics
 
@@ -168,8 +170,12 @@ def mqtt_client(
     username: str | None = None,
     password: str | None = None,
     clean_start: bool = True,
+    session_expiry_s: int = 0,
 ) -> mqtt.Client:
-    """A connected MQTT v5 client with its network loop running."""
+    """A connected MQTT v5 client with its network loop running (and reconnecting).
+
+    With ``clean_start=False`` and a ``session_expiry_s``, the broker keeps the session's
+    subscriptions and queued QoS 1 messages while the client is away."""
     parsed = urlparse(url)
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if username is not None:
@@ -184,7 +190,15 @@ def mqtt_client(
         connected.set()
 
     client.on_connect = on_connect
-    client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883, keepalive=30, clean_start=clean_start)
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = session_expiry_s
+    client.connect(
+        parsed.hostname or "127.0.0.1",
+        parsed.port or 1883,
+        keepalive=30,
+        clean_start=clean_start,
+        properties=properties,
+    )
     client.loop_start()
     if not connected.wait(10) or result["rc"].is_failure:
         client.loop_stop()

@@ -368,6 +368,7 @@ def make_signed_artifact(
     tflite: bytes,
     labels: list[str],
     golden_npz: bytes | None = None,
+    golden_accuracy: float | None = None,
     zstd_level: int = 3,
 ) -> SignedArtifact:
     """A manifest envelope and blob as the registry would publish them for ``tflite``."""
@@ -381,7 +382,7 @@ def make_signed_artifact(
             "sha256": hashlib.sha256(golden_npz).hexdigest(),
             "size": len(golden_npz),
             "samples": samples,
-            "accuracy": None,
+            "accuracy": golden_accuracy,
         }
     manifest = protocol.build_manifest(
         model=model,

@@ -56,6 +56,7 @@ def artifact_server():
 def artifacts(signing_key, digits) -> dict[tuple[str, str], SignedArtifact]:
     """Signed artifacts of the digits sample: (version, variant) -> SignedArtifact."""
     golden = digits.golden_set_npz()
+    x, y = digits.golden_set()
     built = {}
     for version, quality in (("1.0.0", "good"), ("2.0.0", "good2"), ("3.0.0", "worse")):
         models = (
@@ -72,6 +73,7 @@ def artifacts(signing_key, digits) -> dict[tuple[str, str], SignedArtifact]:
                 tflite=tflite,
                 labels=digits.LABELS,
                 golden_npz=golden,
+                golden_accuracy=digits.evaluate(tflite, x, y),  # what the registry measures
             )
     return built
 
@@ -213,15 +215,23 @@ def make_agent(broker, public_key_hex, tmp_path):
 
     started = []
 
-    def make(device_id: str | None = None, *, start: bool = True, state_dir: Path | None = None, **overrides):
+    def make(
+        device_id: str | None = None,
+        *,
+        start: bool = True,
+        state_dir: Path | None = None,
+        on_broker=None,
+        **overrides,
+    ):
         device_id = device_id or f"dev-{uuid.uuid4().hex[:8]}"
         password = secrets.token_urlsafe(12)
-        broker.admin().ensure_device(device_id, password)
+        target = on_broker or broker
+        target.admin().ensure_device(device_id, password)
         config = parse_config(
             agent_config_dict(
                 device_id=device_id,
                 password=password,
-                broker_url=broker.url,
+                broker_url=target.url,
                 state_dir=state_dir or tmp_path / device_id,
                 public_key_hex=public_key_hex,
                 **overrides,
