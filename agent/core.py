@@ -34,7 +34,7 @@ import requests
 
 from agent import __version__, protocol, runtime
 from agent.config import Config
-from agent.download import Downloader, TransferError, decompress_blob
+from agent.download import Downloader, StreamingUnpacker, TransferError, decompress_blob
 from agent.localapi import LocalApi, as_inputs
 from agent.mqtt import MqttLink
 from agent.serving import LoadedModel, Models
@@ -498,14 +498,22 @@ class Agent:
     def _fetch_artifact(self, name: str, spec: dict[str, Any], manifest: dict[str, Any]):
         blob, raw = manifest["blob"], manifest["raw"]
         try:
-            partial = self.downloader.fetch_blob(
-                spec["blob_url"],
-                partial=self.store.partial_path(blob["sha256"]),
-                size=blob["size"],
-                sha256=blob["sha256"],
-            )
             raw_temp = self.store.scratch_path(f"{raw['sha256']}.tflite.tmp")
-            decompress_blob(partial, raw_temp, raw_size=raw["size"], raw_sha256=raw["sha256"])
+            # Unpack on a second thread while the blob arrives: one pass, two cores.
+            unpacker = StreamingUnpacker(raw_temp, raw_size=raw["size"], raw_sha256=raw["sha256"])
+            try:
+                partial = self.downloader.fetch_blob(
+                    spec["blob_url"],
+                    partial=self.store.partial_path(blob["sha256"]),
+                    size=blob["size"],
+                    sha256=blob["sha256"],
+                    sink=unpacker,
+                )
+            except BaseException:
+                unpacker.close()
+                raise
+            if not unpacker.finish():  # the download started over: unpack the file instead
+                decompress_blob(partial, raw_temp, raw_size=raw["size"], raw_sha256=raw["sha256"])
             partial.unlink(missing_ok=True)
             golden = None
             if manifest.get("golden"):

@@ -19,12 +19,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import random
 import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 import requests
 import urllib3
@@ -32,7 +33,7 @@ import zstandard
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 64 * 1024
+CHUNK_BYTES = 1024 * 1024
 # Statuses that say "try again later" rather than "this will never work".
 TRANSIENT_STATUSES = frozenset({408, 429})
 # Compression would make byte ranges and size caps refer to different bytes than the
@@ -81,19 +82,6 @@ def _declared_length(response: requests.Response) -> int | None:
 def _delete(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Downloader:
@@ -221,45 +209,54 @@ class Downloader:
 
     # --- blobs
 
-    def fetch_blob(self, url: str, *, partial: Path, size: int, sha256: str) -> Path:
+    def fetch_blob(
+        self, url: str, *, partial: Path, size: int, sha256: str, sink: BlobSink | None = None
+    ) -> Path:
         """Download a blob of ``size`` bytes and sha256 ``sha256`` into ``partial``; return it.
 
         ``partial`` may hold the beginning of the blob from an earlier attempt or an earlier
         process; it is resumed with ``Range`` + ``If-Range`` (the blob's ETag is its quoted
-        sha256, as the control plane serves it). The file is verified and fsynced on return.
+        sha256, as the control plane serves it). The blob is hashed as it arrives, and every
+        byte of it, in order, also goes to ``sink`` (which may unpack it meanwhile), so the
+        file is never read back.
         """
         partial.parent.mkdir(parents=True, exist_ok=True)
-        left_over = partial.exists() and partial.stat().st_size > 0
-        self._download(url, partial, size, sha256)
-        matches = _sha256_of(partial) == sha256
+        stream = _BlobStream(sink)
+        stream.replay(partial)
+        left_over = stream.length > 0
+        self._download(url, partial, size, sha256, stream)
+        matches = stream.length == size and stream.hexdigest() == sha256
         if not matches and left_over:
             # Bytes an earlier process wrote are the only ones this call cannot vouch for
             # (a power cut may have left garbage in them). Give the blob one clean try
             # before calling it a mismatch, which the caller would publish as a refusal.
             log.warning("download %s: the resumed file does not match; downloading it again", url)
             _delete(partial)
-            self._download(url, partial, size, sha256)
-            matches = _sha256_of(partial) == sha256
+            stream.reset()
+            self._download(url, partial, size, sha256, stream)
+            matches = stream.length == size and stream.hexdigest() == sha256
         if not matches:
             _delete(partial)
             raise TransferError(
                 "hash_mismatch", f"{url}: the downloaded blob's sha256 is not {sha256}", permanent=True
             )
-        _fsync(partial)
         return partial
 
-    def _download(self, url: str, partial: Path, size: int, sha256: str) -> None:
+    def _download(self, url: str, partial: Path, size: int, sha256: str, stream: _BlobStream) -> None:
+        def restart() -> None:
+            _delete(partial)
+            stream.reset()
+
         self._with_retries(
-            url,
-            lambda: self._fetch_blob_once(url, partial, size, sha256),
-            on_restart=lambda: _delete(partial),
+            url, lambda: self._fetch_blob_once(url, partial, size, sha256, stream), on_restart=restart
         )
 
-    def _fetch_blob_once(self, url: str, partial: Path, size: int, sha256: str) -> None:
+    def _fetch_blob_once(self, url: str, partial: Path, size: int, sha256: str, stream: _BlobStream) -> None:
         have = partial.stat().st_size if partial.exists() else 0
-        if have > size:
-            # Cannot be a prefix of the blob we want; whatever it is, it goes.
+        if have > size or have != stream.length:
+            # Not a prefix of the blob we want (or not what we hashed): whatever it is, it goes.
             _delete(partial)
+            stream.reset()
             have = 0
         if have == size:
             return  # complete already; the caller verifies it
@@ -277,7 +274,9 @@ class Downloader:
                 raise _Restart(f"HTTP 416 for bytes {have}- of {url}")
             else:
                 _transient_or_permanent(response, url)
-            self._write_body(response, url, partial, offset=offset, size=size)
+            if offset == 0 and stream.length:
+                stream.reset()
+            self._write_body(response, url, partial, offset=offset, size=size, stream=stream)
 
     def _check_total_size(self, total: int | None, url: str, *, size: int, partial: Path) -> None:
         """A server that names another length serves another file than the manifest's."""
@@ -305,7 +304,14 @@ class Downloader:
         return expected_start
 
     def _write_body(
-        self, response: requests.Response, url: str, partial: Path, *, offset: int, size: int
+        self,
+        response: requests.Response,
+        url: str,
+        partial: Path,
+        *,
+        offset: int,
+        size: int,
+        stream: _BlobStream,
     ) -> None:
         allowed = size - offset
         declared = _declared_length(response)
@@ -330,6 +336,7 @@ class Downloader:
                             "too_large", f"{url} sent more than the {size} bytes of the blob", permanent=True
                         )
                     handle.write(chunk)
+                    stream.update(chunk)
                     written += len(chunk)
             except TransferError as exc:
                 if exc.permanent:
@@ -337,19 +344,146 @@ class Downloader:
                     _delete(partial)
                 raise
             finally:
-                # What we keep for a resume must survive a power cut as it is, not as a
-                # file of the right length with zeros in it.
-                if not handle.closed:
+                # What we keep for a resume should survive a power cut as it is. A complete
+                # blob is consumed at once, so only an unfinished one is worth the fsync
+                # (a resumed file that fails its hash is downloaded again anyway).
+                if not handle.closed and offset + written < size:
                     handle.flush()
                     os.fsync(handle.fileno())
         if offset + written < size:
             raise _Transient(f"{url}: got {offset + written} of {size} bytes")
 
 
+class BlobSink(Protocol):
+    """Receives a blob's bytes in order as they arrive (see :class:`StreamingUnpacker`)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+class _BlobStream:
+    """The bytes of the partial file so far: their sha256, their count, and a sink."""
+
+    def __init__(self, sink: BlobSink | None) -> None:
+        self.sink = sink
+        self.reset(notify=False)
+
+    def reset(self, *, notify: bool = True) -> None:
+        self.digest = hashlib.sha256()
+        self.length = 0
+        if notify and self.sink is not None:
+            self.sink.reset()
+
+    def update(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        self.length += len(chunk)
+        if self.sink is not None:
+            self.sink.feed(chunk)
+
+    def replay(self, partial: Path) -> None:
+        """Take in what an earlier attempt or process left in ``partial``."""
+        if not partial.exists():
+            return
+        with open(partial, "rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                self.update(chunk)
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+_EOF = object()
+
+
+class StreamingUnpacker:
+    """Decompresses a blob on a second thread while it downloads (both cores busy, one
+    pass over the bytes), with the same caps and checks as :func:`decompress_blob`.
+
+    If the download had to start over, the unpacker gives up (``finish`` returns False)
+    and the caller unpacks the finished file with :func:`decompress_blob` instead.
+    """
+
+    def __init__(self, out: Path, *, raw_size: int, raw_sha256: str, queue_chunks: int = 64) -> None:
+        self.out, self.raw_size, self.raw_sha256 = out, raw_size, raw_sha256
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_chunks)
+        self._pending = b""
+        self._eof_seen = False
+        self.broken = False
+        self.error: TransferError | None = None
+        self._thread = threading.Thread(target=self._run, name="unpack", daemon=True)
+        self._thread.start()
+
+    # producer side
+    def feed(self, chunk: bytes) -> None:
+        if not self.broken:
+            self._queue.put(chunk)
+
+    def reset(self) -> None:
+        if not self.broken:
+            self.broken = True
+            self._queue.put(_EOF)
+
+    def finish(self) -> bool:
+        """Wait for the unpacking; True when ``out`` holds the verified model."""
+        if not self.broken:
+            self._queue.put(_EOF)
+        self._thread.join()
+        if self.broken:
+            _delete(self.out)
+            return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def close(self) -> None:
+        """Stop the thread if the download failed before ``finish``."""
+        self.reset()
+        self._thread.join()
+
+    # consumer side: a file-like object over the queue, for zstandard's stream_reader
+    def read(self, size: int = -1) -> bytes:
+        while not self._pending:
+            if self._eof_seen:
+                return b""
+            item = self._queue.get()
+            if item is _EOF:
+                self._eof_seen = True
+                return b""
+            self._pending = item
+        size = len(self._pending) if size is None or size < 0 else size
+        data, self._pending = self._pending[:size], self._pending[size:]
+        return data
+
+    def _drain(self) -> None:
+        while not self._eof_seen:
+            self._eof_seen = self._queue.get() is _EOF
+
+    def _run(self) -> None:
+        try:
+            _unpack(self, self.out, raw_size=self.raw_size, raw_sha256=self.raw_sha256, name="blob")
+        except TransferError as exc:
+            self.error = exc
+            self._drain()  # keep the producer from blocking on a full queue
+        except BaseException as exc:  # report anything else as a corrupt blob, never hang
+            self.error = TransferError("hash_mismatch", f"unpacking failed: {exc}", permanent=True)
+            self._drain()
+
+
 def decompress_blob(
     blob: Path, out: Path, *, raw_size: int, raw_sha256: str, chunk_bytes: int = 1 << 20
 ) -> None:
-    """Stream-decompress the zstd ``blob`` into ``out`` (fsynced), checking size and sha256.
+    """Stream-decompress the zstd ``blob`` into ``out`` (fsynced), checking size and sha256."""
+    with open(blob, "rb") as source:
+        _unpack(
+            source, out, raw_size=raw_size, raw_sha256=raw_sha256, name=blob.name, chunk_bytes=chunk_bytes
+        )
+
+
+def _unpack(
+    source, out: Path, *, raw_size: int, raw_sha256: str, name: str, chunk_bytes: int = 1 << 20
+) -> None:
+    """Decompress ``source`` (a readable) into ``out`` and verify it.
 
     Output is capped at ``raw_size`` bytes whatever the frame header claims, so a blob that
     inflates past the manifest's size is refused as ``too_large`` after one chunk too many.
@@ -360,8 +494,9 @@ def decompress_blob(
     written = 0
     try:
         with (
-            open(blob, "rb") as source,
-            zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True) as reader,
+            zstandard.ZstdDecompressor().stream_reader(
+                source, read_across_frames=True, closefd=False
+            ) as reader,
             open(out, "wb") as target,
         ):
             while True:
@@ -373,7 +508,7 @@ def decompress_blob(
                 if written > raw_size:
                     raise TransferError(
                         "too_large",
-                        f"{blob.name} inflates past the manifest's {raw_size} bytes",
+                        f"{name} inflates past the manifest's {raw_size} bytes",
                         permanent=True,
                     )
                 digest.update(chunk)
@@ -382,16 +517,16 @@ def decompress_blob(
             os.fsync(target.fileno())
         if written < raw_size:
             raise TransferError(
-                "hash_mismatch", f"{blob.name} inflates to {written} bytes, not {raw_size}", permanent=True
+                "hash_mismatch", f"{name} inflates to {written} bytes, not {raw_size}", permanent=True
             )
         if digest.hexdigest() != raw_sha256:
             raise TransferError(
-                "hash_mismatch", f"{blob.name}: the model's sha256 is not {raw_sha256}", permanent=True
+                "hash_mismatch", f"{name}: the model's sha256 is not {raw_sha256}", permanent=True
             )
     except zstandard.ZstdError as exc:
         _delete(out)
         raise TransferError(
-            "hash_mismatch", f"{blob.name} is not a valid zstd frame: {exc}", permanent=True
+            "hash_mismatch", f"{name} is not a valid zstd frame: {exc}", permanent=True
         ) from exc
     except BaseException:
         _delete(out)

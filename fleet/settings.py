@@ -109,6 +109,11 @@ TEMPLATES = [
 
 # --- database
 _sqlite_default = f"sqlite:///{VAR_DIR / 'modelfleet.sqlite3'}"
+_db_scheme = env.str("DATABASE_URL", default=_sqlite_default).split("://", 1)[0]
+if _db_scheme not in environ.Env.DB_SCHEMES:
+    raise ImproperlyConfigured(
+        f"DATABASE_URL: unknown scheme {_db_scheme!r}; use postgres://… (or sqlite:///path for a demo)"
+    )
 try:
     DATABASES = {"default": env.db_url("DATABASE_URL", default=_sqlite_default)}
 except (ValueError, ImproperlyConfigured) as exc:

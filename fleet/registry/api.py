@@ -440,11 +440,11 @@ def _requested_range(request, size: int, etag: str) -> tuple[int, int] | None:
             raise _Unsatisfiable()
         return max(0, size - length), size - 1
     start = int(first)
+    if start >= size:
+        raise _Unsatisfiable()
     end = int(last) if last else size - 1
     if end < start:
         return None
-    if start >= size:
-        raise _Unsatisfiable()
     return start, min(end, size - 1)
 
 

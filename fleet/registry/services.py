@@ -393,7 +393,8 @@ def _compress_and_store(artifact: Artifact, raw_path: Path) -> str:
         version = artifact.version
         with open(temp_name, "rb") as blob:
             name = artifact_storage().save(
-                f"blobs/{version.model.name}/{version.version}/{artifact.variant}-{artifact.pk}.tflite.zst",
+                f"blobs/{version.model.name}/{version.version}/{artifact.variant}-{artifact.pk}-{uuid.uuid4().hex[:12]}"
+                ".tflite.zst",
                 _MovableFile(blob, name=temp_name),
             )
     finally:
@@ -423,7 +424,8 @@ def _artifact_fail(artifact: Artifact, code: str, message: str, blob_name: str =
 def artifact_process(*, artifact_id: int) -> Artifact:
     """Run the pipeline for a pending artifact. Idempotent: a ready or failed artifact is
     returned unchanged, and when two workers race only one compare-and-set wins; the
-    loser removes the blob it wrote."""
+    loser removes the blob it wrote (each run writes a blob of its own name, so the loser
+    can never delete the winner's)."""
     artifact = Artifact.objects.select_related("version__model").get(pk=artifact_id)
     if artifact.status != ArtifactStatus.PENDING:
         return artifact

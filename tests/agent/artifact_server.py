@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import protocol
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-CHUNK_BYTES = 16 * 1024
+CHUNK_BYTES = 256 * 1024
 # Throttled bodies go out in slices this often, so a throttled client sees steady progress.
 THROTTLE_TICK_S = 0.02
 

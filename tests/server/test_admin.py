@@ -27,7 +27,9 @@ def ready_artifact(version_v1, digits, alice, tmp_path):
     upload = TemporaryUploadedFile("int8.tflite", "application/octet-stream", len(data), None)
     upload.write(data)
     upload.seek(0)
-    artifact = services.artifact_upload(version=version_v1, variant="int8", upload=upload, created_by=alice.user)
+    artifact = services.artifact_upload(
+        version=version_v1, variant="int8", upload=upload, created_by=alice.user
+    )
     return services.artifact_process(artifact_id=artifact.pk)
 
 
@@ -67,7 +69,11 @@ def test_the_admin_upload_form_runs_the_same_service(admin_client, version_v1, d
 def test_the_admin_upload_form_refuses_garbage_with_a_message(admin_client, version_v1):
     response = admin_client.post(
         "/admin/registry/artifact/add/",
-        {"version": version_v1.pk, "variant": "float32", "file": SimpleUploadedFile("m.tflite", b"garbage" * 10)},
+        {
+            "version": version_v1.pk,
+            "variant": "float32",
+            "file": SimpleUploadedFile("m.tflite", b"garbage" * 10),
+        },
         follow=True,
     )
     assert "Upload refused" in response.content.decode()

@@ -1,0 +1,338 @@
+"""Agent benchmarks (agent issue, "Done when"), each figure printed beside its limit.
+
+1. Predict latency through the local HTTP API, p50/p99, at steady state and while the
+   agent swaps between digits v1 and v2 over and over (golden check included).
+   Target: p99 during swaps <= 2 x steady p99, zero errors.
+2. Desired state received -> new model serving, for a ~30 MB model, against the sum of
+   sha256 + zstd decompression + interpreter load of the same bytes measured alone in the
+   same run. Target: ratio <= 1.5.
+3. RSS of a real agent process serving the digits model against a bare
+   ``python -c "import ai_edge_litert.interpreter"``. Target: <= 25 MB above it.
+
+    .venv/bin/python bench/agent_hot_swap.py [--seconds 5] [--size-mb 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent import protocol, runtime  # noqa: E402
+from agent.config import parse_config  # noqa: E402
+from agent.core import Agent  # noqa: E402
+from fleet.mqtt.broker import free_port, start_broker  # noqa: E402
+from samples import digits  # noqa: E402
+from tests.agent.artifact_server import ArtifactServer, make_signed_artifact  # noqa: E402
+from tests.agent.conftest import desired_envelope, publish_artifact  # noqa: E402
+
+P99_RATIO_LIMIT = 2.0
+APPLY_RATIO_LIMIT = 1.5
+RSS_LIMIT_MB = 25.0
+
+
+def percentiles(samples_ms: list[float]) -> tuple[float, float]:
+    return float(np.percentile(samples_ms, 50)), float(np.percentile(samples_ms, 99))
+
+
+class Load:
+    """One app thread calling predict back to back, as a camera pipeline would."""
+
+    def __init__(self, address: str, sample: list[float]) -> None:
+        self.address, self.sample = address, sample
+        self.latencies_ms: list[float] = []
+        self.errors = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        session = requests.Session()
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            response = session.post(
+                f"{self.address}/v1/models/digits:predict", json={"inputs": [[self.sample]]}
+            )
+            self.latencies_ms.append((time.perf_counter() - started) * 1000)
+            self.errors += response.status_code != 200
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def make_agent(broker, key_hex: str, state_dir: Path, device_id: str) -> Agent:
+    password = secrets.token_urlsafe(12)
+    broker.admin().ensure_device(device_id, password)
+    config = parse_config(
+        {
+            "device_id": device_id,
+            "state_dir": str(state_dir),
+            "telemetry_interval_s": 5,
+            "broker": {"url": broker.url, "username": device_id, "password": password},
+            "trust": {"public_keys": [key_hex]},
+            "local_api": {"bind": "127.0.0.1:0"},
+        }
+    )
+    agent = Agent(config)
+    agent.start()
+    return agent
+
+
+def bench_latency(agent: Agent, server: ArtifactServer, key, seconds: float) -> dict:
+    x, y = digits.golden_set()
+    golden = digits.golden_set_npz()
+    entries = {}
+    for version in ("1.0.0", "2.0.0"):
+        tflite = digits.build_digits_models(version=version)["float32"]
+        artifact = make_signed_artifact(
+            private_key=key,
+            model="digits",
+            version=version,
+            variant="float32",
+            tflite=tflite,
+            labels=digits.LABELS,
+            golden_npz=golden,
+            golden_accuracy=digits.evaluate(tflite, x, y),
+        )
+        entries[version] = publish_artifact(server, artifact)
+    device = agent.config.device_id
+    assert agent.apply(desired_envelope(key, device, 1, {"digits": entries["1.0.0"]})).status == "applied"
+    assert agent.apply(desired_envelope(key, device, 2, {"digits": entries["2.0.0"]})).status == "applied"
+
+    sample = x[0].tolist()
+    with Load(agent.api.address, sample) as steady:
+        time.sleep(seconds)
+    swaps = 0
+    with Load(agent.api.address, sample) as swapping:
+        deadline = time.monotonic() + seconds
+        generation = 2
+        while time.monotonic() < deadline:
+            generation += 1
+            version = "1.0.0" if generation % 2 else "2.0.0"
+            result = agent.apply(desired_envelope(key, device, generation, {"digits": entries[version]}))
+            assert result.status == "applied", result
+            swaps += 1
+    return {"steady": steady, "swapping": swapping, "swaps": swaps}
+
+
+def bench_apply(agent: Agent, server: ArtifactServer, key, size_mb: float, work: Path) -> dict:
+    raw = digits.build_large_model(size_mb)
+    artifact = make_signed_artifact(
+        private_key=key,
+        model="large",
+        version="1.0.0",
+        variant="float32",
+        tflite=raw,
+        labels=digits.LABELS,
+        zstd_level=19,
+    )
+    entry = publish_artifact(server, artifact)
+    started = time.perf_counter()
+    result = agent.apply(desired_envelope(key, agent.config.device_id, 100, {"large": entry}))
+    apply_s = time.perf_counter() - started
+    assert result.status == "applied", result
+
+    # The same bytes, the unavoidable work alone: sha256 of the blob, zstd decompression,
+    # interpreter load (from a file, as the agent does).
+    path = work / "alone.tflite"
+    started = time.perf_counter()
+    hashlib.sha256(artifact.blob).hexdigest()
+    path.write_bytes(zstandard.ZstdDecompressor().decompress(artifact.blob))
+    runtime.load(path)
+    alone_s = time.perf_counter() - started
+    return {
+        "apply_s": apply_s,
+        "alone_s": alone_s,
+        "raw_mb": len(raw) / 2**20,
+        "blob_mb": len(artifact.blob) / 2**20,
+    }
+
+
+def bench_rss(broker, key, key_hex: str, server: ArtifactServer, work: Path) -> dict:
+    bare = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ai_edge_litert.interpreter, psutil; print(psutil.Process().memory_info().rss)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    bare_mb = int(bare.stdout) / 2**20
+    device_id = f"rss-{secrets.token_hex(3)}"
+    password = secrets.token_urlsafe(12)
+    broker.admin().ensure_device(device_id, password)
+    port = free_port()
+    config = work / "agent.toml"
+    config.write_text(
+        f'device_id = "{device_id}"\nstate_dir = "{work / "rss-state"}"\n'
+        f'[broker]\nurl = "{broker.url}"\nusername = "{device_id}"\npassword = "{password}"\n'
+        f'[trust]\npublic_keys = ["{key_hex}"]\n[local_api]\nbind = "127.0.0.1:{port}"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        tflite = digits.build_digits_models()["int8"]
+        x, y = digits.golden_set()
+        artifact = make_signed_artifact(
+            private_key=key,
+            model="digits",
+            version="1.0.0",
+            variant="int8",
+            tflite=tflite,
+            labels=digits.LABELS,
+            golden_npz=digits.golden_set_npz(),
+            golden_accuracy=digits.evaluate(tflite, x, y),
+        )
+        envelope = desired_envelope(key, device_id, 1, {"digits": publish_artifact(server, artifact)})
+        from fleet.mqtt.broker import mqtt_client
+
+        publisher = mqtt_client(broker.url, username="fleet-publisher", password=broker.publisher_password)
+        publisher.publish(
+            f"fleet/v1/devices/{device_id}/desired", envelope, qos=1, retain=True
+        ).wait_for_publish()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = requests.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).json()
+                if health["models"].get("digits"):
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("agent process did not start serving")
+            time.sleep(0.1)
+        for _ in range(200):
+            requests.post(
+                f"http://127.0.0.1:{port}/v1/models/digits:predict", json={"inputs": [[x[0].tolist()]]}
+            )
+        agent_mb = psutil.Process(process.pid).memory_info().rss / 2**20
+        publisher.disconnect()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return {"bare_mb": bare_mb, "agent_mb": agent_mb}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per latency phase (default 5)")
+    parser.add_argument("--size-mb", type=float, default=30.0, help="large model size in MiB (default 30)")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    key = Ed25519PrivateKey.generate()
+    key_hex = protocol.public_key_bytes(key.public_key()).hex()
+    with tempfile.TemporaryDirectory(prefix="modelfleet-agent-bench-") as tmp:
+        work = Path(tmp)
+        broker = start_broker(work / "broker")
+        admin = broker.admin()
+        admin.set_default_deny()
+        broker.publisher_password = secrets.token_urlsafe(12)
+        admin.ensure_service_account("fleet-publisher", broker.publisher_password, role="fleet-publisher")
+        try:
+            with ArtifactServer() as server:
+                agent = make_agent(broker, key_hex, work / "state", "bench-agent")
+                try:
+                    console.print(f"Predict latency: {args.seconds:g} s steady, {args.seconds:g} s swapping…")
+                    latency = bench_latency(agent, server, key, args.seconds)
+                    console.print(f"Desired state to serving, {args.size_mb:g} MiB model…")
+                    apply = bench_apply(agent, server, key, args.size_mb, work)
+                finally:
+                    agent.stop()
+                console.print("RSS of an agent process serving digits…")
+                rss = bench_rss(broker, key, key_hex, server, work)
+        finally:
+            broker.stop()
+
+    steady_p50, steady_p99 = percentiles(latency["steady"].latencies_ms)
+    swap_p50, swap_p99 = percentiles(latency["swapping"].latencies_ms)
+    errors = latency["steady"].errors + latency["swapping"].errors
+    p99_ratio = swap_p99 / steady_p99
+    apply_ratio = apply["apply_s"] / apply["alone_s"]
+    rss_extra = rss["agent_mb"] - rss["bare_mb"]
+
+    table = Table(title="Agent benchmarks")
+    for column in ("measure", "value", "limit", "verdict"):
+        table.add_column(column)
+
+    def verdict(ok: bool) -> str:
+        return "[green]PASS[/green]" if ok else "[red]FAIL[/red]"
+
+    table.add_row(
+        "predict steady p50 / p99",
+        f"{steady_p50:.3f} / {steady_p99:.3f} ms ({len(latency['steady'].latencies_ms)} calls)",
+        "",
+        "",
+    )
+    table.add_row(
+        f"predict during {latency['swaps']} swaps p50 / p99",
+        f"{swap_p50:.3f} / {swap_p99:.3f} ms ({len(latency['swapping'].latencies_ms)} calls)",
+        "",
+        "",
+    )
+    table.add_row(
+        "p99 swapping / steady",
+        f"{p99_ratio:.2f}",
+        f"<= {P99_RATIO_LIMIT}",
+        verdict(p99_ratio <= P99_RATIO_LIMIT),
+    )
+    table.add_row("predict errors", str(errors), "0", verdict(errors == 0))
+    table.add_row(
+        f"desired -> serving, {apply['raw_mb']:.0f} MiB (blob {apply['blob_mb']:.0f} MiB)",
+        f"{apply['apply_s'] * 1000:.0f} ms",
+        "",
+        "",
+    )
+    table.add_row("sha256 + zstd -d + load alone", f"{apply['alone_s'] * 1000:.0f} ms", "", "")
+    table.add_row(
+        "ratio", f"{apply_ratio:.2f}", f"<= {APPLY_RATIO_LIMIT}", verdict(apply_ratio <= APPLY_RATIO_LIMIT)
+    )
+    table.add_row("RSS bare `import ai_edge_litert.interpreter`", f"{rss['bare_mb']:.1f} MB", "", "")
+    table.add_row("RSS agent serving digits", f"{rss['agent_mb']:.1f} MB", "", "")
+    table.add_row(
+        "RSS above bare", f"{rss_extra:.1f} MB", f"<= {RSS_LIMIT_MB:g} MB", verdict(rss_extra <= RSS_LIMIT_MB)
+    )
+    console.print(table)
+    ok = (
+        p99_ratio <= P99_RATIO_LIMIT
+        and errors == 0
+        and apply_ratio <= APPLY_RATIO_LIMIT
+        and rss_extra <= RSS_LIMIT_MB
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
