@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-import requests
+import urllib3
 
 from agent import __version__, protocol, runtime
 from agent.config import Config
@@ -75,20 +75,21 @@ def _parse_time(value: str) -> datetime:
 
 
 class Agent:
-    def __init__(self, config: Config, *, session: requests.Session | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.store = Store(config.state_dir)
         self.state = self.store.load_state()
         self.models = Models()
         self.window = TelemetryWindow()
         self.keys = protocol.trusted_keys(list(config.trusted_keys))
-        self.session = session or requests.Session()
+        headers = {"User-Agent": f"fleet-agent/{__version__}"}
         if config.control_plane.token:
-            self.session.headers["Authorization"] = f"Bearer {config.control_plane.token}"
+            headers["Authorization"] = f"Bearer {config.control_plane.token}"
+        self.http = urllib3.PoolManager(headers=headers, maxsize=2)
         self._stop = threading.Event()
         limits = config.limits
         self.downloader = Downloader(
-            session=self.session,
+            http=self.http,
             timeout_s=limits.download_timeout_s,
             attempts=limits.download_attempts,
             backoff_initial_s=limits.backoff_initial_s,

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
 
-import requests
 import urllib3
 import zstandard
 
@@ -66,15 +65,15 @@ class _Restart(Exception):
     """The partial file is useless (416, a range we did not ask for): start again from 0."""
 
 
-def _transient_or_permanent(response: requests.Response, url: str) -> NoReturn:
+def _transient_or_permanent(response: urllib3.BaseHTTPResponse, url: str) -> NoReturn:
     """Raise for any status the caller did not handle itself."""
-    status = response.status_code
+    status = response.status
     if status >= 500 or status in TRANSIENT_STATUSES:
         raise _Transient(f"HTTP {status} from {url}")
     raise TransferError("download_failed", f"HTTP {status} from {url}", permanent=True)
 
 
-def _declared_length(response: requests.Response) -> int | None:
+def _declared_length(response: urllib3.BaseHTTPResponse) -> int | None:
     value = response.headers.get("Content-Length")
     return int(value) if value is not None and value.isdigit() else None
 
@@ -93,7 +92,7 @@ class Downloader:
     def __init__(
         self,
         *,
-        session: requests.Session,
+        http: urllib3.PoolManager,
         timeout_s: float = 30.0,
         attempts: int = 5,
         backoff_initial_s: float = 1.0,
@@ -102,7 +101,7 @@ class Downloader:
     ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
-        self.session = session
+        self.http = http
         self.timeout_s = timeout_s
         self.attempts = attempts
         self.backoff_initial_s = backoff_initial_s
@@ -138,7 +137,7 @@ class Downloader:
                 continue
             except _Transient as exc:
                 last_error = str(exc)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             if number == self.attempts:
                 break
@@ -158,10 +157,29 @@ class Downloader:
             "download_failed", f"{url}: gave up after {self.attempts} attempts: {last_error}", permanent=False
         )
 
-    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
-        return self.session.get(url, headers={**IDENTITY, **headers}, stream=True, timeout=self.timeout_s)
+    @contextlib.contextmanager
+    def _get(self, url: str, headers: dict[str, str]) -> Iterator[urllib3.BaseHTTPResponse]:
+        """A streamed GET. urllib3 rather than requests: the agent's memory budget on a
+        device is tight, and requests adds ~4 MB of imports for nothing we need here."""
+        response = self.http.request(
+            "GET",
+            url,
+            # Headers given here replace the pool's (the device token), so merge them.
+            headers={**self.http.headers, **IDENTITY, **headers},
+            preload_content=False,
+            decode_content=False,
+            timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s),
+            retries=False,
+        )
+        try:
+            yield response
+        finally:
+            # Closing (rather than returning the connection to the pool) guarantees that a
+            # body we stopped reading never leaks into the next request on that connection.
+            response.close()
+            response.release_conn()
 
-    def _body(self, response: requests.Response, limit: int) -> Iterator[bytes]:
+    def _body(self, response: urllib3.BaseHTTPResponse, limit: int) -> Iterator[bytes]:
         """Yield the body, reading at most ``limit + 1`` bytes: one byte past the limit is
         enough to know the server sends too much, and nothing more is read off the wire.
 
@@ -172,7 +190,7 @@ class Downloader:
         remaining = limit + 1
         while remaining > 0:
             self._check_stop()
-            chunk = response.raw.read1(min(CHUNK_BYTES, remaining), decode_content=True)
+            chunk = response.read1(min(CHUNK_BYTES, remaining))
             if not chunk:
                 return
             remaining -= len(chunk)
@@ -187,7 +205,7 @@ class Downloader:
 
     def _fetch_bytes_once(self, url: str, max_bytes: int) -> bytes:
         with self._get(url, {}) as response:
-            if response.status_code != 200:
+            if response.status != 200:
                 _transient_or_permanent(response, url)
             declared = _declared_length(response)
             if declared is not None and declared > max_bytes:
@@ -262,15 +280,15 @@ class Downloader:
             return  # complete already; the caller verifies it
         headers = {"Range": f"bytes={have}-", "If-Range": f'"{sha256}"'} if have else {}
         with self._get(url, headers) as response:
-            if response.status_code == 206:
+            if response.status == 206:
                 offset = self._check_content_range(
                     response, url, expected_start=have, size=size, partial=partial
                 )
-            elif response.status_code == 200:
+            elif response.status == 200:
                 # The server ignored the range or its validator no longer matched: a full body.
                 self._check_total_size(_declared_length(response), url, size=size, partial=partial)
                 offset = 0
-            elif response.status_code == 416 and have:
+            elif response.status == 416 and have:
                 raise _Restart(f"HTTP 416 for bytes {have}- of {url}")
             else:
                 _transient_or_permanent(response, url)
@@ -292,7 +310,7 @@ class Downloader:
         )
 
     def _check_content_range(
-        self, response: requests.Response, url: str, *, expected_start: int, size: int, partial: Path
+        self, response: urllib3.BaseHTTPResponse, url: str, *, expected_start: int, size: int, partial: Path
     ) -> int:
         match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
         if match is None:
@@ -305,7 +323,7 @@ class Downloader:
 
     def _write_body(
         self,
-        response: requests.Response,
+        response: urllib3.BaseHTTPResponse,
         url: str,
         partial: Path,
         *,

@@ -15,12 +15,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 
 MANIFEST_PAYLOAD_TYPE = "application/vnd.modelfleet.manifest+json"
 DESIRED_PAYLOAD_TYPE = "application/vnd.modelfleet.desired+json"
@@ -50,36 +46,58 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(type_bytes), type_bytes, len(payload), payload)
 
 
-def public_key_bytes(public_key: Ed25519PublicKey) -> bytes:
-    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+PublicKeyLike = Any  # VerifyKey | bytes | cryptography Ed25519PublicKey
+PrivateKeyLike = Any  # SigningKey | bytes (32-byte seed) | cryptography Ed25519PrivateKey
 
 
-def keyid_for(public_key: Ed25519PublicKey) -> str:
+def _verify_key(key: PublicKeyLike) -> VerifyKey:
+    if isinstance(key, VerifyKey):
+        return key
+    if isinstance(key, bytes):
+        return VerifyKey(key)
+    return VerifyKey(key.public_bytes_raw())  # cryptography's Ed25519PublicKey
+
+
+def _signing_key(key: PrivateKeyLike) -> SigningKey:
+    if isinstance(key, SigningKey):
+        return key
+    if isinstance(key, bytes):
+        return SigningKey(key)
+    return SigningKey(key.private_bytes_raw())  # cryptography's Ed25519PrivateKey
+
+
+def public_key_bytes(public_key: PublicKeyLike) -> bytes:
+    """The raw 32-byte public key."""
+    return bytes(_verify_key(public_key))
+
+
+def keyid_for(public_key: PublicKeyLike) -> str:
     """The keyid is the hex sha256 of the raw 32-byte public key."""
     return hashlib.sha256(public_key_bytes(public_key)).hexdigest()
 
 
-def public_key_from_hex(hex_key: str) -> Ed25519PublicKey:
+def public_key_from_hex(hex_key: str) -> VerifyKey:
     raw = bytes.fromhex(hex_key)
     if len(raw) != 32:
         raise ValueError("an Ed25519 public key is 32 bytes (64 hex characters)")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return VerifyKey(raw)
 
 
-def trusted_keys(public_keys_hex: list[str]) -> dict[str, Ed25519PublicKey]:
+def trusted_keys(public_keys_hex: list[str]) -> dict[str, VerifyKey]:
     """Build the ``{keyid: key}`` map that :func:`verify` expects from pinned hex keys."""
     keys = [public_key_from_hex(k) for k in public_keys_hex]
     return {keyid_for(k): k for k in keys}
 
 
-def sign(payload: bytes, *, payload_type: str, private_key: Ed25519PrivateKey) -> dict[str, Any]:
-    signature = private_key.sign(pae(payload_type, payload))
+def sign(payload: bytes, *, payload_type: str, private_key: PrivateKeyLike) -> dict[str, Any]:
+    signing_key = _signing_key(private_key)
+    signature = signing_key.sign(pae(payload_type, payload)).signature
     return {
         "payloadType": payload_type,
         "payload": base64.b64encode(payload).decode("ascii"),
         "signatures": [
             {
-                "keyid": keyid_for(private_key.public_key()),
+                "keyid": keyid_for(signing_key.verify_key),
                 "sig": base64.b64encode(signature).decode("ascii"),
             }
         ],
@@ -104,7 +122,7 @@ def verify(
     envelope: Mapping[str, Any] | bytes | str,
     *,
     payload_type: str,
-    keys: Mapping[str, Ed25519PublicKey],
+    keys: Mapping[str, PublicKeyLike],
 ) -> bytes:
     """Return the payload bytes if a trusted key signed them under ``payload_type``.
 
@@ -135,8 +153,8 @@ def verify(
         if key is None:
             continue
         try:
-            key.verify(_b64decode(entry.get("sig"), "signature"), message)
-        except InvalidSignature:
+            _verify_key(key).verify(message, _b64decode(entry.get("sig"), "signature"))
+        except (BadSignatureError, ValueError):
             continue
         return payload
     raise SignatureInvalid("no signature from a trusted key verifies this envelope")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
+import urllib3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import runtime
@@ -43,8 +43,8 @@ def server(artifact):
 
 @pytest.fixture
 def session():
-    with requests.Session() as session:
-        yield session
+    with urllib3.PoolManager() as http:
+        yield http
 
 
 @pytest.fixture
@@ -52,10 +52,10 @@ def partial(tmp_path) -> Path:
     return tmp_path / "downloads" / "blob.part"
 
 
-def downloader(session: requests.Session, **options) -> Downloader:
+def downloader(session: urllib3.PoolManager, **options) -> Downloader:
     """Tiny backoffs keep retry tests fast; the retry logic is the same."""
     return Downloader(
-        session=session,
+        http=session,
         **{"timeout_s": 5.0, "backoff_initial_s": 0.001, "backoff_max_s": 0.01, **options},
     )
 
@@ -151,10 +151,10 @@ def test_a_416_answer_deletes_the_partial_and_starts_again(server, session, arti
     assert "Range" not in second
 
 
-def test_a_bearer_token_on_the_session_reaches_the_server(server, session, artifact, partial):
+def test_a_bearer_token_on_the_pool_reaches_the_server(server, artifact, partial):
     server.require_token("device-secret")
-    session.headers["Authorization"] = "Bearer device-secret"
-    fetch(downloader(session), server, artifact, partial)
+    with urllib3.PoolManager(headers={"Authorization": "Bearer device-secret"}) as http:
+        fetch(downloader(http), server, artifact, partial)
     assert partial.read_bytes() == artifact.blob
 
 
@@ -331,7 +331,7 @@ def test_a_download_stopped_midway_is_finished_by_the_next_process(server, sessi
     assert partial.read_bytes() == data[:kept]
 
     server.throttle("/big", None)
-    with requests.Session() as fresh_session:  # a new process: nothing shared but the disk
+    with urllib3.PoolManager() as fresh_session:  # a new process: nothing shared but the disk
         downloader(fresh_session).fetch_blob(
             server.url("/big"), partial=partial, size=len(data), sha256=sha256
         )

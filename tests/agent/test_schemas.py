@@ -1,0 +1,163 @@
+"""The contract's small schema validator agrees with the jsonschema package (a dev-only
+dependency) on every message kind, valid and broken in hundreds of ways."""
+
+import copy
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from agent import protocol
+from agent.protocol.schemas import SCHEMAS
+
+SHA = "a" * 64
+EXAMPLES = {
+    "manifest": {
+        "schema": 1,
+        "model": "digits",
+        "version": "1.4.0",
+        "variant": "int8",
+        "created_at": "2026-11-28T07:00:00Z",
+        "raw": {"sha256": SHA, "size": 10, "format": "tflite"},
+        "blob": {"sha256": SHA, "size": 5, "compression": "zstd"},
+        "tflite": {
+            "inputs": [{"name": "x", "shape": [1, 64], "dtype": "float32"}],
+            "outputs": [{"name": "probs", "shape": [1, 10], "dtype": "float32"}],
+            "ops": ["FULLY_CONNECTED"],
+            "quantization": "int8",
+        },
+        "requires": {"hardware": ["any"], "runtime": ["litert>=1.0"]},
+        "labels": ["0", "1"],
+        "golden": {"sha256": SHA, "size": 100, "samples": 10, "accuracy": 0.9},
+    },
+    "desired": {
+        "schema": 1,
+        "device_id": "cam-0042",
+        "generation": 17,
+        "issued_at": "2026-11-28T07:00:00Z",
+        "expires_at": "2026-11-29T07:00:00Z",
+        "models": {
+            "digits": {
+                "version": "1.4.0",
+                "variant": "int8",
+                "manifest_url": "https://x/m",
+                "blob_url": "https://x/b",
+                "manifest_sha256": SHA,
+                "golden_url": None,
+            }
+        },
+        "rollout": {"id": 12, "stage": 1},
+    },
+    "status": {"online": True, "agent_version": "0.1.0", "ts": "2026-11-28T07:00:00Z"},
+    "reported": {"generation": 3, "ts": "t", "models": {"digits": {"version": "1.0.0", "variant": "int8"}}},
+    "events": {
+        "id": "e1",
+        "ts": "t",
+        "type": "failed",
+        "generation": 2,
+        "model": "digits",
+        "version": "1.0.0",
+        "variant": "int8",
+        "reason": "hash_mismatch",
+        "message": "boom",
+    },
+    "telemetry": {
+        "id": "t1",
+        "ts": "t",
+        "window_s": 30,
+        "dropped": 0,
+        "models": {
+            "digits": {
+                "version": "1.0.0",
+                "variant": "int8",
+                "inferences": 10,
+                "errors": 0,
+                "latency_ms": {"p50": 0.4, "p95": 0.9, "p99": 1.3},
+                "feedback": {"labeled": 5, "correct": 4},
+            }
+        },
+        "health": {"cpu_pct": 1.0},
+    },
+}
+REPLACEMENTS = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1.5,
+    2,
+    "",
+    "x",
+    "Bad Name",
+    "1.0",
+    SHA,
+    [],
+    ["x"],
+    [1],
+    {},
+    {"a": 1},
+    "x" * 3000,
+]
+
+
+def paths(value, prefix=()):
+    yield prefix
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from paths(item, (*prefix, index))
+
+
+def mutations(document):
+    for path in paths(document):
+        if not path:
+            continue
+        for replacement in [*REPLACEMENTS, "<delete>"]:
+            mutated = copy.deepcopy(document)
+            parent = mutated
+            for step in path[:-1]:
+                parent = parent[step]
+            if replacement == "<delete>":
+                if isinstance(parent, dict):
+                    del parent[path[-1]]
+                else:
+                    parent.pop(path[-1])
+            else:
+                parent[path[-1]] = replacement
+            yield path, replacement, mutated
+        if isinstance(document, dict):
+            extra = copy.deepcopy(document)
+            extra["unexpected"] = 1
+            yield ("unexpected",), 1, extra
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEMAS))
+def test_the_examples_are_valid(kind):
+    assert protocol.validate(kind, EXAMPLES[kind]) is EXAMPLES[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEMAS))
+def test_it_agrees_with_jsonschema_on_every_mutation(kind):
+    reference = Draft202012Validator(SCHEMAS[kind])
+    checked = refused = 0
+    for path, replacement, document in mutations(EXAMPLES[kind]):
+        expected = reference.is_valid(document)
+        try:
+            protocol.validate(kind, document)
+            ours = True
+        except protocol.SchemaError:
+            ours = False
+        assert ours == expected, (path, replacement)
+        checked += 1
+        refused += not ours
+    assert checked > 50 and refused > 20  # the mutations really probe the schema
+
+
+def test_the_error_names_the_path():
+    document = copy.deepcopy(EXAMPLES["telemetry"])
+    document["models"]["digits"]["feedback"]["labeled"] = -1
+    with pytest.raises(protocol.SchemaError) as excinfo:
+        protocol.validate("telemetry", document)
+    assert excinfo.value.path == "models/digits/feedback/labeled"
