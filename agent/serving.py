@@ -40,19 +40,20 @@ class LoadedModel:
     invoke_lock: threading.Lock = field(default_factory=threading.Lock)
     inflight: int = 0
     drained: threading.Condition = field(default_factory=threading.Condition)
+    details: runtime.Details | None = None
 
     @classmethod
     def load(cls, name: str, version: str, variant: str, path: Path, *, num_threads: int = 1) -> LoadedModel:
         interpreter = runtime.load(path, num_threads=num_threads)
         runtime.smoke_run(interpreter)
-        return cls(name, version, variant, path, interpreter)
+        return cls(name, version, variant, path, interpreter, details=runtime.io_details(interpreter))
 
     def input_details(self) -> list[dict]:
-        return self.interpreter.get_input_details()
+        return self.details[0]
 
     def predict(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         with self.invoke_lock:
-            return runtime.invoke(self.interpreter, inputs)
+            return runtime.invoke(self.interpreter, inputs, self.details)
 
     def wait_drained(self, timeout: float | None = None) -> bool:
         with self.drained:
