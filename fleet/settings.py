@@ -77,6 +77,7 @@ INSTALLED_APPS = [
     "django_celery_beat",
     "fleet.core",
     "fleet.registry",
+    "fleet.mqtt",
 ]
 
 MIDDLEWARE = [
@@ -203,6 +204,21 @@ for _name, _url, _schemes in (
 ):
     if _url.split("://", 1)[0] not in _schemes or "://" not in _url:
         raise ImproperlyConfigured(f"{_name}: must start with one of {_schemes}, got {_url!r}")
+
+MQTT_TOPIC_PREFIX = _read("MQTT_TOPIC_PREFIX", env.str, "fleet/v1")
+# The control plane's service account for publishing desired states (docs/mqtt.md).
+MQTT_PUBLISHER_USERNAME = _read("MQTT_PUBLISHER_USERNAME", env.str, "fleet-publisher")
+MQTT_PUBLISHER_PASSWORD = _secret("MQTT_PUBLISHER_PASSWORD", default="")
+# Base URL devices use to reach this control plane (manifest/blob URLs in desired states).
+PUBLIC_BASE_URL = _read("PUBLIC_BASE_URL", env.str, "http://127.0.0.1:8000").rstrip("/")
+if not PUBLIC_BASE_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(
+        f"PUBLIC_BASE_URL: must start with http:// or https://, got {PUBLIC_BASE_URL!r}"
+    )
+# A desired state older than this is refused by devices (a replayed old command).
+DESIRED_STATE_TTL_SECONDS = _positive(
+    "DESIRED_STATE_TTL_SECONDS", _read("DESIRED_STATE_TTL_SECONDS", env.int, 7 * 24 * 3600)
+)
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL

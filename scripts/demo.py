@@ -29,6 +29,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fleet.mqtt.broker import PUBLISHER_ROLE, start_broker  # noqa: E402
+from fleet.mqtt.broker import free_port as any_free_port  # noqa: E402
 from samples import digits  # noqa: E402
 
 console = Console()
@@ -46,8 +48,11 @@ def free_port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
-def demo_env(port: int) -> dict[str, str]:
+def demo_env(port: int, broker) -> dict[str, str]:
     env = dict(os.environ)
+    env["MQTT_URL"] = broker.url
+    env["MQTT_PUBLISHER_PASSWORD"] = broker.publisher_password
+    env["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{port}"
     env.setdefault("DEBUG", "1")
     env.setdefault("VAR_DIR", str(VAR))
     env.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -204,12 +209,127 @@ def report(artifacts: list[dict], base: str, admin_password: str, token: str) ->
     )
 
 
+DEMO_AGENTS = (("demo-cam-1", "int8"), ("demo-cam-2", "int8"), ("demo-cam-3", "float32"))
+
+
+def start_agents(stack: ExitStack, env: dict[str, str], base: str, broker, progress: Progress) -> list[dict]:
+    """Real agent processes, each with its own broker credentials, state and local API.
+
+    Until the devices issue brings enrollment and device tokens, the agents download with
+    a viewer API token and their broker credentials are created here directly.
+    """
+    step = progress.add_task(
+        f"Starting {len(DEMO_AGENTS)} agents and publishing their desired state", total=None
+    )
+    device_token = manage(
+        env, "create_api_token", "demo-devices", "--role", "viewer", "--name", "demo agents"
+    )
+    keys = requests.get(
+        f"{base}/api/v1/signing-keys/", headers={"Authorization": f"Bearer {device_token}"}, timeout=10
+    ).json()
+    agents = []
+    for device_id, variant in DEMO_AGENTS:
+        password = secrets.token_urlsafe(16)
+        broker.admin().ensure_device(device_id, password)
+        home = VAR / "agents" / device_id
+        home.mkdir(parents=True)
+        port = any_free_port()
+        config = home / "agent.toml"
+        config.write_text(
+            f'device_id = "{device_id}"\nstate_dir = "{home / "state"}"\ntelemetry_interval_s = 10\n'
+            f'[broker]\nurl = "{broker.url}"\nusername = "{device_id}"\npassword = "{password}"\n'
+            f'[control_plane]\nurl = "{base}"\ntoken = "{device_token}"\n'
+            f"[trust]\npublic_keys = {[key['public_key'] for key in keys if key['status'] == 'active']}\n"
+            f'[local_api]\nbind = "127.0.0.1:{port}"\n'
+            f"[device]\nint8 = {'true' if variant == 'int8' else 'false'}\n"
+        )
+        process = start(
+            stack,
+            f"agent-{device_id}",
+            env,
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--config",
+            str(config),
+        )
+        agents.append({"device_id": device_id, "variant": variant, "port": port, "process": process})
+    for variant in sorted({variant for _, variant in DEMO_AGENTS}):
+        devices = [device_id for device_id, v in DEMO_AGENTS if v == variant]
+        manage(
+            env,
+            "publish_desired",
+            *devices,
+            "--model",
+            "digits",
+            "--model-version",
+            "1.0.0",
+            "--variant",
+            variant,
+            "--generation",
+            "1",
+        )
+    progress.update(step, total=1, completed=1)
+    return agents
+
+
+def agent_health(port: int) -> dict | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).json()
+    except requests.RequestException:
+        return None
+
+
+def agents_answer(agents: list[dict], progress: Progress) -> list[dict]:
+    step = progress.add_task("Waiting for the agents to verify, install and serve digits 1.0.0", total=None)
+    for agent in agents:
+        wait_for(
+            f"agent {agent['device_id']}",
+            lambda a=agent: ((agent_health(a["port"]) or {}).get("models") or {}).get("digits"),
+            agent["process"],
+        )
+    progress.update(step, total=1, completed=1)
+    x, y = digits.golden_set()
+    answers = []
+    for index, agent in enumerate(agents):
+        sample, label = x[index * 7], int(y[index * 7])
+        answer = requests.post(
+            f"http://127.0.0.1:{agent['port']}/v1/models/digits:predict",
+            json={"inputs": [[sample.tolist()]]},
+            timeout=10,
+        ).json()
+        answers.append({**answer, "device_id": agent["device_id"], "truth": label})
+    return answers
+
+
+def report_agents(answers: list[dict]) -> None:
+    table = Table(title="Agents answering predict on their local API")
+    for column in ("device", "version", "variant", "predicted", "true label", "latency"):
+        table.add_column(column)
+    for answer in answers:
+        table.add_row(
+            answer["device_id"],
+            answer["version"],
+            answer["variant"],
+            str(answer["label"]),
+            str(answer["truth"]),
+            f"{answer['latency_ms']:.2f} ms",
+        )
+    console.print(table)
+
+
 def main() -> int:
     shutil.rmtree(VAR, ignore_errors=True)
     (VAR / "logs").mkdir(parents=True)
     port = free_port(int(os.environ.get("DEMO_PORT", "8000")))
     base = f"http://127.0.0.1:{port}"
-    env = demo_env(port)
+    broker = start_broker(VAR / "mosquitto")
+    admin = broker.admin()
+    admin.set_default_deny()
+    broker.publisher_password = secrets.token_urlsafe(16)
+    admin.ensure_service_account("fleet-publisher", broker.publisher_password, role=PUBLISHER_ROLE)
+    env = demo_env(port, broker)
     admin_password = secrets.token_urlsafe(9)
     with (
         ExitStack() as stack,
@@ -217,6 +337,7 @@ def main() -> int:
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
         ) as progress,
     ):
+        stack.callback(broker.stop)
         step = progress.add_task("Migrating the database", total=None)
         manage(env, "migrate", "--noinput")
         manage(env, "ensure_user", "admin", "--role", "admin", "--password", admin_password)
@@ -251,14 +372,21 @@ def main() -> int:
         progress.update(step, total=1, completed=1)
 
         artifacts = upload_digits(base, token, progress)
+        agents = start_agents(stack, env, base, broker, progress)
+        answers = agents_answer(agents, progress)
         progress.stop()
         report(artifacts, base, admin_password, token)
+        report_agents(answers)
         if os.environ.get("DEMO_EXIT") == "1":
             console.print("DEMO_EXIT=1: stopping.")
             return 0
         console.print("Press Ctrl-C to stop the demo.")
         try:
-            while web.poll() is None and worker.poll() is None:
+            while (
+                web.poll() is None
+                and worker.poll() is None
+                and all(a["process"].poll() is None for a in agents)
+            ):
                 time.sleep(1)
         except KeyboardInterrupt:
             console.print("Stopping…")

@@ -19,7 +19,15 @@ from agent.protocol.dsse import (
     trusted_keys,
     verify,
 )
-from agent.protocol.schemas import SchemaError, build_manifest, canonical_json, is_semver, parse, validate
+from agent.protocol.schemas import (
+    SchemaError,
+    build_desired,
+    build_manifest,
+    canonical_json,
+    is_semver,
+    parse,
+    validate,
+)
 from agent.protocol.topics import Topics
 
 __all__ = [
@@ -31,6 +39,7 @@ __all__ = [
     "SchemaError",
     "SignatureInvalid",
     "Topics",
+    "build_desired",
     "build_manifest",
     "canonical_json",
     "envelope_bytes",

@@ -369,3 +369,27 @@ def build_manifest(
         "golden": golden,
     }
     return validate("manifest", manifest)
+
+
+def build_desired(
+    *,
+    device_id: str,
+    generation: int,
+    models: dict[str, dict[str, Any]],
+    issued_at: str,
+    expires_at: str,
+    rollout: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A device's desired state (ARCHITECTURE.md, "Desired state"), validated."""
+    return validate(
+        "desired",
+        {
+            "schema": SCHEMA_VERSION,
+            "device_id": device_id,
+            "generation": generation,
+            "issued_at": issued_at,
+            "expires_at": expires_at,
+            "models": models,
+            "rollout": rollout,
+        },
+    )

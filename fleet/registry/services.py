@@ -16,7 +16,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.files import File
 from django.core.files.storage import Storage, storages
 from django.db import IntegrityError, transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from agent import protocol, runtime
@@ -471,3 +472,54 @@ def artifact_process(*, artifact_id: int) -> Artifact:
             _delete_quietly(blob_name)
     artifact.refresh_from_db()
     return artifact
+
+
+# --- desired states (what a device should run), signed for the device to verify
+
+
+def _public_url(name: str, artifact: Artifact) -> str:
+    return settings.PUBLIC_BASE_URL + reverse(name, args=[artifact.pk])
+
+
+def desired_state_envelope(
+    *, device_id: str, generation: int, artifacts: dict[str, Artifact], rollout: dict[str, Any] | None = None
+) -> bytes:
+    """Sign a device's desired state naming ``artifacts`` (model name -> ready artifact).
+
+    Refuses artifacts that are not ready and versions that are revoked: a revoked version
+    can never be assigned again.
+    """
+    models = {}
+    for name, artifact in artifacts.items():
+        if artifact.status != ArtifactStatus.READY:
+            raise Conflict(
+                f"Artifact {artifact.pk} is {artifact.status}, not ready.", code="artifact_not_ready"
+            )
+        if artifact.version.status == VersionStatus.REVOKED:
+            raise Conflict(f"{artifact.version} is revoked; it cannot be assigned.", code="version_revoked")
+        models[name] = {
+            "version": artifact.version.version,
+            "variant": artifact.variant,
+            "manifest_url": _public_url("artifact-manifest", artifact),
+            "blob_url": _public_url("artifact-blob", artifact),
+            "golden_url": _public_url("artifact-golden", artifact)
+            if artifact.version.has_golden_set
+            else None,
+            "manifest_sha256": artifact.manifest_sha256,
+        }
+    now = timezone.now().astimezone(UTC)
+    payload = protocol.build_desired(
+        device_id=device_id,
+        generation=generation,
+        models=models,
+        issued_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        expires_at=(now + timedelta(seconds=settings.DESIRED_STATE_TTL_SECONDS)).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        ),
+        rollout=rollout,
+    )
+    _, private_key = signing_key_active()
+    envelope = protocol.sign(
+        protocol.canonical_json(payload), payload_type=protocol.DESIRED_PAYLOAD_TYPE, private_key=private_key
+    )
+    return protocol.envelope_bytes(envelope)

@@ -18,22 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
 from agent.config import parse_config
-from fleet.mqtt.broker import INGEST_ROLE, PUBLISHER_ROLE, mqtt_client, start_broker
+from fleet.mqtt.broker import mqtt_client
 from tests.agent.artifact_server import ArtifactServer, SignedArtifact, make_signed_artifact
 from tests.conftest import wait_until
-
-
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory):
-    broker = start_broker(tmp_path_factory.mktemp("mosquitto"))
-    admin = broker.admin()
-    admin.set_default_deny()
-    broker.publisher_password = secrets.token_urlsafe(12)
-    broker.ingest_password = secrets.token_urlsafe(12)
-    admin.ensure_service_account("fleet-publisher", broker.publisher_password, role=PUBLISHER_ROLE)
-    admin.ensure_service_account("fleet-ingest", broker.ingest_password, role=INGEST_ROLE)
-    yield broker
-    broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -270,3 +270,52 @@ def test_a_config_with_three_mistakes_exits_2_naming_all_three(tmp_path):
     assert "3 problem(s)" in result.stderr
     for key in ("device_id", "broker.keepalive", "trust.public_keys"):
         assert key in result.stderr
+
+
+def test_it_serves_from_disk_before_it_touches_the_network(
+    make_agent, artifact_server, artifacts, signing_key, tmp_path, digits
+):
+    first = make_agent()
+    v1 = publish_artifact(artifact_server, artifacts[("1.0.0", "float32")])
+    assert (
+        first.apply(desired_envelope(signing_key, first.config.device_id, 1, {"digits": v1})).status
+        == "applied"
+    )
+    first.stop()
+
+    # The broker is unreachable (nothing listens on that port): serving must not wait for it.
+    again = make_agent(
+        first.config.device_id,
+        start=False,
+        state_dir=first.config.state_dir,
+        broker={"url": f"mqtt://127.0.0.1:{free_port()}"},
+    )
+    again.start()
+    try:
+        sample = digits.golden_set()[0][0].tolist()
+        response = requests.post(
+            f"{again.api.address}/v1/models/digits:predict", json={"inputs": [[sample]]}, timeout=5
+        )
+        assert response.status_code == 200
+        assert response.json()["version"] == "1.0.0"
+        assert not again.link.connected.is_set()
+    finally:
+        again.stop()
+
+
+def test_the_previous_version_stays_on_disk_for_an_instant_revert(
+    make_agent, artifact_server, artifacts, signing_key
+):
+    agent = make_agent()
+    device = agent.config.device_id
+    v1 = publish_artifact(artifact_server, artifacts[("1.0.0", "float32")])
+    v2 = publish_artifact(artifact_server, artifacts[("2.0.0", "float32")])
+    assert agent.apply(desired_envelope(signing_key, device, 1, {"digits": v1})).status == "applied"
+    assert agent.apply(desired_envelope(signing_key, device, 2, {"digits": v2})).status == "applied"
+    v1_blob = urlparse(v1["blob_url"]).path
+    sent_before = artifact_server.bytes_sent[v1_blob]
+    assert agent.apply(desired_envelope(signing_key, device, 3, {"digits": v1})).status == "applied"
+    assert artifact_server.bytes_sent[v1_blob] == sent_before  # no second download
+    assert agent.models.live()["digits"].version == "1.0.0"
+    state = agent.store.load_state().models["digits"]
+    assert (state.active.version, state.previous.version) == ("1.0.0", "2.0.0")

@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
-def test_the_demo_uploads_both_variants_and_reports_them_ready(tmp_path):
+def test_the_demo_uploads_both_variants_and_agents_serve_them(tmp_path):
     env = {
         **os.environ,
         "DEMO_EXIT": "1",
@@ -28,3 +28,8 @@ def test_the_demo_uploads_both_variants_and_reports_them_ready(tmp_path):
     assert any("float32" in row and "% of 200" in row for row in rows), result.stdout
     assert any("int8" in row and "% of 200" in row for row in rows), result.stdout
     assert "/admin/" in result.stdout and "API token" in result.stdout
+    # Three real agents picked up digits 1.0.0 over MQTT and answered predict.
+    agent_rows = [line for line in result.stdout.splitlines() if "demo-cam-" in line]
+    assert len(agent_rows) == 3, result.stdout
+    assert all("1.0.0" in row for row in agent_rows)
+    assert sum("int8" in row for row in agent_rows) == 2 and sum("float32" in row for row in agent_rows) == 1

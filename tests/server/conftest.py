@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.files.uploadedfile import SimpleUploadedFile, TemporaryUploadedFile
 from rest_framework.test import APIClient
 
 from fleet.core.choices import Role
@@ -89,6 +89,21 @@ def version_v1(digits_model, golden_npz, alice):
         golden_set=SimpleUploadedFile("golden.npz", golden_npz),
         created_by=alice.user,
     )
+
+
+def pending_artifact(version, variant: str, data: bytes, created_by=None):
+    """Upload through the service as the API does (an on-disk upload). In a `db` test the
+    on_commit hook that queues the Celery task never fires: callers process it themselves."""
+    upload = TemporaryUploadedFile(f"{variant}.tflite", "application/octet-stream", len(data), None)
+    upload.write(data)
+    upload.seek(0)
+    return services.artifact_upload(version=version, variant=variant, upload=upload, created_by=created_by)
+
+
+def ready_artifact(version, variant: str, data: bytes, created_by=None):
+    """A ready artifact through the real pipeline, run in-process (no worker needed)."""
+    artifact = pending_artifact(version, variant, data, created_by)
+    return services.artifact_process(artifact_id=artifact.pk)
 
 
 def upload(client: APIClient, model: str, version: str, variant: str, data: bytes, wait: float = 60):

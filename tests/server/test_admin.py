@@ -6,9 +6,9 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from fleet.registry import services
 from fleet.registry.choices import ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, SigningKey
+from tests.server.conftest import ready_artifact as make_ready
 from tests.server.conftest import stored_files
 
 
@@ -20,17 +20,8 @@ def admin_client(ada):
 
 
 @pytest.fixture
-def ready_artifact(version_v1, digits, alice, tmp_path):
-    from django.core.files.uploadedfile import TemporaryUploadedFile
-
-    data = digits.build_digits_models()["int8"]
-    upload = TemporaryUploadedFile("int8.tflite", "application/octet-stream", len(data), None)
-    upload.write(data)
-    upload.seek(0)
-    artifact = services.artifact_upload(
-        version=version_v1, variant="int8", upload=upload, created_by=alice.user
-    )
-    return services.artifact_process(artifact_id=artifact.pk)
+def ready_artifact(version_v1, digits, alice):
+    return make_ready(version_v1, "int8", digits.build_digits_models()["int8"], alice.user)
 
 
 def test_it_lists_artifacts_with_sizes_ratio_and_accuracy(admin_client, ready_artifact):

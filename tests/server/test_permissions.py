@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from django.core.files.uploadedfile import SimpleUploadedFile, TemporaryUploadedFile
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -21,6 +21,7 @@ from fleet.core.models import ApiToken
 from fleet.registry import services
 from fleet.registry.choices import ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion
+from tests.server.conftest import ready_artifact as make_ready
 
 pytestmark = pytest.mark.django_db
 
@@ -70,26 +71,11 @@ READS = [e for e in ENDPOINTS if not e.write]
 WRITES = [e for e in ENDPOINTS if e.write]
 
 
-def _temporary_upload(name: str, data: bytes) -> TemporaryUploadedFile:
-    """An on-disk upload, as the project's upload handler gives the services."""
-    upload = TemporaryUploadedFile(name, "application/octet-stream", len(data), None)
-    upload.write(data)
-    upload.seek(0)
-    return upload
-
-
 @pytest.fixture
 def ready_artifact(version_v1, alice, digits) -> Artifact:
     """A ready artifact, through the real pipeline run in-process (no worker needed:
     on_commit never fires in this non-transactional test, so nothing is queued)."""
-    upload = _temporary_upload("float32.tflite", digits.build_digits_models()["float32"])
-    try:
-        pending = services.artifact_upload(
-            version=version_v1, variant="float32", upload=upload, created_by=alice.user
-        )
-    finally:
-        upload.close()
-    artifact = services.artifact_process(artifact_id=pending.pk)
+    artifact = make_ready(version_v1, "float32", digits.build_digits_models()["float32"], alice.user)
     assert artifact.status == ArtifactStatus.READY, artifact.failure_reason
     return artifact
 

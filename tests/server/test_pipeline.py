@@ -9,32 +9,20 @@ import threading
 import pytest
 import zstandard
 from django.core.files.base import ContentFile
-from django.core.files.uploadedfile import TemporaryUploadedFile
 from django.db import connection, connections, transaction
 
 from agent import protocol
 from fleet.registry import services
 from fleet.registry.choices import ArtifactStatus
-from fleet.registry.models import Artifact, ModelVersion
+from fleet.registry.models import Artifact
 from tests.conftest import wait_until
-from tests.server.conftest import stored_files
+from tests.server.conftest import pending_artifact, stored_files
 
 pytestmark = pytest.mark.django_db
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def pending_artifact(version: ModelVersion, variant: str, data: bytes) -> Artifact:
-    """Upload through the service, as the API does. In a `db` test the on_commit hook that
-    queues the Celery task never fires, so the caller runs artifact_process itself."""
-    upload = TemporaryUploadedFile(f"{variant}.tflite", "application/octet-stream", len(data), None)
-    upload.write(data)
-    upload.seek(0)
-    artifact = services.artifact_upload(version=version, variant=variant, upload=upload)
-    assert artifact.status == ArtifactStatus.PENDING
-    return artifact
 
 
 def new_blobs(before: list) -> list[str]:

@@ -10,13 +10,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.core.exceptions import ImproperlyConfigured
-from django.core.files.uploadedfile import TemporaryUploadedFile
 
 from agent import protocol
 from agent.protocol import MANIFEST_PAYLOAD_TYPE
-from fleet.registry import services, signing
+from fleet.registry import signing
 from fleet.registry.choices import SigningKeyStatus
 from fleet.registry.models import SigningKey
+from tests.server.conftest import ready_artifact
 
 pytestmark = pytest.mark.django_db
 
@@ -38,15 +38,6 @@ def raw_private_hex(private_key: Ed25519PrivateKey) -> str:
     return private_key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     ).hex()
-
-
-def process(version, variant: str, data: bytes):
-    """Upload and run the pipeline in-process (a `db` test never fires the Celery hook)."""
-    upload = TemporaryUploadedFile(f"{variant}.tflite", "application/octet-stream", len(data), None)
-    upload.write(data)
-    upload.seek(0)
-    artifact = services.artifact_upload(version=version, variant=variant, upload=upload)
-    return services.artifact_process(artifact_id=artifact.pk)
 
 
 @pytest.fixture
@@ -123,9 +114,9 @@ def test_a_manifest_signed_before_rotation_still_verifies_with_the_listed_keys(
     key_file, bob, version_v1, digits
 ):
     models = digits.build_digits_models()
-    before = process(version_v1, "float32", models["float32"])
+    before = ready_artifact(version_v1, "float32", models["float32"])
     key_file.write_bytes(pem(Ed25519PrivateKey.generate()))
-    after = process(version_v1, "int8", models["int8"])
+    after = ready_artifact(version_v1, "int8", models["int8"])
     assert before.signing_key_id != after.signing_key_id
 
     keys = protocol.trusted_keys(
