@@ -165,11 +165,17 @@ class Agent:
         with self._pending_cond:
             self._pending_cond.notify_all()
         if self.api is not None:
-            self.api.stop()
+            self.api.stop()  # new requests now get 503; running ones finish below
+        for model in self.models.live().values():
+            model.wait_drained(self.config.limits.drain_timeout_s)
         for thread in self._threads:
             thread.join(timeout=self.config.limits.drain_timeout_s)
         self._publish_telemetry()
         self.link.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)

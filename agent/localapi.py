@@ -81,6 +81,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         agent = self.server.agent
         try:
+            if agent.stopping:
+                self.close_connection = True
+                raise ApiError(
+                    HTTPStatus.SERVICE_UNAVAILABLE, "stopping", "The agent is stopping; retry shortly."
+                )
             path = self.path.split("?", 1)[0]
             if method == "GET" and path == "/v1/health":
                 return self._reply(HTTPStatus.OK, agent.health())
