@@ -78,6 +78,7 @@ INSTALLED_APPS = [
     "fleet.core",
     "fleet.registry",
     "fleet.mqtt",
+    "fleet.devices",
 ]
 
 MIDDLEWARE = [
@@ -209,6 +210,25 @@ MQTT_TOPIC_PREFIX = _read("MQTT_TOPIC_PREFIX", env.str, "fleet/v1")
 # The control plane's service account for publishing desired states (docs/mqtt.md).
 MQTT_PUBLISHER_USERNAME = _read("MQTT_PUBLISHER_USERNAME", env.str, "fleet-publisher")
 MQTT_PUBLISHER_PASSWORD = _secret("MQTT_PUBLISHER_PASSWORD", default="")
+# The ingest bridge's service account and batching (docs/ingest.md).
+MQTT_INGEST_USERNAME = _read("MQTT_INGEST_USERNAME", env.str, "fleet-ingest")
+MQTT_INGEST_PASSWORD = _secret("MQTT_INGEST_PASSWORD", default="")
+# The broker's dynamic-security admin, for per-device credentials (docs/mqtt.md).
+MQTT_ADMIN_USERNAME = _read("MQTT_ADMIN_USERNAME", env.str, "fleet-admin")
+MQTT_ADMIN_PASSWORD = _secret("MQTT_ADMIN_PASSWORD", default="")
+INGEST_BATCH_SIZE = _positive("INGEST_BATCH_SIZE", _read("INGEST_BATCH_SIZE", env.int, 1000))
+INGEST_FLUSH_MS = _positive("INGEST_FLUSH_MS", _read("INGEST_FLUSH_MS", env.int, 200))
+# Messages larger than this are counted and dropped by the bridge (the broker itself
+# refuses packets over max_packet_size, 256 KiB).
+INGEST_MAX_PAYLOAD_BYTES = _positive(
+    "INGEST_MAX_PAYLOAD_BYTES", _read("INGEST_MAX_PAYLOAD_BYTES", env.int, 64 * 1024)
+)
+TELEMETRY_RETENTION_DAYS = _positive(
+    "TELEMETRY_RETENTION_DAYS", _read("TELEMETRY_RETENTION_DAYS", env.int, 30)
+)
+# A device silent for longer than this is marked offline by a beat task.
+DEVICE_STALE_SECONDS = _positive("DEVICE_STALE_SECONDS", _read("DEVICE_STALE_SECONDS", env.int, 300))
+
 # Base URL devices use to reach this control plane (manifest/blob URLs in desired states).
 PUBLIC_BASE_URL = _read("PUBLIC_BASE_URL", env.str, "http://127.0.0.1:8000").rstrip("/")
 if not PUBLIC_BASE_URL.startswith(("http://", "https://")):

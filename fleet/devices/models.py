@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+
+from agent.protocol.schemas import DEVICE_ID_PATTERN
+from fleet.devices.choices import DeviceStatus, GroupKind
+
+device_id_validator = RegexValidator(
+    DEVICE_ID_PATTERN, "Use letters, digits, '.', '_' or '-' (at most 128 characters)."
+)
+
+
+class EnrollmentToken(models.Model):
+    """A fleet enrollment token that device makers bake into an image. Only its sha256 is
+    kept. It may expire and have a use limit; devices it enrolls are active at once
+    (auto-approve) or wait for an operator."""
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=12)
+    key_sha256 = models.CharField(max_length=64, unique=True)
+    auto_approve = models.BooleanField(default=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    max_uses = models.PositiveIntegerField(null=True, blank=True)
+    uses = models.PositiveIntegerField(default=0)
+    tags = models.JSONField(default=list, blank=True, help_text="Tags given to devices it enrolls.")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+
+class Device(models.Model):
+    device_id = models.CharField(max_length=128, unique=True, validators=[device_id_validator])
+    display_name = models.CharField(max_length=200, blank=True)
+    status = models.CharField(max_length=10, choices=DeviceStatus.choices, default=DeviceStatus.PENDING)
+    # Identity and capabilities, as the device declared them at enrollment.
+    hardware = models.CharField(max_length=64, default="any")
+    runtime = models.CharField(max_length=64, blank=True)
+    runtime_version = models.CharField(max_length=64, blank=True)
+    supports_int8 = models.BooleanField(default=True)
+    supported_ops = models.JSONField(default=list, blank=True)
+    agent_version = models.CharField(max_length=32, blank=True)
+    tags = models.JSONField(default=list, blank=True)
+    # Pre-authorization: an operator registers the id with a one-time enrollment code.
+    enrollment_code_sha256 = models.CharField(max_length=64, blank=True)
+    enrolled_with = models.ForeignKey(EnrollmentToken, null=True, blank=True, on_delete=models.SET_NULL)
+    enrolled_at = models.DateTimeField(null=True, blank=True)
+    # What the device last told us (ingest bridge).
+    online = models.BooleanField(default=False)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    applied_generation = models.PositiveBigIntegerField(default=0)
+    reported_models = models.JSONField(default=dict, blank=True, help_text="model -> {version, variant}")
+    health = models.JSONField(default=dict, blank=True)
+    # What we last told the device.
+    desired_generation = models.PositiveBigIntegerField(default=0)
+    desired_artifacts = models.JSONField(default=dict, blank=True, help_text="model -> artifact id")
+    created_at = models.DateTimeField(auto_now_add=True)
+    status_changed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["device_id"]
+        indexes = [models.Index(fields=["status", "online"]), models.Index(fields=["last_seen_at"])]
+
+    def __str__(self) -> str:
+        return self.device_id
+
+
+class DeviceToken(models.Model):
+    """A device's bearer token for the HTTP API (artifact downloads). Hashed; shown once."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="tokens")
+    prefix = models.CharField(max_length=12)
+    key_sha256 = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.device})"
+
+
+class DeviceGroup(models.Model):
+    """Static (chosen members) or dynamic (a saved filter over fields and tags)."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    description = models.TextField(blank=True)
+    kind = models.CharField(max_length=10, choices=GroupKind.choices, default=GroupKind.STATIC)
+    members = models.ManyToManyField(Device, blank=True, related_name="static_groups")
+    rules = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='Dynamic groups: e.g. {"tags": ["outdoor"], "hardware": "rpi4", "status": "active"}',
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DeviceEvent(models.Model):
+    """Install/verify/swap/revert events devices report, with their reason codes."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="events")
+    message_id = models.CharField(max_length=64)
+    type = models.CharField(max_length=32)
+    generation = models.PositiveBigIntegerField(null=True, blank=True)
+    model = models.CharField(max_length=64, blank=True)
+    version = models.CharField(max_length=64, blank=True)
+    variant = models.CharField(max_length=64, blank=True)
+    reason = models.CharField(max_length=40, blank=True)
+    message = models.TextField(blank=True)
+    ts = models.DateTimeField(help_text="when the device says it happened")
+    received_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-received_at"]
+        constraints = [
+            # QoS 1 may deliver twice; the message id makes the second one a no-op.
+            models.UniqueConstraint(fields=["device", "message_id"], name="devices_event_once")
+        ]
+        indexes = [models.Index(fields=["device", "-received_at"]), models.Index(fields=["generation"])]
+
+
+class TelemetryWindow(models.Model):
+    """One model's row of one telemetry message: the volume table (docs/ingest.md)."""
+
+    id = models.BigAutoField(primary_key=True)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="+", db_index=False)
+    message_id = models.CharField(max_length=64)
+    ts = models.DateTimeField()
+    received_at = models.DateTimeField()
+    window_s = models.FloatField()
+    model = models.CharField(max_length=64)
+    version = models.CharField(max_length=64)
+    variant = models.CharField(max_length=64)
+    inferences = models.PositiveBigIntegerField()
+    errors = models.PositiveBigIntegerField()
+    latency_p50_ms = models.FloatField(null=True)
+    latency_p95_ms = models.FloatField(null=True)
+    latency_p99_ms = models.FloatField(null=True)
+    labeled = models.PositiveBigIntegerField(default=0)
+    correct = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["device", "message_id", "model"], name="devices_telemetry_once")
+        ]
+        indexes = [
+            models.Index(fields=["device", "ts"]),
+            models.Index(fields=["model", "version", "variant", "ts"]),
+            models.Index(fields=["received_at"]),
+        ]
+
+
+class TelemetryRollup(models.Model):
+    """Per-minute sums per (model, version, variant): what rollout gates and charts read."""
+
+    minute = models.DateTimeField()
+    model = models.CharField(max_length=64)
+    version = models.CharField(max_length=64)
+    variant = models.CharField(max_length=64)
+    windows = models.PositiveBigIntegerField(default=0)
+    inferences = models.PositiveBigIntegerField(default=0)
+    errors = models.PositiveBigIntegerField(default=0)
+    labeled = models.PositiveBigIntegerField(default=0)
+    correct = models.PositiveBigIntegerField(default=0)
+    # p95 cannot be summed; keep the inference-weighted sum (mean p95 = sum / inferences)
+    # and the worst window's p95.
+    latency_p95_weighted_sum = models.FloatField(default=0)
+    latency_p95_max_ms = models.FloatField(null=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["minute", "model", "version", "variant"], name="devices_rollup_key"
+            )
+        ]
+        indexes = [models.Index(fields=["model", "version", "variant", "minute"])]
