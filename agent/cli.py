@@ -101,14 +101,100 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_enroll(args: argparse.Namespace) -> int:
-    print(
-        "fleet-agent enroll: enrollment needs the control plane's enrollment API, which lands "
-        "with the devices issue. Until then put broker credentials and the device token in the "
-        "config file by hand (docs/agent.md).",
-        file=sys.stderr,
+def _toml_string(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def enrollment_config(
+    *,
+    answer: dict,
+    url: str,
+    public_keys: list[str],
+    state_dir: str,
+    local_api: str,
+    hardware: str,
+    int8: bool,
+) -> str:
+    """The agent config for an enrolled device. Trusted keys come from the command line
+    (provisioned out of band), never from the control plane's answer."""
+    mqtt = answer["mqtt"]
+    keys = ", ".join(_toml_string(key) for key in public_keys)
+    return (
+        "# Written by `fleet-agent enroll`. Holds secrets: keep it mode 0600.\n"
+        f"device_id = {_toml_string(answer['device_id'])}\n"
+        f"state_dir = {_toml_string(state_dir)}\n\n"
+        f"[broker]\nurl = {_toml_string(mqtt['url'])}\nusername = {_toml_string(mqtt['username'])}\n"
+        f"password = {_toml_string(mqtt['password'])}\n"
+        f"topic_prefix = {_toml_string(mqtt['topic_prefix'])}\n\n"
+        f"[control_plane]\nurl = {_toml_string(url)}\ntoken = {_toml_string(answer['token'])}\n\n"
+        f"[trust]\npublic_keys = [{keys}]\n\n"
+        f"[local_api]\nbind = {_toml_string(local_api)}\n\n"
+        f"[device]\nhardware = {_toml_string(hardware)}\nint8 = {'true' if int8 else 'false'}\n"
     )
-    return 1
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    import os
+    import tomllib
+
+    import requests
+
+    from agent.config import ConfigError, parse_config
+    from agent.runtime import runtime
+
+    out = Path(args.config_out)
+    if out.exists() and not args.force:
+        print(f"fleet-agent enroll: {out} exists; pass --force to replace it", file=sys.stderr)
+        return EXIT_CONFIG
+    rt = runtime()
+    body = {
+        "device_id": args.device_id,
+        "identity": {
+            "display_name": args.display_name or args.device_id,
+            "hardware": args.hardware,
+            "runtime": rt.name,
+            "runtime_version": rt.version,
+            "agent_version": __version__,
+            "supports_int8": not args.no_int8,
+        },
+        **({"enrollment_token": args.token} if args.token else {"enrollment_code": args.code}),
+    }
+    try:
+        response = requests.post(f"{args.url.rstrip('/')}/api/v1/enroll", json=body, timeout=30)
+    except requests.RequestException as exc:
+        print(f"fleet-agent enroll: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 201:
+        try:
+            error = response.json()["error"]
+            print(f"fleet-agent enroll: refused ({error['code']}): {error['message']}", file=sys.stderr)
+        except (ValueError, KeyError):
+            print(f"fleet-agent enroll: HTTP {response.status_code}: {response.text[:500]}", file=sys.stderr)
+        return 1
+    answer = response.json()
+    text = enrollment_config(
+        answer=answer,
+        url=args.url,
+        public_keys=args.public_key,
+        state_dir=args.state_dir,
+        local_api=args.local_api,
+        hardware=args.hardware,
+        int8=not args.no_int8,
+    )
+    try:
+        parse_config(tomllib.loads(text), base_dir=out.parent)
+    except ConfigError as exc:  # e.g. a malformed --public-key: say so before writing
+        print(f"fleet-agent enroll: the resulting config is invalid:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    state = answer["status"]
+    print(f"enrolled {answer['device_id']} ({state}); config written to {out}")
+    if state != "active":
+        print("an operator must approve this device before it can connect to the broker")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,8 +220,29 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--show", action="store_true", help="print the verified document")
     verify.set_defaults(func=cmd_verify)
 
-    enroll = commands.add_parser("enroll", help="enroll this device with the control plane")
-    enroll.add_argument("--config", required=False)
+    enroll = commands.add_parser(
+        "enroll", help="enroll this device with the control plane and write its config (docs/enrollment.md)"
+    )
+    enroll.add_argument("--url", required=True, help="the control plane, e.g. https://fleet.example.com")
+    enroll.add_argument("--device-id", required=True)
+    secret = enroll.add_mutually_exclusive_group(required=True)
+    secret.add_argument("--token", help="a fleet enrollment token (me_…)")
+    secret.add_argument("--code", help="this device's pre-authorization code (mc_…)")
+    enroll.add_argument(
+        "--public-key",
+        action="append",
+        required=True,
+        help="trusted signing key (64 hex chars), from GET /api/v1/signing-keys/; repeatable",
+    )
+    enroll.add_argument("--config-out", default="/etc/modelfleet/agent.toml")
+    enroll.add_argument("--state-dir", default="/var/lib/modelfleet")
+    enroll.add_argument(
+        "--local-api", default="127.0.0.1:8787", help="local API bind, HOST:PORT or unix:PATH"
+    )
+    enroll.add_argument("--hardware", default="any", help="hardware class, e.g. rpi4")
+    enroll.add_argument("--display-name")
+    enroll.add_argument("--no-int8", action="store_true", help="this device cannot run int8 models")
+    enroll.add_argument("--force", action="store_true", help="replace an existing config file")
     enroll.set_defaults(func=cmd_enroll)
     return parser
 

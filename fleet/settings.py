@@ -260,6 +260,7 @@ CELERY_TIMEZONE = "UTC"
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "fleet.core.auth.ApiTokenAuthentication",
+        "fleet.devices.auth.DeviceTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["fleet.core.permissions.IsViewer"],
@@ -282,6 +283,11 @@ SPECTACULAR_SETTINGS = {
 }
 # How long an upload may wait for its pipeline to finish when the client asks to (?wait=).
 ARTIFACT_UPLOAD_MAX_WAIT_SECONDS = _read("ARTIFACT_UPLOAD_MAX_WAIT_SECONDS", env.int, 300)
+
+# Enrollment attempts per client IP (docs/enrollment.md).
+ENROLL_RATE = _read("ENROLL_RATE", env.str, "30/minute")
+MQTT_PUBLIC_URL = _read("MQTT_PUBLIC_URL", env.str, MQTT_URL)  # the broker as devices reach it
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 
 LOGGING = {
     "version": 1,

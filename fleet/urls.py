@@ -2,10 +2,12 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from fleet.devices import api as devices_api
 from fleet.registry import api as registry_api
 
 VERSION = r"(?P<version>[0-9A-Za-z.+-]+)"
 NAME = r"(?P<name>[a-z0-9][a-z0-9_.-]*)"
+DEVICE = r"(?P<device_id>[A-Za-z0-9][A-Za-z0-9_.-]*)"
 
 api_v1 = [
     path("models/", registry_api.ModelListCreate.as_view(), name="model-list"),
@@ -33,6 +35,31 @@ api_v1 = [
     path("artifacts/<int:id>/blob", registry_api.ArtifactBlob.as_view(), name="artifact-blob"),
     path("artifacts/<int:id>/golden", registry_api.ArtifactGolden.as_view(), name="artifact-golden"),
     path("signing-keys/", registry_api.SigningKeyList.as_view(), name="signing-key-list"),
+    path("enroll", devices_api.Enroll.as_view(), name="enroll"),
+    path("devices/", devices_api.DeviceList.as_view(), name="device-list"),
+    path("devices/preauthorize", devices_api.DevicePreauthorize.as_view(), name="device-preauthorize"),
+    re_path(rf"^devices/{DEVICE}/$", devices_api.DeviceDetail.as_view(), name="device-detail"),
+    *[
+        re_path(
+            rf"^devices/{DEVICE}/{action}$",
+            devices_api.device_action_view(action).as_view(),
+            name=f"device-{action}",
+        )
+        for action in devices_api.DEVICE_ACTIONS
+    ],
+    re_path(
+        rf"^devices/{DEVICE}/rotate-credentials$",
+        devices_api.DeviceRotateCredentials.as_view(),
+        name="device-rotate-credentials",
+    ),
+    path("device-groups/", devices_api.DeviceGroupListCreate.as_view(), name="device-group-list"),
+    path("device-groups/<slug:name>/", devices_api.DeviceGroupDetail.as_view(), name="device-group-detail"),
+    path("enrollment-tokens/", devices_api.EnrollmentTokenListCreate.as_view(), name="enrollment-token-list"),
+    path(
+        "enrollment-tokens/<int:id>/revoke",
+        devices_api.EnrollmentTokenRevoke.as_view(),
+        name="enrollment-token-revoke",
+    ),
 ]
 
 urlpatterns = [

@@ -8,8 +8,8 @@ from fleet.core.choices import ROLE_RANK, Role
 
 
 def role_rank(user) -> int:
-    if not user or not user.is_authenticated or not user.is_active:
-        return 0
+    if not user or not user.is_authenticated or not user.is_active or getattr(user, "is_device", False):
+        return 0  # devices have no role: only endpoints made for them let them in
     if user.is_superuser:
         return ROLE_RANK[Role.ADMIN]
     cached = getattr(user, "_modelfleet_role_rank", None)

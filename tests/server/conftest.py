@@ -118,3 +118,23 @@ def upload(client: APIClient, model: str, version: str, variant: str, data: byte
 def stored_files(prefix: str = "") -> list[Path]:
     root = Path(settings.ARTIFACT_ROOT)
     return sorted(p for p in root.rglob("*") if p.is_file() and str(p.relative_to(root)).startswith(prefix))
+
+
+@pytest.fixture
+def broker_settings(settings, broker):
+    """Point the control plane at the test broker (the project's config, dynamic security)."""
+    settings.MQTT_URL = settings.MQTT_PUBLIC_URL = broker.url
+    settings.MQTT_ADMIN_PASSWORD = broker.admin_password
+    settings.MQTT_PUBLISHER_PASSWORD = broker.publisher_password
+    return broker
+
+
+@pytest.fixture
+def enrollment_key(db, ada):
+    from fleet.devices import services as device_services
+
+    return device_services.enrollment_token_create(name="factory", auto_approve=True, created_by=ada.user)[1]
+
+
+def enroll(client: APIClient, device_id: str, **body):
+    return client.post("/api/v1/enroll", {"device_id": device_id, **body}, format="json")

@@ -9,6 +9,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from agent import protocol
+from fleet.devices.choices import DeviceStatus
+from fleet.devices.models import Device
 from fleet.mqtt.broker import mqtt_client
 from fleet.registry import services
 from fleet.registry.choices import VersionStatus
@@ -21,19 +23,15 @@ def ready_int8(version_v1, digits, alice):
     return ready_artifact(version_v1, "int8", digits.build_digits_models()["int8"], alice.user)
 
 
-def publish(*devices: str, variant: str, generation: int) -> None:
+def publish(*devices: str, variant: str) -> None:
     call_command(
-        "publish_desired",
-        *devices,
-        "--model",
-        "digits",
-        "--model-version",
-        "1.0.0",
-        "--variant",
-        variant,
-        "--generation",
-        str(generation),
+        "publish_desired", *devices, "--model", "digits", "--model-version", "1.0.0", "--variant", variant
     )
+
+
+@pytest.fixture
+def devices(db):
+    return [Device.objects.create(device_id=name, status=DeviceStatus.ACTIVE) for name in ("cam-a", "cam-b")]
 
 
 def trusted():
@@ -74,13 +72,17 @@ def test_a_pending_artifact_cannot_be_assigned(version_v1, digits):
     assert excinfo.value.code == "artifact_not_ready"
 
 
-def test_the_command_publishes_retained_to_each_device_only(ready_int8, broker, settings):
+def test_the_command_publishes_retained_to_each_device_only(
+    ready_int8, devices, broker, settings, django_capture_on_commit_callbacks
+):
     settings.MQTT_URL = broker.url
     settings.MQTT_PUBLISHER_PASSWORD = broker.publisher_password
     admin = broker.admin()
     admin.ensure_device("cam-a", "pw-a")
     admin.ensure_device("cam-b", "pw-b")
-    publish("cam-a", "cam-b", variant="int8", generation=3)
+    Device.objects.filter(device_id="cam-a").update(desired_generation=2)
+    with django_capture_on_commit_callbacks(execute=True):
+        publish("cam-a", "cam-b", variant="int8")
 
     # Retained: a device that connects afterwards receives it, and only its own.
     received, got = [], threading.Event()
@@ -95,18 +97,31 @@ def test_the_command_publishes_retained_to_each_device_only(ready_int8, broker, 
     desired = protocol.parse(
         "desired", protocol.verify(payload, payload_type=protocol.DESIRED_PAYLOAD_TYPE, keys=trusted())
     )
-    assert desired["device_id"] == "cam-a" and desired["generation"] == 3
+    assert desired["device_id"] == "cam-a" and desired["generation"] == 3  # always one more
     assert json.loads(payload)["payloadType"] == protocol.DESIRED_PAYLOAD_TYPE
+    cam_a = Device.objects.get(device_id="cam-a")
+    assert (cam_a.desired_generation, cam_a.desired_artifacts) == (3, {"digits": ready_int8.pk})
+    assert Device.objects.get(device_id="cam-b").desired_generation == 1
 
 
-def test_the_command_refuses_a_variant_that_is_not_ready(ready_int8, broker, settings):
+def test_the_command_refuses_a_variant_that_is_not_ready(ready_int8, devices, broker, settings):
     settings.MQTT_URL = broker.url
     with pytest.raises(CommandError, match="no ready 'float32'"):
-        publish("cam-a", variant="float32", generation=1)
+        publish("cam-a", variant="float32")
 
 
-def test_the_command_fails_clearly_with_a_wrong_publisher_password(ready_int8, broker, settings):
+def test_the_command_refuses_unknown_and_inactive_devices(ready_int8, devices):
+    with pytest.raises(CommandError, match="Unknown device"):
+        publish("cam-a", "cam-zz", variant="int8")
+    Device.objects.filter(device_id="cam-b").update(status=DeviceStatus.DISABLED)
+    with pytest.raises(CommandError, match="disabled"):
+        publish("cam-b", variant="int8")
+    assert Device.objects.get(device_id="cam-b").desired_generation == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_command_fails_clearly_with_a_wrong_publisher_password(ready_int8, devices, broker, settings):
     settings.MQTT_URL = broker.url
     settings.MQTT_PUBLISHER_PASSWORD = "wrong"
     with pytest.raises(CommandError, match="cannot connect"):
-        publish("cam-a", variant="int8", generation=1)
+        publish("cam-a", variant="int8")

@@ -1,17 +1,17 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from fleet.core.errors import ServiceError
+from fleet.devices.models import Device
+from fleet.devices.services import devices_assign
 from fleet.mqtt.broker import BrokerError
-from fleet.mqtt.publisher import publish_desired
-from fleet.registry import selectors, services
+from fleet.registry import selectors
 from fleet.registry.choices import ArtifactStatus
 
 
 class Command(BaseCommand):
     help = (
-        "Sign and publish (retained) a desired state naming one model version for each DEVICE. "
-        "Rollouts do this for you; this command is for bring-up and demos. The generation must "
-        "exceed what each device applied (agents refuse older ones as replays)."
+        "Assign one model version to DEVICEs: give each a new desired generation, sign it and "
+        "publish it retained. Rollouts do this for you; this command is for bring-up and demos."
     )
 
     def add_arguments(self, parser):
@@ -19,26 +19,20 @@ class Command(BaseCommand):
         parser.add_argument("--model", required=True)
         parser.add_argument("--model-version", dest="model_version", required=True, metavar="VERSION")
         parser.add_argument("--variant", required=True, help="e.g. float32 or int8")
-        parser.add_argument("--generation", type=int, required=True)
 
-    def handle(self, *args, devices, model, model_version, variant, generation, **options):
+    def handle(self, *args, devices, model, model_version, variant, **options):
+        found = Device.objects.filter(device_id__in=devices)
+        missing = sorted(set(devices) - {device.device_id for device in found})
+        if missing:
+            raise CommandError(f"Unknown device(s): {', '.join(missing)}. Enroll them first.")
         try:
-            found = selectors.version_get(model_name=model, version=model_version)
-            artifact = found.artifacts.filter(variant=variant, status=ArtifactStatus.READY).first()
+            version = selectors.version_get(model_name=model, version=model_version)
+            artifact = version.artifacts.filter(variant=variant, status=ArtifactStatus.READY).first()
             if artifact is None:
-                raise CommandError(f"{found} has no ready {variant!r} artifact.")
-            envelopes = [
-                (
-                    device,
-                    services.desired_state_envelope(
-                        device_id=device, generation=generation, artifacts={model: artifact}
-                    ),
-                )
-                for device in devices
-            ]
-            count = publish_desired(envelopes)
+                raise CommandError(f"{version} has no ready {variant!r} artifact.")
+            envelopes = devices_assign(devices=list(found), artifacts={model: artifact})
         except (ServiceError, BrokerError) as exc:
             raise CommandError(str(exc)) from exc
-        self.stdout.write(
-            f"published {count} desired state(s): {model} {model_version} [{variant}], generation {generation}"
-        )
+        for device_id, _ in envelopes:
+            generation = Device.objects.get(device_id=device_id).desired_generation
+            self.stdout.write(f"{device_id}: {model} {model_version} [{variant}], generation {generation}")

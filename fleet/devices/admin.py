@@ -1,0 +1,132 @@
+"""Devices admin: who is online, what each runs, when it was last heard from; bulk
+approve / disable / retire through the same services as the API."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.utils import timezone
+from django.utils.html import format_html
+
+from fleet.core.errors import ServiceError
+from fleet.devices import selectors, services
+from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken
+from fleet.registry.admin import status_badge
+
+STATUS_COLOURS = {"active": "#1a7f37", "pending": "#9a6700", "disabled": "#cf222e", "retired": "#57606a"}
+
+
+@admin.register(Device)
+class DeviceAdmin(admin.ModelAdmin):
+    list_display = ("device_id", "online_dot", "status_label", "models", "hardware", "agent_version",
+                    "last_seen", "applied_generation", "desired_generation")
+    list_filter = ("status", "online", "hardware", "supports_int8", "static_groups")
+    search_fields = ("device_id", "display_name", "tags")
+    readonly_fields = (
+        "device_id", "status", "hardware", "runtime", "runtime_version", "supports_int8", "supported_ops",
+        "agent_version", "online", "last_seen_at", "applied_generation", "reported_models", "health",
+        "desired_generation", "desired_artifacts", "enrolled_with", "enrolled_at", "created_at",
+        "status_changed_at",
+    )
+    exclude = ("enrollment_code_sha256",)
+    actions = ["approve", "disable", "retire"]
+
+    def has_add_permission(self, request):
+        return False  # devices enroll themselves, or are pre-authorized through the API
+
+    @admin.display(description="online", ordering="online")
+    def online_dot(self, obj):
+        colour, label = ("#1a7f37", "online") if obj.online else ("#8c959f", "offline")
+        return format_html('<span title="{}" style="color:{};font-size:1.3em">●</span> {}', label, colour, label)
+
+    @admin.display(description="status", ordering="status")
+    def status_label(self, obj):
+        return status_badge(obj.status, obj.get_status_display())
+
+    @admin.display(description="running")
+    def models(self, obj):
+        return ", ".join(f"{name} {m.get('version')} [{m.get('variant')}]"
+                         for name, m in sorted(obj.reported_models.items())) or "—"
+
+    @admin.display(description="last seen", ordering="last_seen_at")
+    def last_seen(self, obj):
+        if obj.last_seen_at is None:
+            return "never"
+        seconds = int((timezone.now() - obj.last_seen_at).total_seconds())
+        return f"{seconds} s ago" if seconds < 120 else f"{seconds // 60} min ago" if seconds < 7200 else (
+            obj.last_seen_at.strftime("%Y-%m-%d %H:%M")
+        )
+
+    def _bulk(self, request, queryset, action, verb: str) -> None:
+        done = 0
+        for device in queryset:
+            try:
+                action(device=device)
+                done += 1
+            except ServiceError as exc:
+                self.message_user(request, f"{device}: {exc.message}", messages.ERROR)
+        if done:
+            self.message_user(request, f"{verb} {done} device(s).", messages.SUCCESS)
+
+    @admin.action(description="Approve selected devices")
+    def approve(self, request, queryset):
+        self._bulk(request, queryset, services.device_approve, "Approved")
+
+    @admin.action(description="Disable selected devices (revokes token and broker login, disconnects)")
+    def disable(self, request, queryset):
+        self._bulk(request, queryset, services.device_disable, "Disabled")
+
+    @admin.action(description="Retire selected devices (final)")
+    def retire(self, request, queryset):
+        self._bulk(request, queryset, services.device_retire, "Retired")
+
+
+@admin.register(DeviceGroup)
+class DeviceGroupAdmin(admin.ModelAdmin):
+    list_display = ("name", "kind", "device_count", "description")
+    list_filter = ("kind",)
+    filter_horizontal = ("members",)
+
+    @admin.display(description="devices")
+    def device_count(self, obj):
+        return selectors.group_devices(group=obj).count()
+
+    def save_model(self, request, obj, form, change):
+        selectors.validate_group_rules(obj.rules or {})
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(EnrollmentToken)
+class EnrollmentTokenAdmin(admin.ModelAdmin):
+    list_display = ("name", "prefix", "auto_approve", "uses", "max_uses", "expires_at", "revoked_at", "created_at")
+    fields = ("name", "auto_approve", "expires_at", "max_uses", "tags")
+    actions = ["revoke"]
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return super().save_model(request, obj, form, change)
+        token, key = services.enrollment_token_create(
+            name=obj.name, auto_approve=obj.auto_approve, expires_at=obj.expires_at, max_uses=obj.max_uses,
+            tags=obj.tags or [], created_by=request.user,
+        )
+        obj.pk = token.pk
+        self.message_user(request, f"Enrollment token created. Copy it now, it is shown only once: {key}",
+                          messages.WARNING)
+
+    @admin.action(description="Revoke selected enrollment tokens")
+    def revoke(self, request, queryset):
+        for token in queryset:
+            services.enrollment_token_revoke(token=token)
+
+
+@admin.register(DeviceEvent)
+class DeviceEventAdmin(admin.ModelAdmin):
+    list_display = ("received_at", "device", "type", "generation", "model", "version", "variant", "reason")
+    list_filter = ("type", "reason")
+    search_fields = ("device__device_id", "message")
+    list_select_related = ("device",)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

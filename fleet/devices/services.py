@@ -1,0 +1,361 @@
+"""Device writes: enrollment, approval, disabling, retiring, credentials, assignment.
+
+Secrets (enrollment tokens, pre-authorization codes, device tokens, broker passwords) are
+random, shown once and stored only as sha256 (the broker keeps its own salted hash of the
+password). Broker changes happen after the database commit; if the broker refuses, the
+database change is undone so the two never disagree for long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from agent.protocol.schemas import DEVICE_ID_PATTERN
+from fleet.core.errors import Conflict, InvalidInput, NotFound, ServiceError
+from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceStatus
+from fleet.devices.models import Device, DeviceToken, EnrollmentToken
+from fleet.mqtt import services as broker
+from fleet.mqtt.broker import BrokerError
+
+log = logging.getLogger(__name__)
+ENROLLMENT_PREFIX = "me_"
+DEVICE_TOKEN_PREFIX = "md_"
+CODE_PREFIX = "mc_"
+IDENTITY_FIELDS = ("display_name", "hardware", "runtime", "runtime_version", "agent_version")
+
+
+class BrokerUnavailable(ServiceError):
+    status_code = 503
+    code = "broker_unavailable"
+
+
+def sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def _secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+@dataclass
+class Credentials:
+    """What a device receives once: its API token and its broker login."""
+
+    device: Device
+    token: str
+    mqtt_username: str
+    mqtt_password: str
+
+
+# --- enrollment tokens and pre-authorization
+
+
+def enrollment_token_create(
+    *,
+    name: str,
+    auto_approve: bool = False,
+    expires_at: datetime | None = None,
+    max_uses: int | None = None,
+    tags: list[str] | None = None,
+    created_by: AbstractBaseUser | None = None,
+) -> tuple[EnrollmentToken, str]:
+    key = _secret(ENROLLMENT_PREFIX)
+    token = EnrollmentToken.objects.create(
+        name=name,
+        prefix=key[:10],
+        key_sha256=sha256(key),
+        auto_approve=auto_approve,
+        expires_at=expires_at,
+        max_uses=max_uses,
+        tags=list(tags or []),
+        created_by=created_by,
+    )
+    return token, key
+
+
+def enrollment_token_revoke(*, token: EnrollmentToken) -> EnrollmentToken:
+    EnrollmentToken.objects.filter(pk=token.pk, revoked_at=None).update(revoked_at=timezone.now())
+    token.refresh_from_db()
+    return token
+
+
+def device_preauthorize(
+    *, device_id: str, display_name: str = "", tags: list[str] | None = None
+) -> tuple[Device, str]:
+    """Register a device id in advance with a one-time enrollment code (e.g. printed on the
+    box by the factory). The device enrolls with its id and that code."""
+    code = _secret(CODE_PREFIX)
+    try:
+        with transaction.atomic():
+            device = Device.objects.create(
+                device_id=device_id,
+                display_name=display_name,
+                tags=list(tags or []),
+                enrollment_code_sha256=sha256(code),
+            )
+    except IntegrityError as exc:
+        raise Conflict(
+            f"Device {device_id!r} already exists.", code="duplicate_device", field="device_id"
+        ) from exc
+    return device, code
+
+
+# --- enrollment
+
+
+def _claim_enrollment_token(key: str) -> EnrollmentToken:
+    token = EnrollmentToken.objects.filter(key_sha256=sha256(key)).first()
+    now = timezone.now()
+    if token is None or token.revoked_at is not None:
+        raise ServiceError("Unknown or revoked enrollment token.", code="invalid_enrollment_token")
+    if token.expires_at is not None and token.expires_at <= now:
+        raise ServiceError("This enrollment token has expired.", code="enrollment_token_expired")
+    # Compare-and-set on the use count: two devices racing for the last use cannot both win.
+    claimed = (
+        EnrollmentToken.objects.filter(pk=token.pk)
+        .filter(Q(max_uses=None) | Q(uses__lt=F("max_uses")))
+        .update(uses=F("uses") + 1)
+    )
+    if not claimed:
+        raise ServiceError("This enrollment token has no uses left.", code="enrollment_token_used_up")
+    return token
+
+
+def _identity(identity: dict[str, Any]) -> dict[str, Any]:
+    fields = {key: str(identity[key])[:200] for key in IDENTITY_FIELDS if identity.get(key)}
+    if "supports_int8" in identity:
+        fields["supports_int8"] = bool(identity["supports_int8"])
+    if isinstance(identity.get("supported_ops"), list):
+        fields["supported_ops"] = [str(op)[:64] for op in identity["supported_ops"]][:500]
+    return fields
+
+
+def _issue_credentials(device: Device) -> Credentials:
+    """A new device token and broker password; old tokens stop working."""
+    key = _secret(DEVICE_TOKEN_PREFIX)
+    DeviceToken.objects.filter(device=device, revoked_at=None).update(revoked_at=timezone.now())
+    DeviceToken.objects.create(device=device, prefix=key[:10], key_sha256=sha256(key))
+    return Credentials(device, key, device.device_id, secrets.token_urlsafe(24))
+
+
+def _broker(call, **kwargs) -> None:
+    try:
+        call(**kwargs)
+    except (BrokerError, OSError) as exc:
+        raise BrokerUnavailable(f"The MQTT broker did not accept the change: {exc}. Try again.") from exc
+
+
+def device_enroll(
+    *,
+    device_id: str,
+    enrollment_token: str | None = None,
+    enrollment_code: str | None = None,
+    identity: dict[str, Any] | None = None,
+) -> Credentials:
+    """Enroll a device with a fleet enrollment token or its pre-authorization code.
+
+    Answers the device's API token and broker credentials. With an auto-approve token the
+    device is active at once; otherwise its broker login stays disabled until an operator
+    approves it. Trusted signing keys are not part of the answer: devices get them out of
+    band (their configuration), so a rogue control plane cannot hand out its own.
+    """
+    import re
+
+    if not re.match(DEVICE_ID_PATTERN, device_id or ""):
+        raise InvalidInput(
+            "device_id: use letters, digits, '.', '_' or '-'.", code="invalid_device_id", field="device_id"
+        )
+    if bool(enrollment_token) == bool(enrollment_code):
+        raise InvalidInput(
+            "Send exactly one of enrollment_token and enrollment_code.", code="invalid_enrollment"
+        )
+    with transaction.atomic():
+        if enrollment_code:
+            device = Device.objects.select_for_update().filter(device_id=device_id).first()
+            if (
+                device is None
+                or not device.enrollment_code_sha256
+                or device.enrollment_code_sha256 != sha256(enrollment_code)
+            ):
+                raise ServiceError(
+                    "Unknown device id or wrong enrollment code.", code="invalid_enrollment_code"
+                )
+            device.enrollment_code_sha256 = ""  # one time only
+            device.status = DeviceStatus.ACTIVE
+        else:
+            token = _claim_enrollment_token(enrollment_token)
+            if Device.objects.filter(device_id=device_id).exists():
+                raise Conflict(
+                    f"Device {device_id!r} is already enrolled; an operator can rotate its credentials.",
+                    code="already_enrolled",
+                    field="device_id",
+                )
+            device = Device(device_id=device_id, enrolled_with=token, tags=list(token.tags))
+            device.status = DeviceStatus.ACTIVE if token.auto_approve else DeviceStatus.PENDING
+        for key, value in _identity(identity or {}).items():
+            setattr(device, key, value)
+        device.enrolled_at = device.status_changed_at = timezone.now()
+        device.save()
+        credentials = _issue_credentials(device)
+    try:
+        _broker(
+            broker.device_credentials_set,
+            device_id=device.device_id,
+            password=credentials.mqtt_password,
+            enabled=device.status == DeviceStatus.ACTIVE,
+        )
+    except BrokerUnavailable:
+        if enrollment_code:
+            Device.objects.filter(pk=device.pk).update(status=DeviceStatus.PENDING)
+        else:
+            device.delete()  # nothing half-enrolled stays behind; the device may retry
+        raise
+    return credentials
+
+
+# --- lifecycle
+
+
+def _transition(device: Device, status: str) -> Device:
+    allowed = DEVICE_TRANSITIONS[device.status]
+    if status not in allowed:
+        raise Conflict(
+            f"{device} is {device.status}; it cannot become {status}"
+            + (f" (allowed: {', '.join(allowed)})." if allowed else " (retired is final)."),
+            code="illegal_transition",
+        )
+    updated = Device.objects.filter(pk=device.pk, status=device.status).update(
+        status=status, status_changed_at=timezone.now()
+    )
+    if not updated:
+        raise Conflict(f"{device} changed meanwhile; reload and try again.", code="concurrent_change")
+    device.refresh_from_db()
+    return device
+
+
+def device_approve(*, device: Device) -> Device:
+    device = _transition(device, DeviceStatus.ACTIVE)
+    _broker(broker.device_credentials_enable, device_id=device.device_id)
+    return device
+
+
+def device_disable(*, device: Device) -> Device:
+    """Revoke the device's token and broker login, and disconnect it now."""
+    device = _transition(device, DeviceStatus.DISABLED)
+    DeviceToken.objects.filter(device=device, revoked_at=None).update(revoked_at=timezone.now())
+    Device.objects.filter(pk=device.pk).update(online=False)
+    _broker(broker.device_credentials_disable, device_id=device.device_id)
+    device.refresh_from_db()
+    return device
+
+
+def device_retire(*, device: Device) -> Device:
+    device = _transition(device, DeviceStatus.RETIRED)
+    DeviceToken.objects.filter(device=device, revoked_at=None).update(revoked_at=timezone.now())
+    Device.objects.filter(pk=device.pk).update(online=False)
+    try:
+        broker.device_credentials_delete(device_id=device.device_id)
+    except (BrokerError, OSError):
+        log.warning("could not delete broker client %s; it stays disabled", device.device_id)
+        _broker(broker.device_credentials_disable, device_id=device.device_id)
+    device.refresh_from_db()
+    return device
+
+
+def device_rotate_credentials(*, device: Device) -> Credentials:
+    """New API token and broker password (old ones stop working; the device is
+    disconnected and must reconnect with the new password)."""
+    if device.status in (DeviceStatus.DISABLED, DeviceStatus.RETIRED):
+        raise Conflict(f"{device} is {device.status}; approve it first.", code="illegal_transition")
+    with transaction.atomic():
+        credentials = _issue_credentials(device)
+    enabled = device.status == DeviceStatus.ACTIVE
+    _broker(
+        broker.device_credentials_set,
+        device_id=device.device_id,
+        password=credentials.mqtt_password,
+        enabled=False,
+    )  # drops the connection made with the old password
+    if enabled:
+        _broker(broker.device_credentials_enable, device_id=device.device_id)
+    return credentials
+
+
+def device_update(
+    *, device: Device, display_name: str | None = None, tags: list[str] | None = None
+) -> Device:
+    if display_name is not None:
+        device.display_name = display_name
+    if tags is not None:
+        device.tags = sorted({str(tag)[:64] for tag in tags})
+    device.save(update_fields=["display_name", "tags"])
+    return device
+
+
+def device_get(*, device_id: str) -> Device:
+    device = Device.objects.filter(device_id=device_id).first()
+    if device is None:
+        raise NotFound(f"No device {device_id!r}.", code="unknown_device")
+    return device
+
+
+# --- assignment: what a device should run
+
+
+def devices_assign(
+    *, devices: list[Device], artifacts: dict[str, Any], rollout: dict | None = None
+) -> list[tuple[str, bytes]]:
+    """Give each device a new, higher desired generation naming ``artifacts`` (model name ->
+    ready Artifact) besides the models it already has, and sign it. Returns the envelopes;
+    they are published retained once the transaction commits. The generation only grows,
+    so an agent never mistakes a new command for a replay, and a model rollback is simply
+    a newer generation that names the older version.
+    """
+    from fleet.registry.models import Artifact
+    from fleet.registry.services import desired_state_envelope
+
+    envelopes: list[tuple[str, bytes]] = []
+    with transaction.atomic():
+        locked = Device.objects.select_for_update().filter(pk__in=[d.pk for d in devices]).order_by("pk")
+        for device in locked:
+            if device.status != DeviceStatus.ACTIVE:
+                raise Conflict(
+                    f"{device} is {device.status}; only active devices get models.", code="device_not_active"
+                )
+            wanted = {
+                **device.desired_artifacts,
+                **{name: artifact.pk for name, artifact in artifacts.items()},
+            }
+            named = {
+                a.pk: a
+                for a in Artifact.objects.select_related("version__model").filter(pk__in=wanted.values())
+            }
+            generation = device.desired_generation + 1
+            envelope = desired_state_envelope(
+                device_id=device.device_id,
+                generation=generation,
+                artifacts={name: named[pk] for name, pk in wanted.items()},
+                rollout=rollout,
+            )
+            Device.objects.filter(pk=device.pk).update(
+                desired_generation=generation, desired_artifacts=wanted
+            )
+            envelopes.append((device.device_id, envelope))
+
+        def publish() -> None:
+            from fleet.mqtt.publisher import publish_desired
+
+            publish_desired(envelopes)
+
+        transaction.on_commit(publish)
+    return envelopes
