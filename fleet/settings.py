@@ -287,7 +287,10 @@ ARTIFACT_UPLOAD_MAX_WAIT_SECONDS = _read("ARTIFACT_UPLOAD_MAX_WAIT_SECONDS", env
 # Enrollment attempts per client IP (docs/enrollment.md).
 ENROLL_RATE = _read("ENROLL_RATE", env.str, "30/minute")
 MQTT_PUBLIC_URL = _read("MQTT_PUBLIC_URL", env.str, MQTT_URL)  # the broker as devices reach it
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+# Rate limits live in this cache. Its own URL, so that tests can empty it without
+# touching Celery's queues.
+CACHE_URL = _read("CACHE_URL", env.str, REDIS_URL)
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}}
 
 LOGGING = {
     "version": 1,

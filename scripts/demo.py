@@ -29,7 +29,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fleet.mqtt.broker import PUBLISHER_ROLE, start_broker  # noqa: E402
+from fleet.mqtt.broker import INGEST_ROLE, PUBLISHER_ROLE, start_broker  # noqa: E402
 from fleet.mqtt.broker import free_port as any_free_port  # noqa: E402
 from samples import digits  # noqa: E402
 
@@ -52,6 +52,8 @@ def demo_env(port: int, broker) -> dict[str, str]:
     env = dict(os.environ)
     env["MQTT_URL"] = broker.url
     env["MQTT_PUBLISHER_PASSWORD"] = broker.publisher_password
+    env["MQTT_ADMIN_PASSWORD"] = broker.admin_password
+    env["MQTT_INGEST_PASSWORD"] = broker.ingest_password
     env["PUBLIC_BASE_URL"] = f"http://127.0.0.1:{port}"
     env.setdefault("DEBUG", "1")
     env.setdefault("VAR_DIR", str(VAR))
@@ -212,37 +214,61 @@ def report(artifacts: list[dict], base: str, admin_password: str, token: str) ->
 DEMO_AGENTS = (("demo-cam-1", "int8"), ("demo-cam-2", "int8"), ("demo-cam-3", "float32"))
 
 
-def start_agents(stack: ExitStack, env: dict[str, str], base: str, broker, progress: Progress) -> list[dict]:
-    """Real agent processes, each with its own broker credentials, state and local API.
-
-    Until the devices issue brings enrollment and device tokens, the agents download with
-    a viewer API token and their broker credentials are created here directly.
-    """
+def start_agents(stack: ExitStack, env: dict[str, str], base: str, progress: Progress) -> list[dict]:
+    """Real agent processes, each enrolled through the real enrollment API with
+    `fleet-agent enroll`, which writes its config (broker login, device token)."""
     step = progress.add_task(
-        f"Starting {len(DEMO_AGENTS)} agents and publishing their desired state", total=None
+        f"Enrolling {len(DEMO_AGENTS)} agents and publishing their desired state", total=None
     )
-    device_token = manage(
-        env, "create_api_token", "demo-devices", "--role", "viewer", "--name", "demo agents"
+    enrollment_token = manage(
+        env,
+        "create_enrollment_token",
+        "demo devices",
+        "--auto-approve",
+        "--max-uses",
+        str(len(DEMO_AGENTS)),
+        "--tag",
+        "demo",
     )
-    keys = requests.get(
-        f"{base}/api/v1/signing-keys/", headers={"Authorization": f"Bearer {device_token}"}, timeout=10
-    ).json()
+    keys = [
+        key
+        for key in requests.get(
+            f"{base}/api/v1/signing-keys/",
+            headers={"Authorization": f"Bearer {env['DEMO_VIEWER_TOKEN']}"},
+            timeout=10,
+        ).json()
+        if key["status"] == "active"
+    ]
     agents = []
     for device_id, variant in DEMO_AGENTS:
-        password = secrets.token_urlsafe(16)
-        broker.admin().ensure_device(device_id, password)
         home = VAR / "agents" / device_id
-        home.mkdir(parents=True)
         port = any_free_port()
         config = home / "agent.toml"
-        config.write_text(
-            f'device_id = "{device_id}"\nstate_dir = "{home / "state"}"\ntelemetry_interval_s = 10\n'
-            f'[broker]\nurl = "{broker.url}"\nusername = "{device_id}"\npassword = "{password}"\n'
-            f'[control_plane]\nurl = "{base}"\ntoken = "{device_token}"\n'
-            f"[trust]\npublic_keys = {[key['public_key'] for key in keys if key['status'] == 'active']}\n"
-            f'[local_api]\nbind = "127.0.0.1:{port}"\n'
-            f"[device]\nint8 = {'true' if variant == 'int8' else 'false'}\n"
-        )
+        enroll = [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "enroll",
+            "--url",
+            base,
+            "--device-id",
+            device_id,
+            "--token",
+            enrollment_token,
+            "--config-out",
+            str(config),
+            "--state-dir",
+            str(home / "state"),
+            "--local-api",
+            f"127.0.0.1:{port}",
+            "--hardware",
+            "demo-box",
+            *[arg for key in keys for arg in ("--public-key", key["public_key"])],
+            *([] if variant == "int8" else ["--no-int8"]),
+        ]
+        result = subprocess.run(enroll, cwd=ROOT, env=env, capture_output=True, text=True)
+        if result.returncode:
+            raise SystemExit(f"fleet-agent enroll failed for {device_id}: {result.stderr}")
         process = start(
             stack,
             f"agent-{device_id}",
@@ -267,8 +293,6 @@ def start_agents(stack: ExitStack, env: dict[str, str], base: str, broker, progr
             "1.0.0",
             "--variant",
             variant,
-            "--generation",
-            "1",
         )
     progress.update(step, total=1, completed=1)
     return agents
@@ -329,6 +353,8 @@ def main() -> int:
     admin.set_default_deny()
     broker.publisher_password = secrets.token_urlsafe(16)
     admin.ensure_service_account("fleet-publisher", broker.publisher_password, role=PUBLISHER_ROLE)
+    broker.ingest_password = secrets.token_urlsafe(16)
+    admin.ensure_service_account("fleet-ingest", broker.ingest_password, role=INGEST_ROLE)
     env = demo_env(port, broker)
     admin_password = secrets.token_urlsafe(9)
     with (
@@ -372,7 +398,8 @@ def main() -> int:
         progress.update(step, total=1, completed=1)
 
         artifacts = upload_digits(base, token, progress)
-        agents = start_agents(stack, env, base, broker, progress)
+        env["DEMO_VIEWER_TOKEN"] = manage(env, "create_api_token", "demo-viewer", "--role", "viewer")
+        agents = start_agents(stack, env, base, progress)
         answers = agents_answer(agents, progress)
         progress.stop()
         report(artifacts, base, admin_password, token)

@@ -17,14 +17,38 @@ STATUS_COLOURS = {"active": "#1a7f37", "pending": "#9a6700", "disabled": "#cf222
 
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
-    list_display = ("device_id", "online_dot", "status_label", "models", "hardware", "agent_version",
-                    "last_seen", "applied_generation", "desired_generation")
+    list_display = (
+        "device_id",
+        "online_dot",
+        "status_label",
+        "models",
+        "hardware",
+        "agent_version",
+        "last_seen",
+        "applied_generation",
+        "desired_generation",
+    )
     list_filter = ("status", "online", "hardware", "supports_int8", "static_groups")
     search_fields = ("device_id", "display_name", "tags")
     readonly_fields = (
-        "device_id", "status", "hardware", "runtime", "runtime_version", "supports_int8", "supported_ops",
-        "agent_version", "online", "last_seen_at", "applied_generation", "reported_models", "health",
-        "desired_generation", "desired_artifacts", "enrolled_with", "enrolled_at", "created_at",
+        "device_id",
+        "status",
+        "hardware",
+        "runtime",
+        "runtime_version",
+        "supports_int8",
+        "supported_ops",
+        "agent_version",
+        "online",
+        "last_seen_at",
+        "applied_generation",
+        "reported_models",
+        "health",
+        "desired_generation",
+        "desired_artifacts",
+        "enrolled_with",
+        "enrolled_at",
+        "created_at",
         "status_changed_at",
     )
     exclude = ("enrollment_code_sha256",)
@@ -36,7 +60,8 @@ class DeviceAdmin(admin.ModelAdmin):
     @admin.display(description="online", ordering="online")
     def online_dot(self, obj):
         colour, label = ("#1a7f37", "online") if obj.online else ("#8c959f", "offline")
-        return format_html('<span title="{}" style="color:{};font-size:1.3em">●</span> {}', label, colour, label)
+        dot = '<span title="{}" style="color:{};font-size:1.3em">●</span> {}'
+        return format_html(dot, label, colour, label)
 
     @admin.display(description="status", ordering="status")
     def status_label(self, obj):
@@ -44,16 +69,25 @@ class DeviceAdmin(admin.ModelAdmin):
 
     @admin.display(description="running")
     def models(self, obj):
-        return ", ".join(f"{name} {m.get('version')} [{m.get('variant')}]"
-                         for name, m in sorted(obj.reported_models.items())) or "—"
+        return (
+            ", ".join(
+                f"{name} {m.get('version')} [{m.get('variant')}]"
+                for name, m in sorted(obj.reported_models.items())
+            )
+            or "—"
+        )
 
     @admin.display(description="last seen", ordering="last_seen_at")
     def last_seen(self, obj):
         if obj.last_seen_at is None:
             return "never"
         seconds = int((timezone.now() - obj.last_seen_at).total_seconds())
-        return f"{seconds} s ago" if seconds < 120 else f"{seconds // 60} min ago" if seconds < 7200 else (
-            obj.last_seen_at.strftime("%Y-%m-%d %H:%M")
+        return (
+            f"{seconds} s ago"
+            if seconds < 120
+            else f"{seconds // 60} min ago"
+            if seconds < 7200
+            else (obj.last_seen_at.strftime("%Y-%m-%d %H:%M"))
         )
 
     def _bulk(self, request, queryset, action, verb: str) -> None:
@@ -97,7 +131,16 @@ class DeviceGroupAdmin(admin.ModelAdmin):
 
 @admin.register(EnrollmentToken)
 class EnrollmentTokenAdmin(admin.ModelAdmin):
-    list_display = ("name", "prefix", "auto_approve", "uses", "max_uses", "expires_at", "revoked_at", "created_at")
+    list_display = (
+        "name",
+        "prefix",
+        "auto_approve",
+        "uses",
+        "max_uses",
+        "expires_at",
+        "revoked_at",
+        "created_at",
+    )
     fields = ("name", "auto_approve", "expires_at", "max_uses", "tags")
     actions = ["revoke"]
 
@@ -105,12 +148,17 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
         if change:
             return super().save_model(request, obj, form, change)
         token, key = services.enrollment_token_create(
-            name=obj.name, auto_approve=obj.auto_approve, expires_at=obj.expires_at, max_uses=obj.max_uses,
-            tags=obj.tags or [], created_by=request.user,
+            name=obj.name,
+            auto_approve=obj.auto_approve,
+            expires_at=obj.expires_at,
+            max_uses=obj.max_uses,
+            tags=obj.tags or [],
+            created_by=request.user,
         )
         obj.pk = token.pk
-        self.message_user(request, f"Enrollment token created. Copy it now, it is shown only once: {key}",
-                          messages.WARNING)
+        self.message_user(
+            request, f"Enrollment token created. Copy it now, it is shown only once: {key}", messages.WARNING
+        )
 
     @admin.action(description="Revoke selected enrollment tokens")
     def revoke(self, request, queryset):

@@ -230,7 +230,8 @@ class EnrollSerializer(serializers.Serializer):
     identity = serializers.DictField(
         required=False,
         default=dict,
-        help_text="display_name, hardware, runtime, runtime_version, agent_version, supports_int8, supported_ops",
+        help_text="display_name, hardware, runtime, runtime_version, agent_version, supports_int8, "
+        "supported_ops",
     )
 
 

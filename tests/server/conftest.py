@@ -37,6 +37,14 @@ def _empty_artifact_storage():
     settings.ARTIFACT_ROOT.mkdir(parents=True, exist_ok=True)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits():
+    """Rate limits count per client IP, and every test client is 127.0.0.1."""
+    from django.core.cache import cache
+
+    cache.clear()  # the cache has a Redis database of its own in tests (CACHE_URL)
+
+
 def _persona(username: str, role: Role | None) -> Persona:
     from django.contrib.auth.models import User
 

@@ -5,7 +5,6 @@ import threading
 from datetime import timedelta
 
 import pytest
-from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -17,11 +16,6 @@ from tests.conftest import wait_until
 from tests.server.conftest import enroll
 
 pytestmark = pytest.mark.usefixtures("broker_settings")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_rate_limit():
-    cache.clear()
 
 
 def connect(broker, answer):

@@ -1,0 +1,155 @@
+"""The broker ACL, tried as an attacker with a stolen device credential would, with a real
+client against a real Mosquitto running the project's configuration."""
+
+import threading
+import uuid
+
+import pytest
+
+from fleet.mqtt.broker import BrokerError, mqtt_client
+from tests.conftest import wait_until
+from tests.server.conftest import enroll
+
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
+
+
+class Client:
+    """A device connected with its enrolled credentials, recording broker answers."""
+
+    def __init__(self, broker, answer):
+        mqtt = answer["mqtt"]
+        self.device_id = answer["device_id"]
+        self.client = mqtt_client(
+            broker.url, client_id=mqtt["username"], username=mqtt["username"], password=mqtt["password"]
+        )
+        self.acks: dict[int, object] = {}
+        self.acked = threading.Condition()
+        self.messages: list = []
+        self.client.on_subscribe = self._on_ack
+        self.client.on_publish = self._on_ack
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+
+    def _on_ack(self, client, userdata, mid, reason, properties):
+        with self.acked:
+            self.acks[mid] = reason[0] if isinstance(reason, list) else reason
+            self.acked.notify_all()
+
+    def _wait(self, mid):
+        with self.acked:
+            assert self.acked.wait_for(lambda: mid in self.acks, timeout=10)
+            return self.acks[mid]
+
+    def subscribe(self, topic: str):
+        return self._wait(self.client.subscribe(topic, qos=1)[1])
+
+    def publish(self, topic: str, payload: bytes = b"{}"):
+        return self._wait(self.client.publish(topic, payload, qos=1).mid)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def devices(anonymous, enrollment_key, broker):
+    connected = []
+    for name in ("a", "b"):
+        answer = enroll(
+            anonymous, f"acl-{name}-{uuid.uuid4().hex[:6]}", enrollment_token=enrollment_key
+        ).json()
+        connected.append(Client(broker, answer))
+    yield connected
+    for client in connected:
+        client.close()
+
+
+@pytest.fixture
+def watcher(broker):
+    """The ingest service account: sees every device->plane message that got through."""
+    seen = []
+    client = mqtt_client(
+        broker.url,
+        client_id=f"w-{uuid.uuid4().hex[:6]}",
+        username="fleet-ingest",
+        password=broker.ingest_password,
+    )
+    client.on_message = lambda c, u, m: seen.append(m.topic)
+    done = threading.Event()
+    client.on_subscribe = lambda *args: done.set()
+    client.subscribe(
+        [(f"fleet/v1/devices/+/{kind}", 1) for kind in ("status", "reported", "events", "telemetry")]
+    )
+    assert done.wait(10)
+    yield seen
+    client.disconnect()
+    client.loop_stop()
+
+
+def topic(device, kind):
+    return f"fleet/v1/devices/{device.device_id}/{kind}"
+
+
+def test_a_device_reads_its_own_desired_and_nothing_else(devices):
+    a, b = devices
+    assert not a.subscribe(topic(a, "desired")).is_failure
+    for forbidden in (
+        topic(b, "desired"),
+        "#",
+        "fleet/v1/devices/+/desired",
+        topic(b, "telemetry"),
+        "$SYS/#",
+        f"$share/x/{topic(b, 'desired')}",
+    ):
+        assert a.subscribe(forbidden).is_failure, forbidden
+
+
+def test_a_device_writes_only_its_own_four_topics(devices, watcher):
+    a, b = devices
+    for kind in ("status", "reported", "events", "telemetry"):
+        assert not a.publish(topic(a, kind)).is_failure
+    assert a.publish(topic(b, "telemetry")).is_failure  # forging another device
+    assert a.publish(topic(a, "desired")).is_failure  # commanding itself
+    assert a.publish("fleet/v1/elsewhere").is_failure
+    # The broker forwards one publisher's messages in order: once a's last one has reached
+    # the watcher, anything forged before it would have too.
+    assert not a.publish(topic(a, "status"), b"last").is_failure
+    wait_until(
+        lambda: watcher.count(topic(a, "status")) == 2,
+        timeout=10,
+        message=f"a's last message; seen {watcher}",
+    )
+    assert {topic(a, kind) for kind in ("reported", "events", "telemetry")} <= set(watcher)
+    assert topic(b, "telemetry") not in watcher
+    assert topic(a, "desired") not in watcher
+
+
+def test_the_publisher_account_may_only_publish_desired_states(broker):
+    client = mqtt_client(
+        broker.url,
+        client_id=f"p-{uuid.uuid4().hex[:6]}",
+        username="fleet-publisher",
+        password=broker.publisher_password,
+    )
+    acks = {}
+    done = threading.Condition()
+
+    def on_ack(c, u, mid, reason, p):
+        with done:
+            acks[mid] = reason[0] if isinstance(reason, list) else reason
+            done.notify_all()
+
+    client.on_publish = client.on_subscribe = on_ack
+    ok = client.publish("fleet/v1/devices/x/desired", b"{}", qos=1).mid
+    forged = client.publish("fleet/v1/devices/x/telemetry", b"{}", qos=1).mid
+    sub = client.subscribe("fleet/v1/devices/+/telemetry", qos=1)[1]
+    with done:
+        assert done.wait_for(lambda: {ok, forged, sub} <= set(acks), timeout=10)
+    assert not acks[ok].is_failure
+    assert acks[forged].is_failure and acks[sub].is_failure
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_nobody_connects_anonymously(broker):
+    with pytest.raises(BrokerError):
+        mqtt_client(broker.url, client_id="anon")
