@@ -343,7 +343,12 @@ def report_agents(answers: list[dict]) -> None:
     console.print(table)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: every process started is stopped
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     shutil.rmtree(VAR, ignore_errors=True)
     (VAR / "logs").mkdir(parents=True)
     port = free_port(int(os.environ.get("DEMO_PORT", "8000")))

@@ -65,7 +65,7 @@ class DeviceAdmin(admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_label(self, obj):
-        return status_badge(obj.status, obj.get_status_display())
+        return status_badge(obj.status, obj.get_status_display(), STATUS_COLOURS)
 
     @admin.display(description="running")
     def models(self, obj):

@@ -29,10 +29,10 @@ STATUS_COLOURS = {
 }
 
 
-def status_badge(value: str, label: str):
+def status_badge(value: str, label: str, colours: dict[str, str] = STATUS_COLOURS):
     return format_html(
         '<span style="color:#fff;background:{};padding:1px 7px;border-radius:9px">{}</span>',
-        STATUS_COLOURS.get(value, "#57606a"),
+        colours.get(value, "#57606a"),
         label,
     )
 
