@@ -79,6 +79,7 @@ INSTALLED_APPS = [
     "fleet.registry",
     "fleet.mqtt",
     "fleet.devices",
+    "fleet.rollouts",
 ]
 
 MIDDLEWARE = [

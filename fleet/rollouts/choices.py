@@ -1,0 +1,71 @@
+"""Rollout and assignment states, and the transitions allowed between them."""
+
+from django.db import models
+
+
+class RolloutState(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    RUNNING = "running", "Running"
+    PAUSED = "paused", "Paused"
+    COMPLETED = "completed", "Completed"
+    ABORTED = "aborted", "Aborted"
+    ROLLED_BACK = "rolled_back", "Rolled back"
+
+
+# Every state change goes through this table with a compare-and-set update.
+ROLLOUT_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    RolloutState.DRAFT: (RolloutState.RUNNING, RolloutState.ABORTED),
+    RolloutState.RUNNING: (
+        RolloutState.PAUSED,
+        RolloutState.COMPLETED,
+        RolloutState.ABORTED,
+        RolloutState.ROLLED_BACK,
+    ),
+    RolloutState.PAUSED: (RolloutState.RUNNING, RolloutState.ABORTED, RolloutState.ROLLED_BACK),
+    RolloutState.COMPLETED: (RolloutState.ROLLED_BACK,),
+    RolloutState.ABORTED: (),
+    RolloutState.ROLLED_BACK: (),
+}
+ACTIVE_STATES = (RolloutState.RUNNING, RolloutState.PAUSED)
+
+
+class AssignmentState(models.TextChoices):
+    SKIPPED = "skipped", "Skipped (not eligible)"
+    PENDING = "pending", "Pending (later stage)"
+    NOTIFIED = "notified", "Notified"
+    DOWNLOADING = "downloading", "Downloading"
+    VERIFYING = "verifying", "Verifying"
+    ACTIVE = "active", "Active"
+    FAILED = "failed", "Failed"
+    REVERTED = "reverted", "Reverted"
+    ROLLED_BACK = "rolled_back", "Rolled back"
+
+
+IN_FLIGHT = (AssignmentState.NOTIFIED, AssignmentState.DOWNLOADING, AssignmentState.VERIFYING)
+# Device event types (agent) -> the assignment state they mean.
+EVENT_STATES = {
+    "notified": AssignmentState.NOTIFIED,
+    "downloading": AssignmentState.DOWNLOADING,
+    "verifying": AssignmentState.VERIFYING,
+    "active": AssignmentState.ACTIVE,
+    "failed": AssignmentState.FAILED,
+}
+
+
+class OnFailure(models.TextChoices):
+    PAUSE = "pause", "Pause"
+    ROLLBACK = "rollback", "Roll back"
+
+
+class Approval(models.TextChoices):
+    AUTOMATIC = "automatic", "Automatic"
+    MANUAL = "manual", "Manual (an operator promotes)"
+
+
+class Decision(models.TextChoices):
+    WAIT = "wait", "Wait"
+    PROMOTE = "promote", "Promote"
+    AWAIT_APPROVAL = "await_approval", "Await approval"
+    COMPLETE = "complete", "Complete"
+    PAUSE = "pause", "Pause"
+    ROLLBACK = "rollback", "Roll back"

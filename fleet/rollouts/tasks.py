@@ -1,0 +1,9 @@
+from celery import shared_task
+
+from fleet.rollouts import services
+
+
+@shared_task
+def rollouts_evaluate_running() -> dict[int, str]:
+    """Beat task: evaluate every running rollout (thin; the logic is in services)."""
+    return services.evaluate_running()
