@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from fleet.devices import api as devices_api
 from fleet.registry import api as registry_api
+from fleet.rollouts import api as rollouts_api
 
 VERSION = r"(?P<version>[0-9A-Za-z.+-]+)"
 NAME = r"(?P<name>[a-z0-9][a-z0-9_.-]*)"
@@ -60,6 +61,18 @@ api_v1 = [
         devices_api.EnrollmentTokenRevoke.as_view(),
         name="enrollment-token-revoke",
     ),
+    path("rollout-policies/", rollouts_api.PolicyListCreate.as_view(), name="rollout-policy-list"),
+    path("rollout-policies/<slug:name>/", rollouts_api.PolicyDetail.as_view(), name="rollout-policy-detail"),
+    path("rollouts/", rollouts_api.RolloutListCreate.as_view(), name="rollout-list"),
+    path("rollouts/<int:id>", rollouts_api.RolloutDetail.as_view(), name="rollout-detail"),
+    *[
+        path(
+            f"rollouts/<int:id>/{action}",
+            rollouts_api.rollout_action_view(action).as_view(),
+            name=f"rollout-{action}",
+        )
+        for action in rollouts_api.ACTIONS
+    ],
 ]
 
 urlpatterns = [

@@ -86,7 +86,10 @@ def test_the_matrices_cover_every_api_v1_endpoint():
     from fleet.urls import api_v1
     from tests.server.test_permissions import ENDPOINTS
 
-    covered = {e.name for e in ENDPOINTS} | {e.name for e in DEVICE_ENDPOINTS} | {"enroll"}
+    rollouts = {"rollout-list", "rollout-detail", "rollout-policy-list", "rollout-policy-detail"} | {
+        f"rollout-{action}" for action in ("start", "pause", "resume", "promote", "abort", "rollback")
+    }  # tests/server/test_rollouts_api.py
+    covered = {e.name for e in ENDPOINTS} | {e.name for e in DEVICE_ENDPOINTS} | {"enroll"} | rollouts
     assert covered == {pattern.name for pattern in api_v1}
 
 

@@ -1,0 +1,133 @@
+"""Rollouts admin: where each rollout stands, why the evaluator decided what it did, and
+the same actions as the API (one service each)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from django.contrib import admin, messages
+
+from fleet.core.errors import ServiceError
+from fleet.registry.admin import status_badge
+from fleet.rollouts import services
+from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutPolicy
+
+STATE_COLOURS = {
+    "draft": "#57606a",
+    "running": "#0969da",
+    "paused": "#9a6700",
+    "completed": "#1a7f37",
+    "aborted": "#57606a",
+    "rolled_back": "#cf222e",
+}
+
+
+@admin.register(RolloutPolicy)
+class RolloutPolicyAdmin(admin.ModelAdmin):
+    list_display = ("name", "stage_summary", "on_failure", "approval", "pickup_timeout_seconds")
+
+    @admin.display(description="stages")
+    def stage_summary(self, obj):
+        return " → ".join(f"{s['value']}{'%' if s['kind'] == 'percent' else ''}" for s in obj.stages)
+
+    def save_model(self, request, obj, form, change):
+        services.policy_validate(stages=obj.stages, gates=obj.gates)
+        super().save_model(request, obj, form, change)
+
+
+class EvaluationInline(admin.TabularInline):
+    model = GateEvaluation
+    fields = (
+        "evaluated_at",
+        "stage",
+        "metric",
+        "verdict",
+        "candidate_value",
+        "incumbent_value",
+        "candidate_n",
+        "incumbent_n",
+        "threshold",
+        "p_value",
+        "decision",
+        "note",
+    )
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    max_num = 0
+    ordering = ("-evaluated_at",)
+
+
+class AuditInline(admin.TabularInline):
+    model = AuditEntry
+    fields = ("at", "actor", "action", "from_state", "to_state", "stage", "reason")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    max_num = 0
+
+
+@admin.register(Rollout)
+class RolloutAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "state_label", "stage", "progress", "policy", "priority", "created_at")
+    list_filter = ("state", "model")
+    readonly_fields = (
+        "state",
+        "current_stage",
+        "stage_started_at",
+        "awaiting_approval",
+        "policy_snapshot",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+    )
+    inlines = [AuditInline, EvaluationInline]
+    actions = ["start", "pause", "resume", "promote", "abort", "rollback"]
+
+    @admin.display(description="state", ordering="state")
+    def state_label(self, obj):
+        label = obj.get_state_display() + (" (awaiting approval)" if obj.awaiting_approval else "")
+        return status_badge(obj.state, label, STATE_COLOURS)
+
+    @admin.display(description="stage")
+    def stage(self, obj):
+        return f"{obj.current_stage + 1} of {len(obj.stages)}" if obj.current_stage >= 0 else "—"
+
+    @admin.display(description="devices")
+    def progress(self, obj):
+        counts = Counter(Assignment.objects.filter(rollout=obj).values_list("state", flat=True))
+        return ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "—"
+
+    def _act(self, request, queryset, action, verb):
+        for rollout in queryset:
+            try:
+                action(rollout=rollout, by=request.user, reason=f"{verb} in the admin")
+            except ServiceError as exc:
+                self.message_user(request, f"Rollout {rollout.pk}: {exc.message}", messages.ERROR)
+            else:
+                self.message_user(request, f"Rollout {rollout.pk}: {verb}.", messages.SUCCESS)
+
+    @admin.action(description="Start selected rollouts")
+    def start(self, request, queryset):
+        self._act(request, queryset, services.rollout_start, "started")
+
+    @admin.action(description="Pause selected rollouts")
+    def pause(self, request, queryset):
+        self._act(request, queryset, services.rollout_pause, "paused")
+
+    @admin.action(description="Resume selected rollouts")
+    def resume(self, request, queryset):
+        self._act(request, queryset, services.rollout_resume, "resumed")
+
+    @admin.action(description="Promote selected rollouts to their next stage")
+    def promote(self, request, queryset):
+        self._act(request, queryset, services.rollout_promote, "promoted")
+
+    @admin.action(description="Abort selected rollouts (devices keep what they run)")
+    def abort(self, request, queryset):
+        self._act(request, queryset, services.rollout_abort, "aborted")
+
+    @admin.action(description="Roll back selected rollouts (devices return to their previous version)")
+    def rollback(self, request, queryset):
+        self._act(request, queryset, services.rollout_rollback, "rolled back")

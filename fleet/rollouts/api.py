@@ -1,0 +1,215 @@
+"""Rollouts REST API: policies (declarative), rollouts, and the actions (thin views over
+one service each)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from rest_framework import generics, serializers, status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from fleet.core.permissions import IsOperator, ViewerReadsOperatorWrites
+from fleet.registry import selectors as registry_selectors
+from fleet.registry.api import ERRORS
+from fleet.rollouts import services
+from fleet.rollouts.choices import AssignmentState
+from fleet.rollouts.models import GateEvaluation, Rollout, RolloutPolicy, default_gates, default_stages
+
+ID_PARAM = OpenApiParameter("id", int, OpenApiParameter.PATH, description="Rollout id")
+
+
+class PolicySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RolloutPolicy
+        fields = [
+            "name",
+            "description",
+            "stages",
+            "gates",
+            "on_failure",
+            "approval",
+            "maintenance_window",
+            "pickup_timeout_seconds",
+            "created_at",
+        ]
+        read_only_fields = ["created_at"]
+
+    def validate(self, attrs):
+        stages = attrs.get("stages", self.instance.stages if self.instance else default_stages())
+        gates = attrs.get("gates", self.instance.gates if self.instance else default_gates())
+        services.policy_validate(stages=stages, gates=gates)
+        return attrs
+
+
+@extend_schema(responses={200: PolicySerializer, 201: PolicySerializer, **ERRORS})
+class PolicyListCreate(generics.ListCreateAPIView):
+    serializer_class = PolicySerializer
+    permission_classes = [ViewerReadsOperatorWrites]
+    queryset = RolloutPolicy.objects.order_by("name")
+
+
+@extend_schema(
+    parameters=[OpenApiParameter("name", str, OpenApiParameter.PATH)],
+    responses={200: PolicySerializer, **ERRORS},
+)
+class PolicyDetail(generics.RetrieveUpdateAPIView):
+    serializer_class = PolicySerializer
+    permission_classes = [ViewerReadsOperatorWrites]
+    queryset = RolloutPolicy.objects.all()
+    lookup_field = "name"
+    http_method_names = ["get", "patch", "head", "options"]
+
+
+class EvaluationSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = GateEvaluation
+        fields = [
+            "stage",
+            "metric",
+            "verdict",
+            "decision",
+            "candidate_value",
+            "incumbent_value",
+            "candidate_n",
+            "incumbent_n",
+            "threshold",
+            "p_value",
+            "bound",
+            "note",
+            "evaluated_at",
+        ]
+
+
+class RolloutSerializer(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name", read_only=True)
+    version = serializers.CharField(source="target_version.version", read_only=True)
+    policy = serializers.CharField(source="policy.name", read_only=True)
+    stages = serializers.ListField(read_only=True)
+    counts = serializers.SerializerMethodField()
+    skipped = serializers.SerializerMethodField()
+    evaluations = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Rollout
+        fields = [
+            "id",
+            "model",
+            "version",
+            "policy",
+            "targets",
+            "priority",
+            "state",
+            "current_stage",
+            "stages",
+            "stage_started_at",
+            "awaiting_approval",
+            "counts",
+            "skipped",
+            "evaluations",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "integer"}})
+    def get_counts(self, rollout: Rollout) -> dict[str, int]:
+        counts = Counter(rollout.assignments.values_list("state", flat=True))
+        return {state: counts.get(state, 0) for state in AssignmentState.values}
+
+    @extend_schema_field({"type": "array", "items": {"type": "object"}})
+    def get_skipped(self, rollout: Rollout) -> list[dict]:
+        return [
+            {"device_id": device_id, "reason": reason}
+            for device_id, reason in rollout.assignments.filter(state=AssignmentState.SKIPPED).values_list(
+                "device__device_id", "reason"
+            )
+        ]
+
+    @extend_schema_field(EvaluationSerializer(many=True))
+    def get_evaluations(self, rollout: Rollout) -> list[dict]:
+        latest = rollout.evaluations.order_by("-evaluated_at").first()
+        if latest is None:
+            return []
+        batch = rollout.evaluations.filter(evaluated_at=latest.evaluated_at)
+        return EvaluationSerializer(batch, many=True).data
+
+
+class RolloutCreateSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    version = serializers.CharField()
+    policy = serializers.SlugRelatedField(slug_field="name", queryset=RolloutPolicy.objects.all())
+    targets = serializers.DictField(child=serializers.ListField(child=serializers.CharField()))
+    priority = serializers.IntegerField(required=False, default=0)
+
+
+@extend_schema(responses={200: RolloutSerializer, 201: RolloutSerializer, **ERRORS})
+class RolloutListCreate(generics.ListCreateAPIView):
+    serializer_class = RolloutSerializer
+    permission_classes = [ViewerReadsOperatorWrites]
+    filterset_fields = ["state"]
+
+    def get_queryset(self):
+        return Rollout.objects.select_related("model", "target_version", "policy")
+
+    @extend_schema(request=RolloutCreateSerializer, responses={201: RolloutSerializer, **ERRORS})
+    def post(self, request):
+        data = RolloutCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        version = registry_selectors.version_get(model_name=values["model"], version=values["version"])
+        rollout = services.rollout_create(
+            model=version.model,
+            version=version,
+            targets=values["targets"],
+            policy=values["policy"],
+            priority=values["priority"],
+            created_by=request.user,
+        )
+        return Response(RolloutSerializer(rollout).data, status=status.HTTP_201_CREATED)
+
+
+@extend_schema(parameters=[ID_PARAM], responses={200: RolloutSerializer, **ERRORS})
+class RolloutDetail(generics.RetrieveAPIView):
+    serializer_class = RolloutSerializer
+    queryset = Rollout.objects.select_related("model", "target_version", "policy")
+    lookup_url_kwarg = "id"
+
+
+class ReasonSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=2000)
+
+
+ACTIONS = {
+    "start": services.rollout_start,
+    "pause": services.rollout_pause,
+    "resume": services.rollout_resume,
+    "promote": services.rollout_promote,
+    "abort": services.rollout_abort,
+    "rollback": services.rollout_rollback,
+}
+
+
+def rollout_action_view(action: str) -> type[APIView]:
+    class RolloutAction(APIView):
+        permission_classes = [IsOperator]
+        serializer_class = ReasonSerializer
+
+        @extend_schema(
+            parameters=[ID_PARAM],
+            request=ReasonSerializer,
+            responses={200: RolloutSerializer, **ERRORS},
+            operation_id=f"rollouts_{action}",
+            summary=f"{action.capitalize()} a rollout",
+        )
+        def post(self, request, id: int):
+            rollout = generics.get_object_or_404(Rollout, pk=id)
+            data = ReasonSerializer(data=request.data)
+            data.is_valid(raise_exception=True)
+            rollout = ACTIONS[action](rollout=rollout, by=request.user, reason=data.validated_data["reason"])
+            return Response(RolloutSerializer(rollout).data)
+
+    RolloutAction.__name__ = f"Rollout{action.capitalize()}"
+    return RolloutAction
