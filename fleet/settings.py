@@ -236,6 +236,8 @@ if not PUBLIC_BASE_URL.startswith(("http://", "https://")):
     raise ImproperlyConfigured(
         f"PUBLIC_BASE_URL: must start with http:// or https://, got {PUBLIC_BASE_URL!r}"
     )
+# How many signed desired states one Celery publishing task carries.
+DESIRED_PUBLISH_CHUNK = _positive("DESIRED_PUBLISH_CHUNK", _read("DESIRED_PUBLISH_CHUNK", env.int, 500))
 # A desired state older than this is refused by devices (a replayed old command).
 DESIRED_STATE_TTL_SECONDS = _positive(
     "DESIRED_STATE_TTL_SECONDS", _read("DESIRED_STATE_TTL_SECONDS", env.int, 7 * 24 * 3600)

@@ -39,7 +39,7 @@ def wait_until(condition, *, timeout: float, interval: float = 0.05, message: st
 
 
 @pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory):
+def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory, broker):
     """A real `celery worker` process on a queue of its own, against the test database."""
     from django.db import connection
 
@@ -52,6 +52,8 @@ def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory):
         **os.environ,
         "DATABASE_URL": os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + connection.settings_dict["NAME"],
         "CELERY_QUEUE": queue,
+        "MQTT_URL": broker.url,
+        "MQTT_PUBLISHER_PASSWORD": broker.publisher_password,
     }
     log_path = tmp_path_factory.mktemp("celery") / "worker.log"
     with open(log_path, "wb") as log:

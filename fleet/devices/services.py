@@ -313,13 +313,16 @@ def device_get(*, device_id: str) -> Device:
 
 
 def devices_assign(
-    *, devices: list[Device], artifacts: dict[str, Any], rollout: dict | None = None
+    *, devices: list[Device], artifacts: dict[str, Any], rollout: dict | None = None, publish: str = "celery"
 ) -> list[tuple[str, bytes]]:
     """Give each device a new, higher desired generation naming ``artifacts`` (model name ->
-    ready Artifact) besides the models it already has, and sign it. Returns the envelopes;
-    they are published retained once the transaction commits. The generation only grows,
-    so an agent never mistakes a new command for a replay, and a model rollback is simply
-    a newer generation that names the older version.
+    ready Artifact) besides the models it already has, and sign it. Returns the envelopes.
+
+    They are published retained once the transaction commits: by chunked Celery tasks
+    (``publish="celery"``, for rollouts of any size) or right away in this process
+    (``publish="now"``, for a command that should report a broker error). The generation
+    only grows, so an agent never mistakes a new command for a replay, and a model
+    rollback is simply a newer generation that names the older version.
     """
     from fleet.registry.models import Artifact
     from fleet.registry.services import desired_state_envelope
@@ -352,10 +355,23 @@ def devices_assign(
             )
             envelopes.append((device.device_id, envelope))
 
-        def publish() -> None:
-            from fleet.mqtt.publisher import publish_desired
-
-            publish_desired(envelopes)
-
-        transaction.on_commit(publish)
+        transaction.on_commit(lambda: desired_publish(envelopes, now=publish == "now"))
     return envelopes
+
+
+def desired_publish(envelopes: list[tuple[str, bytes]], *, now: bool = False) -> None:
+    """Publish signed desired states: here and now, or in Celery tasks of
+    DESIRED_PUBLISH_CHUNK states each (workers publish in parallel; a failed chunk is
+    retried, and re-publishing a generation is harmless)."""
+    from django.conf import settings
+
+    from fleet.mqtt.publisher import publish_desired
+    from fleet.mqtt.tasks import publish_desired_task
+
+    if now:
+        publish_desired(envelopes)
+        return
+    size = settings.DESIRED_PUBLISH_CHUNK
+    for start in range(0, len(envelopes), size):
+        chunk = [(device_id, envelope.decode()) for device_id, envelope in envelopes[start : start + size]]
+        publish_desired_task.delay(chunk)

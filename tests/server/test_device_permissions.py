@@ -142,7 +142,7 @@ def two_devices(version_v1, digits, alice, anonymous, enrollment_key, django_cap
         clients[device_id].credentials(HTTP_AUTHORIZATION=f"Bearer {answer['token']}")
     with django_capture_on_commit_callbacks(execute=True):
         services.devices_assign(
-            devices=[Device.objects.get(device_id="cam-a")], artifacts={"digits": artifact}
+            devices=[Device.objects.get(device_id="cam-a")], artifacts={"digits": artifact}, publish="now"
         )
     return artifact, clients
 

@@ -15,6 +15,7 @@ from fleet.mqtt.broker import mqtt_client
 from fleet.registry import services
 from fleet.registry.choices import VersionStatus
 from fleet.registry.models import SigningKey
+from tests.conftest import wait_until
 from tests.server.conftest import pending_artifact, ready_artifact
 
 
@@ -125,3 +126,40 @@ def test_the_command_fails_clearly_with_a_wrong_publisher_password(ready_int8, d
     settings.MQTT_PUBLISHER_PASSWORD = "wrong"
     with pytest.raises(CommandError, match="cannot connect"):
         publish("cam-a", variant="int8")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rollout_sized_assignments_are_published_by_celery_workers_in_chunks(
+    ready_int8, broker, settings, celery_worker_process
+):
+    """The default path: chunked Celery tasks on a real worker publish every desired state."""
+    settings.DESIRED_PUBLISH_CHUNK = 2
+    devices = [Device.objects.create(device_id=f"chunk-{n}", status=DeviceStatus.ACTIVE) for n in range(5)]
+    seen, lock = {}, threading.Lock()
+
+    def on_message(client, userdata, message):
+        with lock:
+            seen[message.topic] = message.payload
+
+    for device in devices:
+        broker.admin().ensure_device(device.device_id, "pw")
+    clients = []
+    for device in devices:
+        client = mqtt_client(broker.url, client_id=device.device_id, username=device.device_id, password="pw")
+        client.on_message = on_message
+        client.subscribe(f"fleet/v1/devices/{device.device_id}/desired", qos=1)
+        clients.append(client)
+    from fleet.devices.services import devices_assign
+
+    devices_assign(devices=devices, artifacts={"digits": ready_int8})  # commits: on_commit queues 3 tasks
+    wait_until(lambda: len(seen) == 5, timeout=30, message="five desired states from the worker")
+    for client in clients:
+        client.disconnect()
+        client.loop_stop()
+    for device in devices:
+        payload = protocol.verify(
+            seen[f"fleet/v1/devices/{device.device_id}/desired"],
+            payload_type=protocol.DESIRED_PAYLOAD_TYPE,
+            keys=trusted(),
+        )
+        assert protocol.parse("desired", payload)["device_id"] == device.device_id

@@ -41,7 +41,9 @@ def world(digits_model, digits, alice, django_capture_on_commit_callbacks):
     for device in devices:
         variant = "int8" if device.supports_int8 else "float32"
         with django_capture_on_commit_callbacks(execute=True):
-            devices_assign(devices=[device], artifacts={"digits": artifacts[("1.0.0", variant)]})
+            devices_assign(
+                devices=[device], artifacts={"digits": artifacts[("1.0.0", variant)]}, publish="now"
+            )
         report(device, "1.0.0", variant)
     policy = RolloutPolicy.objects.create(
         name="canary",

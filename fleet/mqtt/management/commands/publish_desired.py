@@ -30,7 +30,7 @@ class Command(BaseCommand):
             artifact = version.artifacts.filter(variant=variant, status=ArtifactStatus.READY).first()
             if artifact is None:
                 raise CommandError(f"{version} has no ready {variant!r} artifact.")
-            envelopes = devices_assign(devices=list(found), artifacts={model: artifact})
+            envelopes = devices_assign(devices=list(found), artifacts={model: artifact}, publish="now")
         except (ServiceError, BrokerError) as exc:
             raise CommandError(str(exc)) from exc
         for device_id, _ in envelopes:
