@@ -48,8 +48,24 @@ def free_port(preferred: int) -> int:
     raise RuntimeError("no free port")
 
 
+# The demo's database, dropped and created anew on every run.
+DEMO_DATABASE = os.environ.get("DEMO_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/modelfleet_demo")
+
+
+def fresh_database(url: str) -> None:
+    """The demo's own PostgreSQL database, created anew each run (the ingest bridge and
+    the JSON filters need PostgreSQL; SQLite stays fine for the registry alone)."""
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+
+
 def demo_env(port: int, broker) -> dict[str, str]:
     env = dict(os.environ)
+    env["DATABASE_URL"] = DEMO_DATABASE
     env["MQTT_URL"] = broker.url
     env["MQTT_PUBLISHER_PASSWORD"] = broker.publisher_password
     env["MQTT_ADMIN_PASSWORD"] = broker.admin_password
@@ -327,11 +343,37 @@ def agents_answer(agents: list[dict], progress: Progress) -> list[dict]:
     return answers
 
 
-def report_agents(answers: list[dict]) -> None:
-    table = Table(title="Agents answering predict on their local API")
-    for column in ("device", "version", "variant", "predicted", "true label", "latency"):
+def devices_online(base: str, token: str, expected: int) -> list[dict]:
+    """The control plane's view (what the ingest bridge wrote): every demo device online
+    and reporting digits."""
+
+    def fetch() -> list[dict]:
+        response = requests.get(
+            f"{base}/api/v1/devices/?online=true&tag=demo",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        return [d for d in response.json()["results"] if d["reported_models"].get("digits")]
+
+    deadline = time.monotonic() + 60
+    while len(found := fetch()) < expected:
+        if time.monotonic() > deadline:
+            raise SystemExit("the control plane did not see every agent online; see var/demo/logs/ingest.log")
+        time.sleep(0.5)
+    return found
+
+
+def report_agents(answers: list[dict], online: list[dict]) -> None:
+    seen = {device["device_id"]: device for device in online}
+    table = Table(title="Agents: predict on their local API, and what the control plane sees")
+    for column in ("device", "version", "variant", "predicted", "true label", "latency", "control plane"):
         table.add_column(column)
     for answer in answers:
+        device = seen.get(answer["device_id"], {})
+        reported = device.get("reported_models", {}).get("digits", {})
+        state = (
+            f"online, reports {reported.get('version')} [{reported.get('variant')}]" if device else "offline"
+        )
         table.add_row(
             answer["device_id"],
             answer["version"],
@@ -339,6 +381,7 @@ def report_agents(answers: list[dict]) -> None:
             str(answer["label"]),
             str(answer["truth"]),
             f"{answer['latency_ms']:.2f} ms",
+            state,
         )
     console.print(table)
 
@@ -361,6 +404,7 @@ def main() -> int:
     broker.ingest_password = secrets.token_urlsafe(16)
     admin.ensure_service_account("fleet-ingest", broker.ingest_password, role=INGEST_ROLE)
     env = demo_env(port, broker)
+    fresh_database(DEMO_DATABASE)
     admin_password = secrets.token_urlsafe(9)
     with (
         ExitStack() as stack,
@@ -398,6 +442,18 @@ def main() -> int:
             "-l",
             "info",
         )
+        ingest = start(
+            stack,
+            "ingest",
+            env,
+            sys.executable,
+            "manage.py",
+            "mqtt_ingest",
+            "--client-id",
+            f"demo-ingest-{os.getpid()}",
+            "--stats-interval",
+            "30",
+        )
         wait_for("the web app", lambda: http_up(base), web)
         wait_for("the Celery worker", lambda: worker_up(env), worker)
         progress.update(step, total=1, completed=1)
@@ -406,9 +462,13 @@ def main() -> int:
         env["DEMO_VIEWER_TOKEN"] = manage(env, "create_api_token", "demo-viewer", "--role", "viewer")
         agents = start_agents(stack, env, base, progress)
         answers = agents_answer(agents, progress)
+        step = progress.add_task("Waiting for the control plane to see the agents online", total=None)
+        online = devices_online(base, env["DEMO_VIEWER_TOKEN"], len(agents))
+        progress.update(step, total=1, completed=1)
         progress.stop()
         report(artifacts, base, admin_password, token)
-        report_agents(answers)
+        report_agents(answers, online)
+        console.print(f"Devices in the admin: {base}/admin/devices/device/")
         if os.environ.get("DEMO_EXIT") == "1":
             console.print("DEMO_EXIT=1: stopping.")
             return 0
@@ -417,6 +477,7 @@ def main() -> int:
             while (
                 web.poll() is None
                 and worker.poll() is None
+                and ingest.poll() is None
                 and all(a["process"].poll() is None for a in agents)
             ):
                 time.sleep(1)

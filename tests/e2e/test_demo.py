@@ -19,7 +19,7 @@ def test_the_demo_uploads_both_variants_and_agents_serve_them(tmp_path):
         "DEMO_PORT": "0",
         "COLUMNS": "200",
     }
-    env.pop("DATABASE_URL")  # the demo runs on its documented default, SQLite
+    env["DEMO_DATABASE_URL"] = env["DATABASE_URL"].rsplit("/", 1)[0] + "/modelfleet_demo_test"
     result = subprocess.run(
         [sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )
@@ -33,3 +33,5 @@ def test_the_demo_uploads_both_variants_and_agents_serve_them(tmp_path):
     assert len(agent_rows) == 3, result.stdout
     assert all("1.0.0" in row for row in agent_rows)
     assert sum("int8" in row for row in agent_rows) == 2 and sum("float32" in row for row in agent_rows) == 1
+    # …and the control plane saw them online through the ingest bridge.
+    assert all("online, reports 1.0.0" in row for row in agent_rows), result.stdout

@@ -1,0 +1,763 @@
+"""The ingest bridge: what devices publish, from MQTT into PostgreSQL (devices issue, point 4).
+
+ARCHITECTURE.md, "MQTT topics" and "Telemetry window". One bridge process holds one MQTT v5
+session on the shared subscriptions ``$share/fleet-ingest/<prefix>/devices/+/<kind>`` for the
+four device→plane kinds, so that several bridges split the load.
+
+Delivery guarantee: at least once from the broker, exactly once in the tables.
+
+* QoS 1 with manual acks. A message is acknowledged only after the transaction holding it
+  has committed, so a SIGTERM or a crash loses nothing that was acknowledged: the broker
+  redelivers the rest to the same session (``clean_start=False`` plus a session expiry).
+* Redeliveries are no-ops: telemetry rows and events are unique per (device, message id)
+  and inserted with ``ON CONFLICT DO NOTHING``; rollups are summed only from the rows that
+  were really inserted (``RETURNING``), in the same transaction.
+* Messages that can never be written (not JSON, wrong schema, too large, unknown or disabled
+  device) are counted per reason, logged (rate-limited) and acknowledged, so that they are
+  not redelivered forever and never stop the bridge.
+
+Throughput: the paho network thread only appends messages to a deque; the ``run`` loop
+takes batches (``INGEST_BATCH_SIZE`` messages or ``INGEST_FLUSH_MS``), validates them with
+``agent.protocol.parse``, builds plain tuples and writes them with COPY into temporary
+tables, then one ``INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING`` per table. COPY costs
+the client about a third of the CPU of ``executemany`` or ``unnest`` arrays (measured in
+docs/benchmarks.md), and the client's CPU is what limits a Python bridge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import select
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from django.conf import settings
+from django.db import DataError, IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.utils import timezone
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import protocol
+from agent.protocol.topics import DEVICE_TOPICS, Topics
+from fleet.devices.choices import DeviceStatus, IngestKind
+from fleet.devices.models import Device, DeviceEvent, TelemetryRollup, TelemetryWindow
+
+log = logging.getLogger(__name__)
+
+# A restarted bridge resumes its session (unacknowledged and queued messages) if it comes
+# back within this time. Mosquitto keeps routing a shared subscription's share to a member
+# that is offline but whose session lives, so a bridge that is gone for good swallows its
+# share of the traffic until its session expires: keep this short (docs/mqtt.md).
+SESSION_EXPIRY_S = 300
+# How many unacknowledged messages the broker may have in flight to us (MQTT v5 Receive
+# Maximum). Without it Mosquitto allows only max_inflight_messages (20), and acknowledging
+# after the commit would cap a batch at 20 messages. It also bounds the bridge's memory.
+RECEIVE_MAXIMUM = 20_000
+# Device id -> pk is cached; the cache is dropped this often so that a device disabled or
+# retired stops being accepted (its broker credential is disabled at the same time anyway).
+DEVICE_CACHE_TTL_S = 60.0
+# Device states whose messages are written; anything else counts as ``unknown_device``.
+ACCEPTED_STATUSES = frozenset({DeviceStatus.ACTIVE.value, DeviceStatus.PENDING.value})
+BIGINT_MAX = 2**63 - 1
+# Column widths of the models (a longer value would fail the whole COPY).
+NAME_MAX = 64
+EVENT_TYPE_MAX = 32
+EVENT_REASON_MAX = 40
+AGENT_VERSION_MAX = 32
+
+STATUS = IngestKind.STATUS.value
+REPORTED = IngestKind.REPORTED.value
+EVENTS = IngestKind.EVENTS.value
+TELEMETRY = IngestKind.TELEMETRY.value
+
+DROP_REASONS = ("malformed", "schema", "too_large", "unknown_device", "bad_topic", "db_rejected")
+# Errors that depend on the data of a batch (a message isolated by bisection is dropped).
+# Anything else from the database is either transient (retried) or a bug (raised).
+DATA_ERRORS = (IntegrityError, DataError, UnicodeError)
+
+
+class IngestError(RuntimeError):
+    """The bridge cannot work at all (e.g. the broker refused its subscriptions)."""
+
+
+class InvalidMessage(ValueError):
+    """A message that passed the schema but cannot be stored (too long, out of range)."""
+
+
+@dataclass
+class Counters:
+    """What the bridge did since it started. Drop reasons are the fields of DROP_REASONS."""
+
+    received: int = 0
+    committed: int = 0  # valid messages whose batch committed (then acknowledged)
+    telemetry_rows: int = 0  # rows really inserted (one per model per message)
+    duplicate_rows: int = 0  # telemetry rows and events already there (QoS 1 redeliveries)
+    events: int = 0
+    batches: int = 0
+    db_retries: int = 0
+    malformed: int = 0
+    schema: int = 0
+    too_large: int = 0
+    unknown_device: int = 0
+    bad_topic: int = 0
+    db_rejected: int = 0
+
+    @property
+    def dropped(self) -> int:
+        return sum(getattr(self, reason) for reason in DROP_REASONS)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "dropped": self.dropped}
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{r}={getattr(self, r)}" for r in DROP_REASONS if getattr(self, r))
+        return (
+            f"received={self.received} committed={self.committed} telemetry_rows={self.telemetry_rows} "
+            f"events={self.events} duplicates={self.duplicate_rows} batches={self.batches} "
+            f"dropped={self.dropped}" + (f" ({drops})" if drops else "")
+        )
+
+
+class _RateLimitedLog:
+    """At most one warning per reason every ``interval_s``, with the number suppressed."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, reason: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -math.inf) < self.interval_s:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        suppressed = self._suppressed.pop(reason, 0)
+        self._last[reason] = now
+        suffix = f" ({suppressed} more like it since the last report)" if suppressed else ""
+        log.warning("ingest dropped a message (%s): " + message + suffix, reason, *args)
+
+
+# A received message: (connection epoch, mid, qos, retained, topic, payload).
+Received = tuple[int, int, int, bool, str, bytes]
+# A valid message: (kind, device id, parsed data, retained, topic).
+Parsed = tuple[str, str, dict[str, Any], bool, str]
+
+
+def _timestamp(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _count(value: int) -> int:
+    if value > BIGINT_MAX:
+        raise InvalidMessage(f"{value} does not fit a bigint")
+    return value
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise InvalidMessage(f"{value} is not a finite number")
+    return value
+
+
+def _name(value: str, limit: int = NAME_MAX) -> str:
+    if len(value) > limit:
+        raise InvalidMessage(f"{value[:20]!r}… is longer than {limit} characters")
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+# --- SQL. Temporary tables live as long as the connection; COPY fills them inside the
+# batch's transaction and ON COMMIT DELETE ROWS empties them.
+
+TELEMETRY_COLUMNS = (
+    "device_id, message_id, ts, received_at, window_s, model, version, variant, inferences, errors, "
+    "latency_p50_ms, latency_p95_ms, latency_p99_ms, labeled, correct"
+)
+EVENT_COLUMNS = (
+    "device_id, message_id, type, generation, model, version, variant, reason, message, ts, received_at"
+)
+
+CREATE_TEMP_TABLES = (
+    f"CREATE TEMP TABLE IF NOT EXISTS ingest_telemetry ON COMMIT DELETE ROWS AS "
+    f"SELECT {TELEMETRY_COLUMNS} FROM devices_telemetrywindow WITH NO DATA",
+    f"CREATE TEMP TABLE IF NOT EXISTS ingest_events ON COMMIT DELETE ROWS AS "
+    f"SELECT {EVENT_COLUMNS} FROM devices_deviceevent WITH NO DATA",
+    "CREATE TEMP TABLE IF NOT EXISTS ingest_devices (id bigint, seen boolean, online boolean, "
+    "agent_version text, generation bigint, reported_models jsonb, health jsonb) ON COMMIT DELETE ROWS",
+)
+
+# Rows are locked in id order so that two bridges updating the same devices cannot deadlock.
+LOCK_DEVICES = (
+    "SELECT 1 FROM devices_device WHERE id IN (SELECT id FROM ingest_devices) ORDER BY id FOR NO KEY UPDATE"
+)
+# reported_models follows applied_generation, which only grows (wire contract): an older
+# "reported" redelivered after a newer one must not win.
+UPDATE_DEVICES = """
+UPDATE devices_device d SET
+    last_seen_at = CASE WHEN u.seen THEN GREATEST(d.last_seen_at, %(now)s) ELSE d.last_seen_at END,
+    online = COALESCE(u.online, d.online),
+    agent_version = COALESCE(u.agent_version, d.agent_version),
+    applied_generation = CASE WHEN u.generation >= d.applied_generation
+        THEN u.generation ELSE d.applied_generation END,
+    reported_models = CASE WHEN u.generation >= d.applied_generation
+        THEN u.reported_models ELSE d.reported_models END,
+    health = COALESCE(u.health, d.health)
+FROM ingest_devices u WHERE d.id = u.id
+"""
+# Rollups come from the rows this statement really inserted, never from the batch, so a
+# redelivered window is not summed twice. ORDER BY: rollup rows are locked in key order
+# (no deadlock between bridges). The minute is the server's receive time, not the
+# device's clock (see telemetry_cleanup).
+INSERT_TELEMETRY = f"""
+WITH inserted AS (
+    INSERT INTO devices_telemetrywindow ({TELEMETRY_COLUMNS})
+    SELECT {TELEMETRY_COLUMNS} FROM ingest_telemetry
+    ON CONFLICT (device_id, message_id, model) DO NOTHING
+    RETURNING received_at, model, version, variant, inferences, errors, labeled, correct, latency_p95_ms
+), rolled AS (
+    INSERT INTO devices_telemetryrollup AS rollup (minute, model, version, variant, windows, inferences,
+        errors, labeled, correct, latency_p95_weighted_sum, latency_p95_max_ms)
+    SELECT date_trunc('minute', received_at), model, version, variant, count(*), sum(inferences),
+        sum(errors), sum(labeled), sum(correct), coalesce(sum(latency_p95_ms * inferences), 0),
+        max(latency_p95_ms)
+    FROM inserted GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (minute, model, version, variant) DO UPDATE SET
+        windows = rollup.windows + EXCLUDED.windows,
+        inferences = rollup.inferences + EXCLUDED.inferences,
+        errors = rollup.errors + EXCLUDED.errors,
+        labeled = rollup.labeled + EXCLUDED.labeled,
+        correct = rollup.correct + EXCLUDED.correct,
+        latency_p95_weighted_sum = rollup.latency_p95_weighted_sum + EXCLUDED.latency_p95_weighted_sum,
+        latency_p95_max_ms = GREATEST(rollup.latency_p95_max_ms, EXCLUDED.latency_p95_max_ms)
+)
+SELECT count(*) FROM inserted
+"""
+INSERT_EVENTS = f"""
+INSERT INTO devices_deviceevent ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM ingest_events
+ON CONFLICT (device_id, message_id) DO NOTHING
+"""
+
+
+@dataclass
+class _Rows:
+    """One batch, ready for COPY."""
+
+    telemetry: list[tuple]
+    events: list[tuple]
+    devices: list[tuple]
+    messages: int  # valid messages in the batch
+
+
+class IngestBridge:
+    """One bridge: an MQTT session on the shared subscriptions and a batch writer.
+
+    ``run(stop)`` is the whole life of the bridge; tests may also ``start()``, call
+    ``flush()`` themselves and ``close()``. Counters are in ``self.counters``.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        url: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        topic_prefix: str | None = None,
+        batch_size: int | None = None,
+        flush_ms: int | None = None,
+        max_payload_bytes: int | None = None,
+        session_expiry_s: int = SESSION_EXPIRY_S,
+        receive_maximum: int = RECEIVE_MAXIMUM,
+        stats_interval_s: float = 60.0,
+    ) -> None:
+        self.client_id = client_id
+        self.url = url or settings.MQTT_URL
+        self.username = username if username is not None else settings.MQTT_INGEST_USERNAME
+        self.password = password if password is not None else settings.MQTT_INGEST_PASSWORD
+        self.topics = Topics(topic_prefix or settings.MQTT_TOPIC_PREFIX)
+        self.batch_size = batch_size or settings.INGEST_BATCH_SIZE
+        self.flush_s = (flush_ms or settings.INGEST_FLUSH_MS) / 1000
+        self.max_payload_bytes = max_payload_bytes or settings.INGEST_MAX_PAYLOAD_BYTES
+        self.session_expiry_s = session_expiry_s
+        self.receive_maximum = max(1, min(receive_maximum, 65535))
+        self.stats_interval_s = stats_interval_s
+        self.counters = Counters()
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self._refused: list[str] = []
+        # Filled by the network thread, emptied by the writer: deque appends and pops are
+        # atomic, so the two never lose a message between them.
+        self._pending: deque[tuple[float, Received]] = deque()
+        self._wakeup = threading.Event()
+        # Bumped on every (re)connect: a message received on an earlier connection must not
+        # be acknowledged on a later one (its mid may have been reused for another message;
+        # the broker redelivers the old one anyway).
+        self._epoch = 0
+        self._devices: dict[str, int] = {}
+        self._devices_loaded_at = time.monotonic()
+        self._temp_tables_on: object = None
+        self._drops = _RateLimitedLog()
+        self._stats_at = time.monotonic()
+        self._closing = False
+        self.client = self._make_client()
+
+    # --- MQTT (paho network thread)
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        client.username_pw_set(self.username, self.password)
+        if urlparse(self.url).scheme in ("mqtts", "wss"):
+            client.tls_set()
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_socket_close = self._on_socket_close
+        return client
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error(
+                "ingest: broker %s refused the connection as %r: %s", self.url, self.username, reason_code
+            )
+            return
+        self._epoch += 1
+        self.connected.set()
+        log.info("ingest: connected as %s (session present: %s)", self.client_id, flags.session_present)
+        # Subscribing again on a resumed session is harmless and covers a lost session.
+        client.subscribe([(self.topics.shared(kind), 1) for kind in DEVICE_TOPICS])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._refused = [
+            f"{self.topics.shared(kind)}: {code}"
+            for kind, code in zip(DEVICE_TOPICS, reason_codes, strict=False)
+            if code.is_failure
+        ]
+        if self._refused:
+            log.error("ingest: the broker refused subscriptions: %s", "; ".join(self._refused))
+        else:
+            log.info("ingest: subscribed to %s", self.topics.shared("{" + ",".join(DEVICE_TOPICS) + "}"))
+        self.subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if reason_code.is_failure:
+            log.warning("ingest: disconnected from %s: %s (reconnecting)", self.url, reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        # Keep this minimal: it runs for every message on the network thread.
+        pending = self._pending
+        pending.append(
+            (
+                message.timestamp,
+                (self._epoch, message.mid, message.qos, message.retain, message.topic, message.payload),
+            )
+        )
+        if len(pending) >= self.batch_size:
+            self._wakeup.set()
+
+    def _on_socket_close(self, client, userdata, sock) -> None:
+        """On our own DISCONNECT, read until the broker closes before closing the socket.
+
+        The broker keeps sending while we stop; closing a socket with unread data makes the
+        kernel send a reset, and the broker then discards what it had not read yet: our
+        last acks. It closes once it has processed the DISCONNECT, so EOF means every ack
+        before it was taken (the unread messages are redelivered to the session)."""
+        if not self._closing:
+            return
+        deadline = time.monotonic() + 5.0
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                readable, _, _ = select.select([sock], [], [], remaining)
+                if readable and not sock.recv(65536):
+                    return
+        except (OSError, ValueError):
+            return  # already closed or reset by the broker: nothing more to wait for
+
+    def start(self) -> None:
+        """Connect (in the background, retrying) and subscribe."""
+        parsed = urlparse(self.url)
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self.session_expiry_s
+        properties.ReceiveMaximum = self.receive_maximum
+        self.client.connect_async(
+            parsed.hostname or "127.0.0.1",
+            parsed.port or 1883,
+            keepalive=30,
+            clean_start=False,
+            properties=properties,
+        )
+        self.client.loop_start()
+
+    # --- the writer (the thread that calls run/flush)
+
+    def run(self, stop: threading.Event) -> Counters:
+        """Write batches until ``stop`` is set, then flush what was received, acknowledge
+        it and disconnect. Returns the counters."""
+        self.start()
+        try:
+            while not stop.is_set():
+                if self._refused:
+                    raise IngestError("the broker refused subscriptions: " + "; ".join(self._refused))
+                if self._batch_ready():
+                    self.flush(stop)
+                else:
+                    self._wakeup.wait(self._wait_s())
+                    self._wakeup.clear()
+                if time.monotonic() - self._stats_at >= self.stats_interval_s:
+                    self._stats_at = time.monotonic()
+                    log.info("ingest: %s", self.counters.summary())
+        finally:
+            self.close()
+        return self.counters
+
+    def _batch_ready(self) -> bool:
+        pending = self._pending
+        if len(pending) >= self.batch_size:
+            return True
+        return bool(pending) and time.monotonic() - pending[0][0] >= self.flush_s
+
+    def _wait_s(self) -> float:
+        pending = self._pending
+        if not pending:
+            return self.flush_s
+        return max(0.001, self.flush_s - (time.monotonic() - pending[0][0]))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop reading, write and acknowledge everything received, disconnect."""
+        self.client.loop_stop()
+        # The network thread is gone: acks and DISCONNECT below are written directly.
+        try:
+            while self._pending and self.flush(give_up_after_s=timeout_s):
+                pass
+            deadline = time.monotonic() + timeout_s
+            while self.client.want_write() and time.monotonic() < deadline:
+                self.client.loop_write()
+        finally:
+            self._closing = True
+            self.client.disconnect()
+            self.connected.clear()
+            connection.close()
+            log.info("ingest: stopped: %s", self.counters.summary())
+
+    def flush(self, stop: threading.Event | None = None, *, give_up_after_s: float | None = None) -> int:
+        """Write at most one batch of what is waiting in one transaction, then acknowledge
+        it. Returns the number of messages taken (0 if the database stayed unreachable
+        until ``stop`` or ``give_up_after_s``: nothing is acknowledged then, and the broker
+        redelivers those messages to this session)."""
+        pending = self._pending
+        count = min(len(pending), self.batch_size)
+        if not count:
+            return 0
+        batch = [pending.popleft()[1] for _ in range(count)]
+        self.counters.received += count
+        parsed = self._parse(batch)
+        if not self._write_with_retries(parsed, stop, give_up_after_s):
+            return 0
+        self.counters.batches += 1
+        self._ack(batch)
+        return count
+
+    def _ack(self, batch: list[Received]) -> None:
+        epoch, ack = self._epoch, self.client.ack
+        for message_epoch, mid, qos, _retained, _topic, _payload in batch:
+            if qos and message_epoch == epoch:
+                ack(mid, qos)
+
+    # --- validation (per message: keep it cheap)
+
+    def _drop(self, reason: str, topic: str, detail: str) -> None:
+        setattr(self.counters, reason, getattr(self.counters, reason) + 1)
+        self._drops.warning(reason, "%s: %s", topic, detail)
+
+    def _parse(self, batch: list[Received]) -> list[Parsed]:
+        parsed: list[Parsed] = []
+        limit, split, parse = self.max_payload_bytes, self.topics.parse, protocol.parse
+        for _epoch, _mid, _qos, retained, topic, payload in batch:
+            if len(payload) > limit:
+                self._drop("too_large", topic, f"{len(payload)} bytes (limit {limit})")
+                continue
+            try:
+                device_id, kind = split(topic)
+            except ValueError as exc:
+                self._drop("bad_topic", topic, str(exc))
+                continue
+            try:
+                if b"\\u0000" in payload:  # PostgreSQL text and jsonb cannot hold NUL
+                    raise protocol.SchemaError("contains a NUL character")
+                data = parse(kind, payload)
+            except protocol.SchemaError as exc:
+                self._drop("malformed" if exc.__cause__ is not None else "schema", topic, str(exc))
+                continue
+            except RecursionError:
+                self._drop("malformed", topic, "nested too deeply")
+                continue
+            parsed.append((kind, device_id, data, retained, topic))
+        return parsed
+
+    def _device_pks(self, device_ids: set[str]) -> dict[str, int]:
+        """Accepted devices among ``device_ids`` -> pk; misses cost one query per batch."""
+        if time.monotonic() - self._devices_loaded_at > DEVICE_CACHE_TTL_S:
+            self._devices.clear()
+            self._devices_loaded_at = time.monotonic()
+        cache = self._devices
+        misses = [device_id for device_id in device_ids if device_id not in cache]
+        if misses:
+            for device_id, pk, status in Device.objects.filter(device_id__in=misses).values_list(
+                "device_id", "pk", "status"
+            ):
+                if status in ACCEPTED_STATUSES:
+                    cache[device_id] = pk
+        return cache
+
+    def _rows(self, parsed: list[Parsed], now: datetime) -> _Rows:
+        """Tuples for COPY; a device's state changes are coalesced to one row per batch."""
+        pks = self._device_pks({device_id for _kind, device_id, _data, _retained, _topic in parsed})
+        telemetry: list[tuple] = []
+        events: list[tuple] = []
+        # pk -> [seen, online, agent_version, generation, reported_models, health]
+        states: dict[int, list] = {}
+        valid = 0
+        for kind, device_id, data, retained, topic in parsed:
+            pk = pks.get(device_id)
+            if pk is None:
+                self._drop("unknown_device", topic, "not an active or pending device")
+                continue
+            state = states.get(pk)
+            if state is None:
+                state = states[pk] = [False, None, None, None, None, None]
+            try:
+                if kind == TELEMETRY:
+                    telemetry.extend(self._telemetry_rows(pk, data, now))
+                    if "health" in data:
+                        state[5] = _json(data["health"])
+                    online = True
+                elif kind == STATUS:
+                    online = data["online"]
+                    if "agent_version" in data:
+                        # Informational: cut to the column rather than lose the status.
+                        state[2] = data["agent_version"][:AGENT_VERSION_MAX]
+                elif kind == REPORTED:
+                    generation = _count(data["generation"])
+                    if state[3] is None or generation >= state[3]:
+                        state[3], state[4] = generation, _json(data["models"])
+                    online = True
+                else:
+                    events.append(self._event_row(pk, data, now))
+                    online = True
+            except Exception as exc:  # one odd message must never stop the bridge
+                self._drop("schema", topic, f"{type(exc).__name__}: {exc}")
+                continue
+            valid += 1
+            # A retained message replayed at subscribe time is state, not a sign of life.
+            if not retained:
+                state[0] = True
+                # A device that sends is online; a status message (incl. the last will)
+                # says so explicitly, and the last one in the batch wins.
+                state[1] = online
+            elif kind == STATUS:
+                state[1] = online
+        devices = [(pk, *state) for pk, state in states.items()]
+        return _Rows(telemetry, events, devices, valid)
+
+    @staticmethod
+    def _telemetry_rows(pk: int, data: dict[str, Any], now: datetime) -> list[tuple]:
+        message_id, ts, window_s = data["id"], _timestamp(data["ts"]), _finite(data["window_s"])
+        rows = []
+        for model, entry in data["models"].items():
+            latency = entry.get("latency_ms")
+            p50 = p95 = p99 = None
+            if latency is not None:
+                p50, p95, p99 = _finite(latency["p50"]), _finite(latency["p95"]), _finite(latency["p99"])
+            feedback = entry.get("feedback")
+            labeled, correct = (feedback["labeled"], feedback["correct"]) if feedback else (0, 0)
+            rows.append(
+                (
+                    pk,
+                    message_id,
+                    ts,
+                    now,
+                    window_s,
+                    _name(model),
+                    _name(entry["version"]),
+                    entry["variant"],
+                    _count(entry["inferences"]),
+                    _count(entry["errors"]),
+                    p50,
+                    p95,
+                    p99,
+                    _count(labeled),
+                    _count(correct),
+                )
+            )
+        return rows
+
+    @staticmethod
+    def _event_row(pk: int, data: dict[str, Any], now: datetime) -> tuple:
+        generation = data.get("generation")
+        return (
+            pk,
+            data["id"],
+            _name(data["type"], EVENT_TYPE_MAX),
+            None if generation is None else _count(generation),
+            _name(data.get("model") or ""),
+            _name(data.get("version") or ""),
+            _name(data.get("variant") or ""),
+            _name(data.get("reason") or "", EVENT_REASON_MAX),
+            data.get("message") or "",
+            _timestamp(data["ts"]),
+            now,
+        )
+
+    # --- writing
+
+    def _write_with_retries(
+        self, parsed: list[Parsed], stop: threading.Event | None, give_up_after_s: float | None
+    ) -> bool:
+        """Write the batch; on a lost connection retry (with backoff) until it works, or
+        until ``stop``/``give_up_after_s`` (then False: nothing is acknowledged)."""
+        delay, started = 0.2, time.monotonic()
+        while True:
+            try:
+                self._write(parsed)
+                return True
+            except (OperationalError, InterfaceError) as exc:
+                # Lost connection, deadlock, server shutting down: all worth another try.
+                self.counters.db_retries += 1
+                log.warning("ingest: database write failed, retrying in %.1fs: %s", delay, exc)
+                connection.close_if_unusable_or_obsolete()
+                if (stop is not None and stop.is_set()) or (
+                    give_up_after_s is not None and time.monotonic() - started > give_up_after_s
+                ):
+                    return False
+                if stop is not None:
+                    stop.wait(delay)
+                else:
+                    time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _write(self, parsed: list[Parsed]) -> None:
+        """One transaction for the batch. A batch the database refuses (a device deleted
+        under our cache, a value we failed to anticipate) is retried with a fresh cache,
+        then split in halves until the message at fault is alone and dropped."""
+        try:
+            self._commit(parsed)
+        except DATA_ERRORS:
+            self._devices.clear()  # most likely a device deleted since we cached its pk
+            self._bisect(parsed)
+
+    def _bisect(self, parsed: list[Parsed]) -> None:
+        try:
+            self._commit(parsed)
+        except DATA_ERRORS as exc:
+            if len(parsed) == 1:
+                self._drop("db_rejected", parsed[0][4], str(exc).strip())
+                return
+            middle = len(parsed) // 2
+            self._bisect(parsed[:middle])
+            self._bisect(parsed[middle:])
+
+    def _commit(self, parsed: list[Parsed]) -> None:
+        counters = self.counters
+        # Counters of the drops found while building rows are kept only if the batch
+        # commits, so a retried batch does not count its drops twice.
+        before = {reason: getattr(counters, reason) for reason in ("unknown_device", "schema")}
+        now = timezone.now()
+        try:
+            connection.ensure_connection()
+            self._ensure_temp_tables()
+            rows = self._rows(parsed, now)
+            with transaction.atomic(), connection.cursor() as wrapper, connection.wrap_database_errors:
+                cursor = wrapper.cursor  # psycopg's own cursor, for COPY
+                inserted = events = 0
+                if rows.devices:
+                    self._copy(cursor, "ingest_devices", rows.devices)
+                    cursor.execute(LOCK_DEVICES)
+                    cursor.execute(UPDATE_DEVICES, {"now": now})
+                if rows.telemetry:
+                    self._copy(cursor, "ingest_telemetry", rows.telemetry)
+                    cursor.execute(INSERT_TELEMETRY)
+                    inserted = cursor.fetchone()[0]
+                if rows.events:
+                    self._copy(cursor, "ingest_events", rows.events)
+                    cursor.execute(INSERT_EVENTS)
+                    events = cursor.rowcount
+        except BaseException:
+            for reason, value in before.items():
+                setattr(counters, reason, value)
+            raise
+        counters.committed += rows.messages
+        counters.telemetry_rows += inserted
+        counters.events += events
+        counters.duplicate_rows += len(rows.telemetry) - inserted + len(rows.events) - events
+
+    def _ensure_temp_tables(self) -> None:
+        raw = connection.connection
+        if self._temp_tables_on is raw:
+            return
+        with connection.cursor() as cursor:
+            for statement in CREATE_TEMP_TABLES:
+                cursor.execute(statement)
+        self._temp_tables_on = raw
+
+    @staticmethod
+    def _copy(cursor, table: str, rows: list[tuple]) -> None:
+        with cursor.copy(f"COPY {table} FROM STDIN") as copy:
+            write = copy.write_row
+            for row in rows:
+                write(row)
+
+
+# --- housekeeping (Celery beat, fleet/devices/tasks.py)
+
+
+def telemetry_cleanup(*, now: datetime | None = None, chunk_size: int = 10_000) -> dict[str, int]:
+    """Delete telemetry windows, events and rollups older than TELEMETRY_RETENTION_DAYS, in
+    chunks so that no transaction holds locks on millions of rows. Age is the server's
+    receive time (the rollup minute is one too): a device with a wrong clock can neither
+    keep its rows forever nor have them deleted at once."""
+    cutoff = (now or timezone.now()) - timedelta(days=settings.TELEMETRY_RETENTION_DAYS)
+    deleted = {}
+    for model, field in (
+        (TelemetryWindow, "received_at"),
+        (DeviceEvent, "received_at"),
+        (TelemetryRollup, "minute"),
+    ):
+        total = 0
+        while True:
+            chunk = model.objects.filter(**{f"{field}__lt": cutoff}).values("pk")[:chunk_size]
+            count, _ = model.objects.filter(pk__in=chunk).delete()
+            total += count
+            if count < chunk_size:
+                break
+        deleted[model._meta.model_name] = total
+    if any(deleted.values()):
+        log.info("telemetry cleanup: deleted %s (older than %s)", deleted, cutoff.isoformat())
+    return deleted
+
+
+def devices_mark_stale(*, now: datetime | None = None) -> int:
+    """Mark offline the devices said to be online but silent for DEVICE_STALE_SECONDS (a
+    lost last will, a bridge that was down). Compare-and-set: a device the bridge has
+    just heard from is not matched any more. Returns how many were marked."""
+    cutoff = (now or timezone.now()) - timedelta(seconds=settings.DEVICE_STALE_SECONDS)
+    stale = Device.objects.filter(online=True).exclude(last_seen_at__gte=cutoff)
+    return stale.update(online=False)
