@@ -110,3 +110,12 @@ def broker(tmp_path_factory):
     admin.ensure_service_account("fleet-ingest", broker.ingest_password, role=INGEST_ROLE)
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def broker_settings(settings, broker):
+    """Point the control plane at the test broker (the project's config, dynamic security)."""
+    settings.MQTT_URL = settings.MQTT_PUBLIC_URL = broker.url
+    settings.MQTT_ADMIN_PASSWORD = broker.admin_password
+    settings.MQTT_PUBLISHER_PASSWORD = broker.publisher_password
+    return broker

@@ -129,15 +129,6 @@ def stored_files(prefix: str = "") -> list[Path]:
 
 
 @pytest.fixture
-def broker_settings(settings, broker):
-    """Point the control plane at the test broker (the project's config, dynamic security)."""
-    settings.MQTT_URL = settings.MQTT_PUBLIC_URL = broker.url
-    settings.MQTT_ADMIN_PASSWORD = broker.admin_password
-    settings.MQTT_PUBLISHER_PASSWORD = broker.publisher_password
-    return broker
-
-
-@pytest.fixture
 def enrollment_key(db, ada):
     from fleet.devices import services as device_services
 
