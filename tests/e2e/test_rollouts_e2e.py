@@ -260,3 +260,62 @@ def test_v2_promotes_through_its_stages_and_v3_is_rolled_back_by_the_accuracy_ga
         message="the canaries back on v2",
     )
     assert everyone_on(agents, "2.0.0")
+
+
+def test_an_artifact_that_fails_its_golden_check_on_devices_pauses_at_stage_one(control_plane, agents):
+    """The server measured this artifact at 97.5 % (as if its runtime differed from the
+    devices'); on the devices the same bytes score 71 %, so every canary refuses it with
+    golden_failed, and the install-failure gate pauses the rollout at its first stage."""
+    artifacts = control_plane["artifacts"]
+    devices = list(Device.objects.filter(device_id__startswith="e2e-"))
+    for variant, group in (
+        ("int8", [d for d in devices if d.supports_int8]),
+        ("float32", [d for d in devices if not d.supports_int8]),
+    ):
+        devices_assign(devices=group, artifacts={"digits": artifacts[("1.0.0", variant)]}, publish="now")
+    wait_until(lambda: everyone_on(agents, "1.0.0"), timeout=60, message="v1 everywhere")
+    wait_until(
+        lambda: (
+            Device.objects.filter(
+                device_id__startswith="e2e-", reported_models__digits__version="1.0.0", online=True
+            ).count()
+            == DEVICES
+        ),
+        timeout=30,
+        message="the control plane to see v1 everywhere",
+    )
+    for variant in ("int8", "float32"):
+        claimed = artifacts[("3.0.0", variant)]
+        claimed.golden_accuracy = 0.975
+        registry._sign_manifest(claimed)  # a signed manifest that claims what devices will not measure
+        claimed.save()
+    policy = RolloutPolicy.objects.create(
+        name="careful",
+        on_failure="pause",
+        stages=[{"kind": "percent", "value": 10}, {"kind": "percent", "value": 100}],
+        gates={"max_install_failure_rate": 0.1},
+    )
+    rollout = rollouts.rollout_start(
+        rollout=rollouts.rollout_create(
+            model=artifacts[("3.0.0", "int8")].version.model,
+            version=artifacts[("3.0.0", "int8")].version,
+            targets={"devices": [d.device_id for d in devices]},
+            policy=policy,
+        )
+    )
+    evaluate_until(
+        rollout,
+        {RolloutState.PAUSED, RolloutState.COMPLETED, RolloutState.ROLLED_BACK},
+        timeout=STAGE_TIMEOUT,
+    )
+    assert (rollout.state, rollout.current_stage) == (RolloutState.PAUSED, 0)
+    failed = rollout.assignments.filter(state=AssignmentState.FAILED)
+    assert failed.count() == 2 and set(failed.values_list("reason", flat=True)) == {"golden_failed"}
+    assert rollout.assignments.filter(state=AssignmentState.PENDING).count() == DEVICES - 2
+    assert everyone_on(agents, "1.0.0")  # the refused model never replaced the working one
+    gate = (
+        GateEvaluation.objects.filter(rollout=rollout, metric="install_failure_rate")
+        .order_by("-evaluated_at")
+        .first()
+    )
+    assert (gate.verdict, gate.decision, gate.candidate_value) == ("fail", "pause", 1.0)
