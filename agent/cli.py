@@ -114,6 +114,7 @@ def enrollment_config(
     local_api: str,
     hardware: str,
     int8: bool,
+    telemetry_interval_s: float = 30.0,
 ) -> str:
     """The agent config for an enrolled device. Trusted keys come from the command line
     (provisioned out of band), never from the control plane's answer."""
@@ -122,7 +123,8 @@ def enrollment_config(
     return (
         "# Written by `fleet-agent enroll`. Holds secrets: keep it mode 0600.\n"
         f"device_id = {_toml_string(answer['device_id'])}\n"
-        f"state_dir = {_toml_string(state_dir)}\n\n"
+        f"state_dir = {_toml_string(state_dir)}\n"
+        f"telemetry_interval_s = {telemetry_interval_s}\n\n"
         f"[broker]\nurl = {_toml_string(mqtt['url'])}\nusername = {_toml_string(mqtt['username'])}\n"
         f"password = {_toml_string(mqtt['password'])}\n"
         f"topic_prefix = {_toml_string(mqtt['topic_prefix'])}\n\n"
@@ -180,6 +182,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         local_api=args.local_api,
         hardware=args.hardware,
         int8=not args.no_int8,
+        telemetry_interval_s=args.telemetry_interval,
     )
     try:
         parse_config(tomllib.loads(text), base_dir=out.parent)
@@ -242,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--hardware", default="any", help="hardware class, e.g. rpi4")
     enroll.add_argument("--display-name")
     enroll.add_argument("--no-int8", action="store_true", help="this device cannot run int8 models")
+    enroll.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="telemetry window length in the written config (default 30)",
+    )
     enroll.add_argument("--force", action="store_true", help="replace an existing config file")
     enroll.set_defaults(func=cmd_enroll)
     return parser

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -277,6 +278,8 @@ def start_agents(stack: ExitStack, env: dict[str, str], base: str, progress: Pro
             str(home / "state"),
             "--local-api",
             f"127.0.0.1:{port}",
+            "--telemetry-interval",
+            "2",
             "--hardware",
             "demo-box",
             *[arg for key in keys for arg in ("--public-key", key["public_key"])],
@@ -386,6 +389,169 @@ def report_agents(answers: list[dict], online: list[dict]) -> None:
     console.print(table)
 
 
+# --- the rollout story: v2 promoted through its stages, v3 rolled back by the accuracy gate
+
+
+def upload_version(
+    session: requests.Session, api: str, version: str, models: dict[str, bytes], notes: str
+) -> None:
+    api_call(
+        session,
+        "POST",
+        f"{api}/models/digits/versions/",
+        201,
+        data={"version": version, "notes": notes},
+        files={"golden_set": ("golden.npz", digits.golden_set_npz())},
+    )
+    for variant, tflite in models.items():
+        api_call(
+            session,
+            "POST",
+            f"{api}/models/digits/versions/{version}/artifacts/?wait=120",
+            201,
+            data={"variant": variant},
+            files={"file": (f"{variant}.tflite", tflite)},
+        )
+    api_call(session, "POST", f"{api}/models/digits/versions/{version}/release", 200)
+
+
+class Apps:
+    """The apps on the demo devices: predict on their agent, then post the true label."""
+
+    def __init__(self, agents: list[dict]) -> None:
+        self.agents = agents
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        x, y = digits.golden_set()
+        session = requests.Session()
+        index = 0
+        while not self.stop.is_set():
+            for agent in self.agents:
+                base = f"http://127.0.0.1:{agent['port']}/v1"
+                try:
+                    answer = session.post(
+                        f"{base}/models/digits:predict", json={"inputs": [[x[index].tolist()]]}, timeout=5
+                    ).json()
+                    session.post(
+                        f"{base}/feedback",
+                        json={"prediction_id": answer["prediction_id"], "label": int(y[index])},
+                        timeout=5,
+                    )
+                except (requests.RequestException, KeyError):
+                    pass  # an agent swapping or restarting; the next call will do
+            index = (index + 1) % len(y)
+            self.stop.wait(0.01)
+
+    def __enter__(self) -> Apps:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def follow(session: requests.Session, api: str, rollout_id: int, label: str, timeout: float = 300) -> dict:
+    """Print the rollout's progress as it happens, until it finishes."""
+    started, last = time.monotonic(), None
+    while True:
+        rollout = api_call(session, "GET", f"{api}/rollouts/{rollout_id}", 200)
+        counts = ", ".join(f"{n} {state}" for state, n in rollout["counts"].items() if n)
+        line = (
+            f"{label}: {rollout['state']}, stage {rollout['current_stage'] + 1} of {len(rollout['stages'])}"
+            f" ({counts})"
+        )
+        if line != last:
+            console.print(f"  [dim]{time.monotonic() - started:6.1f} s[/dim]  {line}")
+            last = line
+        if rollout["state"] in ("completed", "rolled_back", "aborted", "paused"):
+            return rollout
+        if time.monotonic() - started > timeout:
+            raise SystemExit(f"{label} did not finish in {timeout:.0f} s; see {VAR / 'logs'}")
+        time.sleep(0.5)
+
+
+def rollout_story(base: str, token: str, agents: list[dict]) -> None:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {token}"
+    api = f"{base}/api/v1"
+    console.rule("Rollouts")
+    console.print("Uploading digits 2.0.0 (a retrained model) and 3.0.0 (a deliberately worse one)…")
+    upload_version(session, api, "2.0.0", digits.build_digits_models(version="2.0.0"), "retrained, 48 units")
+    upload_version(
+        session, api, "3.0.0", digits.build_digits_models(quality="worse"), "trained on 30 samples"
+    )
+    api_call(
+        session,
+        "POST",
+        f"{api}/rollout-policies/",
+        201,
+        json={
+            "name": "staged",
+            "stages": [{"kind": "percent", "value": v, "soak_seconds": 3} for v in (10, 50, 100)],
+            "gates": {"max_install_failure_rate": 0.0},
+        },
+    )
+    api_call(
+        session,
+        "POST",
+        f"{api}/rollout-policies/",
+        201,
+        json={
+            "name": "accuracy-canary",
+            "on_failure": "rollback",
+            "stages": [
+                {"kind": "percent", "value": 10, "soak_seconds": 3},
+                {"kind": "percent", "value": 100},
+            ],
+            "gates": {"accuracy": {"min_samples": 100, "max_drop_pp": 2.0, "confidence": 0.95}},
+        },
+    )
+    targets = {"tags": ["demo"]}
+    with Apps(agents):
+        for version, policy, label in (
+            ("2.0.0", "staged", "v2 canary"),
+            ("3.0.0", "accuracy-canary", "v3 canary"),
+        ):
+            rollout = api_call(
+                session,
+                "POST",
+                f"{api}/rollouts/",
+                201,
+                json={"model": "digits", "version": version, "policy": policy, "targets": targets},
+            )
+            console.print(f"Rollout {rollout['id']}: digits {version} with policy '{policy}'")
+            api_call(session, "POST", f"{api}/rollouts/{rollout['id']}/start", 200, json={"reason": "demo"})
+            final = follow(session, api, rollout["id"], label)
+            for evaluation in final["evaluations"]:
+                if evaluation["metric"] == "accuracy":
+                    console.print(
+                        f"  accuracy gate: {evaluation['verdict']} — candidate "
+                        f"{evaluation['candidate_value']:.1%} of {evaluation['candidate_n']} labels "
+                        "vs incumbent "
+                        f"{evaluation['incumbent_value']:.1%} of {evaluation['incumbent_n']}, "
+                        f"p = {evaluation['p_value']:.2g} (allowed drop {evaluation['threshold']} points) "
+                        f"→ {evaluation['decision']}"
+                    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        served = {
+            a["device_id"]: ((agent_health(a["port"]) or {}).get("models") or {}).get("digits", {})
+            for a in agents
+        }
+        if all(model.get("version") == "2.0.0" for model in served.values()):
+            break
+        time.sleep(0.5)
+    table = Table(title="After the story: what each device serves")
+    for column in ("device", "version", "variant"):
+        table.add_column(column)
+    for device_id, model in sorted(served.items()):
+        table.add_row(device_id, model.get("version", "?"), model.get("variant", "?"))
+    console.print(table)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: every process started is stopped
 
@@ -419,7 +585,9 @@ def main() -> int:
         token = manage(env, "create_api_token", "olivia", "--role", "operator", "--name", "demo")
         progress.update(step, total=1, completed=1)
 
-        step = progress.add_task(f"Starting the web app on {base} and a Celery worker", total=None)
+        step = progress.add_task(
+            f"Starting the web app on {base}, a Celery worker and beat, the ingest bridge", total=None
+        )
         web = start(
             stack, "web", env, sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"
         )
@@ -441,6 +609,21 @@ def main() -> int:
             f"{env['CELERY_QUEUE']}@localhost",
             "-l",
             "info",
+        )
+        beat = start(
+            stack,
+            "beat",
+            env,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "fleet",
+            "beat",
+            "-l",
+            "info",
+            "--schedule",
+            str(VAR / "beat-schedule"),
         )
         ingest = start(
             stack,
@@ -469,6 +652,8 @@ def main() -> int:
         report(artifacts, base, admin_password, token)
         report_agents(answers, online)
         console.print(f"Devices in the admin: {base}/admin/devices/device/")
+        rollout_story(base, token, agents)
+        console.print(f"Rollouts in the admin: {base}/admin/rollouts/rollout/")
         if os.environ.get("DEMO_EXIT") == "1":
             console.print("DEMO_EXIT=1: stopping.")
             return 0
@@ -478,6 +663,7 @@ def main() -> int:
                 web.poll() is None
                 and worker.poll() is None
                 and ingest.poll() is None
+                and beat.poll() is None
                 and all(a["process"].poll() is None for a in agents)
             ):
                 time.sleep(1)

@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 
 @pytest.mark.slow
-def test_the_demo_uploads_both_variants_and_agents_serve_them(tmp_path):
+def test_the_demo_tells_the_whole_story(tmp_path):
     env = {
         **os.environ,
         "DEMO_EXIT": "1",
@@ -21,7 +21,7 @@ def test_the_demo_uploads_both_variants_and_agents_serve_them(tmp_path):
     }
     env["DEMO_DATABASE_URL"] = env["DATABASE_URL"].rsplit("/", 1)[0] + "/modelfleet_demo_test"
     result = subprocess.run(
-        [sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if "ready" in line]
@@ -29,9 +29,15 @@ def test_the_demo_uploads_both_variants_and_agents_serve_them(tmp_path):
     assert any("int8" in row and "% of 200" in row for row in rows), result.stdout
     assert "/admin/" in result.stdout and "API token" in result.stdout
     # Three real agents picked up digits 1.0.0 over MQTT and answered predict.
-    agent_rows = [line for line in result.stdout.splitlines() if "demo-cam-" in line]
+    agent_rows = [line for line in result.stdout.split("Rollouts")[0].splitlines() if "demo-cam-" in line]
     assert len(agent_rows) == 3, result.stdout
     assert all("1.0.0" in row for row in agent_rows)
     assert sum("int8" in row for row in agent_rows) == 2 and sum("float32" in row for row in agent_rows) == 1
     # …and the control plane saw them online through the ingest bridge.
-    assert all("online, reports 1.0.0" in row for row in agent_rows), result.stdout
+    assert all("online, reports 1.0.0" in row for row in agent_rows[:3]), result.stdout
+    # The rollout story: v2 promoted through its stages, v3 rolled back by the accuracy gate.
+    assert "v2 canary: completed, stage 3 of 3 (3 active)" in result.stdout
+    assert "v3 canary: rolled_back" in result.stdout
+    assert "accuracy gate: fail" in result.stdout and "→ rollback" in result.stdout
+    final = [line for line in result.stdout.split("After the story")[1].splitlines() if "demo-cam-" in line]
+    assert len(final) == 3 and all("2.0.0" in line for line in final), result.stdout
