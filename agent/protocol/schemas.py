@@ -379,17 +379,17 @@ def build_desired(
     issued_at: str,
     expires_at: str,
     rollout: dict[str, Any] | None = None,
+    check: bool = True,
 ) -> dict[str, Any]:
-    """A device's desired state (ARCHITECTURE.md, "Desired state"), validated."""
-    return validate(
-        "desired",
-        {
-            "schema": SCHEMA_VERSION,
-            "device_id": device_id,
-            "generation": generation,
-            "issued_at": issued_at,
-            "expires_at": expires_at,
-            "models": models,
-            "rollout": rollout,
-        },
-    )
+    """A device's desired state (ARCHITECTURE.md, "Desired state"), validated unless the
+    caller checked an identical-shaped one already (``check=False``)."""
+    desired = {
+        "schema": SCHEMA_VERSION,
+        "device_id": device_id,
+        "generation": generation,
+        "issued_at": issued_at,
+        "expires_at": expires_at,
+        "models": models,
+        "rollout": rollout,
+    }
+    return validate("desired", desired) if check else desired

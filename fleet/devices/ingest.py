@@ -19,9 +19,16 @@ Delivery guarantee: at least once from the broker, exactly once in the tables.
 Throughput: the paho network thread only appends messages to a deque; the ``run`` loop
 takes batches (``INGEST_BATCH_SIZE`` messages or ``INGEST_FLUSH_MS``), validates them with
 ``agent.protocol.parse``, builds plain tuples and writes them with COPY into temporary
-tables, then one ``INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING`` per table. COPY costs
-the client about a third of the CPU of ``executemany`` or ``unnest`` arrays (measured in
-docs/benchmarks.md), and the client's CPU is what limits a Python bridge.
+tables, then one ``INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING`` per table. Measured
+on 1,000-row batches with the rollup upsert: COPY + INSERT … SELECT costs the client 3-5 µs
+of CPU per row (~55,000 rows/s), ``executemany`` 8 µs and one INSERT from ``unnest`` arrays
+10 µs; the client's CPU (one core, the GIL) is what limits a Python bridge, so COPY it is.
+bench/ingest.py measures the whole bridge.
+
+Limit: while a bridge is away, Mosquitto keeps at most ``max_queued_messages`` (1,000) for
+its session, its unacknowledged in-flight messages included; beyond that it drops messages
+it has already acknowledged to the devices. A restart must be quick, or another bridge of
+the group must be running (it only gets the share of new messages, though).
 """
 
 from __future__ import annotations
@@ -55,12 +62,14 @@ log = logging.getLogger(__name__)
 # A restarted bridge resumes its session (unacknowledged and queued messages) if it comes
 # back within this time. Mosquitto keeps routing a shared subscription's share to a member
 # that is offline but whose session lives, so a bridge that is gone for good swallows its
-# share of the traffic until its session expires: keep this short (docs/mqtt.md).
+# share of the traffic until its session expires: keep this short.
 SESSION_EXPIRY_S = 300
 # How many unacknowledged messages the broker may have in flight to us (MQTT v5 Receive
 # Maximum). Without it Mosquitto allows only max_inflight_messages (20), and acknowledging
-# after the commit would cap a batch at 20 messages. It also bounds the bridge's memory.
-RECEIVE_MAXIMUM = 20_000
+# after the commit would cap a batch at 20 messages. Beyond it Mosquitto queues only
+# max_queued_messages (1,000) more and then drops, so the bridge is the buffer that
+# absorbs a slow commit: the protocol's maximum, ~80 MB of 1 KB messages at worst.
+RECEIVE_MAXIMUM = 65_535
 # Device id -> pk is cached; the cache is dropped this often so that a device disabled or
 # retired stops being accepted (its broker credential is disabled at the same time anyway).
 DEVICE_CACHE_TTL_S = 60.0
@@ -75,7 +84,6 @@ AGENT_VERSION_MAX = 32
 
 STATUS = IngestKind.STATUS.value
 REPORTED = IngestKind.REPORTED.value
-EVENTS = IngestKind.EVENTS.value
 TELEMETRY = IngestKind.TELEMETRY.value
 
 DROP_REASONS = ("malformed", "schema", "too_large", "unknown_device", "bad_topic", "db_rejected")
@@ -326,6 +334,10 @@ class IngestBridge:
         if urlparse(self.url).scheme in ("mqtts", "wss"):
             client.tls_set()
         client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # An exception in a callback must be logged, not end the network thread (the
+        # bridge would stop receiving without anyone noticing).
+        client.suppress_exceptions = True
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -364,11 +376,15 @@ class IngestBridge:
 
     def _on_message(self, client, userdata, message) -> None:
         # Keep this minimal: it runs for every message on the network thread.
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = "(a topic that is not UTF-8)"  # counted as bad_topic, and acknowledged
         pending = self._pending
         pending.append(
             (
                 message.timestamp,
-                (self._epoch, message.mid, message.qos, message.retain, message.topic, message.payload),
+                (self._epoch, message.mid, message.qos, message.retain, topic, message.payload),
             )
         )
         if len(pending) >= self.batch_size:
@@ -560,7 +576,7 @@ class IngestBridge:
                     if state[3] is None or generation >= state[3]:
                         state[3], state[4] = generation, _json(data["models"])
                     online = True
-                else:
+                else:  # events
                     events.append(self._event_row(pk, data, now))
                     online = True
             except Exception as exc:  # one odd message must never stop the bridge

@@ -9,6 +9,7 @@ database change is undone so the two never disagree for long.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -325,36 +326,51 @@ def devices_assign(
     rollback is simply a newer generation that names the older version.
     """
     from fleet.registry.models import Artifact
-    from fleet.registry.services import desired_state_envelope
+    from fleet.registry.services import desired_model_entry, desired_state_envelope
+    from fleet.registry.signing import signing_key_active
 
     envelopes: list[tuple[str, bytes]] = []
+    _, private_key = signing_key_active()  # once, not per device: rollouts sign thousands
+    ids = sorted({device.pk for device in devices})
     with transaction.atomic():
-        locked = Device.objects.select_for_update().filter(pk__in=[d.pk for d in devices]).order_by("pk")
-        for device in locked:
-            if device.status != DeviceStatus.ACTIVE:
-                raise Conflict(
-                    f"{device} is {device.status}; only active devices get models.", code="device_not_active"
+        # One statement for any number of devices: the generation grows in the database
+        # itself, and the new models are merged over the ones each device already has.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE devices_device SET desired_generation = desired_generation + 1,"
+                " desired_artifacts = desired_artifacts || %s::jsonb"
+                " WHERE id = ANY(%s) AND status = %s"
+                " RETURNING device_id, desired_generation, desired_artifacts",
+                [json.dumps({name: a.pk for name, a in artifacts.items()}), ids, DeviceStatus.ACTIVE],
+            )
+            rows = cursor.fetchall()
+        if len(rows) != len(ids):
+            inactive = Device.objects.filter(pk__in=ids).exclude(status=DeviceStatus.ACTIVE).first()
+            raise Conflict(
+                f"{inactive} is {inactive.status if inactive else 'gone'}; only active devices get models.",
+                code="device_not_active",
+            )
+        rows = [
+            (device_id, generation, wanted if isinstance(wanted, dict) else json.loads(wanted))
+            for device_id, generation, wanted in rows
+        ]
+        wanted_ids = {pk for _, _, wanted in rows for pk in wanted.values()}
+        named = Artifact.objects.select_related("version__model").filter(pk__in=wanted_ids)
+        entry_of = {artifact.pk: desired_model_entry(artifact) for artifact in named}  # once per artifact
+        for number, (device_id, generation, wanted) in enumerate(rows):
+            envelopes.append(
+                (
+                    device_id,
+                    desired_state_envelope(
+                        device_id=device_id,
+                        generation=generation,
+                        entries={name: entry_of[pk] for name, pk in wanted.items()},
+                        rollout=rollout,
+                        private_key=private_key,
+                        check=number == 0,  # one batch, one shape: check the first
+                    ),
                 )
-            wanted = {
-                **device.desired_artifacts,
-                **{name: artifact.pk for name, artifact in artifacts.items()},
-            }
-            named = {
-                a.pk: a
-                for a in Artifact.objects.select_related("version__model").filter(pk__in=wanted.values())
-            }
-            generation = device.desired_generation + 1
-            envelope = desired_state_envelope(
-                device_id=device.device_id,
-                generation=generation,
-                artifacts={name: named[pk] for name, pk in wanted.items()},
-                rollout=rollout,
             )
-            Device.objects.filter(pk=device.pk).update(
-                desired_generation=generation, desired_artifacts=wanted
-            )
-            envelopes.append((device.device_id, envelope))
-
         transaction.on_commit(lambda: desired_publish(envelopes, now=publish == "now"))
     return envelopes
 

@@ -171,6 +171,7 @@ def mqtt_client(
     password: str | None = None,
     clean_start: bool = True,
     session_expiry_s: int = 0,
+    receive_maximum: int | None = None,
 ) -> mqtt.Client:
     """A connected MQTT v5 client with its network loop running (and reconnecting).
 
@@ -192,6 +193,8 @@ def mqtt_client(
     client.on_connect = on_connect
     properties = Properties(PacketTypes.CONNECT)
     properties.SessionExpiryInterval = session_expiry_s
+    if receive_maximum:  # how many QoS 1 messages the broker may have in flight to us
+        properties.ReceiveMaximum = receive_maximum
     client.connect(
         parsed.hostname or "127.0.0.1",
         parsed.port or 1883,

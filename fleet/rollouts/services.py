@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q, QuerySet, Sum
 from django.utils import timezone
 
@@ -201,17 +201,15 @@ def rollout_start(*, rollout: Rollout, by: AbstractBaseUser | None = None, reaso
         policy_snapshot=rollout.policy.snapshot(),
         started_at=timezone.now(),
     )
-    available = _ready_artifacts(rollout.target_version)
-    for device in devices:
-        _place(rollout, device, available)
+    _place(rollout, devices)
     return _enter_stage(rollout, 0)
 
 
-def _place(rollout: Rollout, device: Device, available: dict[str, Artifact]) -> Assignment:
+def _placement(rollout: Rollout, device: Device, available: dict[str, Artifact]) -> Assignment:
     variant, why = choose_variant(
         supports_int8=device.supports_int8, hardware=device.hardware, available=set(available)
     )
-    return Assignment.objects.create(
+    return Assignment(
         rollout=rollout,
         device=device,
         cohort_key=cohort_key(rollout.pk, device.device_id) >> 1,
@@ -222,15 +220,20 @@ def _place(rollout: Rollout, device: Device, available: dict[str, Artifact]) -> 
     )
 
 
+def _place(rollout: Rollout, devices: list[Device]) -> None:
+    available = _ready_artifacts(rollout.target_version)
+    Assignment.objects.bulk_create(
+        [_placement(rollout, device, available) for device in devices], batch_size=2000
+    )
+
+
 def place_new_devices(*, rollout: Rollout) -> int:
     """Devices that enrolled or joined a target group while the rollout runs get their
     place by the same hash (they join the current stage if the hash puts them there)."""
     known = rollout.assignments.values("device")
     new = [d for d in target_devices(targets=rollout.targets).exclude(pk__in=known)]
     new = [d for d in new if not _overlapping(rollout, [d])]
-    available = _ready_artifacts(rollout.target_version)
-    for device in new:
-        _place(rollout, device, available)
+    _place(rollout, new)
     return len(new)
 
 
@@ -245,30 +248,39 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
         min_devices=spec.get("min_devices", 1),
         eligible=eligible.count(),
     )
-    covered = list(eligible.select_related("device", "to_artifact")[:size])
-    to_notify = [a for a in covered if a.state == AssignmentState.PENDING]
+    covered = eligible.values_list("pk", "device_id", "to_artifact_id", "state")[:size]
+    to_notify = [
+        (pk, device_id, artifact_id)
+        for pk, device_id, artifact_id, state in covered
+        if state == AssignmentState.PENDING
+    ]
     model = rollout.model.name
-    by_artifact: dict[int, list[Assignment]] = defaultdict(list)
-    for assignment in to_notify:
-        device = assignment.device
-        assignment.from_version = (device.reported_models.get(model) or {}).get("version", "")
-        previous = device.desired_artifacts.get(model)
-        assignment.from_artifact_id = previous if previous != assignment.to_artifact_id else None
-        by_artifact[assignment.to_artifact_id].append(assignment)
+    ids = [pk for pk, _, _ in to_notify]
     now = timezone.now()
-    for group in by_artifact.values():
+    with connection.cursor() as cursor:
+        # What each device ran before (for a rollback), from its own row, for all at once.
+        cursor.execute(
+            "UPDATE rollouts_assignment AS a SET"
+            " from_version = COALESCE(d.reported_models -> %s ->> 'version', ''),"
+            " from_artifact_id = NULLIF((d.desired_artifacts ->> %s)::bigint, a.to_artifact_id)"
+            " FROM devices_device AS d WHERE a.device_id = d.id AND a.id = ANY(%s)",
+            [model, model, ids],
+        )
+    by_artifact: dict[int, list[int]] = defaultdict(list)
+    for _, device_id, artifact_id in to_notify:
+        by_artifact[artifact_id].append(device_id)
+    for artifact_id, device_ids in by_artifact.items():
         devices_assign(
-            devices=[a.device for a in group],
-            artifacts={model: group[0].to_artifact},
+            devices=[Device(pk=pk) for pk in device_ids],
+            artifacts={model: Artifact.objects.get(pk=artifact_id)},
             rollout={"id": rollout.pk, "stage": stage},
         )
-        generations = dict(
-            Device.objects.filter(pk__in=[a.device_id for a in group]).values_list("pk", "desired_generation")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE rollouts_assignment AS a SET generation = d.desired_generation, stage = %s, state = %s,"
+            " notified_at = %s FROM devices_device AS d WHERE a.device_id = d.id AND a.id = ANY(%s)",
+            [stage, AssignmentState.NOTIFIED, now, ids],
         )
-        for assignment in group:
-            assignment.generation = generations[assignment.device_id]
-            assignment.stage, assignment.state, assignment.notified_at = stage, AssignmentState.NOTIFIED, now
-            assignment.save()
     Rollout.objects.filter(pk=rollout.pk).update(
         current_stage=stage, stage_started_at=now, awaiting_approval=False
     )

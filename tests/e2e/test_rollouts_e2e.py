@@ -47,6 +47,7 @@ STAGE_TIMEOUT = 30
 def control_plane(live_server, settings, broker, digits):
     settings.PUBLIC_BASE_URL = live_server.url
     settings.MQTT_INGEST_PASSWORD = broker.ingest_password
+    settings.ENROLL_RATE = "1000/minute"  # twenty devices enroll from one address in a second
     model = MLModel.objects.create(name="digits", labels=digits.LABELS)
     golden = digits.golden_set_npz()
     from django.core.files.uploadedfile import SimpleUploadedFile
@@ -87,43 +88,49 @@ def agents(control_plane, bridge, broker, tmp_path):
     _, key = enrollment_token_create(name="e2e", auto_approve=True)
     trusted = [signing_key.public_key for signing_key in SigningKey.objects.all()]
     running = []
-    for n in range(DEVICES):
-        device_id = f"e2e-{n:02d}"
-        int8 = n % 2 == 0
-        answer = requests.post(
-            f"{control_plane['url']}/api/v1/enroll",
-            json={
-                "device_id": device_id,
-                "enrollment_token": key,
-                "identity": {"hardware": "test-box", "supports_int8": int8, "agent_version": "0.1.0"},
-            },
-            timeout=10,
-        ).json()
-        config = parse_config(
-            {
-                "device_id": device_id,
-                "state_dir": str(tmp_path / device_id),
-                "telemetry_interval_s": 0.5,
-                "broker": {
-                    "url": broker.url,
-                    "username": answer["mqtt"]["username"],
-                    "password": answer["mqtt"]["password"],
+    # Fresh ids each test: the broker keeps the retained messages of earlier tests' devices.
+    run = uuid.uuid4().hex[:4]
+    try:
+        for n in range(DEVICES):
+            device_id = f"e2e-{run}-{n:02d}"
+            int8 = n % 2 == 0
+            answer = requests.post(
+                f"{control_plane['url']}/api/v1/enroll",
+                json={
+                    "device_id": device_id,
+                    "enrollment_token": key,
+                    "identity": {"hardware": "test-box", "supports_int8": int8, "agent_version": "0.1.0"},
                 },
-                "control_plane": {"url": control_plane["url"], "token": answer["token"]},
-                "trust": {"public_keys": trusted},
-                "local_api": {"bind": "127.0.0.1:0"},
-                "device": {"int8": int8},
-                "limits": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "reconnect_initial_s": 0.1},
-            }
-        )
-        agent = Agent(config)
-        agent.start()
-        running.append(agent)
-    for agent in running:
-        wait_until(agent.link.connected.is_set, timeout=20, message=f"{agent.config.device_id} to connect")
-    yield running
-    for agent in running:
-        agent.stop()
+                timeout=10,
+            ).json()
+            config = parse_config(
+                {
+                    "device_id": device_id,
+                    "state_dir": str(tmp_path / device_id),
+                    "telemetry_interval_s": 0.5,
+                    "broker": {
+                        "url": broker.url,
+                        "username": answer["mqtt"]["username"],
+                        "password": answer["mqtt"]["password"],
+                    },
+                    "control_plane": {"url": control_plane["url"], "token": answer["token"]},
+                    "trust": {"public_keys": trusted},
+                    "local_api": {"bind": "127.0.0.1:0"},
+                    "device": {"int8": int8},
+                    "limits": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "reconnect_initial_s": 0.1},
+                }
+            )
+            agent = Agent(config)
+            agent.start()
+            running.append(agent)
+        for agent in running:
+            wait_until(
+                agent.link.connected.is_set, timeout=20, message=f"{agent.config.device_id} to connect"
+            )
+        yield running
+    finally:  # also when setting up failed half-way: no agent outlives its test
+        for agent in running:
+            agent.stop()
 
 
 def everyone_on(agents, version: str) -> bool:
