@@ -169,14 +169,9 @@ def post_feedback(agent, digits, samples: int) -> None:
         )
 
 
-def test_v2_promotes_through_its_stages_and_v3_is_rolled_back_by_the_accuracy_gate(
-    control_plane, agents, digits
-):
-    artifacts = control_plane["artifacts"]
-    devices = list(Device.objects.filter(device_id__startswith="e2e-").order_by("device_id"))
-    assert len(devices) == DEVICES and all(d.status == DeviceStatus.ACTIVE for d in devices)
-
-    # v1 everywhere, the variant by the rule.
+def v1_everywhere(agents, devices, artifacts) -> None:
+    """Put v1 on every device (the variant by the rule) and wait until the agents serve it
+    and the control plane, through the ingest bridge, sees it."""
     for variant, group in (
         ("int8", [d for d in devices if d.supports_int8]),
         ("float32", [d for d in devices if not d.supports_int8]),
@@ -193,6 +188,17 @@ def test_v2_promotes_through_its_stages_and_v3_is_rolled_back_by_the_accuracy_ga
         timeout=30,
         message="the control plane to see v1 everywhere",
     )
+
+
+def test_v2_promotes_through_its_stages_and_v3_is_rolled_back_by_the_accuracy_gate(
+    control_plane, agents, digits
+):
+    artifacts = control_plane["artifacts"]
+    devices = list(Device.objects.filter(device_id__startswith="e2e-").order_by("device_id"))
+    assert len(devices) == DEVICES and all(d.status == DeviceStatus.ACTIVE for d in devices)
+
+    # v1 everywhere, the variant by the rule.
+    v1_everywhere(agents, devices, artifacts)
 
     # v2 in stages 10 / 50 / 100 % with a soak.
     staged = RolloutPolicy.objects.create(
@@ -275,22 +281,7 @@ def test_an_artifact_that_fails_its_golden_check_on_devices_pauses_at_stage_one(
     golden_failed, and the install-failure gate pauses the rollout at its first stage."""
     artifacts = control_plane["artifacts"]
     devices = list(Device.objects.filter(device_id__startswith="e2e-"))
-    for variant, group in (
-        ("int8", [d for d in devices if d.supports_int8]),
-        ("float32", [d for d in devices if not d.supports_int8]),
-    ):
-        devices_assign(devices=group, artifacts={"digits": artifacts[("1.0.0", variant)]}, publish="now")
-    wait_until(lambda: everyone_on(agents, "1.0.0"), timeout=60, message="v1 everywhere")
-    wait_until(
-        lambda: (
-            Device.objects.filter(
-                device_id__startswith="e2e-", reported_models__digits__version="1.0.0", online=True
-            ).count()
-            == DEVICES
-        ),
-        timeout=30,
-        message="the control plane to see v1 everywhere",
-    )
+    v1_everywhere(agents, devices, artifacts)
     for variant in ("int8", "float32"):
         claimed = artifacts[("3.0.0", variant)]
         claimed.golden_accuracy = 0.975
