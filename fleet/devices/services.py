@@ -315,22 +315,21 @@ def device_get(*, device_id: str) -> Device:
 
 def devices_assign(
     *, devices: list[Device], artifacts: dict[str, Any], rollout: dict | None = None, publish: str = "celery"
-) -> list[tuple[str, bytes]]:
+) -> list[tuple[str, int]]:
     """Give each device a new, higher desired generation naming ``artifacts`` (model name ->
-    ready Artifact) besides the models it already has, and sign it. Returns the envelopes.
+    ready Artifact) besides the models it already has. Returns (device id, generation).
 
-    They are published retained once the transaction commits: by chunked Celery tasks
-    (``publish="celery"``, for rollouts of any size) or right away in this process
-    (``publish="now"``, for a command that should report a broker error). The generation
-    only grows, so an agent never mistakes a new command for a replay, and a model
-    rollback is simply a newer generation that names the older version.
+    Everything that could refuse happens here, inside the transaction: inactive devices,
+    artifacts that are not ready, revoked versions, a payload that breaks the contract
+    (the first one is signed and checked). Once it commits, the desired states are signed
+    and published retained: by chunked Celery tasks (``publish="celery"``: workers sign and
+    publish in parallel) or right here (``publish="now"``, for a command that should report
+    a broker error). The generation only grows, so an agent never mistakes a new command
+    for a replay, and a model rollback is simply a newer generation naming the older version.
     """
     from fleet.registry.models import Artifact
-    from fleet.registry.services import desired_model_entry, desired_state_envelope
-    from fleet.registry.signing import signing_key_active
+    from fleet.registry.services import desired_model_entry
 
-    envelopes: list[tuple[str, bytes]] = []
-    _, private_key = signing_key_active()  # once, not per device: rollouts sign thousands
     ids = sorted({device.pk for device in devices})
     with transaction.atomic():
         # One statement for any number of devices: the generation grows in the database
@@ -350,44 +349,67 @@ def devices_assign(
                 f"{inactive} is {inactive.status if inactive else 'gone'}; only active devices get models.",
                 code="device_not_active",
             )
-        rows = [
+        states = [
             (device_id, generation, wanted if isinstance(wanted, dict) else json.loads(wanted))
             for device_id, generation, wanted in rows
         ]
-        wanted_ids = {pk for _, _, wanted in rows for pk in wanted.values()}
+        wanted_ids = {pk for _, _, wanted in states for pk in wanted.values()}
         named = Artifact.objects.select_related("version__model").filter(pk__in=wanted_ids)
-        entry_of = {artifact.pk: desired_model_entry(artifact) for artifact in named}  # once per artifact
-        for number, (device_id, generation, wanted) in enumerate(rows):
-            envelopes.append(
-                (
-                    device_id,
-                    desired_state_envelope(
-                        device_id=device_id,
-                        generation=generation,
-                        entries={name: entry_of[pk] for name, pk in wanted.items()},
-                        rollout=rollout,
-                        private_key=private_key,
-                        check=number == 0,  # one batch, one shape: check the first
-                    ),
-                )
-            )
-        transaction.on_commit(lambda: desired_publish(envelopes, now=publish == "now"))
-    return envelopes
+        entries = {artifact.pk: desired_model_entry(artifact) for artifact in named}  # once per artifact
+        if states:
+            sign_desired_states(states=states[:1], entries=entries, rollout=rollout)  # refuses a bad shape
+        transaction.on_commit(lambda: desired_publish(states, entries, rollout, now=publish == "now"))
+    return [(device_id, generation) for device_id, generation, _ in states]
 
 
-def desired_publish(envelopes: list[tuple[str, bytes]], *, now: bool = False) -> None:
-    """Publish signed desired states: here and now, or in Celery tasks of
-    DESIRED_PUBLISH_CHUNK states each (workers publish in parallel; a failed chunk is
-    retried, and re-publishing a generation is harmless)."""
+def sign_desired_states(
+    *,
+    states: list[tuple[str, int, dict[str, int]]],
+    entries: dict[int, dict],
+    rollout: dict | None,
+) -> list[tuple[str, bytes]]:
+    """Sign (device id, generation, model -> artifact id) states. The key is read once and
+    the payload shape checked once: the states of one batch differ only in id and generation."""
+    from fleet.registry.services import desired_state_envelope
+    from fleet.registry.signing import signing_key_active
+
+    _, private_key = signing_key_active()
+    return [
+        (
+            device_id,
+            desired_state_envelope(
+                device_id=device_id,
+                generation=generation,
+                entries={name: entries[pk] for name, pk in wanted.items()},
+                rollout=rollout,
+                private_key=private_key,
+                check=number == 0,
+            ),
+        )
+        for number, (device_id, generation, wanted) in enumerate(states)
+    ]
+
+
+def desired_publish(
+    states: list[tuple[str, int, dict[str, int]]],
+    entries: dict[int, dict],
+    rollout: dict | None,
+    *,
+    now: bool = False,
+) -> None:
+    """Sign and publish desired states: here and now, or in Celery tasks of
+    DESIRED_PUBLISH_CHUNK states each (workers sign and publish in parallel; a failed chunk
+    is retried, and re-publishing a generation is harmless)."""
     from django.conf import settings
 
     from fleet.mqtt.publisher import publish_desired
     from fleet.mqtt.tasks import publish_desired_task
 
     if now:
-        publish_desired(envelopes)
+        publish_desired(sign_desired_states(states=states, entries=entries, rollout=rollout))
         return
     size = settings.DESIRED_PUBLISH_CHUNK
-    for start in range(0, len(envelopes), size):
-        chunk = [(device_id, envelope.decode()) for device_id, envelope in envelopes[start : start + size]]
-        publish_desired_task.delay(chunk)
+    for start in range(0, len(states), size):
+        chunk = states[start : start + size]
+        used = {pk for _, _, wanted in chunk for pk in wanted.values()}
+        publish_desired_task.delay(chunk, {str(pk): entries[pk] for pk in used}, rollout)

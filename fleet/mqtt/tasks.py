@@ -5,6 +5,13 @@ from fleet.mqtt.publisher import publish_desired
 
 
 @shared_task(autoretry_for=(BrokerError, OSError), retry_backoff=True, retry_backoff_max=60, max_retries=10)
-def publish_desired_task(envelopes: list[tuple[str, str]]) -> int:
-    """Publish one chunk of signed desired states (thin: fleet.mqtt.publisher)."""
-    return publish_desired([(device_id, envelope.encode()) for device_id, envelope in envelopes])
+def publish_desired_task(states: list, entries: dict[str, dict], rollout: dict | None) -> int:
+    """Sign and publish one chunk of desired states (thin: the work is in the services)."""
+    from fleet.devices.services import sign_desired_states
+
+    signed = sign_desired_states(
+        states=[(device_id, generation, wanted) for device_id, generation, wanted in states],
+        entries={int(pk): entry for pk, entry in entries.items()},  # JSON made the keys strings
+        rollout=rollout,
+    )
+    return publish_desired(signed)

@@ -238,3 +238,25 @@ def test_editing_the_policy_does_not_change_a_running_rollout(world):
     RolloutPolicy.objects.update(stages=[{"kind": "percent", "value": 100}])
     rollout.refresh_from_db()
     assert len(rollout.stages) == 3
+
+
+def test_a_device_that_joins_the_targets_later_gets_its_place_by_the_same_hash(world):
+    from fleet.rollouts.cohort import cohort_key
+
+    rollout = start(world, gates={})
+    newcomer = Device.objects.create(device_id="cam-new", status=DeviceStatus.ACTIVE, tags=["fleet"])
+    services.rollout_evaluate(rollout_id=rollout.pk)
+    placed = Assignment.objects.get(rollout=rollout, device=newcomer)
+    assert placed.cohort_key == cohort_key(rollout.pk, "cam-new") >> 1
+    assert placed.variant == "int8"  # the rule, from its declared capabilities
+
+
+def test_devices_that_never_pick_up_stop_blocking_after_the_timeout(world):
+    rollout = start(world, gates={}, pickup_timeout_seconds=60)
+    # One of the stage's two devices installs, the other stays offline: the stage waits …
+    first = rollout.assignments.filter(state=AssignmentState.NOTIFIED).select_related("device").first()
+    report(first.device, "2.0.0", first.variant)
+    assert services.rollout_evaluate(rollout_id=rollout.pk) == Decision.WAIT
+    # … until the pick-up timeout says the silent one no longer counts.
+    later = timezone.now() + timedelta(seconds=61)
+    assert services.rollout_evaluate(rollout_id=rollout.pk, now=later) == Decision.PROMOTE

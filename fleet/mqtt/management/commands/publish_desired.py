@@ -30,9 +30,8 @@ class Command(BaseCommand):
             artifact = version.artifacts.filter(variant=variant, status=ArtifactStatus.READY).first()
             if artifact is None:
                 raise CommandError(f"{version} has no ready {variant!r} artifact.")
-            envelopes = devices_assign(devices=list(found), artifacts={model: artifact}, publish="now")
+            assigned = devices_assign(devices=list(found), artifacts={model: artifact}, publish="now")
         except (ServiceError, BrokerError) as exc:
             raise CommandError(str(exc)) from exc
-        for device_id, _ in envelopes:
-            generation = Device.objects.get(device_id=device_id).desired_generation
+        for device_id, generation in assigned:
             self.stdout.write(f"{device_id}: {model} {model_version} [{variant}], generation {generation}")
