@@ -286,7 +286,9 @@ def main() -> int:
     table = Table(title=f"Rollout fan-out, {args.devices:,} devices")
     for column in ("measure", "value", "limit"):
         table.add_column(column)
-    table.add_row("promote → committed (generations, checks, chunks queued)", f"{committed - started:.2f} s", "")
+    table.add_row(
+        "promote → committed (generations, checks, chunks queued)", f"{committed - started:.2f} s", ""
+    )
     table.add_row("promote → subscriber has every desired state", f"{fanout_s:.2f} s", "")
     table.add_row(
         f"bare paho: {args.devices:,} x {size} B at QoS 1, all PUBACKs", f"{bare_acked_s:.2f} s", ""
