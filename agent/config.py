@@ -103,6 +103,9 @@ class LimitsConfig:
     reconnect_max_s: float = 60.0
     drain_timeout_s: float = 30.0
     recent_predictions: int = 10_000  # how many prediction ids are kept for feedback
+    # Requests waiting for the shadow model (docs/agent.md, "Shadow evaluation"); when full,
+    # a sampled request is counted as skipped instead of making its caller wait.
+    shadow_queue_samples: int = 64
 
 
 @dataclass(frozen=True)

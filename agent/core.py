@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ from agent.download import Downloader, StreamingUnpacker, TransferError, decompr
 from agent.localapi import LocalApi, as_inputs
 from agent.mqtt import MqttLink
 from agent.serving import LoadedModel, Models
+from agent.shadow import Shadow, ShadowRunner
 from agent.store import Installed, ModelState, Store
 from agent.telemetry import TelemetryWindow, health_snapshot, telemetry_message
 
@@ -85,6 +87,12 @@ class Agent:
         self.state = self.store.load_state()
         self.models = Models()
         self.window = TelemetryWindow()
+        self.shadows = ShadowRunner(
+            window=self.window,
+            queue_samples=config.limits.shadow_queue_samples,
+            prepare=as_inputs,
+            name=f"shadow-{config.device_id}",
+        )
         self.keys = protocol.trusted_keys(list(config.trusted_keys))
         headers = {"User-Agent": f"fleet-agent/{__version__}"}
         if config.control_plane.token:
@@ -140,8 +148,27 @@ class Agent:
                 self._remember_labels(name, installed)
                 if installed != entry.active:
                     log.warning("serving previous version %s of %s", installed.key, name)
-                    self.state.models[name] = ModelState(active=installed, previous=None)
+                    self.state.models[name] = dataclasses.replace(entry, active=installed, previous=None)
                 break
+            self._load_shadow_from_disk(name)
+
+    def _load_shadow_from_disk(self, name: str) -> None:
+        """Resume the shadow the state file names: the desired state that asked for it is
+        applied already, so its retained copy will not ask again."""
+        entry = self.state.models[name]
+        if entry.shadow is None:
+            return
+        try:
+            if not self.store.is_complete(name, entry.shadow):
+                raise runtime.RuntimeLoadError("its files are incomplete")
+            model = LoadedModel.load(
+                name, entry.shadow.version, entry.shadow.variant, self.store.model_path(name, entry.shadow)
+            )
+        except runtime.RuntimeLoadError as exc:
+            log.error("cannot resume shadow %s %s from disk: %s", name, entry.shadow.key, exc)
+            self.state.models[name] = dataclasses.replace(entry, shadow=None, shadow_sample_rate=None)
+            return
+        self.shadows.install(Shadow(model, entry.shadow_sample_rate or 1.0))
 
     def start(self) -> None:
         # Serving threads wait for the GIL while an update loads and checks a candidate;
@@ -170,6 +197,7 @@ class Agent:
             model.wait_drained(self.config.limits.drain_timeout_s)
         for thread in self._threads:
             thread.join(timeout=self.config.limits.drain_timeout_s)
+        self.shadows.stop(timeout=self.config.limits.drain_timeout_s)
         self._publish_telemetry()
         self.link.stop()
 
@@ -237,12 +265,20 @@ class Agent:
             log.info("event %s generation=%s model=%s %s", kind, generation, model, version or "")
         self.link.publish("events", protocol.validate("events", event))
 
+    def _versions(self, name: str, version: str, variant: str) -> dict[str, Any]:
+        """A model's version and variant, with its shadow's while one is loaded (addition 5)."""
+        entry: dict[str, Any] = {"version": version, "variant": variant}
+        shadow = self.shadows.get(name)
+        if shadow is not None:
+            entry["shadow"] = {"version": shadow.model.version, "variant": shadow.model.variant}
+        return entry
+
     def reported(self) -> dict[str, Any]:
         return {
             "generation": self.state.applied_generation,
             "ts": utc_now(),
             "models": {
-                name: {"version": entry.active.version, "variant": entry.active.variant}
+                name: self._versions(name, entry.active.version, entry.active.variant)
                 for name, entry in self.state.models.items()
                 if entry.active is not None
             },
@@ -253,7 +289,7 @@ class Agent:
 
     def _publish_telemetry(self) -> None:
         message = telemetry_message(
-            models=self.window.take(),
+            models=self.window.take(loaded=self.shadows.telemetry_loaded(self.models.live())),
             window_s=self.config.telemetry_interval_s,
             health=health_snapshot(
                 state_dir=self.config.state_dir, started_at=self.started_at, process=self._process
@@ -277,7 +313,7 @@ class Agent:
             "agent_version": __version__,
             "runtime": {"name": rt.name, "version": rt.version},
             "models": {
-                name: {"version": m.version, "variant": m.variant} for name, m in self.models.live().items()
+                name: self._versions(name, m.version, m.variant) for name, m in self.models.live().items()
             },
             "applied_generation": self.state.applied_generation,
             "mqtt_connected": self.link.connected.is_set(),
@@ -303,6 +339,8 @@ class Agent:
                 self.window.record_inference(name, live.version, live.variant, 0.0, error=True)
             raise
         self.window.record_inference(name, prediction.version, prediction.variant, prediction.latency_ms)
+        # The live answer is computed; mirroring it to a shadow costs the caller only this.
+        self.shadows.offer(name, raw_inputs, prediction)
         first = prediction.outputs[0]
         predicted = int(np.argmax(first.reshape(-1))) if first.ndim <= 2 and first.shape[0] == 1 else None
         labels = self.labels.get(name) or []
@@ -437,6 +475,27 @@ class Agent:
     # --- one model
 
     def _apply_model(self, name: str, spec: dict[str, Any], generation: int) -> None:
+        self._apply_live(name, spec, generation)
+        self._apply_shadow(name, spec.get("shadow"), generation)
+
+    def _fetch_and_check(
+        self, name: str, spec: dict[str, Any], wanted: Installed, common: dict[str, Any]
+    ) -> tuple[LoadedModel, dict[str, Any]]:
+        """Everything a candidate goes through before it may serve (or shadow): the
+        manifest's signature and pin, the size and hardware fit, the blob and raw hashes,
+        the golden set; then a loaded, smoke-run interpreter beside the live one."""
+        self._event("downloading", **common)
+        manifest_payload, manifest = self._fetch_manifest(name, spec)
+        self._check_fits(manifest)
+        if not self.store.is_complete(name, wanted):
+            raw_temp, golden = self._fetch_artifact(name, spec, manifest)
+            self._crash_point("after_download")
+            self.store.install(name, wanted, tflite_temp=raw_temp, manifest=manifest_payload, golden=golden)
+            self._crash_point("after_install")
+        self._event("verifying", **common)
+        return self._load_and_check(name, wanted, manifest), manifest
+
+    def _apply_live(self, name: str, spec: dict[str, Any], generation: int) -> None:
         wanted = Installed(spec["version"], spec["variant"])
         entry = self.state.models.get(name, ModelState())
         if entry.active == wanted and self.models.slot(name).live is not None:
@@ -448,18 +507,7 @@ class Agent:
             "variant": wanted.variant,
         }
         try:
-            self._event("downloading", **common)
-            manifest_payload, manifest = self._fetch_manifest(name, spec)
-            self._check_fits(manifest)
-            if not self.store.is_complete(name, wanted):
-                raw_temp, golden = self._fetch_artifact(name, spec, manifest)
-                self._crash_point("after_download")
-                self.store.install(
-                    name, wanted, tflite_temp=raw_temp, manifest=manifest_payload, golden=golden
-                )
-                self._crash_point("after_install")
-            self._event("verifying", **common)
-            candidate = self._load_and_check(name, wanted, manifest)
+            candidate, manifest = self._fetch_and_check(name, spec, wanted, common)
         except Refusal as refusal:
             refusal.model = name
             raise
@@ -470,12 +518,74 @@ class Agent:
         self.last_serving_ms = (time.perf_counter() - self._apply_started) * 1000
         self.labels[name] = manifest.get("labels", [])
         old = entry.active if previous is not None else None
-        self.state.models[name] = ModelState(active=wanted, previous=old if old != wanted else entry.previous)
+        self.state.models[name] = dataclasses.replace(
+            entry, active=wanted, previous=old if old != wanted else entry.previous
+        )
         self.store.save_state(self.state)
-        self.store.prune(name, {item for item in (wanted, self.state.models[name].previous) if item})
+        self.store.prune(name, self.state.models[name].kept())
         self._event(
             "active", **common, message=f"serving {self.last_serving_ms:.0f} ms after the desired state"
         )
+
+    # --- one model's shadow (docs/protocol.md addition 5)
+
+    def _apply_shadow(self, name: str, spec: dict[str, Any] | None, generation: int) -> None:
+        """Run the shadow ``spec`` names beside the live model, or none when it is None.
+
+        A shadow goes through every check a live candidate does, with events naming the
+        shadow's version. A refused shadow publishes ``failed`` with its reason code and
+        changes nothing else: the live model keeps serving and the generation is applied.
+        """
+        if spec is None:
+            self._unload_shadow(name)
+            return
+        wanted = Installed(spec["version"], spec["variant"])
+        rate = float(spec["sample_rate"])
+        current = self.shadows.get(name)
+        if current is not None and Installed(current.model.version, current.model.variant) == wanted:
+            if current.sample_rate != rate:
+                self.shadows.install(Shadow(current.model, rate))
+                self._set_shadow_state(name, wanted, rate)
+            return
+        common = {
+            "generation": generation,
+            "model": name,
+            "version": wanted.version,
+            "variant": wanted.variant,
+        }
+        try:
+            candidate, _manifest = self._fetch_and_check(name, spec, wanted, common)
+        except Exception as exc:  # a shadow never refuses the live part of a desired state
+            if isinstance(exc, Refusal):
+                reason, message = exc.reason, exc.message
+            else:
+                log.exception("shadow %s %s failed unexpectedly", name, wanted.key)
+                reason, message = "load_failed", f"unexpected error: {exc}"
+            self._event("failed", **common, reason=reason, message=f"shadow: {message}")
+            # The desired state no longer names the shadow that ran so far: stop it too.
+            self._unload_shadow(name)
+            return
+        self.shadows.install(Shadow(candidate, rate))
+        self._set_shadow_state(name, wanted, rate)
+        self._event("shadow", **common, message=f"running in shadow on {rate * 100:g} % of requests")
+
+    def _set_shadow_state(self, name: str, shadow: Installed | None, rate: float | None) -> None:
+        entry = self.state.models.get(name, ModelState())
+        self.state.models[name] = dataclasses.replace(entry, shadow=shadow, shadow_sample_rate=rate)
+        self.store.save_state(self.state)
+        self.store.prune(name, self.state.models[name].kept())
+
+    def _unload_shadow(self, name: str) -> None:
+        """Stop shadowing ``name``: the interpreter is freed once the shadow thread lets go
+        of the sample it may be running, and its files once nothing else keeps them."""
+        removed = self.shadows.remove(name)
+        if removed is not None:
+            log.info("shadow %s %s-%s unloaded", name, removed.model.version, removed.model.variant)
+        entry = self.state.models.get(name)
+        if entry is not None and entry.shadow is not None:
+            self._set_shadow_state(name, None, None)
+        elif entry is not None:
+            self.store.prune(name, entry.kept())  # a refused shadow may have left its files
 
     def _transfer(self, exc: TransferError) -> Refusal:
         return Refusal(exc.reason, str(exc), permanent=exc.permanent)

@@ -66,6 +66,7 @@ class Prediction:
     version: str
     variant: str
     latency_ms: float
+    output_details: list[dict] | None = None  # of the model that answered, for shadow comparison
 
 
 class ModelSlot:
@@ -104,7 +105,10 @@ class ModelSlot:
                 outputs = model.predict(prepare(raw_inputs, model.input_details()))
             except ValueError as exc:
                 raise BadInput(str(exc)) from exc
-            return Prediction(outputs, model.version, model.variant, (time.perf_counter() - started) * 1000)
+            latency_ms = (time.perf_counter() - started) * 1000
+            return Prediction(
+                outputs, model.version, model.variant, latency_ms, model.details[1] if model.details else None
+            )
         finally:
             self._release(model)
 

@@ -2,7 +2,7 @@
 
 Layout under ``state_dir``::
 
-    state.json                                   applied generation, active/previous per model
+    state.json                                   applied generation, active/previous/shadow per model
     models/<model>/<version>-<variant>/model.tflite
     models/<model>/<version>-<variant>/manifest.json   the verified manifest payload
     models/<model>/<version>-<variant>/golden.npz      when the version has one
@@ -74,6 +74,14 @@ class Installed:
 class ModelState:
     active: Installed | None = None
     previous: Installed | None = None
+    # The candidate running in shadow (docs/protocol.md addition 5), so that a restart
+    # resumes it: the retained desired state that named it is already applied.
+    shadow: Installed | None = None
+    shadow_sample_rate: float | None = None
+
+    def kept(self) -> set[Installed]:
+        """The versions whose files must stay on disk: active, previous and shadow."""
+        return {item for item in (self.active, self.previous, self.shadow) if item is not None}
 
 
 @dataclass
@@ -94,7 +102,12 @@ class AgentState:
         return cls(
             applied_generation=int(raw.get("applied_generation", 0)),
             models={
-                name: ModelState(installed(entry.get("active")), installed(entry.get("previous")))
+                name: ModelState(
+                    installed(entry.get("active")),
+                    installed(entry.get("previous")),
+                    installed(entry.get("shadow")),
+                    entry.get("shadow_sample_rate"),
+                )
                 for name, entry in raw.get("models", {}).items()
             },
         )
@@ -146,7 +159,8 @@ class Store:
         return directory / "model.tflite"
 
     def prune(self, model: str, keep: set[Installed]) -> None:
-        """Remove versions of ``model`` other than ``keep`` (the active and previous ones)."""
+        """Remove versions of ``model`` other than ``keep`` (``ModelState.kept()``: the
+        active, previous and shadow ones)."""
         keys = {item.key for item in keep}
         model_root = self.models_dir / model
         if not model_root.is_dir():

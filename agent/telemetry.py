@@ -8,6 +8,7 @@ latencies go into a fixed log-spaced histogram whose percentiles are exact to on
 
 from __future__ import annotations
 
+import enum
 import math
 import shutil
 import threading
@@ -97,12 +98,65 @@ class _ModelWindow:
         return entry
 
 
+class ShadowOutcome(enum.StrEnum):
+    """What became of one request sampled for the shadow (docs/protocol.md addition 5)."""
+
+    COMPARED = "compared"  # the shadow answered; agreement and difference recorded
+    ERROR = "error"  # the shadow failed on the request (bad input for it, runtime error)
+    SKIPPED = "skipped"  # never ran: the queue was full, or the shadow was unloaded meanwhile
+
+
+@dataclass
+class _ShadowWindow:
+    # The live version the samples were compared with most recently: a window whose live
+    # model served nothing still needs a live entry to carry the shadow's.
+    live_version: str
+    live_variant: str
+    sampled: int = 0
+    compared: int = 0
+    agreed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    abs_diff_sum: float = 0.0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def as_message(self, version: str, variant: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "version": version,
+            "variant": variant,
+            "sampled": self.sampled,
+            "compared": self.compared,
+            "agreed": self.agreed,
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "mean_abs_diff": self.abs_diff_sum / self.compared if self.compared else None,
+        }
+        if self.latency.count:
+            entry["latency_ms"] = {
+                name: round(self.latency.percentile(q), 3)
+                for name, q in (("p50", 50), ("p95", 95), ("p99", 99))
+            }
+        return entry
+
+
+@dataclass(frozen=True)
+class LoadedShadow:
+    """A shadow loaded beside a live model when a window closes: reported even if nothing
+    was sampled, so a gate can tell "no traffic" from "no shadow"."""
+
+    live_version: str
+    live_variant: str
+    version: str
+    variant: str
+
+
 class TelemetryWindow:
     """Counters per (model, version, variant) for the current window; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._windows: dict[tuple[str, str, str], _ModelWindow] = {}
+        self._shadows: dict[tuple[str, str, str], _ShadowWindow] = {}
 
     def _window(self, key: tuple[str, str, str]) -> _ModelWindow:
         window = self._windows.get(key)
@@ -130,8 +184,47 @@ class TelemetryWindow:
             window.labeled += 1
             window.correct += int(correct)
 
-    def take(self) -> dict[str, dict[str, Any]]:
+    def record_shadow(
+        self,
+        model: str,
+        version: str,
+        variant: str,
+        *,
+        live_version: str,
+        live_variant: str,
+        outcome: ShadowOutcome,
+        agreed: bool = False,
+        abs_diff: float = 0.0,
+        latency_ms: float = 0.0,
+    ) -> None:
+        """Count one sample of the shadow ``version``/``variant`` once its outcome is known.
+        Counting at resolution (not when the sample is queued) keeps every window's own
+        invariants: sampled = compared + errors + skipped, agreed <= compared."""
+        with self._lock:
+            window = self._shadows.get((model, version, variant))
+            if window is None:
+                window = self._shadows[(model, version, variant)] = _ShadowWindow(live_version, live_variant)
+            window.live_version, window.live_variant = live_version, live_variant
+            window.sampled += 1
+            if outcome is ShadowOutcome.COMPARED:
+                window.compared += 1
+                window.agreed += int(agreed)
+                window.abs_diff_sum += abs_diff
+                window.latency.record(latency_ms)
+            elif outcome is ShadowOutcome.ERROR:
+                window.errors += 1
+            else:
+                window.skipped += 1
+
+    def take(self, *, loaded: dict[str, LoadedShadow] | None = None) -> dict[str, dict[str, Any]]:
         """Return the window's counters per model name and start a new window.
+
+        ``loaded`` names the shadows loaded right now (model -> :class:`LoadedShadow`).
+        A model's entry gets a ``shadow`` object when a shadow is loaded or anything was
+        sampled; of several shadow versions in one window (a new shadow replaced the old
+        one) the one with the most samples is reported, as for the live entry. A model
+        whose live version served nothing still gets a live entry with zero counters when
+        it carries a shadow.
 
         The contract has one entry per model name, but a hot swap inside a window leaves
         counters for two versions of one model. We report the version that served the
@@ -142,15 +235,34 @@ class TelemetryWindow:
         """
         with self._lock:
             windows, self._windows = self._windows, {}
+            shadows, self._shadows = self._shadows, {}
         chosen: dict[str, tuple[str, str, _ModelWindow]] = {}
         # Dicts keep insertion order, so a later version comes later in this loop.
         for (model, version, variant), window in windows.items():
             current = chosen.get(model)
             if current is None or window.inferences >= current[2].inferences:
                 chosen[model] = (version, variant, window)
-        return {
+        chosen_shadows: dict[str, tuple[str, str, _ShadowWindow]] = {}
+        for model, shadow in (loaded or {}).items():
+            chosen_shadows[model] = (
+                shadow.version,
+                shadow.variant,
+                _ShadowWindow(shadow.live_version, shadow.live_variant),
+            )
+        for (model, version, variant), shadow_window in shadows.items():
+            current = chosen_shadows.get(model)
+            if current is None or shadow_window.sampled >= current[2].sampled:
+                chosen_shadows[model] = (version, variant, shadow_window)
+        report = {
             model: window.as_message(version, variant) for model, (version, variant, window) in chosen.items()
         }
+        for model, (version, variant, shadow_window) in chosen_shadows.items():
+            if model not in report:
+                report[model] = _ModelWindow().as_message(
+                    shadow_window.live_version, shadow_window.live_variant
+                )
+            report[model]["shadow"] = shadow_window.as_message(version, variant)
+        return report
 
 
 def _temperature_c() -> float | None:

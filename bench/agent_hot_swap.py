@@ -7,7 +7,12 @@
    sha256 + zstd decompression + interpreter load of the same bytes measured alone in the
    same run. Target: ratio <= 1.5.
 3. RSS of a real agent process serving the digits model against a bare
-   ``python -c "import ai_edge_litert.interpreter"``. Target: <= 25 MB above it.
+   ``python -c "import ai_edge_litert.interpreter"``. Target: <= 25 MB above it, with one
+   interpreter and with two (a shadow loaded beside the live model).
+4. Shadow evaluation (docs/protocol.md addition 5): predict p99 with a shadow mirroring
+   every request (sample rate 1.0) and one in ten (0.1), beside the steady p99 without a
+   shadow measured right before; and the request path's added cost, ``offer()`` timed
+   alone. Targets: p99 with shadow <= 2 x steady p99, offer() p99 <= 50 µs, zero errors.
 
     .venv/bin/python bench/agent_hot_swap.py [--seconds 5] [--size-mb 30]
 """
@@ -45,6 +50,8 @@ from tests.agent.conftest import desired_envelope, publish_artifact  # noqa: E40
 P99_RATIO_LIMIT = 2.0
 APPLY_RATIO_LIMIT = 1.5
 RSS_LIMIT_MB = 25.0
+SHADOW_P99_RATIO_LIMIT = 2.0
+OFFER_P99_LIMIT_US = 50.0
 
 
 def percentiles(samples_ms: list[float]) -> tuple[float, float]:
@@ -161,6 +168,76 @@ def bench_latency(agent: Agent, server: ArtifactServer, key, seconds: float, swa
     }
 
 
+def bench_shadow(agent: Agent, server: ArtifactServer, key, seconds: float) -> dict:
+    """Steady without a shadow, then with digits 3.0.0 (a model that disagrees often) in
+    shadow at sample rate 1.0 and 0.1; the request path's own cost timed alone at the end."""
+    from agent.localapi import as_inputs
+    from agent.serving import Prediction
+    from agent.telemetry import ShadowOutcome
+
+    x, y = digits.golden_set()
+    device = agent.config.device_id
+    entries = {}
+    for version, quality in (("1.0.0", "good"), ("3.0.0", "worse")):
+        tflite = digits.build_digits_models(quality=quality)["float32"]
+        artifact = make_signed_artifact(
+            private_key=key,
+            model="digits",
+            version=version,
+            variant="float32",
+            tflite=tflite,
+            labels=digits.LABELS,
+            golden_npz=digits.golden_set_npz(),
+            golden_accuracy=digits.evaluate(tflite, x, y),
+        )
+        entries[version] = publish_artifact(server, artifact)
+    outcomes: dict[str, int] = {}
+    record = agent.window.record_shadow
+
+    def counting(*args, outcome: ShadowOutcome, **kwargs) -> None:
+        outcomes[outcome.value] = outcomes.get(outcome.value, 0) + 1
+        record(*args, outcome=outcome, **kwargs)
+
+    agent.window.record_shadow = counting  # count outcomes before the telemetry loop takes them
+
+    def apply(models: dict) -> None:
+        generation = agent.state.applied_generation + 1
+        result = agent.apply(desired_envelope(key, device, generation, models))
+        assert result.status == "applied", result
+
+    sample = x[0].tolist()
+    apply({"digits": entries["1.0.0"]})
+    with Load(agent.api.address, sample, seconds) as off:
+        pass
+    phases = {"off": (off, {})}
+    for rate in (1.0, 0.1):
+        apply({"digits": {**entries["1.0.0"], "shadow": {**entries["3.0.0"], "sample_rate": rate}}})
+        assert agent.shadows.get("digits") is not None, "the shadow did not load"
+        outcomes.clear()
+        with Load(agent.api.address, sample, seconds) as load:
+            pass
+        agent.shadows.drain(timeout=30)
+        phases[f"rate {rate:g}"] = (load, dict(outcomes))
+
+    # The request path's share, alone: one offer() per answered request, as predict does
+    # it, at sample rate 1.0 with the worker running (so the queue is sometimes full).
+    apply({"digits": {**entries["1.0.0"], "shadow": {**entries["3.0.0"], "sample_rate": 1.0}}})
+    live = agent.models.get("digits").live
+    raw = [[sample]]
+    prediction = Prediction(
+        live.predict(as_inputs(raw, live.input_details())), live.version, live.variant, 0.0, live.details[1]
+    )
+    offer_us = []
+    for _ in range(20_000):
+        started = time.perf_counter_ns()
+        agent.shadows.offer("digits", raw, prediction)
+        offer_us.append((time.perf_counter_ns() - started) / 1000)
+    agent.shadows.drain(timeout=30)
+    agent.window.record_shadow = record
+    apply({"digits": entries["1.0.0"]})  # shadow off again
+    return {"phases": phases, "offer_us": offer_us}
+
+
 def bench_apply(
     agent: Agent, server: ArtifactServer, key, size_mb: float, work: Path, repeats: int = 3
 ) -> dict:
@@ -264,11 +341,43 @@ def bench_rss(broker, key, key_hex: str, server: ArtifactServer, work: Path) -> 
                 f"http://127.0.0.1:{port}/v1/models/digits:predict", json={"inputs": [[x[0].tolist()]]}
             )
         agent_mb = psutil.Process(process.pid).memory_info().rss / 2**20
+
+        # Two interpreters: digits 3.0.0 int8 in shadow on every request beside the live 1.0.0.
+        worse = digits.build_digits_models(quality="worse")["int8"]
+        shadow = make_signed_artifact(
+            private_key=key,
+            model="digits",
+            version="3.0.0",
+            variant="int8",
+            tflite=worse,
+            labels=digits.LABELS,
+            golden_npz=digits.golden_set_npz(),
+            golden_accuracy=digits.evaluate(worse, x, y),
+        )
+        live_entry = publish_artifact(server, artifact)
+        shadow_entry = {**publish_artifact(server, shadow), "sample_rate": 1.0}
+        envelope = desired_envelope(key, device_id, 2, {"digits": {**live_entry, "shadow": shadow_entry}})
+        publisher.publish(
+            f"fleet/v1/devices/{device_id}/desired", envelope, qos=1, retain=True
+        ).wait_for_publish()
+        deadline = time.monotonic() + 60
+        while (
+            "shadow"
+            not in requests.get(f"http://127.0.0.1:{port}/v1/health", timeout=5).json()["models"]["digits"]
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("agent process did not load the shadow")
+            time.sleep(0.1)
+        for _ in range(200):
+            requests.post(
+                f"http://127.0.0.1:{port}/v1/models/digits:predict", json={"inputs": [[x[0].tolist()]]}
+            )
+        shadow_mb = psutil.Process(process.pid).memory_info().rss / 2**20
         publisher.disconnect()
     finally:
         process.terminate()
         process.wait(timeout=30)
-    return {"bare_mb": bare_mb, "agent_mb": agent_mb}
+    return {"bare_mb": bare_mb, "agent_mb": agent_mb, "shadow_mb": shadow_mb}
 
 
 def main() -> int:
@@ -304,6 +413,8 @@ def main() -> int:
                 try:
                     console.print(f"Predict latency: {args.seconds:g} s each steady, swapping, and stress…")
                     latency = bench_latency(agent, server, key, args.seconds, args.swap_interval_ms / 1000)
+                    console.print(f"Shadow evaluation: {args.seconds:g} s each off, rate 1.0, rate 0.1…")
+                    shadow = bench_shadow(agent, server, key, args.seconds)
                     console.print(f"Desired state to serving, {args.size_mb:g} MiB model…")
                     apply = bench_apply(agent, server, key, args.size_mb, work)
                 finally:
@@ -320,6 +431,15 @@ def main() -> int:
     p99_ratio = swap_p99 / steady_p99
     apply_ratio = apply["apply_s"] / apply["alone_s"]
     rss_extra = rss["agent_mb"] - rss["bare_mb"]
+    rss_shadow_extra = rss["shadow_mb"] - rss["bare_mb"]
+    _off_p50, off_p99 = percentiles(shadow["phases"]["off"][0].latencies_ms)
+    shadow_ratios = {
+        name: percentiles(load.latencies_ms)[1] / off_p99
+        for name, (load, _outcomes) in shadow["phases"].items()
+        if name != "off"
+    }
+    shadow_errors = sum(load.errors for load, _outcomes in shadow["phases"].values())
+    offer_p50_us, offer_p99_us = percentiles(shadow["offer_us"])
 
     table = Table(title="Agent benchmarks")
     for column in ("measure", "value", "limit", "verdict"):
@@ -370,12 +490,46 @@ def main() -> int:
     table.add_row(
         "RSS above bare", f"{rss_extra:.1f} MB", f"<= {RSS_LIMIT_MB:g} MB", verdict(rss_extra <= RSS_LIMIT_MB)
     )
+    table.add_row("RSS agent with a shadow (two interpreters)", f"{rss['shadow_mb']:.1f} MB", "", "")
+    table.add_row(
+        "RSS above bare, with a shadow",
+        f"{rss_shadow_extra:.1f} MB",
+        f"<= {RSS_LIMIT_MB:g} MB",
+        verdict(rss_shadow_extra <= RSS_LIMIT_MB),
+    )
+    for name, (load, outcomes) in shadow["phases"].items():
+        p50, p99 = percentiles(load.latencies_ms)
+        resolved = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+        table.add_row(
+            f"predict p50 / p99, shadow {name}",
+            f"{p50:.3f} / {p99:.3f} ms ({len(load.latencies_ms)} calls{'; ' + resolved if resolved else ''})",
+            "",
+            "",
+        )
+    for name, ratio in shadow_ratios.items():
+        table.add_row(
+            f"p99 shadow {name} / shadow off",
+            f"{ratio:.2f}",
+            f"<= {SHADOW_P99_RATIO_LIMIT}",
+            verdict(ratio <= SHADOW_P99_RATIO_LIMIT),
+        )
+    table.add_row("predict errors with shadow", str(shadow_errors), "0", verdict(shadow_errors == 0))
+    table.add_row(
+        "request path's added cost: offer() p50 / p99 (20,000 calls, rate 1.0)",
+        f"{offer_p50_us:.1f} / {offer_p99_us:.1f} µs",
+        f"p99 <= {OFFER_P99_LIMIT_US:g} µs",
+        verdict(offer_p99_us <= OFFER_P99_LIMIT_US),
+    )
     console.print(table)
     ok = (
         p99_ratio <= P99_RATIO_LIMIT
         and errors == 0
         and apply_ratio <= APPLY_RATIO_LIMIT
         and rss_extra <= RSS_LIMIT_MB
+        and rss_shadow_extra <= RSS_LIMIT_MB
+        and all(ratio <= SHADOW_P99_RATIO_LIMIT for ratio in shadow_ratios.values())
+        and shadow_errors == 0
+        and offer_p99_us <= OFFER_P99_LIMIT_US
     )
     return 0 if ok else 1
 

@@ -20,6 +20,7 @@ from agent.protocol.dsse import (
     verify,
 )
 from agent.protocol.schemas import (
+    InvariantError,
     SchemaError,
     build_desired,
     build_manifest,
@@ -35,6 +36,7 @@ __all__ = [
     "MANIFEST_PAYLOAD_TYPE",
     "EnvelopeError",
     "EnvelopeMalformed",
+    "InvariantError",
     "PayloadTypeMismatch",
     "SchemaError",
     "SignatureInvalid",

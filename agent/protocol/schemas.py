@@ -54,6 +54,47 @@ _name = {"type": "string", "pattern": NAME_PATTERN}
 _semver = {"type": "string", "pattern": SEMVER_PATTERN}
 _ts = {"type": "string", "format": "date-time", "minLength": 1}
 
+_latency = {
+    "type": "object",
+    "required": ["p50", "p95", "p99"],
+    "properties": {k: {"type": "number", "minimum": 0} for k in ("p50", "p95", "p99")},
+}
+
+# Addition 5 (docs/protocol.md): the candidate a desired state asks a device to run in
+# shadow beside its live model, on a sampled fraction of real requests.
+_desired_shadow = {
+    "type": ["object", "null"],
+    "required": ["version", "variant", "manifest_url", "blob_url", "manifest_sha256", "sample_rate"],
+    "properties": {
+        "version": _semver,
+        "variant": _name,
+        "manifest_url": _str,
+        "blob_url": _str,
+        "golden_url": {"type": ["string", "null"]},
+        "manifest_sha256": _sha,
+        "sample_rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    },
+}
+
+# Addition 5: per window, how the shadow compared with the live model. Samples still
+# queued at the window's end are counted in the window that resolves them, so within one
+# window sampled = compared + errors + skipped (the invariants in ``_invariant_error``).
+_telemetry_shadow = {
+    "type": "object",
+    "required": ["version", "variant", "sampled", "compared", "agreed", "errors", "skipped", "mean_abs_diff"],
+    "properties": {
+        "version": _semver,
+        "variant": _name,
+        "sampled": _count,
+        "compared": _count,
+        "agreed": _count,
+        "errors": _count,
+        "skipped": _count,
+        "mean_abs_diff": {"type": ["number", "null"], "minimum": 0},
+        "latency_ms": _latency,
+    },
+}
+
 _tensor = {
     "type": "object",
     "required": ["name", "shape", "dtype"],
@@ -138,6 +179,7 @@ DESIRED = {
                     "blob_url": _str,
                     "golden_url": {"type": ["string", "null"]},
                     "manifest_sha256": _sha,
+                    "shadow": _desired_shadow,
                 },
             },
         },
@@ -162,7 +204,16 @@ REPORTED = {
             "additionalProperties": {
                 "type": "object",
                 "required": ["version", "variant"],
-                "properties": {"version": _semver, "variant": _name},
+                "properties": {
+                    "version": _semver,
+                    "variant": _name,
+                    # Addition 5: the candidate running in shadow, while one is loaded.
+                    "shadow": {
+                        "type": ["object", "null"],
+                        "required": ["version", "variant"],
+                        "properties": {"version": _semver, "variant": _name},
+                    },
+                },
             },
         },
     },
@@ -184,11 +235,6 @@ EVENT = {
     },
 }
 
-_latency = {
-    "type": "object",
-    "required": ["p50", "p95", "p99"],
-    "properties": {k: {"type": "number", "minimum": 0} for k in ("p50", "p95", "p99")},
-}
 
 TELEMETRY = {
     "type": "object",
@@ -213,6 +259,7 @@ TELEMETRY = {
                         "required": ["labeled", "correct"],
                         "properties": {"labeled": _count, "correct": _count},
                     },
+                    "shadow": _telemetry_shadow,
                 },
             },
         },
@@ -237,6 +284,38 @@ class SchemaError(ValueError):
     def __init__(self, message: str, path: str = "") -> None:
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
+
+
+class InvariantError(SchemaError):
+    """A message has the right shape, but its counters contradict each other (a shadow
+    that agreed more often than it compared). A subclass, so that a consumer can count
+    these apart from malformed messages."""
+
+
+# Addition 5: (smaller, larger) counter pairs of a telemetry window's shadow entry.
+# JSON Schema cannot compare two fields, so ``validate`` checks these after the schema.
+SHADOW_INVARIANTS = (
+    ("agreed", "compared"),
+    ("compared", "sampled"),
+    ("errors", "sampled"),
+    ("skipped", "sampled"),
+)
+
+
+def _invariant_error(kind: str, data: dict[str, Any]) -> tuple[tuple[str, ...], str] | None:
+    if kind != "telemetry":
+        return None
+    for name, entry in data["models"].items():
+        shadow = entry.get("shadow")
+        if shadow is None:
+            continue
+        for smaller, larger in SHADOW_INVARIANTS:
+            if shadow[smaller] > shadow[larger]:
+                return (
+                    ("models", name, "shadow", smaller),
+                    f"{smaller} ({shadow[smaller]}) is greater than {larger} ({shadow[larger]})",
+                )
+    return None
 
 
 _TYPES: dict[str, Any] = {
@@ -312,11 +391,16 @@ def _check(schema: dict[str, Any], value: Any, path: tuple[str, ...]) -> tuple[t
 
 
 def validate(kind: str, data: Any) -> dict[str, Any]:
-    """Validate ``data`` as message ``kind`` and return it; raise :class:`SchemaError`."""
+    """Validate ``data`` as message ``kind`` and return it; raise :class:`SchemaError`
+    (:class:`InvariantError` when only the counters' cross-field invariants fail)."""
     error = _check(SCHEMAS[kind], data, ())
     if error is not None:
         path, message = error
         raise SchemaError(message, "/".join(path))
+    error = _invariant_error(kind, data)
+    if error is not None:
+        path, message = error
+        raise InvariantError(message, "/".join(path))
     return data
 
 

@@ -1,5 +1,6 @@
 """The contract's small schema validator agrees with the jsonschema package (a dev-only
-dependency) on every message kind, valid and broken in hundreds of ways."""
+dependency) on every message kind, valid and broken in hundreds of ways; beyond JSON
+Schema, it refuses a shadow window whose counters contradict each other (addition 5)."""
 
 import copy
 
@@ -43,12 +44,31 @@ EXAMPLES = {
                 "blob_url": "https://x/b",
                 "manifest_sha256": SHA,
                 "golden_url": None,
+                "shadow": {
+                    "version": "1.5.0",
+                    "variant": "int8",
+                    "manifest_url": "https://x/m2",
+                    "blob_url": "https://x/b2",
+                    "golden_url": "https://x/g2",
+                    "manifest_sha256": SHA,
+                    "sample_rate": 0.25,
+                },
             }
         },
         "rollout": {"id": 12, "stage": 1},
     },
     "status": {"online": True, "agent_version": "0.1.0", "ts": "2026-11-28T07:00:00Z"},
-    "reported": {"generation": 3, "ts": "t", "models": {"digits": {"version": "1.0.0", "variant": "int8"}}},
+    "reported": {
+        "generation": 3,
+        "ts": "t",
+        "models": {
+            "digits": {
+                "version": "1.0.0",
+                "variant": "int8",
+                "shadow": {"version": "1.1.0", "variant": "int8"},
+            }
+        },
+    },
     "events": {
         "id": "e1",
         "ts": "t",
@@ -73,6 +93,17 @@ EXAMPLES = {
                 "errors": 0,
                 "latency_ms": {"p50": 0.4, "p95": 0.9, "p99": 1.3},
                 "feedback": {"labeled": 5, "correct": 4},
+                "shadow": {
+                    "version": "1.1.0",
+                    "variant": "int8",
+                    "sampled": 9,
+                    "compared": 6,
+                    "agreed": 5,
+                    "errors": 1,
+                    "skipped": 2,
+                    "mean_abs_diff": 0.01,
+                    "latency_ms": {"p50": 0.5, "p95": 1.0, "p99": 1.5},
+                },
             }
         },
         "health": {"cpu_pct": 1.0},
@@ -138,12 +169,29 @@ def test_the_examples_are_valid(kind):
     assert protocol.validate(kind, EXAMPLES[kind]) is EXAMPLES[kind]
 
 
+def shadow_counters_consistent(document) -> bool:
+    """Addition 5's invariants, written out again here (not imported) as the reference."""
+    for entry in document.get("models", {}).values():
+        shadow = entry.get("shadow") if isinstance(entry, dict) else None
+        if isinstance(shadow, dict):
+            count = {key: shadow.get(key) for key in ("sampled", "compared", "agreed", "errors", "skipped")}
+            if all(isinstance(v, int) for v in count.values()) and not (
+                count["agreed"] <= count["compared"] <= count["sampled"]
+                and count["errors"] <= count["sampled"]
+                and count["skipped"] <= count["sampled"]
+            ):
+                return False
+    return True
+
+
 @pytest.mark.parametrize("kind", sorted(SCHEMAS))
 def test_it_agrees_with_jsonschema_on_every_mutation(kind):
     reference = Draft202012Validator(SCHEMAS[kind])
     checked = refused = 0
     for path, replacement, document in mutations(EXAMPLES[kind]):
-        expected = reference.is_valid(document)
+        expected = reference.is_valid(document) and (
+            kind != "telemetry" or shadow_counters_consistent(document)
+        )
         try:
             protocol.validate(kind, document)
             ours = True
@@ -161,3 +209,57 @@ def test_the_error_names_the_path():
     with pytest.raises(protocol.SchemaError) as excinfo:
         protocol.validate("telemetry", document)
     assert excinfo.value.path == "models/digits/feedback/labeled"
+
+
+# --- addition 5: shadow
+
+
+def shadow_window(**counters):
+    document = copy.deepcopy(EXAMPLES["telemetry"])
+    document["models"]["digits"]["shadow"].update(counters)
+    return document
+
+
+@pytest.mark.parametrize(
+    ("counters", "path"),
+    [
+        ({"agreed": 7, "compared": 6}, "models/digits/shadow/agreed"),
+        ({"compared": 10, "sampled": 9, "agreed": 0}, "models/digits/shadow/compared"),
+        ({"errors": 10}, "models/digits/shadow/errors"),
+        ({"skipped": 10}, "models/digits/shadow/skipped"),
+    ],
+)
+def test_a_shadow_window_whose_counters_contradict_each_other_is_refused(counters, path):
+    with pytest.raises(protocol.InvariantError) as excinfo:
+        protocol.validate("telemetry", shadow_window(**counters))
+    assert excinfo.value.path == path
+    assert isinstance(excinfo.value, protocol.SchemaError)  # consumers that catch only that still refuse it
+
+
+def test_a_shadow_window_at_the_edges_of_its_invariants_is_valid():
+    """The positive control: equal counters are allowed, and a window without comparisons
+    carries no difference and no latency."""
+    protocol.validate("telemetry", shadow_window(sampled=6, compared=6, agreed=6, errors=0, skipped=0))
+    empty = shadow_window(sampled=3, compared=0, agreed=0, errors=1, skipped=2, mean_abs_diff=None)
+    del empty["models"]["digits"]["shadow"]["latency_ms"]
+    protocol.validate("telemetry", empty)
+
+
+@pytest.mark.parametrize("rate", [0, -0.1, 1.01, "0.5", None])
+def test_a_desired_shadow_needs_a_sample_rate_in_0_to_1(rate):
+    document = copy.deepcopy(EXAMPLES["desired"])
+    document["models"]["digits"]["shadow"]["sample_rate"] = rate
+    with pytest.raises(protocol.SchemaError) as excinfo:
+        protocol.validate("desired", document)
+    assert excinfo.value.path == "models/digits/shadow/sample_rate"
+
+
+def test_a_desired_state_without_a_shadow_or_with_a_null_one_is_valid():
+    document = copy.deepcopy(EXAMPLES["desired"])
+    document["models"]["digits"]["shadow"] = None
+    protocol.validate("desired", document)
+    del document["models"]["digits"]["shadow"]
+    protocol.validate("desired", document)
+    document["models"]["digits"]["shadow"] = {"version": "1.5.0", "variant": "int8"}  # no URLs, no rate
+    with pytest.raises(protocol.SchemaError):
+        protocol.validate("desired", document)
