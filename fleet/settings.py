@@ -224,8 +224,37 @@ INGEST_FLUSH_MS = _positive("INGEST_FLUSH_MS", _read("INGEST_FLUSH_MS", env.int,
 INGEST_MAX_PAYLOAD_BYTES = _positive(
     "INGEST_MAX_PAYLOAD_BYTES", _read("INGEST_MAX_PAYLOAD_BYTES", env.int, 64 * 1024)
 )
+# Invariants of a telemetry window (docs/ingest.md, "Invariants"): its length, and how far
+# its ts may be ahead of the server clock or behind it (the agent's offline queue sends
+# late windows). Refusals are counted per device.
+INGEST_MIN_WINDOW_S = _positive("INGEST_MIN_WINDOW_S", _read("INGEST_MIN_WINDOW_S", env.float, 1.0))
+INGEST_MAX_WINDOW_S = _positive("INGEST_MAX_WINDOW_S", _read("INGEST_MAX_WINDOW_S", env.float, 3600.0))
+INGEST_MAX_FUTURE_S = _positive("INGEST_MAX_FUTURE_S", _read("INGEST_MAX_FUTURE_S", env.float, 120.0))
+INGEST_MAX_AGE_S = _positive("INGEST_MAX_AGE_S", _read("INGEST_MAX_AGE_S", env.float, 24 * 3600.0))
+if INGEST_MIN_WINDOW_S > INGEST_MAX_WINDOW_S:
+    raise ImproperlyConfigured("INGEST_MIN_WINDOW_S: must not be greater than INGEST_MAX_WINDOW_S")
+# Per-device token bucket (messages of all four kinds): the agent sends a window every 30 s
+# plus events and status, the e2e tests' agents a window every 0.5 s; a flood beyond it is
+# dropped and counted per device before it is queued.
+INGEST_DEVICE_RATE = _positive("INGEST_DEVICE_RATE", _read("INGEST_DEVICE_RATE", env.float, 5.0))
+INGEST_DEVICE_BURST = _positive("INGEST_DEVICE_BURST", _read("INGEST_DEVICE_BURST", env.int, 100))
+# Bounds of the bridge's memory: the queue between the network thread and the writer
+# (beyond it QoS 0 messages are dropped; QoS 1 ones are bounded by the Receive Maximum,
+# which is at most INGEST_MAX_PENDING), and the per-device buckets and counters it keeps.
+INGEST_MAX_PENDING = _positive("INGEST_MAX_PENDING", _read("INGEST_MAX_PENDING", env.int, 50_000))
+INGEST_MAX_PENDING_BYTES = _positive(
+    "INGEST_MAX_PENDING_BYTES", _read("INGEST_MAX_PENDING_BYTES", env.int, 64 * 1024 * 1024)
+)
+INGEST_MAX_TRACKED_DEVICES = _positive(
+    "INGEST_MAX_TRACKED_DEVICES", _read("INGEST_MAX_TRACKED_DEVICES", env.int, 100_000)
+)
+# Telemetry windows live in daily partitions dropped whole past this age (by window start);
+# the per-device hourly sums are kept longer. Events go by their receive time.
 TELEMETRY_RETENTION_DAYS = _positive(
-    "TELEMETRY_RETENTION_DAYS", _read("TELEMETRY_RETENTION_DAYS", env.int, 30)
+    "TELEMETRY_RETENTION_DAYS", _read("TELEMETRY_RETENTION_DAYS", env.int, 7)
+)
+TELEMETRY_HOURLY_RETENTION_DAYS = _positive(
+    "TELEMETRY_HOURLY_RETENTION_DAYS", _read("TELEMETRY_HOURLY_RETENTION_DAYS", env.int, 90)
 )
 # A device silent for longer than this is marked offline by a beat task.
 DEVICE_STALE_SECONDS = _positive("DEVICE_STALE_SECONDS", _read("DEVICE_STALE_SECONDS", env.int, 300))

@@ -9,7 +9,7 @@ from django.utils.html import format_html
 
 from fleet.core.errors import ServiceError
 from fleet.devices import selectors, services
-from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken
+from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
 
 STATUS_COLOURS = {"active": "#1a7f37", "pending": "#9a6700", "disabled": "#cf222e", "retired": "#57606a"}
@@ -172,6 +172,23 @@ class DeviceEventAdmin(admin.ModelAdmin):
     list_filter = ("type", "reason")
     search_fields = ("device__device_id", "message")
     list_select_related = ("device",)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(IngestRefusal)
+class IngestRefusalAdmin(admin.ModelAdmin):
+    """What the ingest bridges refused per device and reason (docs/ingest.md): read only."""
+
+    list_display = ("device", "reason", "count", "first_at", "last_at")
+    list_filter = ("reason",)
+    search_fields = ("device__device_id",)
+    list_select_related = ("device",)
+    ordering = ("-last_at",)
 
     def has_add_permission(self, request):
         return False

@@ -25,6 +25,18 @@ of CPU per row (~55,000 rows/s), ``executemany`` 8 µs and one INSERT from ``unn
 10 µs; the client's CPU (one core, the GIL) is what limits a Python bridge, so COPY it is.
 bench/ingest.py measures the whole bridge.
 
+Per-device limits and bounded memory (docs/ingest.md, "Limits"): the network thread takes
+the device id from the topic (the broker binds it to the device's login) and spends a token
+of that device's bucket (``INGEST_DEVICE_RATE``/s, ``INGEST_DEVICE_BURST``) before queuing a
+message; the excess is dropped, counted per device and, if QoS 1, acknowledged at once so
+the broker does not redeliver it. The queue holds at most ``INGEST_MAX_PENDING`` messages
+or ``INGEST_MAX_PENDING_BYTES``: beyond that QoS 0 messages are dropped (``overflow``);
+QoS 1 ones are still queued, as the broker never has more than our Receive Maximum (at most
+``INGEST_MAX_PENDING``) of them unacknowledged in flight to us. Buckets and per-device
+counters are bounded maps (least recently seen devices are evicted). Windows that break
+their own invariants or whose clock is off are refused (``invariant``, ``clock``) and
+counted per device in ``devices_ingestrefusal``.
+
 Limit: while a bridge is away, Mosquitto keeps at most ``max_queued_messages`` (1,000) for
 its session, its unacknowledged in-flight messages included; beyond that it drops messages
 it has already acknowledged to the devices. A restart must be quick, or another bridge of
@@ -39,15 +51,25 @@ import math
 import select
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as dt_time
 from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from django.conf import settings
-from django.db import DataError, IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.db import (
+    DatabaseError,
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    connections,
+    transaction,
+)
 from django.utils import timezone
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -55,7 +77,14 @@ from paho.mqtt.properties import Properties
 from agent import protocol
 from agent.protocol.topics import DEVICE_TOPICS, Topics
 from fleet.devices.choices import DeviceStatus, IngestKind
-from fleet.devices.models import Device, DeviceEvent, TelemetryRollup, TelemetryWindow
+from fleet.devices.models import (
+    Device,
+    DeviceEvent,
+    IngestRefusal,
+    IngestRefusalReason,
+    TelemetryHourly,
+    TelemetryWindow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +115,33 @@ STATUS = IngestKind.STATUS.value
 REPORTED = IngestKind.REPORTED.value
 TELEMETRY = IngestKind.TELEMETRY.value
 
-DROP_REASONS = ("malformed", "schema", "too_large", "unknown_device", "bad_topic", "db_rejected")
+# Drops decided by the writer, per message taken from the queue...
+WRITER_DROP_REASONS = (
+    "malformed",
+    "schema",
+    "too_large",
+    "unknown_device",
+    "bad_topic",
+    "db_rejected",
+    "invariant",
+    "clock",
+)
+# ...and by the network thread, before a message is queued (these never count as received).
+NETWORK_DROP_REASONS = ("rate_limited", "overflow")
+DROP_REASONS = WRITER_DROP_REASONS + NETWORK_DROP_REASONS
+INVARIANT = IngestRefusalReason.INVARIANT.value
+CLOCK = IngestRefusalReason.CLOCK.value
+RATE_LIMITED = IngestRefusalReason.RATE_LIMITED.value
+OVERFLOW = IngestRefusalReason.OVERFLOW.value
+# Telemetry partitions are made for the days of windows the invariants let in, plus this
+# many days ahead (the beat task runs hourly, so a day boundary is never missed).
+PARTITION_DAYS_AHEAD = 2
+# agent.protocol may raise a SchemaError subclass for messages whose counters contradict
+# each other (protocol addition 5); the bridge counts those as its own ``invariant``.
+SCHEMA_INVARIANT_ERRORS = tuple(
+    error for error in (getattr(protocol, "InvariantError", None),) if isinstance(error, type)
+)
+PARTITION_PREFIX = "devices_telemetrywindow_p"
 # Errors that depend on the data of a batch (a message isolated by bisection is dropped).
 # Anything else from the database is either transient (retried) or a bug (raised).
 DATA_ERRORS = (IntegrityError, DataError, UnicodeError)
@@ -100,11 +155,20 @@ class InvalidMessage(ValueError):
     """A message that passed the schema but cannot be stored (too long, out of range)."""
 
 
+class Refused(ValueError):
+    """A well-formed window the bridge refuses: it breaks its own invariants, or its clock is
+    off. Counted per device (``IngestRefusal``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 @dataclass
 class Counters:
     """What the bridge did since it started. Drop reasons are the fields of DROP_REASONS."""
 
-    received: int = 0
+    received: int = 0  # taken from the queue by the writer
     committed: int = 0  # valid messages whose batch committed (then acknowledged)
     telemetry_rows: int = 0  # rows really inserted (one per model per message)
     duplicate_rows: int = 0  # telemetry rows and events already there (QoS 1 redeliveries)
@@ -117,10 +181,19 @@ class Counters:
     unknown_device: int = 0
     bad_topic: int = 0
     db_rejected: int = 0
+    invariant: int = 0  # correct > labeled, errors > inferences, shadow counts, window length
+    clock: int = 0  # ts too far ahead of the server clock or too old
+    rate_limited: int = 0  # over the device's token bucket (network thread)
+    overflow: int = 0  # QoS 0 messages beyond the queue's bounds (network thread)
 
     @property
     def dropped(self) -> int:
         return sum(getattr(self, reason) for reason in DROP_REASONS)
+
+    @property
+    def dropped_by_writer(self) -> int:
+        """Drops among the ``received`` messages (received = committed + this, once settled)."""
+        return sum(getattr(self, reason) for reason in WRITER_DROP_REASONS)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "dropped": self.dropped}
@@ -153,8 +226,9 @@ class _RateLimitedLog:
         log.warning("ingest dropped a message (%s): " + message + suffix, reason, *args)
 
 
-# A received message: (connection epoch, mid, qos, retained, topic, payload).
-Received = tuple[int, int, int, bool, str, bytes]
+# A received message: (connection epoch, mid, qos, retained, topic, payload). A payload over
+# the size limit is not kept: its length stands in for it (counted as too_large).
+Received = tuple[int, int, int, bool, str, bytes | int]
 # A valid message: (kind, device id, parsed data, retained, topic).
 Parsed = tuple[str, str, dict[str, Any], bool, str]
 
@@ -182,6 +256,51 @@ def _name(value: str, limit: int = NAME_MAX) -> str:
     return value
 
 
+def _natural(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidMessage(f"{what} must be a non-negative integer")
+    return _count(value)
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMessage(f"{what} must be a number")
+    return _finite(value)
+
+
+def _shadow(model: str, shadow: Any) -> tuple:
+    """The shadow columns of a model entry (protocol addition 5). Validated here, types and
+    ranges, because the wire schema may not know the field yet."""
+    if shadow is None:
+        return ("", "", 0, 0, 0, 0, 0, None, None)
+    if not isinstance(shadow, dict):
+        raise InvalidMessage(f"{model}: shadow must be an object")
+    version, variant = shadow.get("version"), shadow.get("variant", "")
+    if not isinstance(version, str) or not version or not isinstance(variant, str):
+        raise InvalidMessage(f"{model}: shadow.version and shadow.variant must be strings")
+    sampled, compared, agreed, errors, skipped = (
+        _natural(shadow.get(name, 0), f"{model}: shadow.{name}")
+        for name in ("sampled", "compared", "agreed", "errors", "skipped")
+    )
+    mean_abs_diff = shadow.get("mean_abs_diff")
+    if mean_abs_diff is not None:
+        mean_abs_diff = _number(mean_abs_diff, f"{model}: shadow.mean_abs_diff")
+    latency, p95 = shadow.get("latency_ms"), None
+    if latency is not None:
+        if not isinstance(latency, dict):
+            raise InvalidMessage(f"{model}: shadow.latency_ms must be an object")
+        p95 = _number(latency.get("p95"), f"{model}: shadow.latency_ms.p95")
+    if not agreed <= compared <= sampled:
+        raise Refused(
+            INVARIANT, f"{model}: shadow agreed {agreed} <= compared {compared} <= sampled {sampled}"
+        )
+    if errors > sampled or skipped > sampled:
+        raise Refused(INVARIANT, f"{model}: shadow errors {errors} / skipped {skipped} > sampled {sampled}")
+    if (mean_abs_diff is not None and mean_abs_diff < 0) or (p95 is not None and p95 < 0):
+        raise Refused(INVARIANT, f"{model}: negative shadow mean_abs_diff or latency")
+    return (_name(version), _name(variant), sampled, compared, agreed, errors, skipped, mean_abs_diff, p95)
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
@@ -190,8 +309,10 @@ def _json(value: Any) -> str:
 # batch's transaction and ON COMMIT DELETE ROWS empties them.
 
 TELEMETRY_COLUMNS = (
-    "device_id, message_id, ts, received_at, window_s, model, version, variant, inferences, errors, "
-    "latency_p50_ms, latency_p95_ms, latency_p99_ms, labeled, correct"
+    "device_id, message_id, ts, window_start, received_at, window_s, model, version, variant, inferences, "
+    "errors, latency_p50_ms, latency_p95_ms, latency_p99_ms, labeled, correct, shadow_version, "
+    "shadow_variant, shadow_sampled, shadow_compared, shadow_agreed, shadow_errors, shadow_skipped, "
+    "shadow_mean_abs_diff, shadow_latency_p95_ms"
 )
 EVENT_COLUMNS = (
     "device_id, message_id, type, generation, model, version, variant, reason, message, ts, received_at"
@@ -204,6 +325,8 @@ CREATE_TEMP_TABLES = (
     f"SELECT {EVENT_COLUMNS} FROM devices_deviceevent WITH NO DATA",
     "CREATE TEMP TABLE IF NOT EXISTS ingest_devices (id bigint, seen boolean, online boolean, "
     "agent_version text, generation bigint, reported_models jsonb, health jsonb) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS ingest_refusals (device_key text, reason text, count bigint, "
+    "at timestamptz) ON COMMIT DELETE ROWS",
 )
 
 # Rows are locked in id order so that two bridges updating the same devices cannot deadlock.
@@ -224,33 +347,65 @@ UPDATE devices_device d SET
     health = COALESCE(u.health, d.health)
 FROM ingest_devices u WHERE d.id = u.id
 """
-# Rollups come from the rows this statement really inserted, never from the batch, so a
-# redelivered window is not summed twice. ORDER BY: rollup rows are locked in key order
-# (no deadlock between bridges). The minute is the server's receive time, not the
-# device's clock (see telemetry_cleanup).
+# Hourly sums come from the rows this statement really inserted, never from the batch, so
+# a redelivered window is not summed twice. ORDER BY: hourly rows are locked in key order
+# (no deadlock between bridges). The hour is the window's start (the device's clock, which
+# the invariants bound), as the gates count windows by their start.
+HOURLY_KEY = "device_id, hour, model, version, variant, shadow_version, shadow_variant"
+HOURLY_SUMS = (
+    "windows",
+    "inferences",
+    "errors",
+    "labeled",
+    "correct",
+    "latency_p95_weighted_sum",
+    "latency_p95_weight",
+    "shadow_sampled",
+    "shadow_compared",
+    "shadow_agreed",
+    "shadow_errors",
+    "shadow_skipped",
+    "shadow_latency_p95_weighted_sum",
+    "shadow_latency_p95_weight",
+    "shadow_mean_abs_diff_weighted_sum",
+    "shadow_mean_abs_diff_weight",
+)
 INSERT_TELEMETRY = f"""
 WITH inserted AS (
     INSERT INTO devices_telemetrywindow ({TELEMETRY_COLUMNS})
     SELECT {TELEMETRY_COLUMNS} FROM ingest_telemetry
-    ON CONFLICT (device_id, message_id, model) DO NOTHING
-    RETURNING received_at, model, version, variant, inferences, errors, labeled, correct, latency_p95_ms
+    ON CONFLICT (device_id, message_id, model, window_start) DO NOTHING
+    RETURNING device_id, window_start, model, version, variant, shadow_version, shadow_variant,
+        inferences, errors, labeled, correct, latency_p95_ms, shadow_sampled, shadow_compared,
+        shadow_agreed, shadow_errors, shadow_skipped, shadow_latency_p95_ms, shadow_mean_abs_diff
 ), rolled AS (
-    INSERT INTO devices_telemetryrollup AS rollup (minute, model, version, variant, windows, inferences,
-        errors, labeled, correct, latency_p95_weighted_sum, latency_p95_max_ms)
-    SELECT date_trunc('minute', received_at), model, version, variant, count(*), sum(inferences),
-        sum(errors), sum(labeled), sum(correct), coalesce(sum(latency_p95_ms * inferences), 0),
+    INSERT INTO devices_telemetryhourly AS hourly ({HOURLY_KEY}, {", ".join(HOURLY_SUMS)}, latency_p95_max_ms)
+    SELECT device_id, date_trunc('hour', window_start), model, version, variant, shadow_version,
+        shadow_variant, count(*), sum(inferences), sum(errors), sum(labeled), sum(correct),
+        coalesce(sum(latency_p95_ms * inferences), 0),
+        coalesce(sum(inferences) FILTER (WHERE latency_p95_ms IS NOT NULL), 0),
+        sum(shadow_sampled), sum(shadow_compared), sum(shadow_agreed), sum(shadow_errors),
+        sum(shadow_skipped), coalesce(sum(shadow_latency_p95_ms * shadow_compared), 0),
+        coalesce(sum(shadow_compared) FILTER (WHERE shadow_latency_p95_ms IS NOT NULL), 0),
+        coalesce(sum(shadow_mean_abs_diff * shadow_compared), 0),
+        coalesce(sum(shadow_compared) FILTER (WHERE shadow_mean_abs_diff IS NOT NULL), 0),
         max(latency_p95_ms)
-    FROM inserted GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
-    ON CONFLICT (minute, model, version, variant) DO UPDATE SET
-        windows = rollup.windows + EXCLUDED.windows,
-        inferences = rollup.inferences + EXCLUDED.inferences,
-        errors = rollup.errors + EXCLUDED.errors,
-        labeled = rollup.labeled + EXCLUDED.labeled,
-        correct = rollup.correct + EXCLUDED.correct,
-        latency_p95_weighted_sum = rollup.latency_p95_weighted_sum + EXCLUDED.latency_p95_weighted_sum,
-        latency_p95_max_ms = GREATEST(rollup.latency_p95_max_ms, EXCLUDED.latency_p95_max_ms)
+    FROM inserted GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7
+    ON CONFLICT ({HOURLY_KEY}) DO UPDATE SET
+        {", ".join(f"{name} = hourly.{name} + EXCLUDED.{name}" for name in HOURLY_SUMS)},
+        latency_p95_max_ms = GREATEST(hourly.latency_p95_max_ms, EXCLUDED.latency_p95_max_ms)
 )
 SELECT count(*) FROM inserted
+"""
+# Per-device refusal counts (device ids as the topics name them; unknown ones are left out).
+UPSERT_REFUSALS = """
+INSERT INTO devices_ingestrefusal AS refusal (device_id, reason, count, first_at, last_at)
+SELECT d.id, r.reason, sum(r.count), min(r.at), max(r.at)
+FROM ingest_refusals r JOIN devices_device d ON d.device_id = r.device_key
+GROUP BY 1, 2 ORDER BY 1, 2
+ON CONFLICT (device_id, reason) DO UPDATE SET
+    count = refusal.count + EXCLUDED.count,
+    last_at = GREATEST(refusal.last_at, EXCLUDED.last_at)
 """
 INSERT_EVENTS = f"""
 INSERT INTO devices_deviceevent ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM ingest_events
@@ -265,6 +420,7 @@ class _Rows:
     telemetry: list[tuple]
     events: list[tuple]
     devices: list[tuple]
+    refusals: list[tuple]  # (device id, reason, count, at)
     messages: int  # valid messages in the batch
 
 
@@ -289,6 +445,11 @@ class IngestBridge:
         session_expiry_s: int = SESSION_EXPIRY_S,
         receive_maximum: int = RECEIVE_MAXIMUM,
         stats_interval_s: float = 60.0,
+        device_rate: float | None = None,
+        device_burst: int | None = None,
+        max_pending: int | None = None,
+        max_pending_bytes: int | None = None,
+        max_tracked_devices: int | None = None,
     ) -> None:
         self.client_id = client_id
         self.url = url or settings.MQTT_URL
@@ -299,7 +460,18 @@ class IngestBridge:
         self.flush_s = (flush_ms or settings.INGEST_FLUSH_MS) / 1000
         self.max_payload_bytes = max_payload_bytes or settings.INGEST_MAX_PAYLOAD_BYTES
         self.session_expiry_s = session_expiry_s
-        self.receive_maximum = max(1, min(receive_maximum, 65535))
+        self.device_rate = float(device_rate or settings.INGEST_DEVICE_RATE)
+        self.device_burst = float(device_burst or settings.INGEST_DEVICE_BURST)
+        self.max_pending = max_pending or settings.INGEST_MAX_PENDING
+        self.max_pending_bytes = max_pending_bytes or settings.INGEST_MAX_PENDING_BYTES
+        self.max_tracked_devices = max_tracked_devices or settings.INGEST_MAX_TRACKED_DEVICES
+        # QoS 1 messages are always queued (they are acknowledged only once committed): the
+        # broker's flow control keeps at most this many of them in the queue.
+        self.receive_maximum = max(1, min(receive_maximum, 65535, self.max_pending))
+        self.min_window_s, self.max_window_s = settings.INGEST_MIN_WINDOW_S, settings.INGEST_MAX_WINDOW_S
+        self.max_future = timedelta(seconds=settings.INGEST_MAX_FUTURE_S)
+        self.max_age = timedelta(seconds=settings.INGEST_MAX_AGE_S)
+        self._device_prefix = f"{self.topics.prefix}/devices/"
         self.stats_interval_s = stats_interval_s
         self.counters = Counters()
         self.connected = threading.Event()
@@ -308,6 +480,18 @@ class IngestBridge:
         # Filled by the network thread, emptied by the writer: deque appends and pops are
         # atomic, so the two never lose a message between them.
         self._pending: deque[tuple[float, Received]] = deque()
+        # Bytes queued = _bytes_in (network thread) - _bytes_out (writer): one writer each.
+        self._bytes_in = self._bytes_out = 0
+        # Network thread only: device id -> [tokens, last refill], least recently seen first.
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        # (device id, reason) -> count, from the network thread to the writer, which saves
+        # them; both sides hold the lock. Bounded: past max_tracked_devices keys, only the
+        # global counters count.
+        self._refusals: dict[tuple[str, str], int] = {}
+        self._refusals_lock = threading.Lock()
+        self._refusals_unsaved: dict[tuple[str, str], int] = {}  # writer only
+        self._refusals_at = datetime.now(UTC)
+        self._refusals_saved_at = time.monotonic()
         self._wakeup = threading.Event()
         # Bumped on every (re)connect: a message received on an earlier connection must not
         # be acknowledged on a later one (its mid may have been reused for another message;
@@ -375,20 +559,65 @@ class IngestBridge:
             log.warning("ingest: disconnected from %s: %s (reconnecting)", self.url, reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
-        # Keep this minimal: it runs for every message on the network thread.
+        # Keep this minimal: it runs for every message on the network thread, a flood's too.
         try:
             topic = message.topic
         except UnicodeDecodeError:
             topic = "(a topic that is not UTF-8)"  # counted as bad_topic, and acknowledged
+        qos = message.qos
+        device_id = ""
+        if topic.startswith(self._device_prefix):
+            device_id = topic[len(self._device_prefix) : topic.rfind("/")]
+            if not self._take_token(device_id, time.monotonic()):
+                self.counters.rate_limited += 1
+                self._count_refusal(device_id, RATE_LIMITED)
+                if qos:
+                    client.ack(message.mid, qos)  # dropped on purpose: no redelivery
+                return
         pending = self._pending
-        pending.append(
-            (
-                message.timestamp,
-                (self._epoch, message.mid, message.qos, message.retain, topic, message.payload),
-            )
-        )
+        payload = message.payload
+        size = len(payload)
+        if size > self.max_payload_bytes:
+            payload = size  # counted as too_large by the writer; the bytes are not kept
+        elif qos == 0 and (
+            len(pending) >= self.max_pending or self._bytes_in - self._bytes_out >= self.max_pending_bytes
+        ):
+            self.counters.overflow += 1
+            if device_id:
+                self._count_refusal(device_id, OVERFLOW)
+            return
+        else:
+            self._bytes_in += size
+        pending.append((message.timestamp, (self._epoch, message.mid, qos, message.retain, topic, payload)))
         if len(pending) >= self.batch_size:
             self._wakeup.set()
+
+    def _take_token(self, device_id: str, now: float) -> bool:
+        """The device's token bucket (network thread only). An evicted bucket was the least
+        recently seen; if it was idle it was full, so evicting it loses nothing."""
+        buckets = self._buckets
+        bucket = buckets.get(device_id)
+        if bucket is None:
+            if len(buckets) >= self.max_tracked_devices:
+                buckets.popitem(last=False)
+            bucket = buckets[device_id] = [self.device_burst, now]
+        else:
+            buckets.move_to_end(device_id)
+            bucket[0] = min(self.device_burst, bucket[0] + (now - bucket[1]) * self.device_rate)
+            bucket[1] = now
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return True
+        return False
+
+    def _count_refusal(self, device_id: str, reason: str) -> None:
+        key = (device_id, reason)
+        with self._refusals_lock:
+            refusals = self._refusals
+            if key in refusals:
+                refusals[key] += 1
+            elif len(refusals) < self.max_tracked_devices:
+                refusals[key] = 1
 
     def _on_socket_close(self, client, userdata, sock) -> None:
         """On our own DISCONNECT, read until the broker closes before closing the socket.
@@ -428,6 +657,12 @@ class IngestBridge:
     def run(self, stop: threading.Event) -> Counters:
         """Write batches until ``stop`` is set, then flush what was received, acknowledge
         it and disconnect. Returns the counters."""
+        try:
+            # Also a beat task; here so that a fresh deployment writes into day partitions.
+            telemetry_partitions_ensure()
+        except DatabaseError as exc:
+            log.warning("ingest: could not make telemetry partitions (rows go to DEFAULT): %s", exc)
+            connection.close_if_unusable_or_obsolete()
         self.start()
         try:
             while not stop.is_set():
@@ -438,6 +673,9 @@ class IngestBridge:
                 else:
                     self._wakeup.wait(self._wait_s())
                     self._wakeup.clear()
+                # A flood of refused messages queues nothing: save its counts on their own.
+                if time.monotonic() - self._refusals_saved_at >= self.flush_s:
+                    self.save_refusals()
                 if time.monotonic() - self._stats_at >= self.stats_interval_s:
                     self._stats_at = time.monotonic()
                     log.info("ingest: %s", self.counters.summary())
@@ -464,6 +702,7 @@ class IngestBridge:
         try:
             while self._pending and self.flush(give_up_after_s=timeout_s):
                 pass
+            self.save_refusals()
             deadline = time.monotonic() + timeout_s
             while self.client.want_write() and time.monotonic() < deadline:
                 self.client.loop_write()
@@ -484,6 +723,7 @@ class IngestBridge:
         if not count:
             return 0
         batch = [pending.popleft()[1] for _ in range(count)]
+        self._bytes_out += sum(len(item[5]) for item in batch if not isinstance(item[5], int))
         self.counters.received += count
         parsed = self._parse(batch)
         if not self._write_with_retries(parsed, stop, give_up_after_s):
@@ -491,6 +731,39 @@ class IngestBridge:
         self.counters.batches += 1
         self._ack(batch)
         return count
+
+    def pending_bytes(self) -> int:
+        return self._bytes_in - self._bytes_out
+
+    def save_refusals(self) -> int:
+        """Save the per-device counts of what the network thread refused (rate limit,
+        overflow) in a transaction of their own. On a database error they are kept for the
+        next try. Returns how many (device, reason) pairs were saved."""
+        self._refusals_saved_at = time.monotonic()
+        with self._refusals_lock:
+            taken, self._refusals = self._refusals, {}
+        unsaved = self._refusals_unsaved
+        for key, count in taken.items():
+            unsaved[key] = unsaved.get(key, 0) + count
+            self._drops.warning(key[1], "device %s: %d message(s)", key[0], count)
+        if taken:
+            self._refusals_at = datetime.now(UTC)
+        if not unsaved:
+            return 0
+        at = self._refusals_at
+        rows = [(device_id, reason, count, at) for (device_id, reason), count in unsaved.items()]
+        try:
+            connection.ensure_connection()
+            self._ensure_temp_tables()
+            with transaction.atomic(), connection.cursor() as wrapper, connection.wrap_database_errors:
+                self._copy(wrapper.cursor, "ingest_refusals", rows)
+                wrapper.cursor.execute(UPSERT_REFUSALS)
+        except (OperationalError, InterfaceError) as exc:
+            log.warning("ingest: could not save refusal counts, keeping them: %s", exc)
+            connection.close_if_unusable_or_obsolete()
+            return 0
+        unsaved.clear()
+        return len(rows)
 
     def _ack(self, batch: list[Received]) -> None:
         epoch, ack = self._epoch, self.client.ack
@@ -508,8 +781,8 @@ class IngestBridge:
         parsed: list[Parsed] = []
         limit, split, parse = self.max_payload_bytes, self.topics.parse, protocol.parse
         for _epoch, _mid, _qos, retained, topic, payload in batch:
-            if len(payload) > limit:
-                self._drop("too_large", topic, f"{len(payload)} bytes (limit {limit})")
+            if isinstance(payload, int):
+                self._drop("too_large", topic, f"{payload} bytes (limit {limit})")
                 continue
             try:
                 device_id, kind = split(topic)
@@ -521,7 +794,13 @@ class IngestBridge:
                     raise protocol.SchemaError("contains a NUL character")
                 data = parse(kind, payload)
             except protocol.SchemaError as exc:
-                self._drop("malformed" if exc.__cause__ is not None else "schema", topic, str(exc))
+                if isinstance(exc, SCHEMA_INVARIANT_ERRORS):
+                    # The wire schema's own cross-field checks (shadow counters): the same
+                    # refusal as the bridge's, counted per device.
+                    self._drop(INVARIANT, topic, str(exc))
+                    self._count_refusal(device_id, INVARIANT)
+                else:
+                    self._drop("malformed" if exc.__cause__ is not None else "schema", topic, str(exc))
                 continue
             except RecursionError:
                 self._drop("malformed", topic, "nested too deeply")
@@ -549,6 +828,7 @@ class IngestBridge:
         pks = self._device_pks({device_id for _kind, device_id, _data, _retained, _topic in parsed})
         telemetry: list[tuple] = []
         events: list[tuple] = []
+        refusals: dict[tuple[str, str], int] = {}
         # pk -> [seen, online, agent_version, generation, reported_models, health]
         states: dict[int, list] = {}
         valid = 0
@@ -579,6 +859,12 @@ class IngestBridge:
                 else:  # events
                     events.append(self._event_row(pk, data, now))
                     online = True
+            except Refused as exc:
+                self._drop(exc.reason, topic, str(exc))
+                refusals[(device_id, exc.reason)] = refusals.get((device_id, exc.reason), 0) + 1
+                # A refused window is still a sign of life from a known device.
+                state[0] = state[0] or not retained
+                continue
             except Exception as exc:  # one odd message must never stop the bridge
                 self._drop("schema", topic, f"{type(exc).__name__}: {exc}")
                 continue
@@ -592,11 +878,22 @@ class IngestBridge:
             elif kind == STATUS:
                 state[1] = online
         devices = [(pk, *state) for pk, state in states.items()]
-        return _Rows(telemetry, events, devices, valid)
+        refused = [(device_id, reason, count, now) for (device_id, reason), count in refusals.items()]
+        return _Rows(telemetry, events, devices, refused, valid)
 
-    @staticmethod
-    def _telemetry_rows(pk: int, data: dict[str, Any], now: datetime) -> list[tuple]:
+    def _telemetry_rows(self, pk: int, data: dict[str, Any], now: datetime) -> list[tuple]:
+        """One row per model; the whole message is refused if any part breaks an invariant
+        (a device that lies in one entry is not trusted for the others)."""
         message_id, ts, window_s = data["id"], _timestamp(data["ts"]), _finite(data["window_s"])
+        if not self.min_window_s <= window_s <= self.max_window_s:
+            raise Refused(
+                INVARIANT, f"window_s {window_s} outside [{self.min_window_s:g}, {self.max_window_s:g}]"
+            )
+        if ts > now + self.max_future:
+            raise Refused(CLOCK, f"ts {data['ts']} is more than {self.max_future} ahead of the server")
+        if ts < now - self.max_age:
+            raise Refused(CLOCK, f"ts {data['ts']} is older than {self.max_age}")
+        window_start = ts - timedelta(seconds=window_s)
         rows = []
         for model, entry in data["models"].items():
             latency = entry.get("latency_ms")
@@ -605,23 +902,30 @@ class IngestBridge:
                 p50, p95, p99 = _finite(latency["p50"]), _finite(latency["p95"]), _finite(latency["p99"])
             feedback = entry.get("feedback")
             labeled, correct = (feedback["labeled"], feedback["correct"]) if feedback else (0, 0)
+            inferences, errors = _count(entry["inferences"]), _count(entry["errors"])
+            if correct > labeled:
+                raise Refused(INVARIANT, f"{model}: correct {correct} > labeled {labeled}")
+            if errors > inferences:
+                raise Refused(INVARIANT, f"{model}: errors {errors} > inferences {inferences}")
             rows.append(
                 (
                     pk,
                     message_id,
                     ts,
+                    window_start,
                     now,
                     window_s,
                     _name(model),
                     _name(entry["version"]),
                     entry["variant"],
-                    _count(entry["inferences"]),
-                    _count(entry["errors"]),
+                    inferences,
+                    errors,
                     p50,
                     p95,
                     p99,
                     _count(labeled),
                     _count(correct),
+                    *_shadow(model, entry.get("shadow")),
                 )
             )
         return rows
@@ -695,7 +999,9 @@ class IngestBridge:
         counters = self.counters
         # Counters of the drops found while building rows are kept only if the batch
         # commits, so a retried batch does not count its drops twice.
-        before = {reason: getattr(counters, reason) for reason in ("unknown_device", "schema")}
+        before = {
+            reason: getattr(counters, reason) for reason in ("unknown_device", "schema", INVARIANT, CLOCK)
+        }
         now = timezone.now()
         try:
             connection.ensure_connection()
@@ -716,6 +1022,9 @@ class IngestBridge:
                     self._copy(cursor, "ingest_events", rows.events)
                     cursor.execute(INSERT_EVENTS)
                     events = cursor.rowcount
+                if rows.refusals:
+                    self._copy(cursor, "ingest_refusals", rows.refusals)
+                    cursor.execute(UPSERT_REFUSALS)
         except BaseException:
             for reason, value in before.items():
                 setattr(counters, reason, value)
@@ -745,29 +1054,113 @@ class IngestBridge:
 # --- housekeeping (Celery beat, fleet/devices/tasks.py)
 
 
+def _day_start(day: date) -> datetime:
+    return datetime.combine(day, dt_time.min, tzinfo=UTC)
+
+
+def _partitions(cursor) -> dict[str, date]:
+    """The day partitions of devices_telemetrywindow, name -> day (DEFAULT left out)."""
+    cursor.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "WHERE i.inhparent = 'devices_telemetrywindow'::regclass"
+    )
+    days = {}
+    for (name,) in cursor.fetchall():
+        if name.startswith(PARTITION_PREFIX):
+            days[name] = datetime.strptime(name[len(PARTITION_PREFIX) :], "%Y%m%d").date()
+    return days
+
+
+def telemetry_partitions_ensure(
+    *, now: datetime | None = None, first_day: date | None = None, using: str = "default"
+) -> list[str]:
+    """Make the day partitions of devices_telemetrywindow from ``first_day`` (default: the
+    oldest window start the invariants let in) to PARTITION_DAYS_AHEAD days after today.
+    Idempotent, and safe to run from several processes (an advisory lock). Rows that landed
+    in the DEFAULT partition for such a day are moved into it: the table is built aside and
+    attached, which locks the parent less than CREATE … PARTITION OF. Returns the names made."""
+    db = connections[using]
+    if db.vendor != "postgresql":
+        return []
+    now = now or timezone.now()
+    if first_day is None:
+        oldest = now - timedelta(seconds=settings.INGEST_MAX_AGE_S + settings.INGEST_MAX_WINDOW_S)
+        first_day = min(oldest.astimezone(UTC).date(), (now - timedelta(days=2)).astimezone(UTC).date())
+    last_day = (now + timedelta(days=PARTITION_DAYS_AHEAD)).astimezone(UTC).date()
+    made = []
+    with db.cursor() as cursor:
+        existing = _partitions(cursor)
+        day = first_day
+        while day <= last_day:
+            name = f"{PARTITION_PREFIX}{day:%Y%m%d}"
+            if name not in existing and _partition_create(cursor, using, name, day):
+                made.append(name)
+            day += timedelta(days=1)
+    if made:
+        log.info("telemetry partitions: made %s", ", ".join(made))
+    return made
+
+
+def _partition_create(cursor, using: str, name: str, day: date) -> bool:
+    start, end = _day_start(day).isoformat(), _day_start(day + timedelta(days=1)).isoformat()
+    with transaction.atomic(using=using):
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtext('devices_telemetrywindow partitions'))")
+        cursor.execute("SELECT to_regclass(%s)", [name])
+        if cursor.fetchone()[0] is not None:
+            return False  # another process made it meanwhile
+        cursor.execute(
+            f"CREATE TABLE {name} (LIKE devices_telemetrywindow INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+        )
+        cursor.execute(
+            "WITH moved AS (DELETE FROM devices_telemetrywindow_default "
+            "WHERE window_start >= %s AND window_start < %s RETURNING *) "
+            f"INSERT INTO {name} SELECT * FROM moved",
+            [start, end],
+        )
+        cursor.execute(
+            f"ALTER TABLE devices_telemetrywindow ATTACH PARTITION {name} "
+            f"FOR VALUES FROM ('{start}') TO ('{end}')"
+        )
+    return True
+
+
 def telemetry_cleanup(*, now: datetime | None = None, chunk_size: int = 10_000) -> dict[str, int]:
-    """Delete telemetry windows, events and rollups older than TELEMETRY_RETENTION_DAYS, in
-    chunks so that no transaction holds locks on millions of rows. Age is the server's
-    receive time (the rollup minute is one too): a device with a wrong clock can neither
-    keep its rows forever nor have them deleted at once."""
-    cutoff = (now or timezone.now()) - timedelta(days=settings.TELEMETRY_RETENTION_DAYS)
-    deleted = {}
-    for model, field in (
-        (TelemetryWindow, "received_at"),
-        (DeviceEvent, "received_at"),
-        (TelemetryRollup, "minute"),
-    ):
-        total = 0
-        while True:
-            chunk = model.objects.filter(**{f"{field}__lt": cutoff}).values("pk")[:chunk_size]
-            count, _ = model.objects.filter(pk__in=chunk).delete()
-            total += count
-            if count < chunk_size:
-                break
-        deleted[model._meta.model_name] = total
+    """Retention. Telemetry windows: drop the day partitions that end before
+    TELEMETRY_RETENTION_DAYS ago (by window start, which the ingest invariants keep within
+    a day of the server clock), and delete such rows from the DEFAULT partition. Hourly sums
+    go after TELEMETRY_HOURLY_RETENTION_DAYS; events (by receive time) and per-device
+    refusal counts (by their last refusal) after TELEMETRY_RETENTION_DAYS, in chunks so that
+    no transaction holds locks on millions of rows."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.TELEMETRY_RETENTION_DAYS)
+    deleted = {"telemetry_partitions": 0, "telemetrywindow": 0}
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            for name, day in sorted(_partitions(cursor).items()):
+                if _day_start(day + timedelta(days=1)) <= cutoff:
+                    cursor.execute(f"DROP TABLE IF EXISTS {name}")
+                    deleted["telemetry_partitions"] += 1
+            cursor.execute("DELETE FROM devices_telemetrywindow_default WHERE window_start < %s", [cutoff])
+            deleted["telemetrywindow"] = cursor.rowcount
+    else:
+        deleted["telemetrywindow"] = _delete_chunked(TelemetryWindow, "window_start", cutoff, chunk_size)
+    hourly_cutoff = now - timedelta(days=settings.TELEMETRY_HOURLY_RETENTION_DAYS)
+    deleted["telemetryhourly"] = _delete_chunked(TelemetryHourly, "hour", hourly_cutoff, chunk_size)
+    deleted["deviceevent"] = _delete_chunked(DeviceEvent, "received_at", cutoff, chunk_size)
+    deleted["ingestrefusal"] = _delete_chunked(IngestRefusal, "last_at", cutoff, chunk_size)
     if any(deleted.values()):
         log.info("telemetry cleanup: deleted %s (older than %s)", deleted, cutoff.isoformat())
     return deleted
+
+
+def _delete_chunked(model, field: str, cutoff: datetime, chunk_size: int) -> int:
+    total = 0
+    while True:
+        chunk = model.objects.filter(**{f"{field}__lt": cutoff}).values("pk")[:chunk_size]
+        count, _ = model.objects.filter(pk__in=chunk).delete()
+        total += count
+        if count < chunk_size:
+            return total
 
 
 def devices_mark_stale(*, now: datetime | None = None) -> int:

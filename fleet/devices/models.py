@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
+from django.db.models.functions import Cast
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
 from fleet.devices.choices import DeviceStatus, GroupKind
@@ -60,6 +61,14 @@ class Device(models.Model):
     # What we last told the device.
     desired_generation = models.PositiveBigIntegerField(default=0)
     desired_artifacts = models.JSONField(default=dict, blank=True, help_text="model -> artifact id")
+    # A candidate the device runs beside the live model without serving it (shadow stage).
+    desired_shadows = models.JSONField(
+        default=dict,
+        # Also a database default: bulk loaders that insert devices with SQL need not know it.
+        db_default=Cast(models.Value("{}"), models.JSONField()),
+        blank=True,
+        help_text='model -> {"artifact": id, "sample_rate": 0..1}',
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     status_changed_at = models.DateTimeField(null=True, blank=True)
 
@@ -130,12 +139,20 @@ class DeviceEvent(models.Model):
 
 
 class TelemetryWindow(models.Model):
-    """One model's row of one telemetry message: the volume table (docs/ingest.md)."""
+    """One model's row of one telemetry message: the volume table (docs/ingest.md).
+
+    On PostgreSQL the table is partitioned by day on ``window_start`` (raw SQL in migration
+    0003; partitions are made ahead and dropped whole by ``fleet.devices.ingest``). Its real
+    primary key is (id, window_start), since a partitioned table's keys must hold the
+    partition key; ``id`` alone stays the ORM's pk and is unique in practice (identity)."""
 
     id = models.BigAutoField(primary_key=True)
     device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="+", db_index=False)
     message_id = models.CharField(max_length=64)
-    ts = models.DateTimeField()
+    ts = models.DateTimeField(help_text="end of the window, the device's clock")
+    # ts - window_s: when the window began. Gates count the windows that began after their
+    # stage started; the ingest invariants bound it to about a day around the server clock.
+    window_start = models.DateTimeField()
     received_at = models.DateTimeField()
     window_s = models.FloatField()
     model = models.CharField(max_length=64)
@@ -148,39 +165,118 @@ class TelemetryWindow(models.Model):
     latency_p99_ms = models.FloatField(null=True)
     labeled = models.PositiveBigIntegerField(default=0)
     correct = models.PositiveBigIntegerField(default=0)
+    # The candidate run in shadow beside the live model (ARCHITECTURE.md, "Shadow stage");
+    # blank version when the window had none.
+    shadow_version = models.CharField(max_length=64, blank=True, default="")
+    shadow_variant = models.CharField(max_length=64, blank=True, default="")
+    shadow_sampled = models.PositiveBigIntegerField(default=0)
+    shadow_compared = models.PositiveBigIntegerField(default=0)
+    shadow_agreed = models.PositiveBigIntegerField(default=0)
+    shadow_errors = models.PositiveBigIntegerField(default=0)
+    shadow_skipped = models.PositiveBigIntegerField(default=0)
+    shadow_mean_abs_diff = models.FloatField(null=True)
+    shadow_latency_p95_ms = models.FloatField(null=True)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["device", "message_id", "model"], name="devices_telemetry_once")
+            # QoS 1 may deliver twice; a redelivery has the same ts and window_s, hence the
+            # same window_start (which a unique key of a partitioned table must include).
+            models.UniqueConstraint(
+                fields=["device", "message_id", "model", "window_start"], name="devices_telemetry_once"
+            )
         ]
         indexes = [
-            models.Index(fields=["device", "ts"]),
-            models.Index(fields=["model", "version", "variant", "ts"]),
-            models.Index(fields=["received_at"]),
+            # telemetry_by_device (fleet/devices/selectors.py): the rollout's devices, one
+            # model, windows from the stage's start; the sums are read from the index alone.
+            models.Index(
+                fields=["model", "device", "window_start"],
+                include=[
+                    "version",
+                    "variant",
+                    "shadow_version",
+                    "shadow_variant",
+                    "inferences",
+                    "errors",
+                    "labeled",
+                    "correct",
+                    "latency_p95_ms",
+                    "shadow_sampled",
+                    "shadow_compared",
+                    "shadow_agreed",
+                    "shadow_errors",
+                    "shadow_latency_p95_ms",
+                ],
+                name="devices_telemetry_gate",
+            ),
         ]
 
 
-class TelemetryRollup(models.Model):
-    """Per-minute sums per (model, version, variant): what rollout gates and charts read."""
+class TelemetryHourly(models.Model):
+    """Sums per device, hour of window_start and (model, version, variant, shadow version,
+    shadow variant), from the windows really inserted: what charts and long-range questions
+    read once the windows themselves are gone (TELEMETRY_HOURLY_RETENTION_DAYS)."""
 
-    minute = models.DateTimeField()
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="+", db_index=False)
+    hour = models.DateTimeField()
     model = models.CharField(max_length=64)
     version = models.CharField(max_length=64)
     variant = models.CharField(max_length=64)
+    shadow_version = models.CharField(max_length=64, blank=True, default="")
+    shadow_variant = models.CharField(max_length=64, blank=True, default="")
     windows = models.PositiveBigIntegerField(default=0)
     inferences = models.PositiveBigIntegerField(default=0)
     errors = models.PositiveBigIntegerField(default=0)
     labeled = models.PositiveBigIntegerField(default=0)
     correct = models.PositiveBigIntegerField(default=0)
-    # p95 cannot be summed; keep the inference-weighted sum (mean p95 = sum / inferences)
-    # and the worst window's p95.
+    # p95 cannot be summed: keep the inference-weighted sum and its weight (the inferences
+    # of the windows that had a p95), so mean p95 = sum / weight; and the worst window's.
     latency_p95_weighted_sum = models.FloatField(default=0)
+    latency_p95_weight = models.PositiveBigIntegerField(default=0)
     latency_p95_max_ms = models.FloatField(null=True)
+    shadow_sampled = models.PositiveBigIntegerField(default=0)
+    shadow_compared = models.PositiveBigIntegerField(default=0)
+    shadow_agreed = models.PositiveBigIntegerField(default=0)
+    shadow_errors = models.PositiveBigIntegerField(default=0)
+    shadow_skipped = models.PositiveBigIntegerField(default=0)
+    # Weighted by the compared requests, as above: mean = sum / weight.
+    shadow_latency_p95_weighted_sum = models.FloatField(default=0)
+    shadow_latency_p95_weight = models.PositiveBigIntegerField(default=0)
+    shadow_mean_abs_diff_weighted_sum = models.FloatField(default=0)
+    shadow_mean_abs_diff_weight = models.PositiveBigIntegerField(default=0)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["minute", "model", "version", "variant"], name="devices_rollup_key"
+                fields=["device", "hour", "model", "version", "variant", "shadow_version", "shadow_variant"],
+                name="devices_hourly_key",
             )
         ]
-        indexes = [models.Index(fields=["model", "version", "variant", "minute"])]
+        indexes = [models.Index(fields=["hour"], name="devices_hourly_hour")]
+
+
+class IngestRefusalReason(models.TextChoices):
+    """Why the ingest bridge refused a device's message (counted per device)."""
+
+    INVARIANT = "invariant", "Broke its own invariants"
+    CLOCK = "clock", "Timestamp too far ahead or too old"
+    RATE_LIMITED = "rate_limited", "Over the device's rate limit"
+    OVERFLOW = "overflow", "Bridge queue full (QoS 0)"
+
+
+class IngestRefusal(models.Model):
+    """How many messages of a device the ingest bridges refused, per reason (upserted once
+    per batch), so that ops can see which device misbehaves and since when."""
+
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="+", db_index=False)
+    reason = models.CharField(max_length=16, choices=IngestRefusalReason.choices)
+    count = models.PositiveBigIntegerField(default=0)
+    first_at = models.DateTimeField()
+    last_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-last_at"]
+        constraints = [models.UniqueConstraint(fields=["device", "reason"], name="devices_refusal_key")]
+        indexes = [models.Index(fields=["last_at"], name="devices_refusal_last_at")]
+
+    def __str__(self) -> str:
+        return f"{self.device_id} {self.reason} x{self.count}"

@@ -1,14 +1,17 @@
-"""Device reads: group membership (static and dynamic)."""
+"""Device reads: group membership (static and dynamic), per-device telemetry for gates."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, F, FloatField, Q, QuerySet, Sum
 
 from fleet.core.errors import InvalidInput
 from fleet.devices.choices import DeviceStatus, GroupKind
-from fleet.devices.models import Device, DeviceGroup
+from fleet.devices.models import Device, DeviceGroup, TelemetryWindow
 
 # What a dynamic group's saved filter may say, and how each key filters devices.
 RULES = {
@@ -52,3 +55,123 @@ def group_devices(*, group: DeviceGroup, queryset: QuerySet[Device] | None = Non
     for key, value in group.rules.items():
         filters.update(RULES[key](value))
     return queryset.filter(**filters)
+
+
+# --- telemetry, per device (rollout gates, issue 8 section 1)
+
+
+@dataclass(frozen=True)
+class DeviceTelemetry:
+    device_pk: int
+    device_id: str
+    version: str
+    variant: str
+    windows: int
+    inferences: int
+    errors: int
+    labeled: int
+    correct: int
+    latency_p95_ms: float | None  # inference-weighted mean of the windows' p95 (None without latency)
+    shadow_version: str  # "" when no shadow
+    shadow_variant: str
+    shadow_sampled: int
+    shadow_compared: int
+    shadow_agreed: int
+    shadow_errors: int
+    shadow_latency_p95_ms: float | None  # compared-weighted mean of the windows' shadow p95
+
+
+GROUP_BY = ("device_id", "version", "variant", "shadow_version", "shadow_variant")
+
+
+def telemetry_by_device_queryset(
+    *, devices: Iterable[int] | QuerySet, model: str, since: datetime, until: datetime | None = None
+) -> QuerySet:
+    """The query behind telemetry_by_device (one row of sums per group), for EXPLAIN. It
+    reads only the index (model, device, window_start) INCLUDE (…) and, since the bounds
+    are on the partition key, only the day partitions between ``since`` and ``until``."""
+    if isinstance(devices, QuerySet):
+        devices = devices.values_list("pk", flat=True) if devices.model is Device else devices
+    pks = sorted({getattr(device, "pk", device) for device in devices})
+    windows = TelemetryWindow.objects.filter(model=model, device_id__in=pks, window_start__gte=since)
+    if until is not None:
+        windows = windows.filter(window_start__lt=until)
+    has_p95 = Q(latency_p95_ms__isnull=False)
+    has_shadow_p95 = Q(shadow_latency_p95_ms__isnull=False)
+    return (
+        windows.values(*GROUP_BY)
+        .annotate(
+            windows=Count("*"),
+            inferences_sum=Sum("inferences"),
+            errors_sum=Sum("errors"),
+            labeled_sum=Sum("labeled"),
+            correct_sum=Sum("correct"),
+            p95_weighted=Sum(F("latency_p95_ms") * F("inferences"), output_field=FloatField()),
+            p95_weight=Sum("inferences", filter=has_p95),
+            p95_windows=Count("latency_p95_ms"),  # counts the non-null ones
+            p95_sum=Sum("latency_p95_ms"),
+            shadow_sampled_sum=Sum("shadow_sampled"),
+            shadow_compared_sum=Sum("shadow_compared"),
+            shadow_agreed_sum=Sum("shadow_agreed"),
+            shadow_errors_sum=Sum("shadow_errors"),
+            shadow_p95_weighted=Sum(
+                F("shadow_latency_p95_ms") * F("shadow_compared"), output_field=FloatField()
+            ),
+            shadow_p95_weight=Sum("shadow_compared", filter=has_shadow_p95),
+            shadow_p95_windows=Count("shadow_latency_p95_ms"),
+            shadow_p95_sum=Sum("shadow_latency_p95_ms"),
+        )
+        .order_by(*GROUP_BY)
+    )
+
+
+def _weighted_mean(
+    weighted: float | None, weight: int | None, plain: float | None, count: int
+) -> float | None:
+    """sum(x * w) / sum(w); the plain mean when every weight is 0; None without any x."""
+    if not count:
+        return None
+    if weight:
+        return weighted / weight
+    return plain / count
+
+
+def telemetry_by_device(
+    *, devices: Iterable[int] | QuerySet, model: str, since: datetime, until: datetime | None = None
+) -> list[DeviceTelemetry]:
+    """Per-device sums of the windows of `model` that BEGAN at or after `since` (window_start >= since,
+    and < until when given), for the given device pks only, grouped by (device, version, variant,
+    shadow_version, shadow_variant)."""
+    rows = list(telemetry_by_device_queryset(devices=devices, model=model, since=since, until=until))
+    names = dict(
+        Device.objects.filter(pk__in={row["device_id"] for row in rows}).values_list("pk", "device_id")
+    )
+    return [
+        DeviceTelemetry(
+            device_pk=row["device_id"],
+            device_id=names.get(row["device_id"], ""),
+            version=row["version"],
+            variant=row["variant"],
+            windows=row["windows"],
+            inferences=row["inferences_sum"],
+            errors=row["errors_sum"],
+            labeled=row["labeled_sum"],
+            correct=row["correct_sum"],
+            latency_p95_ms=_weighted_mean(
+                row["p95_weighted"], row["p95_weight"], row["p95_sum"], row["p95_windows"]
+            ),
+            shadow_version=row["shadow_version"],
+            shadow_variant=row["shadow_variant"],
+            shadow_sampled=row["shadow_sampled_sum"],
+            shadow_compared=row["shadow_compared_sum"],
+            shadow_agreed=row["shadow_agreed_sum"],
+            shadow_errors=row["shadow_errors_sum"],
+            shadow_latency_p95_ms=_weighted_mean(
+                row["shadow_p95_weighted"],
+                row["shadow_p95_weight"],
+                row["shadow_p95_sum"],
+                row["shadow_p95_windows"],
+            ),
+        )
+        for row in rows
+    ]

@@ -28,7 +28,7 @@ from paho.mqtt.properties import Properties
 from fleet.devices import ingest, tasks
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.ingest import Counters, IngestBridge
-from fleet.devices.models import Device, DeviceEvent, TelemetryRollup, TelemetryWindow
+from fleet.devices.models import Device, DeviceEvent, TelemetryHourly, TelemetryWindow
 from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -140,6 +140,10 @@ class Bridge:
             password=broker.ingest_password,
             flush_ms=options.pop("flush_ms", 30),
             session_expiry_s=options.pop("session_expiry_s", 0),  # no session left behind
+            # These tests stream far faster than an agent (one window per 30 s) does; the
+            # per-device limit has tests of its own (test_ingest_limits.py).
+            device_rate=options.pop("device_rate", 100_000),
+            device_burst=options.pop("device_burst", 100_000),
             **options,
         )
         self.stop = threading.Event()
@@ -171,7 +175,7 @@ class Bridge:
         def settled() -> Counters | None:
             # The marker is counted, and so is the rest of its batch.
             counters = self.snapshot()
-            done = counters.received == counters.committed + counters.dropped
+            done = counters.received == counters.committed + counters.dropped_by_writer
             return counters if done and counters.malformed > malformed else None
 
         self.baseline = wait_until(settled, timeout=10, message="the marker")
@@ -241,17 +245,37 @@ def test_it_writes_telemetry_events_and_reported_state_from_several_devices(brid
     assert (window.inferences, window.errors, window.labeled, window.correct) == (300, 1, 10, 9)
     assert (window.latency_p50_ms, window.latency_p95_ms, window.latency_p99_ms) == (1.0, 8.0, 9.0)
     assert window.window_s == 30
-    rollup = TelemetryRollup.objects.get()
-    assert (rollup.model, rollup.version, rollup.variant) == ("digits", "1.4.0", "int8")
-    assert (rollup.windows, rollup.inferences, rollup.errors, rollup.labeled, rollup.correct) == (
-        3,
-        500,
-        3,
-        30,
-        27,
+    assert window.window_start == window.ts - timedelta(seconds=30)
+    assert window.shadow_version == "" and window.shadow_sampled == 0
+    # Hourly sums per device, by the hour the window began.
+    hourly = TelemetryHourly.objects.filter(device__device_id=cam.device_id)
+    sums = hourly.aggregate(
+        windows=Sum("windows"),
+        inferences=Sum("inferences"),
+        errors=Sum("errors"),
+        labeled=Sum("labeled"),
+        correct=Sum("correct"),
+        p95_sum=Sum("latency_p95_weighted_sum"),
+        p95_weight=Sum("latency_p95_weight"),
     )
-    assert rollup.latency_p95_weighted_sum == 100 * 2.0 + 100 * 4.0 + 300 * 8.0
-    assert rollup.latency_p95_max_ms == 8.0
+    assert sums == {
+        "windows": 2,
+        "inferences": 200,
+        "errors": 2,
+        "labeled": 20,
+        "correct": 18,
+        "p95_sum": 100 * 2.0 + 100 * 4.0,
+        "p95_weight": 200,
+    }
+    row = TelemetryHourly.objects.get(device__device_id=gate.device_id)
+    assert (row.model, row.version, row.variant, row.shadow_version) == ("digits", "1.4.0", "int8", "")
+    assert row.hour == window.window_start.replace(minute=0, second=0, microsecond=0)
+    assert (row.windows, row.inferences, row.latency_p95_weighted_sum, row.latency_p95_max_ms) == (
+        1,
+        300,
+        300 * 8.0,
+        8.0,
+    )
     event = DeviceEvent.objects.get()
     assert (event.device.device_id, event.message_id, event.type, event.generation) == (
         gate.device_id,
@@ -330,8 +354,8 @@ def test_it_does_not_count_a_redelivered_message_twice(bridge, devices):
     wait_until(lambda: bridge.delta("committed") == 5, timeout=10, message="five messages")
     assert rows_of(cam).count() == 2
     assert DeviceEvent.objects.count() == 1
-    rollup = TelemetryRollup.objects.aggregate(windows=Sum("windows"), inferences=Sum("inferences"))
-    assert rollup == {"windows": 2, "inferences": 101}
+    hourly = TelemetryHourly.objects.aggregate(windows=Sum("windows"), inferences=Sum("inferences"))
+    assert hourly == {"windows": 2, "inferences": 101}
     assert bridge.delta("duplicate_rows") == 2
 
 
@@ -348,7 +372,7 @@ def test_several_bridges_split_the_load(bridge, broker, devices):
         second.close()
     assert bridge.delta("committed") > 0 and second.delta("committed") > 0
     assert bridge.delta("committed") + second.delta("committed") == 200
-    assert TelemetryRollup.objects.get().windows == 200
+    assert TelemetryHourly.objects.aggregate(windows=Sum("windows"))["windows"] == 200
 
 
 def test_a_device_deleted_while_cached_is_counted_as_unknown(bridge, devices):
@@ -420,6 +444,8 @@ class BridgeProcess:
             "MQTT_INGEST_PASSWORD": broker.ingest_password,
             "INGEST_BATCH_SIZE": "100",  # many commits while the stream runs
             "INGEST_FLUSH_MS": "20",
+            "INGEST_DEVICE_RATE": "100000",  # three devices stream flat out
+            "INGEST_DEVICE_BURST": "100000",
         }
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -529,7 +555,7 @@ def test_a_killed_bridge_loses_nothing_the_broker_acknowledged(broker, devices, 
     ids = list(TelemetryWindow.objects.values_list("message_id", flat=True))
     assert len(ids) == len(set(ids)) == len(stream.acked)
     assert set(ids) == set(stream.acked)
-    assert TelemetryRollup.objects.aggregate(windows=Sum("windows"))["windows"] == len(stream.acked)
+    assert TelemetryHourly.objects.aggregate(windows=Sum("windows"))["windows"] == len(stream.acked)
     if signum == signal.SIGTERM:
         # A clean stop acknowledged everything it had committed: nothing came back twice.
         assert " duplicates=0 " in second.log(), second.log()
@@ -558,16 +584,21 @@ def test_mark_stale_sets_silent_devices_offline():
 
 
 def test_cleanup_deletes_what_is_older_than_the_retention(settings):
-    settings.TELEMETRY_RETENTION_DAYS = 30
+    """Telemetry windows go by whole day partitions of their window start (and from the
+    DEFAULT partition row by row); hourly sums, events and refusal counts by age."""
+    settings.TELEMETRY_RETENTION_DAYS = 7
+    settings.TELEMETRY_HOURLY_RETENTION_DAYS = 30
     device = Device.objects.create(device_id="cam", status=DeviceStatus.ACTIVE)
     now = timezone.now()
-    old, recent = now - timedelta(days=31), now - timedelta(days=29)
-    for index, when in enumerate([old, old, old, recent]):
+    ingest.telemetry_partitions_ensure(now=now, first_day=(now - timedelta(days=9)).date())
+    old, recent, ancient = now - timedelta(days=8, hours=1), now - timedelta(days=6), now - timedelta(days=40)
+    for index, when in enumerate([old, old, ancient, recent]):
         TelemetryWindow.objects.create(
             device=device,
             message_id=f"w{index}",
             ts=when,
-            received_at=when,
+            window_start=when - timedelta(seconds=30),
+            received_at=now,
             window_s=30,
             model="digits",
             version="1.4.0",
@@ -578,18 +609,66 @@ def test_cleanup_deletes_what_is_older_than_the_retention(settings):
         DeviceEvent.objects.create(
             device=device, message_id=f"e{index}", type="swap", ts=when, received_at=when
         )
-        TelemetryRollup.objects.create(
-            minute=when.replace(second=0, microsecond=0) - timedelta(minutes=index),
+        TelemetryHourly.objects.create(
+            device=device,
+            hour=(when - timedelta(days=index * 10)).replace(minute=0, second=0, microsecond=0),
             model="digits",
             version="1.4.0",
             variant="int8",
         )
+    old_partition = f"devices_telemetrywindow_p{(old - timedelta(seconds=30)).date():%Y%m%d}"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s)", [old_partition])
+        assert cursor.fetchone()[0] == old_partition
 
-    assert ingest.telemetry_cleanup(chunk_size=2) == {
-        "telemetrywindow": 3,
-        "deviceevent": 3,
-        "telemetryrollup": 3,
-    }
-    assert TelemetryWindow.objects.get().received_at == recent
-    assert DeviceEvent.objects.count() == TelemetryRollup.objects.count() == 1
-    assert tasks.telemetry_cleanup() == {"telemetrywindow": 0, "deviceevent": 0, "telemetryrollup": 0}
+    deleted = ingest.telemetry_cleanup(now=now, chunk_size=2)
+
+    # The partitions of the days before the retention went whole (the windows 8 days old
+    # with them; other tests may have made older ones); the 40-day-old window was in DEFAULT.
+    assert deleted["telemetry_partitions"] >= 2
+    assert deleted["telemetrywindow"] == 1
+    assert deleted["deviceevent"] == 3
+    # Hours 0, 10, 20 and 30 days before each window: those beyond 30 days go.
+    assert deleted["telemetryhourly"] == 2
+    assert list(TelemetryWindow.objects.values_list("message_id", flat=True)) == ["w3"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass(%s)", [old_partition])
+        assert cursor.fetchone()[0] is None
+    assert DeviceEvent.objects.get().received_at == recent
+    # Idempotent; the partitions of the days ahead are still there to write into.
+    again = tasks.telemetry_cleanup()
+    assert again["telemetry_partitions"] == again["telemetrywindow"] == again["deviceevent"] == 0
+    assert tasks.telemetry_partitions() == []
+
+
+def test_partitions_are_made_ahead_and_rows_parked_in_default_move_into_theirs():
+    device = Device.objects.create(device_id="cam", status=DeviceStatus.ACTIVE)
+    now = timezone.now()
+    far = now + timedelta(days=10)  # beyond the partitions made ahead: lands in DEFAULT
+    TelemetryWindow.objects.create(
+        device=device,
+        message_id="far",
+        ts=far,
+        window_start=far,
+        received_at=now,
+        window_s=30,
+        model="digits",
+        version="1.4.0",
+        variant="int8",
+        inferences=1,
+        errors=0,
+    )
+
+    def partition_of(message_id: str) -> str:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT tableoid::regclass::text FROM devices_telemetrywindow WHERE message_id = %s",
+                [message_id],
+            )
+            return cursor.fetchone()[0]
+
+    assert partition_of("far") == "devices_telemetrywindow_default"
+    made = ingest.telemetry_partitions_ensure(now=far)
+    assert f"devices_telemetrywindow_p{far.date():%Y%m%d}" in made
+    assert partition_of("far") == f"devices_telemetrywindow_p{far.date():%Y%m%d}"
+    assert ingest.telemetry_partitions_ensure(now=far) == []  # idempotent
