@@ -228,7 +228,9 @@ def report(artifacts: list[dict], base: str, admin_password: str, token: str) ->
     )
 
 
-DEMO_AGENTS = (("demo-cam-1", "int8"), ("demo-cam-2", "int8"), ("demo-cam-3", "float32"))
+# Ten devices, eight of them int8: the gates count devices, not labels, and compare each
+# variant with itself, so a canary needs a few devices of a variant on each side.
+DEMO_AGENTS = tuple((f"demo-cam-{n}", "float32" if n in (3, 7) else "int8") for n in range(1, 11))
 
 
 def start_agents(stack: ExitStack, env: dict[str, str], base: str, progress: Progress) -> list[dict]:
@@ -478,42 +480,51 @@ def rollout_story(base: str, token: str, agents: list[dict]) -> None:
     session.headers["Authorization"] = f"Bearer {token}"
     api = f"{base}/api/v1"
     console.rule("Rollouts")
-    console.print("Uploading digits 2.0.0 (a retrained model) and 3.0.0 (a deliberately worse one)…")
+    console.print(
+        "Uploading digits 2.0.0 (a retrained model), 3.0.0 and 4.0.0 (two deliberately worse ones)…"
+    )
     upload_version(session, api, "2.0.0", digits.build_digits_models(version="2.0.0"), "retrained, 48 units")
     upload_version(
         session, api, "3.0.0", digits.build_digits_models(quality="worse"), "trained on 30 samples"
     )
-    api_call(
-        session,
-        "POST",
-        f"{api}/rollout-policies/",
-        201,
-        json={
-            "name": "staged",
+    upload_version(
+        session, api, "4.0.0", digits.build_digits_models(version="4.0.0"), "trained on 50 samples"
+    )
+    policies = {
+        "staged": {
             "stages": [{"kind": "percent", "value": v, "soak_seconds": 3} for v in (10, 50, 100)],
             "gates": {"max_install_failure_rate": 0.0},
         },
-    )
-    api_call(
-        session,
-        "POST",
-        f"{api}/rollout-policies/",
-        201,
-        json={
-            "name": "accuracy-canary",
+        "accuracy-canary": {
             "on_failure": "rollback",
             "stages": [
-                {"kind": "percent", "value": 10, "soak_seconds": 3},
+                {"kind": "percent", "value": 50, "soak_seconds": 3},
                 {"kind": "percent", "value": 100},
             ],
-            "gates": {"accuracy": {"min_samples": 100, "max_drop_pp": 2.0, "confidence": 0.95}},
+            "gates": {
+                "accuracy": {"min_samples": 100, "min_devices": 3, "max_drop_pp": 2.0, "confidence": 0.95}
+            },
         },
-    )
+        "shadow-first": {
+            "on_failure": "rollback",
+            "stages": [
+                {"kind": "percent", "value": 50, "mode": "shadow", "sample_rate": 0.5, "soak_seconds": 3},
+                {"kind": "percent", "value": 100},
+            ],
+            "gates": {
+                "max_install_failure_rate": 0.0,
+                "shadow": {"min_agreement": 0.9, "min_samples": 100, "min_devices": 3},
+            },
+        },
+    }
+    for name, body in policies.items():
+        api_call(session, "POST", f"{api}/rollout-policies/", 201, json={"name": name, **body})
     targets = {"tags": ["demo"]}
     with Apps(agents):
         for version, policy, label in (
             ("2.0.0", "staged", "v2 canary"),
             ("3.0.0", "accuracy-canary", "v3 canary"),
+            ("4.0.0", "shadow-first", "v4 in shadow"),
         ):
             rollout = api_call(
                 session,
@@ -525,16 +536,7 @@ def rollout_story(base: str, token: str, agents: list[dict]) -> None:
             console.print(f"Rollout {rollout['id']}: digits {version} with policy '{policy}'")
             api_call(session, "POST", f"{api}/rollouts/{rollout['id']}/start", 200, json={"reason": "demo"})
             final = follow(session, api, rollout["id"], label)
-            for evaluation in final["evaluations"]:
-                if evaluation["metric"] == "accuracy":
-                    console.print(
-                        f"  accuracy gate: {evaluation['verdict']} — candidate "
-                        f"{evaluation['candidate_value']:.1%} of {evaluation['candidate_n']} labels "
-                        "vs incumbent "
-                        f"{evaluation['incumbent_value']:.1%} of {evaluation['incumbent_n']}, "
-                        f"p = {evaluation['p_value']:.2g} (allowed drop {evaluation['threshold']} points) "
-                        f"→ {evaluation['decision']}"
-                    )
+            console.print(f"  [bold]{final['last_decision']}[/bold]")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         served = {
@@ -544,10 +546,10 @@ def rollout_story(base: str, token: str, agents: list[dict]) -> None:
         if all(model.get("version") == "2.0.0" for model in served.values()):
             break
         time.sleep(0.5)
-    table = Table(title="After the story: what each device serves")
+    table = Table(title="After the story: what each device serves (4.0.0 never answered a request)")
     for column in ("device", "version", "variant"):
         table.add_column(column)
-    for device_id, model in sorted(served.items()):
+    for device_id, model in sorted(served.items(), key=lambda item: int(item[0].rsplit("-", 1)[1])):
         table.add_row(device_id, model.get("version", "?"), model.get("variant", "?"))
     console.print(table)
 

@@ -28,8 +28,11 @@ class DevicePrincipal:
         return None
 
     def may_fetch_artifact(self, artifact) -> bool:
-        """Only what its desired state names (registry selectors.artifact_fetchable_by)."""
-        return artifact.pk in set(self.device.desired_artifacts.values())
+        """Only what its desired state names, live or in shadow (registry
+        selectors.artifact_fetchable_by)."""
+        device = self.device
+        shadows = {entry.get("artifact") for entry in device.desired_shadows.values()}
+        return artifact.pk in set(device.desired_artifacts.values()) | shadows
 
     def __str__(self) -> str:
         return f"device {self.device}"

@@ -29,3 +29,12 @@ class IngestKind(models.TextChoices):
     REPORTED = "reported"
     EVENTS = "events"
     TELEMETRY = "telemetry"
+
+
+class IngestRefusalReason(models.TextChoices):
+    """Why the ingest bridge refused a device's message (counted per device)."""
+
+    INVARIANT = "invariant", "Broke its own invariants"
+    CLOCK = "clock", "Timestamp too far ahead or too old"
+    RATE_LIMITED = "rate_limited", "Over the device's rate limit"
+    OVERFLOW = "overflow", "Bridge queue full (QoS 0)"

@@ -76,12 +76,11 @@ from paho.mqtt.properties import Properties
 
 from agent import protocol
 from agent.protocol.topics import DEVICE_TOPICS, Topics
-from fleet.devices.choices import DeviceStatus, IngestKind
+from fleet.devices.choices import DeviceStatus, IngestKind, IngestRefusalReason
 from fleet.devices.models import (
     Device,
     DeviceEvent,
     IngestRefusal,
-    IngestRefusalReason,
     TelemetryHourly,
     TelemetryWindow,
 )

@@ -6,7 +6,7 @@ from django.db import models
 from django.db.models.functions import Cast
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
-from fleet.devices.choices import DeviceStatus, GroupKind
+from fleet.devices.choices import DeviceStatus, GroupKind, IngestRefusalReason
 
 device_id_validator = RegexValidator(
     DEVICE_ID_PATTERN, "Use letters, digits, '.', '_' or '-' (at most 128 characters)."
@@ -252,15 +252,6 @@ class TelemetryHourly(models.Model):
             )
         ]
         indexes = [models.Index(fields=["hour"], name="devices_hourly_hour")]
-
-
-class IngestRefusalReason(models.TextChoices):
-    """Why the ingest bridge refused a device's message (counted per device)."""
-
-    INVARIANT = "invariant", "Broke its own invariants"
-    CLOCK = "clock", "Timestamp too far ahead or too old"
-    RATE_LIMITED = "rate_limited", "Over the device's rate limit"
-    OVERFLOW = "overflow", "Bridge queue full (QoS 0)"
 
 
 class IngestRefusal(models.Model):

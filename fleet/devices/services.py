@@ -314,33 +314,55 @@ def device_get(*, device_id: str) -> Device:
 
 
 def devices_assign(
-    *, devices: list[Device], artifacts: dict[str, Any], rollout: dict | None = None, publish: str = "celery"
+    *,
+    devices: list[Device],
+    artifacts: dict[str, Any],
+    rollout: dict | None = None,
+    publish: str = "celery",
+    shadows: dict[str, tuple[Any, float]] | None = None,
+    clear_shadows: tuple[str, ...] = (),
 ) -> list[tuple[str, int]]:
     """Give each device a new, higher desired generation naming ``artifacts`` (model name ->
     ready Artifact) besides the models it already has. Returns (device id, generation).
 
+    ``shadows`` (model name -> (ready Artifact, sample rate)) asks devices to run a candidate
+    beside their live model without serving it (docs/protocol.md, addition 5); a new live
+    artifact for a model, or ``clear_shadows``, ends that model's shadow.
+
     Everything that could refuse happens here, inside the transaction: inactive devices,
-    artifacts that are not ready, revoked versions, a payload that breaks the contract
-    (the first one is signed and checked). Once it commits, the desired states are signed
-    and published retained: by chunked Celery tasks (``publish="celery"``: workers sign and
-    publish in parallel) or right here (``publish="now"``, for a command that should report
-    a broker error). The generation only grows, so an agent never mistakes a new command
-    for a replay, and a model rollback is simply a newer generation naming the older version.
+    artifacts that are not ready, revoked versions, a shadow without a live model beside it,
+    a payload that breaks the contract (the first one is signed and checked). Once it
+    commits, the desired states are signed and published retained: by chunked Celery tasks
+    (``publish="celery"``: workers sign and publish in parallel) or right here
+    (``publish="now"``, for a command that should report a broker error). The generation
+    only grows, so an agent never mistakes a new command for a replay, and a model rollback
+    is simply a newer generation naming the older version.
     """
     from fleet.registry.models import Artifact
     from fleet.registry.services import desired_model_entry
 
+    shadows = shadows or {}
     ids = sorted({device.pk for device in devices})
+    cleared = sorted({*artifacts, *clear_shadows})
     with transaction.atomic():
         # One statement for any number of devices: the generation grows in the database
         # itself, and the new models are merged over the ones each device already has.
         with connection.cursor() as cursor:
             cursor.execute(
                 "UPDATE devices_device SET desired_generation = desired_generation + 1,"
-                " desired_artifacts = desired_artifacts || %s::jsonb"
+                " desired_artifacts = desired_artifacts || %s::jsonb,"
+                " desired_shadows = (desired_shadows - %s::text[]) || %s::jsonb"
                 " WHERE id = ANY(%s) AND status = %s"
-                " RETURNING device_id, desired_generation, desired_artifacts",
-                [json.dumps({name: a.pk for name, a in artifacts.items()}), ids, DeviceStatus.ACTIVE],
+                " RETURNING device_id, desired_generation, desired_artifacts, desired_shadows",
+                [
+                    json.dumps({name: a.pk for name, a in artifacts.items()}),
+                    cleared,
+                    json.dumps(
+                        {name: {"artifact": a.pk, "sample_rate": rate} for name, (a, rate) in shadows.items()}
+                    ),
+                    ids,
+                    DeviceStatus.ACTIVE,
+                ],
             )
             rows = cursor.fetchall()
         if len(rows) != len(ids):
@@ -350,26 +372,51 @@ def devices_assign(
                 code="device_not_active",
             )
         states = [
-            (device_id, generation, wanted if isinstance(wanted, dict) else json.loads(wanted))
-            for device_id, generation, wanted in rows
+            (device_id, generation, _json_dict(wanted), _json_dict(shadowed))
+            for device_id, generation, wanted, shadowed in rows
         ]
-        wanted_ids = {pk for _, _, wanted in states for pk in wanted.values()}
+        for device_id, _, wanted, shadowed in states:
+            alone = sorted(set(shadowed) - set(wanted))
+            if alone:
+                raise Conflict(
+                    f"{device_id} runs no {', '.join(alone)} to run a shadow beside.", code="no_live_model"
+                )
+        wanted_ids = {pk for _, _, wanted, _ in states for pk in wanted.values()}
+        wanted_ids |= {entry["artifact"] for _, _, _, shadowed in states for entry in shadowed.values()}
         named = Artifact.objects.select_related("version__model").filter(pk__in=wanted_ids)
         entries = {artifact.pk: desired_model_entry(artifact) for artifact in named}  # once per artifact
         if states:
             sign_desired_states(states=states[:1], entries=entries, rollout=rollout)  # refuses a bad shape
         transaction.on_commit(lambda: desired_publish(states, entries, rollout, now=publish == "now"))
-    return [(device_id, generation) for device_id, generation, _ in states]
+    return [(device_id, generation) for device_id, generation, _, _ in states]
+
+
+def _json_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else json.loads(value)
+
+
+# (device id, generation, model -> live artifact id, model -> {"artifact", "sample_rate"})
+DesiredState = tuple[str, int, dict[str, int], dict[str, dict]]
+
+
+def _desired_models(wanted: dict[str, int], shadowed: dict[str, dict], entries: dict[int, dict]) -> dict:
+    models = {name: entries[pk] for name, pk in wanted.items()}
+    for name, shadow in shadowed.items():
+        models[name] = {
+            **models[name],
+            "shadow": {**entries[shadow["artifact"]], "sample_rate": shadow["sample_rate"]},
+        }
+    return models
 
 
 def sign_desired_states(
     *,
-    states: list[tuple[str, int, dict[str, int]]],
+    states: list[DesiredState],
     entries: dict[int, dict],
     rollout: dict | None,
 ) -> list[tuple[str, bytes]]:
-    """Sign (device id, generation, model -> artifact id) states. The key is read once and
-    the payload shape checked once: the states of one batch differ only in id and generation."""
+    """Sign desired states. The key is read once and the payload shape checked once: the
+    states of one batch differ only in id and generation."""
     from fleet.registry.services import desired_state_envelope
     from fleet.registry.signing import signing_key_active
 
@@ -380,18 +427,18 @@ def sign_desired_states(
             desired_state_envelope(
                 device_id=device_id,
                 generation=generation,
-                entries={name: entries[pk] for name, pk in wanted.items()},
+                entries=_desired_models(wanted, shadowed, entries),
                 rollout=rollout,
                 private_key=private_key,
                 check=number == 0,
             ),
         )
-        for number, (device_id, generation, wanted) in enumerate(states)
+        for number, (device_id, generation, wanted, shadowed) in enumerate(states)
     ]
 
 
 def desired_publish(
-    states: list[tuple[str, int, dict[str, int]]],
+    states: list[DesiredState],
     entries: dict[int, dict],
     rollout: dict | None,
     *,
@@ -411,5 +458,6 @@ def desired_publish(
     size = settings.DESIRED_PUBLISH_CHUNK
     for start in range(0, len(states), size):
         chunk = states[start : start + size]
-        used = {pk for _, _, wanted in chunk for pk in wanted.values()}
+        used = {pk for _, _, wanted, _ in chunk for pk in wanted.values()}
+        used |= {entry["artifact"] for _, _, _, shadowed in chunk for entry in shadowed.values()}
         publish_desired_task.delay(chunk, {str(pk): entries[pk] for pk in used}, rollout)

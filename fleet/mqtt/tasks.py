@@ -10,7 +10,7 @@ def publish_desired_task(states: list, entries: dict[str, dict], rollout: dict |
     from fleet.devices.services import sign_desired_states
 
     signed = sign_desired_states(
-        states=[(device_id, generation, wanted) for device_id, generation, wanted in states],
+        states=[tuple(state) for state in states],
         entries={int(pk): entry for pk, entry in entries.items()},  # JSON made the keys strings
         rollout=rollout,
     )

@@ -31,31 +31,29 @@ class RolloutPolicyAdmin(admin.ModelAdmin):
         return " → ".join(f"{s['value']}{'%' if s['kind'] == 'percent' else ''}" for s in obj.stages)
 
     def save_model(self, request, obj, form, change):
-        services.policy_validate(stages=obj.stages, gates=obj.gates)
+        services.policy_validate(stages=obj.stages, gates=obj.gates)  # raises with the field at fault
         super().save_model(request, obj, form, change)
 
 
 class EvaluationInline(admin.TabularInline):
+    """Each gate's verdict in one sentence with rounded figures (the numbers behind it are
+    in the API's ``evaluations``, with their inputs)."""
+
     model = GateEvaluation
-    fields = (
-        "evaluated_at",
-        "stage",
-        "metric",
-        "verdict",
-        "candidate_value",
-        "incumbent_value",
-        "candidate_n",
-        "incumbent_n",
-        "threshold",
-        "p_value",
-        "decision",
-        "note",
-    )
+    fields = ("evaluated_at", "stage_number", "gate", "verdict", "summary", "decision", "looks", "method")
     readonly_fields = fields
     extra = 0
     can_delete = False
     max_num = 0
     ordering = ("-evaluated_at",)
+
+    @admin.display(description="stage")
+    def stage_number(self, obj):
+        return obj.stage + 1
+
+    @admin.display(description="gate")
+    def gate(self, obj):
+        return obj.get_metric_display() + (f" ({obj.variant})" if obj.variant else "")
 
 
 class AuditInline(admin.TabularInline):
@@ -76,6 +74,7 @@ class RolloutAdmin(admin.ModelAdmin):
         "current_stage",
         "stage_started_at",
         "awaiting_approval",
+        "last_decision",
         "policy_snapshot",
         "created_by",
         "created_at",

@@ -39,6 +39,7 @@ class PolicySerializer(serializers.ModelSerializer):
     def validate(self, attrs):
         stages = attrs.get("stages", self.instance.stages if self.instance else default_stages())
         gates = attrs.get("gates", self.instance.gates if self.instance else default_gates())
+        # Stored as given; defaults are spelled out in the snapshot a rollout takes at start.
         services.policy_validate(stages=stages, gates=gates)
         return attrs
 
@@ -68,16 +69,24 @@ class EvaluationSerializer(serializers.ModelSerializer):
         fields = [
             "stage",
             "metric",
+            "variant",
             "verdict",
             "decision",
+            "summary",
             "candidate_value",
             "incumbent_value",
             "candidate_n",
             "incumbent_n",
+            "candidate_devices",
+            "incumbent_devices",
             "threshold",
             "p_value",
-            "bound",
+            "lower",
+            "upper",
+            "method",
+            "looks",
             "note",
+            "inputs",
             "evaluated_at",
         ]
 
@@ -105,6 +114,7 @@ class RolloutSerializer(serializers.ModelSerializer):
             "stages",
             "stage_started_at",
             "awaiting_approval",
+            "last_decision",
             "counts",
             "skipped",
             "evaluations",

@@ -35,6 +35,7 @@ class AssignmentState(models.TextChoices):
     NOTIFIED = "notified", "Notified"
     DOWNLOADING = "downloading", "Downloading"
     VERIFYING = "verifying", "Verifying"
+    SHADOW = "shadow", "Running in shadow"
     ACTIVE = "active", "Active"
     FAILED = "failed", "Failed"
     REVERTED = "reverted", "Reverted"
@@ -47,9 +48,34 @@ EVENT_STATES = {
     "notified": AssignmentState.NOTIFIED,
     "downloading": AssignmentState.DOWNLOADING,
     "verifying": AssignmentState.VERIFYING,
+    "shadow": AssignmentState.SHADOW,
     "active": AssignmentState.ACTIVE,
     "failed": AssignmentState.FAILED,
 }
+# Where a device has finished with its stage (installed, shadowing or failed).
+SETTLED = (AssignmentState.ACTIVE, AssignmentState.SHADOW, AssignmentState.FAILED)
+
+
+class StageMode(models.TextChoices):
+    LIVE = "live", "Live (devices serve the candidate)"
+    SHADOW = "shadow", "Shadow (devices run the candidate beside the live model, unseen)"
+
+
+class Verdict(models.TextChoices):
+    PASS = "pass", "Pass"
+    FAIL = "fail", "Fail"
+    WAIT = "wait", "Wait"
+    ERROR = "error", "Error"
+
+
+class Metric(models.TextChoices):
+    INSTALL_FAILURE_RATE = "install_failure_rate", "Install failures"
+    ERROR_RATE = "error_rate", "Inference errors"
+    LATENCY_P95_RATIO = "latency_p95_ratio", "p95 latency ratio"
+    ACCURACY = "accuracy", "Accuracy"
+    SHADOW_AGREEMENT = "shadow_agreement", "Shadow agreement"
+    SHADOW_LATENCY_P95_RATIO = "shadow_latency_p95_ratio", "Shadow p95 latency ratio"
+    EVALUATOR = "evaluator", "Evaluator"
 
 
 class OnFailure(models.TextChoices):
@@ -69,3 +95,4 @@ class Decision(models.TextChoices):
     COMPLETE = "complete", "Complete"
     PAUSE = "pause", "Pause"
     ROLLBACK = "rollback", "Roll back"
+    ERROR = "error", "Evaluation failed"

@@ -2,8 +2,17 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
-from fleet.rollouts.choices import Approval, AssignmentState, Decision, OnFailure, RolloutState
+from fleet.rollouts.choices import (
+    Approval,
+    AssignmentState,
+    Decision,
+    Metric,
+    OnFailure,
+    RolloutState,
+    Verdict,
+)
 
 
 def default_stages() -> list[dict]:
@@ -70,6 +79,10 @@ class Rollout(models.Model):
     current_stage = models.IntegerField(default=-1, help_text="-1 before start; 0 is the first stage")
     stage_started_at = models.DateTimeField(null=True, blank=True)
     awaiting_approval = models.BooleanField(default=False)
+    stage_looks = models.IntegerField(default=0, help_text="evaluations of the current stage so far")
+    last_decision = models.TextField(
+        blank=True, default="", help_text="the evaluator's latest decision, in one sentence"
+    )
     priority = models.IntegerField(default=0)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -117,26 +130,41 @@ class Assignment(models.Model):
 
 
 class GateEvaluation(models.Model):
-    """One metric of one evaluation, with its numbers: why a decision was made."""
+    """One gate of one evaluation (for one variant where the gate compares like with like),
+    with its inputs, its numbers and one sentence: why a decision was made."""
 
     rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="evaluations")
     stage = models.IntegerField()
-    metric = models.CharField(max_length=40)
-    verdict = models.CharField(max_length=8)
+    metric = models.CharField(max_length=40, choices=Metric.choices)
+    variant = models.CharField(
+        max_length=64, blank=True, default="", help_text="the variant compared, if per variant"
+    )
+    verdict = models.CharField(max_length=8, choices=Verdict.choices)
     candidate_value = models.FloatField(null=True)
     incumbent_value = models.FloatField(null=True)
     candidate_n = models.BigIntegerField(default=0)
     incumbent_n = models.BigIntegerField(default=0)
+    candidate_devices = models.IntegerField(default=0)
+    incumbent_devices = models.IntegerField(default=0)
     threshold = models.FloatField(null=True)
     p_value = models.FloatField(null=True)
-    bound = models.FloatField(null=True)
+    lower = models.FloatField(null=True, help_text="lower end of the confidence sequence")
+    upper = models.FloatField(null=True, help_text="upper end of the confidence sequence")
+    method = models.CharField(max_length=200, blank=True, default="")
+    looks = models.IntegerField(default=0, help_text="evaluations of this stage so far, this one included")
     note = models.CharField(max_length=200, blank=True)
+    summary = models.TextField(blank=True, default="", help_text="one sentence, for people")
+    inputs = models.JSONField(default=dict, blank=True, help_text="what the gate was given")
     decision = models.CharField(max_length=16, choices=Decision.choices)
-    evaluated_at = models.DateTimeField(auto_now_add=True)
+    evaluated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["-evaluated_at", "metric"]
+        ordering = ["-evaluated_at", "metric", "variant"]
         indexes = [models.Index(fields=["rollout", "-evaluated_at"])]
+
+    def __str__(self) -> str:
+        variant = f" ({self.variant})" if self.variant else ""
+        return f"{self.get_metric_display()}{variant}: {self.get_verdict_display().lower()}"
 
 
 class AuditEntry(models.Model):

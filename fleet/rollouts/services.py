@@ -9,24 +9,27 @@ can never promote twice.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from fleet.core.errors import Conflict, InvalidInput
+from fleet.devices import selectors as device_selectors
 from fleet.devices.choices import DeviceStatus
-from fleet.devices.models import Device, DeviceEvent, DeviceGroup, TelemetryRollup
+from fleet.devices.models import Device, DeviceEvent, DeviceGroup
 from fleet.devices.selectors import group_devices
 from fleet.devices.services import devices_assign
 from fleet.registry.choices import ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion
-from fleet.rollouts import stats
+from fleet.rollouts import policy, stats
 from fleet.rollouts.choices import (
     ACTIVE_STATES,
     EVENT_STATES,
@@ -35,11 +38,17 @@ from fleet.rollouts.choices import (
     Approval,
     AssignmentState,
     Decision,
+    Metric,
     OnFailure,
     RolloutState,
+    StageMode,
+    Verdict,
 )
 from fleet.rollouts.cohort import choose_variant, cohort_key, stage_size
 from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutPolicy
+
+if TYPE_CHECKING:
+    from fleet.devices.selectors import DeviceTelemetry
 
 log = logging.getLogger(__name__)
 TARGET_KEYS = ("groups", "tags", "devices")
@@ -48,28 +57,9 @@ TARGET_KEYS = ("groups", "tags", "devices")
 # --- policies
 
 
-def policy_validate(*, stages: list[dict], gates: dict) -> None:
-    if not isinstance(stages, list) or not stages:
-        raise InvalidInput("A policy needs at least one stage.", code="invalid_stages", field="stages")
-    for number, stage in enumerate(stages):
-        if not isinstance(stage, dict) or stage.get("kind") not in ("percent", "count"):
-            raise InvalidInput(
-                f"Stage {number}: kind must be 'percent' or 'count'.", code="invalid_stages", field="stages"
-            )
-        value = stage.get("value")
-        if not isinstance(value, (int, float)) or value <= 0 or (stage["kind"] == "percent" and value > 100):
-            raise InvalidInput(
-                f"Stage {number}: value must be a positive number (percent at most 100).",
-                code="invalid_stages",
-                field="stages",
-            )
-    if not isinstance(gates, dict):
-        raise InvalidInput("gates must be an object.", code="invalid_gates", field="gates")
-    accuracy = gates.get("accuracy")
-    if accuracy is not None and not (0.5 <= float(accuracy.get("confidence", 0.95)) < 1):
-        raise InvalidInput(
-            "gates.accuracy.confidence must be in [0.5, 1).", code="invalid_gates", field="gates"
-        )
+def policy_validate(*, stages: Any, gates: Any) -> tuple[list[dict], dict]:
+    """Declared in fleet/rollouts/policy.py; returns stages and gates with defaults filled."""
+    return policy.policy_validate(stages=stages, gates=gates)
 
 
 # --- targets and eligibility
@@ -192,13 +182,18 @@ def rollout_start(*, rollout: Rollout, by: AbstractBaseUser | None = None, reaso
             f"{', '.join(clash[:10])}.",
             code="overlap",
         )
+    snapshot = rollout.policy.snapshot()
+    # The snapshot holds every default spelled out: what the evaluator reads is what was checked.
+    snapshot["stages"], snapshot["gates"] = policy_validate(
+        stages=snapshot["stages"], gates=snapshot["gates"]
+    )
     rollout = _transition(
         rollout,
         RolloutState.RUNNING,
         action="start",
         by=by,
         reason=reason,
-        policy_snapshot=rollout.policy.snapshot(),
+        policy_snapshot=snapshot,
         started_at=timezone.now(),
     )
     _place(rollout, devices)
@@ -238,9 +233,15 @@ def place_new_devices(*, rollout: Rollout) -> int:
 
 
 def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
-    """Cover the first stage_size(stage) eligible devices in cohort order; notify those not
-    yet notified by giving them a new desired generation (published after commit)."""
+    """Cover the first stage_size(stage) eligible devices in cohort order and give those not
+    yet there a new desired generation (published after commit).
+
+    A live stage names the candidate as the model to serve. A shadow stage names it as a
+    shadow beside what each device serves now, so only devices that already run the model
+    take part (the others wait for the first live stage). Entering a live stage ends every
+    shadow: covered devices move to the candidate, the rest go back to waiting."""
     spec = rollout.stages[stage]
+    shadow = spec.get("mode") == StageMode.SHADOW
     eligible = rollout.assignments.exclude(state=AssignmentState.SKIPPED).order_by("cohort_key")
     size = stage_size(
         kind=spec["kind"],
@@ -248,11 +249,10 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
         min_devices=spec.get("min_devices", 1),
         eligible=eligible.count(),
     )
-    covered = eligible.values_list("pk", "device_id", "to_artifact_id", "state")[:size]
+    covered = list(eligible.values_list("pk", "device_id", "to_artifact_id", "state")[:size])
+    waiting = (AssignmentState.PENDING,) if shadow else (AssignmentState.PENDING, AssignmentState.SHADOW)
     to_notify = [
-        (pk, device_id, artifact_id)
-        for pk, device_id, artifact_id, state in covered
-        if state == AssignmentState.PENDING
+        (pk, device_id, artifact_id) for pk, device_id, artifact_id, state in covered if state in waiting
     ]
     model = rollout.model.name
     ids = [pk for pk, _, _ in to_notify]
@@ -266,13 +266,23 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
             " FROM devices_device AS d WHERE a.device_id = d.id AND a.id = ANY(%s)",
             [model, model, ids],
         )
+    if shadow:
+        # A shadow needs a live model beside it.
+        ids = list(
+            rollout.assignments.filter(pk__in=ids, from_artifact__isnull=False).values_list("pk", flat=True)
+        )
+        to_notify = [item for item in to_notify if item[0] in set(ids)]
+    else:
+        _shadows_end(rollout, rollout.assignments.filter(state=AssignmentState.SHADOW).exclude(pk__in=ids))
     by_artifact: dict[int, list[int]] = defaultdict(list)
     for _, device_id, artifact_id in to_notify:
         by_artifact[artifact_id].append(device_id)
     for artifact_id, device_ids in by_artifact.items():
+        artifact = Artifact.objects.get(pk=artifact_id)
         devices_assign(
             devices=[Device(pk=pk) for pk in device_ids],
-            artifacts={model: Artifact.objects.get(pk=artifact_id)},
+            artifacts={} if shadow else {model: artifact},
+            shadows={model: (artifact, float(spec.get("sample_rate", 0.25)))} if shadow else None,
             rollout={"id": rollout.pk, "stage": stage},
         )
     with connection.cursor() as cursor:
@@ -282,10 +292,30 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
             [stage, AssignmentState.NOTIFIED, now, ids],
         )
     Rollout.objects.filter(pk=rollout.pk).update(
-        current_stage=stage, stage_started_at=now, awaiting_approval=False
+        current_stage=stage, stage_started_at=now, awaiting_approval=False, stage_looks=0
     )
     rollout.refresh_from_db()
     return rollout
+
+
+def _shadow_stage(rollout: Rollout) -> bool:
+    return (
+        rollout.current_stage >= 0 and rollout.stages[rollout.current_stage].get("mode") == StageMode.SHADOW
+    )
+
+
+def _shadows_end(rollout: Rollout, assignments: QuerySet[Assignment]) -> None:
+    """Devices stop running the candidate in shadow (a new generation without it) and wait."""
+    device_pks = list(assignments.values_list("device_id", flat=True))
+    if not device_pks:
+        return
+    devices_assign(
+        devices=[Device(pk=pk) for pk in device_pks],
+        artifacts={},
+        clear_shadows=(rollout.model.name,),
+        rollout={"id": rollout.pk, "stage": rollout.current_stage},
+    )
+    assignments.update(state=AssignmentState.PENDING, stage=None, generation=None, notified_at=None)
 
 
 # --- actions
@@ -299,11 +329,16 @@ def rollout_resume(*, rollout: Rollout, by: AbstractBaseUser | None = None, reas
     return _transition(rollout, RolloutState.RUNNING, action="resume", by=by, reason=reason)
 
 
+@transaction.atomic
 def rollout_abort(*, rollout: Rollout, by: AbstractBaseUser | None = None, reason: str = "") -> Rollout:
-    """Stop here: devices keep what they run now; nothing new is sent."""
-    return _transition(
+    """Stop here: devices keep what they serve now. Devices running the candidate in
+    shadow stop doing so (that is the only thing sent)."""
+    rollout = _transition(
         rollout, RolloutState.ABORTED, action="abort", by=by, reason=reason, finished_at=timezone.now()
     )
+    if _shadow_stage(rollout):
+        _shadows_end(rollout, rollout.assignments.filter(state__in=(*IN_FLIGHT, AssignmentState.SHADOW)))
+    return rollout
 
 
 @transaction.atomic
@@ -351,8 +386,9 @@ def rollout_rollback(*, rollout: Rollout, by: AbstractBaseUser | None = None, re
     rollout = _transition(
         rollout, RolloutState.ROLLED_BACK, action="rollback", by=by, reason=reason, finished_at=timezone.now()
     )
+    # A new generation naming what each device ran before also ends any shadow of the model.
     touched = rollout.assignments.filter(
-        state__in=(*IN_FLIGHT, AssignmentState.ACTIVE, AssignmentState.FAILED)
+        state__in=(*IN_FLIGHT, AssignmentState.ACTIVE, AssignmentState.SHADOW, AssignmentState.FAILED)
     ).select_related("device", "from_artifact")
     by_artifact: dict[int, list[Assignment]] = defaultdict(list)
     for assignment in touched:
@@ -373,7 +409,8 @@ def rollout_rollback(*, rollout: Rollout, by: AbstractBaseUser | None = None, re
 
 def assignments_sync(*, rollout: Rollout) -> None:
     """Move assignments along with what devices report: their events for the assignment's
-    generation, and the generation they applied."""
+    generation, and the generation they applied with the target version (live, or in
+    shadow during a shadow stage)."""
     in_flight = list(rollout.assignments.filter(state__in=IN_FLIGHT).select_related("device"))
     if not in_flight:
         return
@@ -384,6 +421,8 @@ def assignments_sync(*, rollout: Rollout) -> None:
     for event in events:
         if event.type in EVENT_STATES:
             latest[(event.device_id, event.generation)] = event
+    target = rollout.target_version.version
+    shadow = _shadow_stage(rollout)
     for assignment in in_flight:
         state, reason = assignment.state, assignment.reason
         event = latest.get((assignment.device_id, assignment.generation))
@@ -394,8 +433,12 @@ def assignments_sync(*, rollout: Rollout) -> None:
             AssignmentState.FAILED,
         ):
             reported = assignment.device.reported_models.get(rollout.model.name) or {}
-            if reported.get("version") == rollout.target_version.version:
+            if shadow and (reported.get("shadow") or {}).get("version") == target:
+                state = AssignmentState.SHADOW
+            elif not shadow and reported.get("version") == target:
                 state = AssignmentState.ACTIVE
+        if state == (AssignmentState.ACTIVE if shadow else AssignmentState.SHADOW):
+            continue  # an event of the other mode cannot settle this assignment
         if (state, reason) != (assignment.state, assignment.reason):
             Assignment.objects.filter(pk=assignment.pk, state=assignment.state).update(
                 state=state, reason=reason
@@ -405,79 +448,247 @@ def assignments_sync(*, rollout: Rollout) -> None:
 # --- gates
 
 
-def _window(model: str, version: str, since: datetime) -> dict[str, float]:
-    rows = TelemetryRollup.objects.filter(
-        model=model, version=version, minute__gte=since.replace(second=0, microsecond=0)
+def _arms(rollout: Rollout) -> dict[str, dict[int, tuple[str, str]]]:
+    """Who is in which arm, by the control plane's own record, never by what a device says
+    (device pk -> (device id, variant the rule gave it)):
+
+    * candidate: devices of this rollout covered so far that installed the candidate;
+    * incumbent: devices of this rollout not covered yet (they still run what they ran);
+    * shadow: devices of the current (shadow) stage running the candidate in shadow;
+    * covered: every device covered so far, whatever its state (how big the candidate arm
+      can get: a device that reports a failure leaves the arm but not this count)."""
+    arms: dict[str, dict[int, tuple[str, str]]] = {name: {} for name in ARMS}
+    rows = rollout.assignments.exclude(state=AssignmentState.SKIPPED).values_list(
+        "device_id", "device__device_id", "variant", "state", "stage"
     )
-    sums = rows.aggregate(
-        inferences=Sum("inferences"),
-        errors=Sum("errors"),
-        labeled=Sum("labeled"),
-        correct=Sum("correct"),
-        p95=Sum("latency_p95_weighted_sum"),
-    )
-    return {key: value or 0 for key, value in sums.items()}
+    for pk, device_id, variant, state, stage in rows:
+        member = (device_id, variant)
+        if state == AssignmentState.ACTIVE:
+            arms["candidate"][pk] = member
+        elif state == AssignmentState.PENDING:
+            arms["incumbent"][pk] = member
+        elif state == AssignmentState.SHADOW:
+            arms["shadow"][pk] = member
+        if stage is not None and state != AssignmentState.PENDING:
+            arms["covered"][pk] = member
+    return arms
 
 
-def _gates(rollout: Rollout) -> list[stats.Evaluation]:
-    policy = rollout.policy_snapshot
-    gates = policy["gates"]
+ARMS = ("candidate", "incumbent", "shadow", "covered")
+
+
+def _by_device(
+    rows: list[DeviceTelemetry], arm: dict[int, tuple[str, str]], keep
+) -> dict[str, dict[str, list[DeviceTelemetry]]]:
+    """variant -> device id -> that device's rows, for the devices of ``arm``; a row counts
+    only if ``keep`` accepts it and it names the variant the device was given (a device
+    cannot move its evidence into another variant's comparison)."""
+    grouped: dict[str, dict[str, list[DeviceTelemetry]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        member = arm.get(row.device_pk)
+        if member is not None and row.variant == member[1] and keep(row):
+            grouped[member[1]][member[0]].append(row)
+    return grouped
+
+
+def _counts(devices: dict[str, list[DeviceTelemetry]], n: str, k: str) -> list[stats.DeviceCounts]:
+    return [
+        stats.DeviceCounts(
+            device=device_id, n=sum(getattr(r, n) for r in rows), k=sum(getattr(r, k) for r in rows)
+        )
+        for device_id, rows in sorted(devices.items())
+    ]
+
+
+def _latencies(devices: dict[str, list[DeviceTelemetry]], shadow: bool = False) -> list[stats.DeviceLatency]:
+    """Per device, the p95 weighted by the inferences (or compared samples) behind it."""
+    result = []
+    for device_id, rows in sorted(devices.items()):
+        pairs = [
+            (r.shadow_latency_p95_ms, r.shadow_compared) if shadow else (r.latency_p95_ms, r.inferences)
+            for r in rows
+        ]
+        pairs = [(p95, n) for p95, n in pairs if p95 is not None and n]
+        total = sum(n for _, n in pairs)
+        if total:
+            result.append(
+                stats.DeviceLatency(
+                    device=device_id, p95_ms=sum(p * n for p, n in pairs) / total, inferences=total
+                )
+            )
+    return result
+
+
+def _not_compared(metric: str, variant: str, why: str) -> stats.Evaluation:
+    """A comparative gate with no incumbent arm left by design (every device of the variant
+    is covered): it was decided at the earlier stages and does not hold this one."""
+    return stats.Evaluation(
+        metric=metric,
+        verdict=stats.PASS,
+        candidate=None,
+        incumbent=None,
+        candidate_n=0,
+        incumbent_n=0,
+        threshold=0.0,
+        variant=variant,
+        note=why,
+        summary=f"{Metric(metric).label} ({variant}) not compared: {why}.",
+    )
+
+
+def _gates(rollout: Rollout, looks: int) -> list[stats.Evaluation]:
+    gates = rollout.policy_snapshot["gates"]
     counted = rollout.assignments.filter(stage__isnull=False, stage__lte=rollout.current_stage)
-    states = Counter(counted.values_list("state", flat=True))
-    installed = states[AssignmentState.ACTIVE] + states[AssignmentState.FAILED]
+    by_state: dict[str, list[str]] = defaultdict(list)
+    for device_id, state in counted.values_list("device__device_id", "state"):
+        by_state[state].append(device_id)
+    # Always evaluated (without a limit it never fails): every evaluation then records how
+    # many devices of the stage installed and failed.
+    max_failures = gates.get("max_install_failure_rate")
     results = [
-        stats.rate_gate(
-            metric="install_failure_rate",
-            failures=states[AssignmentState.FAILED],
-            total=installed,
-            max_rate=gates.get("max_install_failure_rate", 1.0),
+        stats.install_gate(
+            failed=by_state[AssignmentState.FAILED],
+            installed=by_state[AssignmentState.ACTIVE] + by_state[AssignmentState.SHADOW],
+            max_rate=1.0 if max_failures is None else max_failures,
         )
     ]
-    model, candidate_version = rollout.model.name, rollout.target_version.version
-    incumbent_versions = Counter(v for v in counted.values_list("from_version", flat=True) if v)
+    arms = _arms(rollout)
     since = rollout.stage_started_at or rollout.started_at
-    candidate = _window(model, candidate_version, since)
-    min_inferences = gates.get("min_inferences", 100)
+    model, target = rollout.model.name, rollout.target_version.version
+    rows = device_selectors.telemetry_by_device(
+        devices=[*arms["candidate"], *arms["incumbent"], *arms["shadow"]], model=model, since=since
+    )
+    if _shadow_stage(rollout):
+        return results + _shadow_gates(rows, arms["shadow"], target, gates, looks)
+    # Each arm counts only windows of the version its devices are supposed to run.
+    candidates = _by_device(rows, arms["candidate"], lambda r: r.version == target)
+    incumbents = _by_device(rows, arms["incumbent"], lambda r: r.version != target)
+    min_devices = gates.get("min_devices", 3)
     if gates.get("max_error_rate") is not None:
+        every = {d: rs for variant in candidates.values() for d, rs in variant.items()}
         results.append(
-            stats.rate_gate(
-                metric="error_rate",
-                failures=int(candidate["errors"]),
-                total=int(candidate["inferences"]),
+            stats.rate_ceiling_gate(
+                metric=Metric.ERROR_RATE,
+                devices=_counts(every, "inferences", "errors"),
                 max_rate=gates["max_error_rate"],
-                min_total=min_inferences,
+                alpha=1 - gates.get("confidence", 0.95),
+                min_total=gates.get("min_inferences", 100),
+                min_devices=min_devices,
+                looks=looks,
             )
         )
-    if incumbent_versions:
-        incumbent = _window(model, incumbent_versions.most_common(1)[0][0], since)
-        if gates.get("max_latency_p95_ratio") is not None:
-            results.append(
-                stats.latency_gate(
-                    candidate_p95_ms=candidate["p95"] / candidate["inferences"]
-                    if candidate["inferences"]
-                    else None,
-                    incumbent_p95_ms=incumbent["p95"] / incumbent["inferences"]
-                    if incumbent["inferences"]
-                    else None,
-                    candidate_n=int(candidate["inferences"]),
-                    incumbent_n=int(incumbent["inferences"]),
-                    max_ratio=gates["max_latency_p95_ratio"],
-                    min_inferences=min_inferences,
+    # Like with like: each variant's candidates against the incumbents of the same variant,
+    # where the rollout has enough devices of that variant on both sides to ever compare.
+    covered = defaultdict(int)
+    for _, variant in arms["covered"].values():
+        covered[variant] += 1
+    waiting = defaultdict(int)
+    for _, variant in arms["incumbent"].values():
+        waiting[variant] += 1
+    accuracy = gates.get("accuracy") or None
+    comparisons = []
+    if gates.get("max_latency_p95_ratio") is not None:
+        comparisons.append((Metric.LATENCY_P95_RATIO, min_devices))
+    if accuracy is not None:
+        comparisons.append((Metric.ACCURACY, accuracy.get("min_devices", 3)))
+    compared = {
+        metric: [v for v in sorted(covered) if covered[v] >= need and waiting[v] >= need]
+        for metric, need in comparisons
+    }
+    for metric, need in comparisons:
+        for variant in sorted(covered):
+            if variant in compared[metric]:
+                results.append(_compare(metric, variant, candidates, incumbents, gates, looks, compared))
+            elif not waiting[variant]:
+                results.append(
+                    _not_compared(metric, variant, "every device of this variant runs the candidate")
                 )
-            )
-        if gates.get("accuracy"):
-            accuracy = gates["accuracy"]
-            results.append(
-                stats.accuracy_gate(
-                    candidate_labeled=int(candidate["labeled"]),
-                    candidate_correct=int(candidate["correct"]),
-                    incumbent_labeled=int(incumbent["labeled"]),
-                    incumbent_correct=int(incumbent["correct"]),
-                    max_drop_pp=accuracy.get("max_drop_pp", 2.0),
-                    confidence=accuracy.get("confidence", 0.95),
-                    min_samples=accuracy.get("min_samples", 100),
+            else:
+                results.append(
+                    _not_compared(
+                        metric,
+                        variant,
+                        f"{covered[variant]:,} device(s) of this variant were given the candidate and "
+                        f"{waiting[variant]:,} still run the incumbent; the gate needs {need:,} on each side",
+                    )
                 )
+    return results
+
+
+def _compare(metric, variant, candidates, incumbents, gates, looks, compared) -> stats.Evaluation:
+    if metric == Metric.LATENCY_P95_RATIO:
+        return _with_variant(
+            stats.latency_gate(
+                candidate=_latencies(candidates.get(variant, {})),
+                incumbent=_latencies(incumbents.get(variant, {})),
+                max_ratio=gates["max_latency_p95_ratio"],
+                min_inferences=gates.get("min_inferences", 100),
+                min_devices=gates.get("min_devices", 3),
+            ),
+            variant,
+        )
+    accuracy = gates["accuracy"]
+    return stats.accuracy_gate(
+        candidate=_counts(candidates.get(variant, {}), "labeled", "correct"),
+        incumbent=_counts(incumbents.get(variant, {}), "labeled", "correct"),
+        max_drop_pp=accuracy.get("max_drop_pp", 2.0),
+        # One test per variant: Bonferroni keeps the rollout's error rate at alpha.
+        alpha=(1 - accuracy.get("confidence", 0.95)) / len(compared[Metric.ACCURACY]),
+        min_samples=accuracy.get("min_samples", 100),
+        min_devices=accuracy.get("min_devices", 3),
+        variant=variant,
+        looks=looks,
+    )
+
+
+def _with_variant(evaluation: stats.Evaluation, variant: str) -> stats.Evaluation:
+    return evaluation if evaluation.variant else replace(evaluation, variant=variant)
+
+
+def _shadow_gates(
+    rows: list[DeviceTelemetry], shadow: dict[int, tuple[str, str]], target: str, gates: dict, looks: int
+) -> list[stats.Evaluation]:
+    """Agreement with the live model and latency beside it, from devices running the
+    candidate in shadow; windows count only if they name the candidate as the shadow."""
+    spec = gates.get("shadow") or {}
+    alpha = 1 - spec.get("confidence", 0.95)
+    by_device: dict[str, list[DeviceTelemetry]] = defaultdict(list)
+    for row in rows:
+        if row.device_pk in shadow and row.shadow_version == target:
+            by_device[row.device_id].append(row)
+    results = [
+        stats.agreement_gate(
+            devices=_counts(by_device, "shadow_compared", "shadow_agreed"),
+            min_agreement=spec.get("min_agreement", 0.9),
+            alpha=alpha,
+            min_samples=spec.get("min_samples", 100),
+            min_devices=spec.get("min_devices", 3),
+            looks=looks,
+        )
+    ]
+    if gates.get("max_error_rate") is not None:
+        results.append(
+            stats.rate_ceiling_gate(
+                metric=Metric.ERROR_RATE,
+                devices=_counts(by_device, "shadow_sampled", "shadow_errors"),
+                max_rate=gates["max_error_rate"],
+                alpha=alpha,
+                min_total=spec.get("min_samples", 100),
+                min_devices=spec.get("min_devices", 3),
+                looks=looks,
             )
+        )
+    if spec.get("max_latency_p95_ratio") is not None:
+        results.append(
+            stats.latency_gate(
+                candidate=_latencies(by_device, shadow=True),
+                incumbent=_latencies(by_device),
+                max_ratio=spec["max_latency_p95_ratio"],
+                min_inferences=spec.get("min_samples", 100),
+                min_devices=spec.get("min_devices", 3),
+                metric=Metric.SHADOW_LATENCY_P95_RATIO,
+            )
+        )
     return results
 
 
@@ -486,11 +697,11 @@ def _stage_settled(rollout: Rollout, now: datetime) -> tuple[bool, str]:
     spec = rollout.stages[rollout.current_stage]
     soak = timedelta(seconds=spec.get("soak_seconds", 0))
     if now - rollout.stage_started_at < soak:
-        return False, f"soaking until {(rollout.stage_started_at + soak).isoformat()}"
+        return False, f"soaking until {rollout.stage_started_at + soak:%H:%M:%S %Z}"
     timeout = timedelta(seconds=rollout.policy_snapshot.get("pickup_timeout_seconds", 900))
     waiting = rollout.assignments.filter(state__in=IN_FLIGHT, notified_at__gt=now - timeout).count()
     if waiting:
-        return False, f"{waiting} device(s) still installing"
+        return False, f"{waiting:,} device(s) still installing"
     return True, ""
 
 
@@ -502,8 +713,85 @@ def _in_window(window: dict | None, now: datetime) -> bool:
     return start <= current < end if start <= end else current >= start or current < end
 
 
+def _decide(rollout: Rollout, results: list[stats.Evaluation], now: datetime) -> tuple[str, str]:
+    """The decision and its one-sentence reason (docs/rollouts.md, "Decisions")."""
+    stage = rollout.current_stage + 1
+    failed = [r for r in results if r.verdict == stats.FAIL]
+    if failed:
+        rollback = rollout.policy_snapshot["on_failure"] == OnFailure.ROLLBACK
+        first = failed[0]
+        gate = f"{Metric(first.metric).label.lower()} gate" + (f" ({first.variant})" if first.variant else "")
+        more = f" (and {len(failed) - 1} more gate(s))" if len(failed) > 1 else ""
+        verb = "Rolled back" if rollback else "Paused"
+        sentence = f"{verb} at stage {stage} by the {gate}{more}: {_tail(first)}"
+        return (Decision.ROLLBACK if rollback else Decision.PAUSE), sentence
+    settled, why = _stage_settled(rollout, now)
+    if not settled:
+        return Decision.WAIT, f"Waiting at stage {stage}: {why}."
+    waiting = [r for r in results if r.verdict == stats.WAIT]
+    if waiting:
+        first = waiting[0]
+        name = Metric(first.metric).label.lower() + (f" ({first.variant})" if first.variant else "")
+        return Decision.WAIT, f"Waiting at stage {stage} for the {name} gate: {first.note or first.summary}."
+    passed = "; ".join(r.summary for r in results if r.summary) or "no gate configured"
+    if rollout.current_stage + 1 >= len(rollout.stages):
+        return Decision.COMPLETE, f"Completed after stage {stage}: {passed}."
+    if not _in_window(rollout.policy_snapshot.get("maintenance_window"), now):
+        return Decision.WAIT, f"Waiting at stage {stage}: outside the maintenance window."
+    if rollout.policy_snapshot["approval"] == Approval.MANUAL:
+        return Decision.AWAIT_APPROVAL, f"Stage {stage} passed, awaiting an operator's approval: {passed}."
+    return Decision.PROMOTE, f"Promoted from stage {stage} to stage {stage + 1}: {passed}."
+
+
+def _tail(evaluation: stats.Evaluation) -> str:
+    """The gate's own sentence without its name (the decision sentence names the gate)."""
+    summary = evaluation.summary.rstrip(".")
+    head, sep, rest = summary.partition(": ")
+    return (rest if sep and len(head) < 40 else summary) + "."
+
+
+def _store(rollout: Rollout, results: list[stats.Evaluation], decision: str, looks: int, why: str) -> None:
+    # One timestamp for the whole evaluation: readers find an evaluation's rows by it.
+    now = timezone.now()
+    GateEvaluation.objects.bulk_create(
+        [
+            GateEvaluation(
+                rollout=rollout,
+                stage=rollout.current_stage,
+                metric=r.metric,
+                variant=r.variant,
+                verdict=r.verdict,
+                candidate_value=r.candidate,
+                incumbent_value=r.incumbent,
+                candidate_n=r.candidate_n,
+                incumbent_n=r.incumbent_n,
+                candidate_devices=r.candidate_devices,
+                incumbent_devices=r.incumbent_devices,
+                threshold=r.threshold,
+                p_value=r.p_value,
+                lower=r.lower,
+                upper=r.upper,
+                method=r.method[:200],
+                looks=looks,
+                note=(r.note or (why if r.verdict == stats.WAIT else ""))[:200],
+                summary=r.summary,
+                inputs=_json_safe(r.inputs),
+                decision=decision,
+                evaluated_at=now,
+            )
+            for r in results
+        ]
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    """NumPy scalars and the like as plain JSON numbers."""
+    return json.loads(json.dumps(value, default=float))
+
+
 def rollout_evaluate(*, rollout_id: int, now: datetime | None = None) -> str:
-    """Evaluate a running rollout's gates, store every evaluation, and act on the decision."""
+    """Evaluate a running rollout's gates, store every evaluation with its inputs, and act
+    on the decision; the audit entry carries the decision's one-sentence reason."""
     now = now or timezone.now()
     with transaction.atomic():
         # Evaluators of the same rollout take turns; a busy one is skipped, not waited for.
@@ -512,64 +800,53 @@ def rollout_evaluate(*, rollout_id: int, now: datetime | None = None) -> str:
             return Decision.WAIT
         place_new_devices(rollout=rollout)
         assignments_sync(rollout=rollout)
-        results = _gates(rollout)
-        failed = [r for r in results if r.verdict == stats.FAIL]
-        settled, why = _stage_settled(rollout, now)
-        if failed:
-            decision = (
-                Decision.ROLLBACK
-                if rollout.policy_snapshot["on_failure"] == OnFailure.ROLLBACK
-                else (Decision.PAUSE)
-            )
-        elif not settled or any(r.verdict == stats.WAIT for r in results):
-            decision = Decision.WAIT
-        elif rollout.current_stage + 1 >= len(rollout.stages):
-            decision = Decision.COMPLETE
-        elif not _in_window(rollout.policy_snapshot.get("maintenance_window"), now):
-            decision, why = Decision.WAIT, "outside the maintenance window"
-        elif rollout.policy_snapshot["approval"] == Approval.MANUAL:
-            decision = Decision.AWAIT_APPROVAL
-        else:
-            decision = Decision.PROMOTE
-        GateEvaluation.objects.bulk_create(
-            [
-                GateEvaluation(
-                    rollout=rollout,
-                    stage=rollout.current_stage,
-                    metric=r.metric,
-                    verdict=r.verdict,
-                    candidate_value=r.candidate,
-                    incumbent_value=r.incumbent,
-                    candidate_n=r.candidate_n,
-                    incumbent_n=r.incumbent_n,
-                    threshold=r.threshold,
-                    p_value=r.p_value,
-                    bound=r.bound,
-                    note=(r.note or why)[:200],
-                    decision=decision,
-                )
-                for r in results
-            ]
-        )
-        reason = (
-            "; ".join(
-                f"{r.metric} {r.verdict} ({r.candidate} vs {r.incumbent}, p={r.p_value})" for r in failed
-            )
-            or why
-        )
+        looks = rollout.stage_looks + 1
+        Rollout.objects.filter(pk=rollout.pk).update(stage_looks=looks)
+        results = _gates(rollout, looks)
+        decision, sentence = _decide(rollout, results, now)
+        _store(rollout, results, decision, looks, sentence)
         if decision == Decision.ROLLBACK:
-            rollout_rollback(rollout=rollout, reason=f"gate failed: {reason}")
+            rollout_rollback(rollout=rollout, reason=sentence)
         elif decision == Decision.PAUSE:
-            rollout_pause(rollout=rollout, reason=f"gate failed: {reason}")
+            rollout_pause(rollout=rollout, reason=sentence)
         elif decision in (Decision.PROMOTE, Decision.COMPLETE):
-            rollout_promote(rollout=rollout, reason="gates passed")
+            rollout_promote(rollout=rollout, reason=sentence)
         elif decision == Decision.AWAIT_APPROVAL:
             Rollout.objects.filter(pk=rollout.pk).update(awaiting_approval=True)
+        Rollout.objects.filter(pk=rollout.pk).update(last_decision=sentence[:2000])
     return decision
 
 
+def _record_error(rollout_id: int, exc: Exception) -> None:
+    """An evaluation that crashed leaves a visible row instead of silence."""
+    rollout = Rollout.objects.filter(pk=rollout_id).first()
+    if rollout is None:
+        return
+    sentence = f"Evaluation failed at stage {rollout.current_stage + 1}: {type(exc).__name__}: {exc}"[:2000]
+    GateEvaluation.objects.create(
+        rollout=rollout,
+        stage=rollout.current_stage,
+        metric=Metric.EVALUATOR,
+        verdict=Verdict.ERROR,
+        note=f"{type(exc).__name__}: {exc}"[:200],
+        summary=sentence,
+        decision=Decision.ERROR,
+    )
+    Rollout.objects.filter(pk=rollout_id).update(last_decision=sentence)
+
+
 def evaluate_running() -> dict[int, str]:
-    return {
-        rollout_id: rollout_evaluate(rollout_id=rollout_id)
-        for rollout_id in Rollout.objects.filter(state=RolloutState.RUNNING).values_list("pk", flat=True)
-    }
+    """Evaluate every running rollout, each on its own: one that fails (a broken policy, a
+    bug) is logged and recorded, and the others are still evaluated."""
+    decisions = {}
+    for rollout_id in Rollout.objects.filter(state=RolloutState.RUNNING).values_list("pk", flat=True):
+        try:
+            decisions[rollout_id] = rollout_evaluate(rollout_id=rollout_id)
+        except Exception as exc:
+            log.exception("rollout %s: evaluation failed", rollout_id)
+            decisions[rollout_id] = Decision.ERROR
+            try:
+                _record_error(rollout_id, exc)
+            except Exception:
+                log.exception("rollout %s: could not record the failed evaluation", rollout_id)
+    return decisions
