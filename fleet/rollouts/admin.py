@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 
 from fleet.core.errors import ServiceError
 from fleet.registry.admin import status_badge
@@ -22,17 +24,36 @@ STATE_COLOURS = {
 }
 
 
+class RolloutPolicyForm(forms.ModelForm):
+    class Meta:
+        model = RolloutPolicy
+        fields = "__all__"
+
+    def clean(self):
+        """The same declared checks as the API (fleet/rollouts/policy.py), shown on the field."""
+        cleaned = super().clean()
+        if "stages" in cleaned and "gates" in cleaned:
+            try:
+                services.policy_validate(stages=cleaned["stages"], gates=cleaned["gates"])
+            except ServiceError as exc:
+                raise ValidationError(
+                    {"stages" if exc.code == "invalid_stages" else "gates": exc.message}
+                ) from exc
+        return cleaned
+
+
 @admin.register(RolloutPolicy)
 class RolloutPolicyAdmin(admin.ModelAdmin):
+    form = RolloutPolicyForm
     list_display = ("name", "stage_summary", "on_failure", "approval", "pickup_timeout_seconds")
 
     @admin.display(description="stages")
     def stage_summary(self, obj):
-        return " → ".join(f"{s['value']}{'%' if s['kind'] == 'percent' else ''}" for s in obj.stages)
-
-    def save_model(self, request, obj, form, change):
-        services.policy_validate(stages=obj.stages, gates=obj.gates)  # raises with the field at fault
-        super().save_model(request, obj, form, change)
+        return " → ".join(
+            f"{s['value']:g}{'%' if s['kind'] == 'percent' else ''}"
+            + (" (shadow)" if s.get("mode") == "shadow" else "")
+            for s in obj.stages
+        )
 
 
 class EvaluationInline(admin.TabularInline):

@@ -732,7 +732,8 @@ def _decide(rollout: Rollout, results: list[stats.Evaluation], now: datetime) ->
     if waiting:
         first = waiting[0]
         name = Metric(first.metric).label.lower() + (f" ({first.variant})" if first.variant else "")
-        return Decision.WAIT, f"Waiting at stage {stage} for the {name} gate: {first.note or first.summary}."
+        why = (first.note or first.summary).rstrip(". ")
+        return Decision.WAIT, f"Waiting at stage {stage} for the {name} gate: {why}."
     passed = "; ".join(r.summary for r in results if r.summary) or "no gate configured"
     if rollout.current_stage + 1 >= len(rollout.stages):
         return Decision.COMPLETE, f"Completed after stage {stage}: {passed}."

@@ -390,3 +390,28 @@ def test_a_bad_policy_is_refused_with_the_field_at_fault(alice, body, code, fiel
     error = response.json()["error"]
     assert (error["code"], error["field"]) == (code, field)
     assert not RolloutPolicy.objects.filter(name="bad").exists()
+
+
+def test_the_admin_refuses_a_bad_policy_on_its_field(ada):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(ada.user)
+    form = {
+        "name": "bad",
+        "description": "",
+        "stages": '[{"kind": "percent", "value": 10, "mode": "shadow"}]',
+        "gates": '{"accuracy": {"confidence": 2}}',
+        "on_failure": "rollback",
+        "approval": "automatic",
+        "maintenance_window": "null",
+        "pickup_timeout_seconds": "900",
+    }
+    page = client.post("/admin/rollouts/rolloutpolicy/add/", form)
+    assert page.status_code == 200  # the form again, with the error on the field
+    assert "The last stage must be live" in page.content.decode()
+    assert not RolloutPolicy.objects.filter(name="bad").exists()
+    # Positive control: the same form with valid documents saves.
+    form.update(stages='[{"kind": "percent", "value": 100}]', gates='{"max_install_failure_rate": 0.1}')
+    assert client.post("/admin/rollouts/rolloutpolicy/add/", form).status_code == 302
+    assert RolloutPolicy.objects.filter(name="bad").exists()
