@@ -37,7 +37,10 @@ from fleet.rollouts.simulation import (  # noqa: E402
     wilson_interval,
 )
 
-QUICK = {"aa_rollouts": {10: 150, 100: 100, 1000: 20}, "ab_rollouts": {10: 30, 100: 30, 1000: 10}}
+QUICK = {
+    "aa_rollouts": {4: 150, 10: 150, 100: 100, 1000: 20},
+    "ab_rollouts": {4: 30, 10: 30, 100: 30, 1000: 10},
+}
 
 
 def percent(value: float | None) -> str:

@@ -21,6 +21,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import redis
 import requests
 from rich.console import Console
 from rich.panel import Panel
@@ -75,6 +76,10 @@ def demo_env(port: int, broker) -> dict[str, str]:
     env.setdefault("DEBUG", "1")
     env.setdefault("VAR_DIR", str(VAR))
     env.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
+    # A cache of its own, emptied at start like the database: rate limits (enrollment counts
+    # per address and minute) must not carry over from an earlier run or a test.
+    env["CACHE_URL"] = env.get("DEMO_CACHE_URL", "redis://127.0.0.1:6379/12")
+    redis.Redis.from_url(env["CACHE_URL"]).flushdb()
     env.setdefault("CELERY_QUEUE", f"demo-{os.getpid()}")
     env.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost")
     env["PYTHONUNBUFFERED"] = "1"
@@ -228,9 +233,10 @@ def report(artifacts: list[dict], base: str, admin_password: str, token: str) ->
     )
 
 
-# Ten devices, eight of them int8: the gates count devices, not labels, and compare each
-# variant with itself, so a canary needs a few devices of a variant on each side.
-DEMO_AGENTS = tuple((f"demo-cam-{n}", "float32" if n in (3, 7) else "int8") for n in range(1, 11))
+# Twelve devices, ten of them int8: the gates count devices, not labels, compare each variant
+# with itself and set one device aside each way, so a canary needs at least four devices of
+# a variant on each side (six canaries always hold four int8 ones, and leave four behind).
+DEMO_AGENTS = tuple((f"demo-cam-{n}", "float32" if n in (3, 7) else "int8") for n in range(1, 13))
 
 
 def start_agents(stack: ExitStack, env: dict[str, str], base: str, progress: Progress) -> list[dict]:
@@ -513,7 +519,7 @@ def rollout_story(base: str, token: str, agents: list[dict]) -> None:
             ],
             "gates": {
                 "max_install_failure_rate": 0.0,
-                "shadow": {"min_agreement": 0.9, "min_samples": 100, "min_devices": 3},
+                "shadow": {"min_agreement": 0.9, "min_samples": 100, "min_devices": 5},
             },
         },
     }

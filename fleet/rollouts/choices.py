@@ -65,6 +65,7 @@ class Verdict(models.TextChoices):
     PASS = "pass", "Pass"
     FAIL = "fail", "Fail"
     WAIT = "wait", "Wait"
+    SKIPPED = "skipped", "Not compared"
     ERROR = "error", "Error"
 
 

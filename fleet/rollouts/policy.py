@@ -50,16 +50,21 @@ class StageSerializer(_Strict):
 
 class AccuracyGateSerializer(_Strict):
     min_samples = serializers.IntegerField(min_value=1, default=100, help_text="labels per arm")
-    min_devices = serializers.IntegerField(min_value=2, default=3, help_text="devices per arm and variant")
-    max_drop_pp = serializers.FloatField(min_value=0, max_value=100, default=2.0)
+    min_devices = serializers.IntegerField(
+        min_value=1, default=4, help_text="devices per arm and variant (the statistics need at least 4)"
+    )
+    # A margin of 0 could never be passed with confidence: the drop would have to be negative.
+    max_drop_pp = serializers.FloatField(min_value=0.1, max_value=100, default=2.0)
     confidence = serializers.FloatField(min_value=0.5, max_value=0.9999, default=0.95)
 
 
 class ShadowGateSerializer(_Strict):
-    min_agreement = serializers.FloatField(min_value=0, max_value=1, default=0.9)
+    min_agreement = serializers.FloatField(min_value=0, max_value=0.999, default=0.9)
     max_latency_p95_ratio = serializers.FloatField(min_value=0.01, allow_null=True, default=2.0)
     min_samples = serializers.IntegerField(min_value=1, default=100, help_text="compared requests")
-    min_devices = serializers.IntegerField(min_value=2, default=3)
+    min_devices = serializers.IntegerField(
+        min_value=1, default=5, help_text="shadowing devices (the statistics need at least 5)"
+    )
     confidence = serializers.FloatField(min_value=0.5, max_value=0.9999, default=0.95)
 
 
@@ -67,11 +72,12 @@ class GatesSerializer(_Strict):
     max_install_failure_rate = serializers.FloatField(
         min_value=0, max_value=1, allow_null=True, required=False
     )
-    max_error_rate = serializers.FloatField(min_value=0, max_value=1, allow_null=True, required=False)
+    # A ceiling of 0 could never be passed with confidence; the install ceiling counts devices.
+    max_error_rate = serializers.FloatField(min_value=0.0001, max_value=1, allow_null=True, required=False)
     max_latency_p95_ratio = serializers.FloatField(min_value=0.01, allow_null=True, required=False)
     min_inferences = serializers.IntegerField(min_value=0, default=100)
     min_devices = serializers.IntegerField(
-        min_value=2, default=3, help_text="devices per arm for the error-rate and latency gates"
+        min_value=1, default=4, help_text="devices per arm for the error-rate and latency gates (4 at least)"
     )
     accuracy = AccuracyGateSerializer(allow_null=True, required=False)
     shadow = ShadowGateSerializer(allow_null=True, required=False)

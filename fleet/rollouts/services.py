@@ -249,11 +249,22 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
         min_devices=spec.get("min_devices", 1),
         eligible=eligible.count(),
     )
-    covered = list(eligible.values_list("pk", "device_id", "to_artifact_id", "state")[:size])
-    waiting = (AssignmentState.PENDING,) if shadow else (AssignmentState.PENDING, AssignmentState.SHADOW)
+    covered = list(eligible.values_list("pk", "device_id", "to_artifact_id", "state", "stage")[:size])
+    shadow_stages = _shadow_stages(rollout)
+
+    def waits(state: str, covered_at: int | None) -> bool:
+        if state == AssignmentState.PENDING:
+            return True
+        # A live stage also takes over every device of a shadow stage that is not serving
+        # the candidate yet: shadowing, or still installing the shadow.
+        return not shadow and covered_at in shadow_stages and state in (AssignmentState.SHADOW, *IN_FLIGHT)
+
     to_notify = [
-        (pk, device_id, artifact_id) for pk, device_id, artifact_id, state in covered if state in waiting
+        (pk, device_id, artifact_id)
+        for pk, device_id, artifact_id, state, covered_at in covered
+        if waits(state, covered_at)
     ]
+    to_notify = _only_active(to_notify)
     model = rollout.model.name
     ids = [pk for pk, _, _ in to_notify]
     now = timezone.now()
@@ -273,7 +284,7 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
         )
         to_notify = [item for item in to_notify if item[0] in set(ids)]
     else:
-        _shadows_end(rollout, rollout.assignments.filter(state=AssignmentState.SHADOW).exclude(pk__in=ids))
+        _shadows_end(rollout, _shadowing(rollout).exclude(pk__in=ids))
     by_artifact: dict[int, list[int]] = defaultdict(list)
     for _, device_id, artifact_id in to_notify:
         by_artifact[artifact_id].append(device_id)
@@ -298,6 +309,33 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
     return rollout
 
 
+def _shadow_stages(rollout: Rollout) -> set[int]:
+    return {number for number, spec in enumerate(rollout.stages) if spec.get("mode") == StageMode.SHADOW}
+
+
+def _shadowing(rollout: Rollout) -> QuerySet[Assignment]:
+    """Assignments whose device runs (or is installing) the candidate in shadow."""
+    return rollout.assignments.filter(
+        Q(state=AssignmentState.SHADOW) | Q(state__in=IN_FLIGHT, stage__in=_shadow_stages(rollout))
+    )
+
+
+def _only_active(items: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(assignment, device, artifact) of active devices only; a device disabled or retired
+    since it was placed is skipped with the reason, so it never blocks the others."""
+    inactive = dict(
+        Device.objects.filter(pk__in={device_pk for _, device_pk, _ in items})
+        .exclude(status=DeviceStatus.ACTIVE)
+        .values_list("pk", "status")
+    )
+    for pk, device_pk, _ in items:
+        if device_pk in inactive:
+            Assignment.objects.filter(pk=pk).update(
+                state=AssignmentState.SKIPPED, reason=f"device is {inactive[device_pk]}"
+            )
+    return [item for item in items if item[1] not in inactive]
+
+
 def _shadow_stage(rollout: Rollout) -> bool:
     return (
         rollout.current_stage >= 0 and rollout.stages[rollout.current_stage].get("mode") == StageMode.SHADOW
@@ -306,8 +344,11 @@ def _shadow_stage(rollout: Rollout) -> bool:
 
 def _shadows_end(rollout: Rollout, assignments: QuerySet[Assignment]) -> None:
     """Devices stop running the candidate in shadow (a new generation without it) and wait."""
-    device_pks = list(assignments.values_list("device_id", flat=True))
+    device_pks = list(
+        assignments.filter(device__status=DeviceStatus.ACTIVE).values_list("device_id", flat=True)
+    )
     if not device_pks:
+        assignments.update(state=AssignmentState.PENDING, stage=None, generation=None, notified_at=None)
         return
     devices_assign(
         devices=[Device(pk=pk) for pk in device_pks],
@@ -336,8 +377,7 @@ def rollout_abort(*, rollout: Rollout, by: AbstractBaseUser | None = None, reaso
     rollout = _transition(
         rollout, RolloutState.ABORTED, action="abort", by=by, reason=reason, finished_at=timezone.now()
     )
-    if _shadow_stage(rollout):
-        _shadows_end(rollout, rollout.assignments.filter(state__in=(*IN_FLIGHT, AssignmentState.SHADOW)))
+    _shadows_end(rollout, _shadowing(rollout))
     return rollout
 
 
@@ -395,6 +435,9 @@ def rollout_rollback(*, rollout: Rollout, by: AbstractBaseUser | None = None, re
         if assignment.from_artifact_id:
             by_artifact[assignment.from_artifact_id].append(assignment)
     for group in by_artifact.values():
+        group = [a for a in group if a.device.status == DeviceStatus.ACTIVE]  # others get nothing
+        if not group:
+            continue
         devices_assign(
             devices=[a.device for a in group],
             artifacts={rollout.model.name: group[0].from_artifact},
@@ -450,23 +493,36 @@ def assignments_sync(*, rollout: Rollout) -> None:
 
 def _arms(rollout: Rollout) -> dict[str, dict[int, tuple[str, str]]]:
     """Who is in which arm, by the control plane's own record, never by what a device says
-    (device pk -> (device id, variant the rule gave it)):
+    (device pk -> (device id, variant)):
 
-    * candidate: devices of this rollout covered so far that installed the candidate;
-    * incumbent: devices of this rollout not covered yet (they still run what they ran);
+    * candidate: devices of this rollout covered so far that installed the candidate, with
+      the variant the rule gave them;
+    * incumbent: devices of this rollout not covered yet (they still run what they ran),
+      with the variant of the artifact the control plane last gave them (what they run,
+      which may differ from the rule's choice for the candidate: an older version may have
+      had no int8 artifact);
     * shadow: devices of the current (shadow) stage running the candidate in shadow;
     * covered: every device covered so far, whatever its state (how big the candidate arm
       can get: a device that reports a failure leaves the arm but not this count)."""
     arms: dict[str, dict[int, tuple[str, str]]] = {name: {} for name in ARMS}
-    rows = rollout.assignments.exclude(state=AssignmentState.SKIPPED).values_list(
-        "device_id", "device__device_id", "variant", "state", "stage"
+    rows = list(
+        rollout.assignments.exclude(state=AssignmentState.SKIPPED).values_list(
+            "device_id", "device__device_id", "variant", "state", "stage", "device__desired_artifacts"
+        )
     )
-    for pk, device_id, variant, state, stage in rows:
+    model = rollout.model.name
+    running = {
+        (desired or {}).get(model) for _, _, _, state, _, desired in rows if state == AssignmentState.PENDING
+    }
+    variants = dict(Artifact.objects.filter(pk__in=running - {None}).values_list("pk", "variant"))
+    for pk, device_id, variant, state, stage, desired in rows:
         member = (device_id, variant)
         if state == AssignmentState.ACTIVE:
             arms["candidate"][pk] = member
         elif state == AssignmentState.PENDING:
-            arms["incumbent"][pk] = member
+            runs = variants.get((desired or {}).get(model))
+            if runs is not None:  # a device that runs no version of the model compares nothing
+                arms["incumbent"][pk] = (device_id, runs)
         elif state == AssignmentState.SHADOW:
             arms["shadow"][pk] = member
         if stage is not None and state != AssignmentState.PENDING:
@@ -519,24 +575,26 @@ def _latencies(devices: dict[str, list[DeviceTelemetry]], shadow: bool = False) 
     return result
 
 
-def _not_compared(metric: str, variant: str, why: str) -> stats.Evaluation:
-    """A comparative gate with no incumbent arm left by design (every device of the variant
-    is covered): it was decided at the earlier stages and does not hold this one."""
+def _not_compared(metric: str, variant: str, why: str, threshold: float) -> stats.Evaluation:
+    """A comparative gate this rollout cannot run for a variant (too few devices of it on a
+    side, or none left on the incumbent): recorded as not compared, with why, and it does
+    not hold the stage. Small variants are therefore not accuracy-gated; docs/rollouts.md
+    says so."""
     return stats.Evaluation(
         metric=metric,
-        verdict=stats.PASS,
+        verdict=Verdict.SKIPPED,
         candidate=None,
         incumbent=None,
         candidate_n=0,
         incumbent_n=0,
-        threshold=0.0,
+        threshold=threshold,
         variant=variant,
         note=why,
-        summary=f"{Metric(metric).label} ({variant}) not compared: {why}.",
+        summary=f"{Metric(metric).label} ({variant}) not compared: {why}",
     )
 
 
-def _gates(rollout: Rollout, looks: int) -> list[stats.Evaluation]:
+def _gates(rollout: Rollout, looks: int, now: datetime) -> list[stats.Evaluation]:
     gates = rollout.policy_snapshot["gates"]
     counted = rollout.assignments.filter(stage__isnull=False, stage__lte=rollout.current_stage)
     by_state: dict[str, list[str]] = defaultdict(list)
@@ -545,11 +603,14 @@ def _gates(rollout: Rollout, looks: int) -> list[stats.Evaluation]:
     # Always evaluated (without a limit it never fails): every evaluation then records how
     # many devices of the stage installed and failed.
     max_failures = gates.get("max_install_failure_rate")
+    timeout = timedelta(seconds=rollout.policy_snapshot.get("pickup_timeout_seconds", 900))
+    installing = counted.filter(state__in=IN_FLIGHT, notified_at__gt=now - timeout).count()
     results = [
         stats.install_gate(
             failed=by_state[AssignmentState.FAILED],
             installed=by_state[AssignmentState.ACTIVE] + by_state[AssignmentState.SHADOW],
             max_rate=1.0 if max_failures is None else max_failures,
+            installing=installing,
         )
     ]
     arms = _arms(rollout)
@@ -586,32 +647,31 @@ def _gates(rollout: Rollout, looks: int) -> list[stats.Evaluation]:
     for _, variant in arms["incumbent"].values():
         waiting[variant] += 1
     accuracy = gates.get("accuracy") or None
+    # (metric, devices it needs on each side, its threshold); the statistics' own floor
+    # counts too, so "compared" here means the gate can really decide.
     comparisons = []
     if gates.get("max_latency_p95_ratio") is not None:
-        comparisons.append((Metric.LATENCY_P95_RATIO, min_devices))
+        need = max(min_devices, stats.TWO_ARM_FLOOR)
+        comparisons.append((Metric.LATENCY_P95_RATIO, need, gates["max_latency_p95_ratio"]))
     if accuracy is not None:
-        comparisons.append((Metric.ACCURACY, accuracy.get("min_devices", 3)))
+        need = max(accuracy.get("min_devices", 3), stats.TWO_ARM_FLOOR)
+        comparisons.append((Metric.ACCURACY, need, accuracy.get("max_drop_pp", 2.0)))
     compared = {
         metric: [v for v in sorted(covered) if covered[v] >= need and waiting[v] >= need]
-        for metric, need in comparisons
+        for metric, need, _ in comparisons
     }
-    for metric, need in comparisons:
+    for metric, need, threshold in comparisons:
         for variant in sorted(covered):
             if variant in compared[metric]:
                 results.append(_compare(metric, variant, candidates, incumbents, gates, looks, compared))
-            elif not waiting[variant]:
-                results.append(
-                    _not_compared(metric, variant, "every device of this variant runs the candidate")
-                )
-            else:
-                results.append(
-                    _not_compared(
-                        metric,
-                        variant,
-                        f"{covered[variant]:,} device(s) of this variant were given the candidate and "
-                        f"{waiting[variant]:,} still run the incumbent; the gate needs {need:,} on each side",
-                    )
-                )
+                continue
+            why = (
+                f"no device of this rollout still runs the incumbent as {variant}"
+                if not waiting[variant]
+                else f"{covered[variant]:,} device(s) of this variant were given the candidate and "
+                f"{waiting[variant]:,} still run the incumbent; the gate needs {need:,} on each side"
+            )
+            results.append(_not_compared(metric, variant, why, threshold))
     return results
 
 
@@ -656,16 +716,18 @@ def _shadow_gates(
     for row in rows:
         if row.device_pk in shadow and row.shadow_version == target:
             by_device[row.device_id].append(row)
-    results = [
-        stats.agreement_gate(
-            devices=_counts(by_device, "shadow_compared", "shadow_agreed"),
-            min_agreement=spec.get("min_agreement", 0.9),
-            alpha=alpha,
-            min_samples=spec.get("min_samples", 100),
-            min_devices=spec.get("min_devices", 3),
-            looks=looks,
+    results = []
+    if spec:  # gates.shadow left out or null: no agreement gate (docs/rollouts.md, "Policy")
+        results.append(
+            stats.agreement_gate(
+                devices=_counts(by_device, "shadow_compared", "shadow_agreed"),
+                min_agreement=spec.get("min_agreement", 0.9),
+                alpha=alpha,
+                min_samples=spec.get("min_samples", 100),
+                min_devices=spec.get("min_devices", 5),
+                looks=looks,
+            )
         )
-    ]
     if gates.get("max_error_rate") is not None:
         results.append(
             stats.rate_ceiling_gate(
@@ -674,7 +736,7 @@ def _shadow_gates(
                 max_rate=gates["max_error_rate"],
                 alpha=alpha,
                 min_total=spec.get("min_samples", 100),
-                min_devices=spec.get("min_devices", 3),
+                min_devices=spec.get("min_devices", 5),
                 looks=looks,
             )
         )
@@ -685,7 +747,7 @@ def _shadow_gates(
                 incumbent=_latencies(by_device),
                 max_ratio=spec["max_latency_p95_ratio"],
                 min_inferences=spec.get("min_samples", 100),
-                min_devices=spec.get("min_devices", 3),
+                min_devices=spec.get("min_devices", 5),
                 metric=Metric.SHADOW_LATENCY_P95_RATIO,
             )
         )
@@ -803,7 +865,7 @@ def rollout_evaluate(*, rollout_id: int, now: datetime | None = None) -> str:
         assignments_sync(rollout=rollout)
         looks = rollout.stage_looks + 1
         Rollout.objects.filter(pk=rollout.pk).update(stage_looks=looks)
-        results = _gates(rollout, looks)
+        results = _gates(rollout, looks, now)
         decision, sentence = _decide(rollout, results, now)
         _store(rollout, results, decision, looks, sentence)
         if decision == Decision.ROLLBACK:

@@ -303,15 +303,16 @@ def run_many(
 
 @dataclass(frozen=True)
 class Plan:
-    devices: tuple[int, ...] = (10, 100, 1000)
+    # 4 devices per arm is the smallest arm the gates decide on (the policy default).
+    devices: tuple[int, ...] = (4, 10, 100, 1000)
     drops_pp: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0)
     margins_pp: tuple[float, ...] = (0.5, 2.0)
     # Rollouts per cell: A/A (no drop) cells need many to pin a rate near 5 %, A/B cells fewer.
-    aa_rollouts: dict[int, int] = field(default_factory=lambda: {10: 1000, 100: 800, 1000: 200})
-    ab_rollouts: dict[int, int] = field(default_factory=lambda: {10: 150, 100: 150, 1000: 60})
+    aa_rollouts: dict[int, int] = field(default_factory=lambda: {4: 1000, 10: 1000, 100: 800, 1000: 200})
+    ab_rollouts: dict[int, int] = field(default_factory=lambda: {4: 150, 10: 150, 100: 150, 1000: 60})
     alpha: float = 0.05
     min_samples: int = 100
-    min_devices: int = 5
+    min_devices: int = 4
     seed: int = 20261130
     fleet: Fleet = field(default_factory=lambda: Fleet(devices_per_arm=0))
 

@@ -28,19 +28,19 @@ def test_the_demo_tells_the_whole_story(tmp_path):
     assert any("float32" in row and "% of 200" in row for row in rows), result.stdout
     assert any("int8" in row and "% of 200" in row for row in rows), result.stdout
     assert "/admin/" in result.stdout and "API token" in result.stdout
-    # Ten real agents picked up digits 1.0.0 over MQTT and answered predict.
+    # Twelve real agents picked up digits 1.0.0 over MQTT and answered predict.
     agent_rows = [line for line in result.stdout.split("Rollouts")[0].splitlines() if "demo-cam-" in line]
-    assert len(agent_rows) == 10, result.stdout
+    assert len(agent_rows) == 12, result.stdout
     assert all("1.0.0" in row for row in agent_rows)
-    assert sum("int8" in row for row in agent_rows) == 8 and sum("float32" in row for row in agent_rows) == 2
+    assert sum("int8" in row for row in agent_rows) == 10 and sum("float32" in row for row in agent_rows) == 2
     # …and the control plane saw them online through the ingest bridge.
     assert all("online, reports 1.0.0" in row for row in agent_rows), result.stdout
     # The rollout story: v2 promoted through its stages, v3 rolled back by the accuracy gate,
     # v4 stopped in shadow before it served anyone; each decision said in one sentence.
-    assert "v2 canary: completed, stage 3 of 3 (10 active)" in result.stdout
+    assert "v2 canary: completed, stage 3 of 3 (12 active)" in result.stdout
     assert "v3 canary: rolled_back" in result.stdout
     assert "Rolled back at stage 1 by the accuracy gate" in result.stdout
     assert "v4 in shadow: rolled_back, stage 1 of 2" in result.stdout
     assert "Rolled back at stage 1 by the shadow agreement gate" in result.stdout
     final = [line for line in result.stdout.split("After the story")[1].splitlines() if "demo-cam-" in line]
-    assert len(final) == 10 and all("2.0.0" in line for line in final), result.stdout
+    assert len(final) == 12 and all("2.0.0" in line for line in final), result.stdout

@@ -183,7 +183,9 @@ def test_one_forging_device_cannot_pass_a_worse_model(control_plane, agents, enr
         forger.close()
     assert rollout.state == RolloutState.ROLLED_BACK, rollout.last_decision
     failed = GateEvaluation.objects.filter(rollout=rollout, metric="accuracy", verdict="fail").first()
-    assert failed.candidate_devices == 11  # the forger was counted, as one device among eleven
+    # The forger's windows were read, and its claim was the one set aside on the passing side.
+    assert forger.device_id in failed.inputs["candidate"]["per_device"]
+    assert forger.device_id in failed.inputs["trimmed"]["set_aside"]
     assert rollout.last_decision.startswith("Rolled back at stage 1 by the accuracy gate")
 
 

@@ -262,7 +262,9 @@ def test_an_error_rate_gate_passes_fails_and_waits():
     assert (low.verdict, high.verdict, thin.verdict) == (PASS, FAIL, WAIT)
     assert high.lower > 0.01 and low.upper <= 0.01
     assert "candidate has 60 of 100 inferences" in thin.note and "3 of 5 devices" in thin.note
-    assert high.summary.startswith("error rate: 5.00 % (10 devices, n = 20,000 inferences), 95 % CS")
+    assert high.summary.startswith(
+        "error rate: 5.00 % (10 devices, n = 20,000 inferences; one device set aside each way), 95 % CS"
+    )
     assert high.summary.endswith("above 1.00 % allowed")
 
 
@@ -311,7 +313,7 @@ def test_install_failures_pass_and_fail_on_devices():
     bad = install_gate(failed=[f"bad-{i}" for i in range(4)], installed=installed, max_rate=0.1)
     assert (ok.verdict, bad.verdict) == (PASS, FAIL)
     assert (ok.candidate_n, bad.candidate_n) == (21, 24)
-    assert bad.summary.startswith("install failures: 4 of 24 devices (16.7 %")
+    assert bad.summary.startswith("install failures: 4 of 24 finished devices (16.7 %; 13.6 % without one")
 
 
 def test_one_false_install_failure_cannot_roll_back():
@@ -326,8 +328,15 @@ def test_one_false_install_failure_cannot_roll_back():
 def test_install_gate_waits_on_one_lone_failure_and_counts_each_device_once():
     assert install_gate(failed=[], installed=[], max_rate=0.5).verdict == WAIT
     assert install_gate(failed=[], installed=["d0"], max_rate=0.0).verdict == PASS  # no failure at all
-    assert install_gate(failed=["d0"], installed=[], max_rate=0.5).verdict == WAIT  # one device's word
-    assert install_gate(failed=["d0"], installed=["d1"], max_rate=0.5).verdict == WAIT
+    # One or two devices: too few to set one aside, their word is all there is.
+    assert install_gate(failed=["d0"], installed=[], max_rate=0.5).verdict == FAIL
+    assert install_gate(failed=["d0"], installed=["d1"], max_rate=0.4).verdict == FAIL
+    # Devices still installing bound the verdict: no early failure on the first finishers …
+    early = install_gate(failed=["stolen", "glitch"], installed=["d0"], max_rate=0.1, installing=97)
+    assert early.verdict == WAIT and "97 device(s) still installing" in early.note
+    # … but an early one when the stage cannot end within the limit.
+    many = [f"f{i}" for i in range(30)]
+    assert install_gate(failed=many, installed=["d0"], max_rate=0.1, installing=69).verdict == FAIL
     result = install_gate(failed=["d1", "d1"], installed=["d0", "d1", "d2", "d3"], max_rate=0.5)
     assert result.inputs["failed_count"] == 1 and result.inputs["finished_count"] == 4
 

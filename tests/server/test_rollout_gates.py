@@ -415,3 +415,65 @@ def test_the_admin_refuses_a_bad_policy_on_its_field(ada):
     form.update(stages='[{"kind": "percent", "value": 100}]', gates='{"max_install_failure_rate": 0.1}')
     assert client.post("/admin/rollouts/rolloutpolicy/add/", form).status_code == 302
     assert RolloutPolicy.objects.filter(name="bad").exists()
+
+
+def test_incumbents_are_compared_by_the_variant_they_run(fleet, django_capture_on_commit_callbacks):
+    """1.0.0 went to every device as float32 (it had no int8 then); 2.0.0 gives int8 to the
+    int8-capable ones. Its int8 canaries are compared with the float32 incumbents? No: like
+    with like. The int8 candidates have no int8 incumbent, so int8 is not compared (and says
+    so); float32 canaries are compared with the float32 incumbents, int8-capable ones included."""
+    devices = fleet["devices"]
+    with django_capture_on_commit_callbacks(execute=True):
+        devices_assign(
+            devices=devices, artifacts={"digits": fleet["artifacts"][("1.0.0", "float32")]}, publish="now"
+        )
+    for device in devices:
+        report(device, "1.0.0", "float32")
+    rollout = start(fleet)
+    candidate, incumbent = arms(rollout)
+    for assignment in candidate:
+        window(assignment.device, "2.0.0", assignment.variant, accuracy=0.70)
+    for assignment in incumbent:
+        window(assignment.device, "1.0.0", "float32", accuracy=0.97)
+    assert services.rollout_evaluate(rollout_id=rollout.pk) == Decision.ROLLBACK
+    accuracy = {e.variant: e for e in latest(rollout, "accuracy")}
+    assert accuracy["int8"].verdict == "skipped"
+    assert accuracy["int8"].summary.endswith("no device of this rollout still runs the incumbent as int8")
+    assert accuracy["float32"].verdict == "fail"
+    assert accuracy["float32"].incumbent_devices == len(incumbent)  # int8-capable ones included
+
+
+def disable(device: Device) -> None:
+    """What device_disable records (its broker side is tested in tests/server/test_enrollment.py)."""
+    Device.objects.filter(pk=device.pk).update(status=DeviceStatus.DISABLED)
+
+
+def test_a_disabled_device_does_not_wedge_promotion_or_rollback(fleet):
+    rollout = start(fleet, gates={})
+    pending = rollout.assignments.filter(state=AssignmentState.PENDING).select_related("device").first()
+    disable(pending.device)
+    arms(rollout)
+    assert services.rollout_evaluate(rollout_id=rollout.pk) == Decision.PROMOTE, rollout.last_decision
+    pending.refresh_from_db()
+    assert (pending.state, pending.reason) == (AssignmentState.SKIPPED, "device is disabled")
+    active = rollout.assignments.filter(state=AssignmentState.NOTIFIED).select_related("device").first()
+    disable(active.device)
+    rollout = services.rollout_rollback(rollout=rollout, reason="test")
+    assert rollout.state == RolloutState.ROLLED_BACK
+
+
+def test_devices_still_installing_the_shadow_go_live_at_the_next_stage(fleet):
+    rollout = start(fleet, stages=SHADOW_STAGES, gates={"shadow": None})
+    notified = list(rollout.assignments.filter(state=AssignmentState.NOTIFIED).select_related("device"))
+    straggler = notified[0]  # never confirms its shadow
+    for assignment in notified[1:]:
+        report(assignment.device, "1.0.0", assignment.variant, shadow="2.0.0")
+    services.assignments_sync(rollout=rollout)
+    later = timezone.now() + timedelta(seconds=1000)  # past the pick-up timeout
+    decision = services.rollout_evaluate(rollout_id=rollout.pk, now=later)
+    assert decision == Decision.PROMOTE, rollout.evaluations.first().summary
+    straggler.refresh_from_db()
+    device = straggler.device
+    device.refresh_from_db()
+    assert straggler.state == AssignmentState.NOTIFIED and straggler.stage == 1
+    assert device.desired_shadows == {} and device.desired_artifacts["digits"] == straggler.to_artifact_id
