@@ -233,11 +233,19 @@ def test_the_queue_drops_qos0_beyond_its_bound_and_keeps_qos1(broker, devices):
             info.wait_for_publish(10)
         for index in range(5):
             cam.publish("telemetry", telemetry(f"q1-{index}"))
+        # The five QoS 1 messages follow the QoS 0 ones on the same connection, so once they
+        # are queued every QoS 0 message the broker delivered has been seen. (The broker itself
+        # may drop QoS 0 messages for a slow reader on a busy machine: count what arrived.)
         wait_until(
-            lambda: bridge.counters.overflow + len(bridge._pending) == 205, timeout=10, message="all 205"
+            lambda: sum(item[1][2] == 1 for item in list(bridge._pending)) == 5,
+            timeout=20,
+            message="the 5 QoS 1 messages queued",
         )
-        assert len(bridge._pending) == 55  # 50 QoS 0 up to the bound, and the 5 QoS 1 beyond it
-        assert bridge.counters.overflow == 150
+        qos0_queued = sum(item[1][2] == 0 for item in list(bridge._pending))
+        arrived = qos0_queued + bridge.counters.overflow
+        assert arrived > 50  # the bound was reached (positive control)
+        assert qos0_queued == 50  # QoS 0 up to the bound, and the 5 QoS 1 beyond it
+        assert bridge.counters.overflow == arrived - 50
         assert bridge.pending_bytes() > 0
         while bridge.flush():
             pass
@@ -246,7 +254,7 @@ def test_the_queue_drops_qos0_beyond_its_bound_and_keeps_qos1(broker, devices):
         assert {f"q1-{index}" for index in range(5)} <= ids
         assert len(ids) == 55
         bridge.save_refusals()
-        assert refusals(cam) == {"overflow": 150}
+        assert refusals(cam) == {"overflow": arrived - 50}
     finally:
         bridge.close()
 
