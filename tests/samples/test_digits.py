@@ -210,7 +210,7 @@ def test_write_samples_writes_all_files(tmp_path: Path) -> None:
     summary = digits.write_samples(tmp_path)
     expected = {
         f"digits-{version}-{variant}.tflite"
-        for version in ("1.0.0", "2.0.0", "3.0.0")
+        for version in ("1.0.0", "2.0.0", "3.0.0", "4.0.0")
         for variant in ("float32", "int8")
     }
     assert {p.name for p in tmp_path.iterdir()} == expected | {"golden.npz"}
