@@ -318,6 +318,25 @@ ARTIFACT_UPLOAD_MAX_WAIT_SECONDS = _read("ARTIFACT_UPLOAD_MAX_WAIT_SECONDS", env
 
 # Enrollment attempts per client IP (docs/enrollment.md).
 ENROLL_RATE = _read("ENROLL_RATE", env.str, "30/minute")
+
+# --- enrollment hardening (issue 9, section 1; docs/enrollment.md)
+# How many reverse proxies in front of the control plane append the address they saw to
+# X-Forwarded-For. With 0 the enrollment throttle keys on the peer address alone: the
+# header is written by the client and would let it pick a new address for every try.
+TRUSTED_PROXY_COUNT = _read("TRUSTED_PROXY_COUNT", env.int, 0)
+if TRUSTED_PROXY_COUNT < 0:
+    raise ImproperlyConfigured(f"TRUSTED_PROXY_COUNT: must be 0 or more, got {TRUSTED_PROXY_COUNT}")
+# DRF's own throttles read the client address the same way.
+REST_FRAMEWORK["NUM_PROXIES"] = TRUSTED_PROXY_COUNT
+# Enrollment tokens created without an expiry or a use limit get these: a token baked into
+# an image leaks sooner or later, and must then stop working on its own.
+ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS = _positive(
+    "ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS", _read("ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS", env.float, 30.0)
+)
+ENROLLMENT_TOKEN_DEFAULT_MAX_USES = _positive(
+    "ENROLLMENT_TOKEN_DEFAULT_MAX_USES", _read("ENROLLMENT_TOKEN_DEFAULT_MAX_USES", env.int, 100)
+)
+
 MQTT_PUBLIC_URL = _read("MQTT_PUBLIC_URL", env.str, MQTT_URL)  # the broker as devices reach it
 # Rate limits live in this cache. Its own URL, so that tests can empty it without
 # touching Celery's queues.

@@ -3,6 +3,10 @@ approve / disable / retire through the same services as the API."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.utils import timezone
 from django.utils.html import format_html
@@ -13,6 +17,7 @@ from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentTok
 from fleet.registry.admin import status_badge
 
 STATUS_COLOURS = {"active": "#1a7f37", "pending": "#9a6700", "disabled": "#cf222e", "retired": "#57606a"}
+TOKEN_STATE_COLOURS = {"usable": "#1a7f37", "expired": "#57606a", "used_up": "#9a6700", "revoked": "#cf222e"}
 
 
 @admin.register(Device)
@@ -53,9 +58,35 @@ class DeviceAdmin(admin.ModelAdmin):
     )
     exclude = ("enrollment_code_sha256",)
     actions = ["approve", "disable", "retire"]
+    # "Add device" pre-authorizes an id (the same service as the API); everything else
+    # about a device comes from the device itself.
+    add_fields = ("device_id", "display_name", "tags")
 
-    def has_add_permission(self, request):
-        return False  # devices enroll themselves, or are pre-authorized through the API
+    def get_fields(self, request, obj=None):
+        return self.add_fields if obj is None else super().get_fields(request, obj)
+
+    def get_readonly_fields(self, request, obj=None):
+        return () if obj is None else self.readonly_fields
+
+    def has_delete_permission(self, request, obj=None):
+        # Devices are retired, never deleted: a deleted row would free its id, and a retired
+        # id must never come back (issue 9, section 1).
+        return False
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return super().save_model(request, obj, form, change)
+        # The form has refused bad and reserved ids already (the model's validators); the
+        # service checks again, as for the API.
+        device, code = services.device_preauthorize(
+            device_id=obj.device_id, display_name=obj.display_name, tags=obj.tags or []
+        )
+        obj.pk = device.pk
+        self.message_user(
+            request,
+            f"{device} is pre-authorized. Its one-time enrollment code, shown only now: {code}",
+            messages.WARNING,
+        )
 
     @admin.display(description="online", ordering="online")
     def online_dot(self, obj):
@@ -129,11 +160,39 @@ class DeviceGroupAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
 
 
+class EnrollmentTokenForm(forms.ModelForm):
+    """Every token made or edited here has an expiry and a use limit (the defaults are
+    filled in), and the form refuses on the field what the service would refuse."""
+
+    class Meta:
+        model = EnrollmentToken
+        fields = ("name", "auto_approve", "expires_at", "max_uses", "tags")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["expires_at"].required = True
+        self.fields["max_uses"].required = True
+
+    def clean_expires_at(self):
+        expires_at = self.cleaned_data.get("expires_at")
+        if expires_at is not None and expires_at <= timezone.now():
+            raise forms.ValidationError("Choose a time in the future.")
+        return expires_at
+
+    def clean_max_uses(self):
+        max_uses = self.cleaned_data.get("max_uses")
+        if max_uses is not None and max_uses < 1:
+            raise forms.ValidationError("At least 1.")
+        return max_uses
+
+
 @admin.register(EnrollmentToken)
 class EnrollmentTokenAdmin(admin.ModelAdmin):
+    form = EnrollmentTokenForm
     list_display = (
         "name",
         "prefix",
+        "state_label",
         "auto_approve",
         "uses",
         "max_uses",
@@ -143,6 +202,20 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
     )
     fields = ("name", "auto_approve", "expires_at", "max_uses", "tags")
     actions = ["revoke"]
+
+    @admin.display(description="state")
+    def state_label(self, obj):
+        state = obj.state
+        return status_badge(state, state.label, TOKEN_STATE_COLOURS)
+
+    def get_changeform_initial_data(self, request):
+        # The defaults a token gets, shown in the form, so that whoever makes one sees its
+        # expiry and use limit (and may change them) before it exists.
+        return {
+            **super().get_changeform_initial_data(request),
+            "expires_at": timezone.now() + timedelta(days=settings.ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS),
+            "max_uses": settings.ENROLLMENT_TOKEN_DEFAULT_MAX_USES,
+        }
 
     def save_model(self, request, obj, form, change):
         if change:

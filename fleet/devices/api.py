@@ -9,12 +9,13 @@ from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import generics, serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
-from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import APIView
 
+from fleet.core.fields import refuse_nul_characters
 from fleet.core.permissions import IsAdmin, IsOperator, ViewerReadsOperatorWrites
+from fleet.core.throttling import ClientAddressRateThrottle
 from fleet.devices import selectors, services
-from fleet.devices.choices import DeviceStatus
+from fleet.devices.choices import DeviceStatus, EnrollmentTokenState
 from fleet.devices.models import Device, DeviceGroup, EnrollmentToken
 from fleet.registry.api import ERRORS
 
@@ -211,16 +212,14 @@ class DevicePreauthorize(APIView):
 # --- enrollment
 
 
-class EnrollThrottle(SimpleRateThrottle):
-    """Per client IP; the rate is read at request time (setting ENROLL_RATE)."""
+class EnrollThrottle(ClientAddressRateThrottle):
+    """Per client address (the peer, or what TRUSTED_PROXY_COUNT proxies saw; never a
+    header the client wrote); the rate is read at request time (setting ENROLL_RATE)."""
 
     scope = "enroll"
 
     def get_rate(self):
         return settings.ENROLL_RATE
-
-    def get_cache_key(self, request, view):
-        return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
 
 
 class EnrollSerializer(serializers.Serializer):
@@ -230,6 +229,7 @@ class EnrollSerializer(serializers.Serializer):
     identity = serializers.DictField(
         required=False,
         default=dict,
+        validators=[refuse_nul_characters],  # its strings land in text columns
         help_text="display_name, hardware, runtime, runtime_version, agent_version, supports_int8, "
         "supported_ops",
     )
@@ -257,7 +257,10 @@ class Enroll(APIView):
 
 
 class EnrollmentTokenSerializer(serializers.ModelSerializer):
-    key = serializers.CharField(read_only=True, help_text="Shown once, in the answer to POST.")
+    # A plain string in the schema: an enum here would collide with the rollouts' "state".
+    state = serializers.CharField(
+        read_only=True, help_text=f"One of {', '.join(EnrollmentTokenState.values)}."
+    )
 
     class Meta:
         model = EnrollmentToken
@@ -269,15 +272,28 @@ class EnrollmentTokenSerializer(serializers.ModelSerializer):
             "expires_at",
             "max_uses",
             "uses",
+            "state",
             "tags",
             "created_at",
             "revoked_at",
-            "key",
         ]
-        read_only_fields = ["id", "prefix", "uses", "created_at", "revoked_at", "key"]
+        read_only_fields = ["id", "prefix", "uses", "created_at", "revoked_at"]
+        extra_kwargs = {
+            "expires_at": {"help_text": "Default: now + ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS (30 days)."},
+            "max_uses": {"help_text": "Default: ENROLLMENT_TOKEN_DEFAULT_MAX_USES (100).", "min_value": 1},
+        }
 
 
-@extend_schema(responses={200: EnrollmentTokenSerializer, 201: EnrollmentTokenSerializer, **ERRORS})
+class EnrollmentTokenCreatedSerializer(EnrollmentTokenSerializer):
+    """The answer to POST, the only one that carries the key (so the schema says so)."""
+
+    key = serializers.CharField(read_only=True, help_text="Shown once, in the answer to POST.")
+
+    class Meta(EnrollmentTokenSerializer.Meta):
+        fields = [*EnrollmentTokenSerializer.Meta.fields, "key"]
+
+
+@extend_schema(responses={200: EnrollmentTokenSerializer, 201: EnrollmentTokenCreatedSerializer, **ERRORS})
 class EnrollmentTokenListCreate(generics.ListCreateAPIView):
     serializer_class = EnrollmentTokenSerializer
     permission_classes = [IsAdmin]

@@ -38,3 +38,19 @@ class IngestRefusalReason(models.TextChoices):
     CLOCK = "clock", "Timestamp too far ahead or too old"
     RATE_LIMITED = "rate_limited", "Over the device's rate limit"
     OVERFLOW = "overflow", "Bridge queue full (QoS 0)"
+
+
+class EnrollmentTokenState(models.TextChoices):
+    """Whether an enrollment token still enrolls devices (shown in the admin)."""
+
+    USABLE = "usable", "Usable"
+    EXPIRED = "expired", "Expired"
+    USED_UP = "used_up", "Used up"
+    REVOKED = "revoked", "Revoked"
+
+
+class DeviceErrorCode(models.TextChoices):
+    """Error codes of the enrollment and lifecycle refusals added by issue 9, section 1."""
+
+    RESERVED_DEVICE_ID = "reserved_device_id", "The id names a broker service account"
+    DEVICE_RETIRED = "device_retired", "Retired devices never come back"

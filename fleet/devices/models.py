@@ -1,16 +1,51 @@
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 from django.db.models.functions import Cast
+from django.utils import timezone
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
-from fleet.devices.choices import DeviceStatus, GroupKind, IngestRefusalReason
+from fleet.devices.choices import DeviceStatus, EnrollmentTokenState, GroupKind, IngestRefusalReason
 
 device_id_validator = RegexValidator(
     DEVICE_ID_PATTERN, "Use letters, digits, '.', '_' or '-' (at most 128 characters)."
 )
+
+# On the broker a device's username is its id, so device ids and the control plane's own
+# broker accounts share one name space (issue 9, section 1). The accounts' names are
+# reserved, compared case-insensitively so that no spelling of them is ever a device.
+SERVICE_ACCOUNT_NAMES = ("fleet-publisher", "fleet-ingest", "fleet-admin")
+_USERNAME_SETTING = re.compile(r"MQTT_[A-Z0-9_]+_USERNAME")
+
+
+def reserved_device_ids() -> frozenset[str]:
+    """The default service account names and every configured ``MQTT_*_USERNAME``
+    (casefolded): a service account added later is reserved as soon as it is configured."""
+    configured = [getattr(settings, name) for name in dir(settings) if _USERNAME_SETTING.fullmatch(name)]
+    return frozenset(
+        str(name).casefold()
+        for name in (*SERVICE_ACCOUNT_NAMES, *configured)
+        if isinstance(name, str) and name
+    )
+
+
+def is_reserved_device_id(device_id: str) -> bool:
+    return device_id.casefold() in reserved_device_ids()
+
+
+def validate_device_id_not_reserved(value: str) -> None:
+    """Model-level check, so that every form (the admin's pre-authorization) refuses it too."""
+    if is_reserved_device_id(value):
+        raise ValidationError(
+            "%(value)s is the name of a broker service account; choose another device id.",
+            code="reserved_device_id",
+            params={"value": value},
+        )
 
 
 class EnrollmentToken(models.Model):
@@ -35,9 +70,21 @@ class EnrollmentToken(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
 
+    @property
+    def state(self) -> EnrollmentTokenState:
+        if self.revoked_at is not None:
+            return EnrollmentTokenState.REVOKED
+        if self.expires_at is not None and self.expires_at <= timezone.now():
+            return EnrollmentTokenState.EXPIRED
+        if self.max_uses is not None and self.uses >= self.max_uses:
+            return EnrollmentTokenState.USED_UP
+        return EnrollmentTokenState.USABLE
+
 
 class Device(models.Model):
-    device_id = models.CharField(max_length=128, unique=True, validators=[device_id_validator])
+    device_id = models.CharField(
+        max_length=128, unique=True, validators=[device_id_validator, validate_device_id_not_reserved]
+    )
     display_name = models.CharField(max_length=200, blank=True)
     status = models.CharField(max_length=10, choices=DeviceStatus.choices, default=DeviceStatus.PENDING)
     # Identity and capabilities, as the device declared them at enrollment.

@@ -2,20 +2,25 @@
 
 Secrets (enrollment tokens, pre-authorization codes, device tokens, broker passwords) are
 random, shown once and stored only as sha256 (the broker keeps its own salted hash of the
-password). Broker changes happen after the database commit; if the broker refuses, the
-database change is undone so the two never disagree for long.
+password). Enrollment and rotation change the broker inside their transaction, with the
+device's row locked, so that if the broker refuses nothing is kept; lifecycle actions change
+the row first and the broker right after. Provisioning touches only a broker client that
+belongs to the device, and device ids never name a service account (issue 9, section 1).
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
@@ -23,10 +28,10 @@ from django.utils import timezone
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
 from fleet.core.errors import Conflict, InvalidInput, NotFound, ServiceError
-from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceStatus
-from fleet.devices.models import Device, DeviceToken, EnrollmentToken
+from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceErrorCode, DeviceStatus
+from fleet.devices.models import Device, DeviceToken, EnrollmentToken, is_reserved_device_id
 from fleet.mqtt import services as broker
-from fleet.mqtt.broker import BrokerError
+from fleet.mqtt.broker import BrokerError, ClientNotOwned
 
 log = logging.getLogger(__name__)
 ENROLLMENT_PREFIX = "me_"
@@ -58,6 +63,39 @@ class Credentials:
     mqtt_password: str
 
 
+# --- device ids
+
+
+def _check_device_id(device_id: str) -> None:
+    """Refuse an id that breaks the contract's pattern or names a broker service account
+    (issue 9, section 1): on the broker a device's username is its id."""
+    if not re.match(DEVICE_ID_PATTERN, device_id or ""):
+        raise InvalidInput(
+            "device_id: use letters, digits, '.', '_' or '-'.", code="invalid_device_id", field="device_id"
+        )
+    if is_reserved_device_id(device_id):
+        raise InvalidInput(
+            f"{device_id!r} is the name of a broker service account; choose another device id.",
+            code=DeviceErrorCode.RESERVED_DEVICE_ID,
+            field="device_id",
+        )
+
+
+def _refuse_retired(device: Device) -> None:
+    raise Conflict(
+        f"Device {device.device_id!r} is retired; a retired id never comes back.",
+        code=DeviceErrorCode.DEVICE_RETIRED,
+        field="device_id",
+    )
+
+
+def _refuse_existing(device: Device, *, code: str, message: str) -> None:
+    """An id that is taken; a retired one says so, since it is taken for good."""
+    if device.status == DeviceStatus.RETIRED:
+        _refuse_retired(device)
+    raise Conflict(message, code=code, field="device_id")
+
+
 # --- enrollment tokens and pre-authorization
 
 
@@ -70,6 +108,18 @@ def enrollment_token_create(
     tags: list[str] | None = None,
     created_by: AbstractBaseUser | None = None,
 ) -> tuple[EnrollmentToken, str]:
+    """A new token. Without an expiry or a use limit it gets the defaults
+    (ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS, ENROLLMENT_TOKEN_DEFAULT_MAX_USES): a token baked
+    into an image leaks sooner or later, and then it must stop working on its own."""
+    now = timezone.now()
+    if expires_at is None:
+        expires_at = now + timedelta(days=settings.ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS)
+    if max_uses is None:
+        max_uses = settings.ENROLLMENT_TOKEN_DEFAULT_MAX_USES
+    if expires_at <= now:
+        raise InvalidInput("expires_at must be in the future.", code="invalid_expiry", field="expires_at")
+    if max_uses < 1:
+        raise InvalidInput("max_uses must be at least 1.", code="invalid_max_uses", field="max_uses")
     key = _secret(ENROLLMENT_PREFIX)
     token = EnrollmentToken.objects.create(
         name=name,
@@ -95,6 +145,7 @@ def device_preauthorize(
 ) -> tuple[Device, str]:
     """Register a device id in advance with a one-time enrollment code (e.g. printed on the
     box by the factory). The device enrolls with its id and that code."""
+    _check_device_id(device_id)
     code = _secret(CODE_PREFIX)
     try:
         with transaction.atomic():
@@ -105,6 +156,11 @@ def device_preauthorize(
                 enrollment_code_sha256=sha256(code),
             )
     except IntegrityError as exc:
+        existing = Device.objects.filter(device_id=device_id).first()
+        if existing is not None:
+            _refuse_existing(
+                existing, code="duplicate_device", message=f"Device {device_id!r} already exists."
+            )
         raise Conflict(
             f"Device {device_id!r} already exists.", code="duplicate_device", field="device_id"
         ) from exc
@@ -132,6 +188,11 @@ def _claim_enrollment_token(key: str) -> EnrollmentToken:
     return token
 
 
+def _release_enrollment_token(token: EnrollmentToken) -> None:
+    """Give back the use of an enrollment that failed."""
+    EnrollmentToken.objects.filter(pk=token.pk, uses__gt=0).update(uses=F("uses") - 1)
+
+
 def _identity(identity: dict[str, Any]) -> dict[str, Any]:
     fields = {key: str(identity[key])[:200] for key in IDENTITY_FIELDS if identity.get(key)}
     if "supports_int8" in identity:
@@ -152,8 +213,55 @@ def _issue_credentials(device: Device) -> Credentials:
 def _broker(call, **kwargs) -> None:
     try:
         call(**kwargs)
+    except ClientNotOwned as exc:
+        # The name belongs to a broker account that is not this device's (a service account
+        # not listed in the settings, or one an operator made): the same refusal as a
+        # reserved id, and the account is untouched.
+        raise InvalidInput(
+            f"{kwargs.get('device_id')!r} is the name of a broker account that is not a device's; "
+            "choose another device id.",
+            code=DeviceErrorCode.RESERVED_DEVICE_ID,
+            field="device_id",
+        ) from exc
     except (BrokerError, OSError) as exc:
         raise BrokerUnavailable(f"The MQTT broker did not accept the change: {exc}. Try again.") from exc
+
+
+def _device_by_code(device_id: str, code: str) -> Device:
+    """The pre-authorized device, locked, with its code used up. A pending device becomes
+    active (the code is its approval); a disabled one stays disabled (the code proves which
+    device it is, not that an operator wants it back); a retired one never comes back."""
+    device = Device.objects.select_for_update().filter(device_id=device_id).first()
+    if (
+        device is None
+        or not device.enrollment_code_sha256
+        or not hmac.compare_digest(device.enrollment_code_sha256, sha256(code))
+    ):
+        raise ServiceError("Unknown device id or wrong enrollment code.", code="invalid_enrollment_code")
+    if device.status == DeviceStatus.RETIRED:
+        _refuse_retired(device)
+    device.enrollment_code_sha256 = ""  # one time only
+    if device.status == DeviceStatus.PENDING:
+        device.status = DeviceStatus.ACTIVE
+        device.status_changed_at = timezone.now()
+    return device
+
+
+def _new_device(device_id: str, token: EnrollmentToken) -> Device:
+    existing = Device.objects.filter(device_id=device_id).first()
+    if existing is not None:
+        _refuse_existing(
+            existing,
+            code="already_enrolled",
+            message=f"Device {device_id!r} is already enrolled; an operator can rotate its credentials.",
+        )
+    return Device(
+        device_id=device_id,
+        enrolled_with=token,
+        tags=list(token.tags),
+        status=DeviceStatus.ACTIVE if token.auto_approve else DeviceStatus.PENDING,
+        status_changed_at=timezone.now(),
+    )
 
 
 def device_enroll(
@@ -169,57 +277,46 @@ def device_enroll(
     device is active at once; otherwise its broker login stays disabled until an operator
     approves it. Trusted signing keys are not part of the answer: devices get them out of
     band (their configuration), so a rogue control plane cannot hand out its own.
-    """
-    import re
 
-    if not re.match(DEVICE_ID_PATTERN, device_id or ""):
-        raise InvalidInput(
-            "device_id: use letters, digits, '.', '_' or '-'.", code="invalid_device_id", field="device_id"
-        )
+    The broker client is made inside the transaction, with the device's row locked (or
+    not yet visible): an approve, disable or retire racing with it waits, so the broker
+    ends up as the database says; if the broker refuses, nothing is kept.
+    """
+    _check_device_id(device_id)
     if bool(enrollment_token) == bool(enrollment_code):
         raise InvalidInput(
             "Send exactly one of enrollment_token and enrollment_code.", code="invalid_enrollment"
         )
-    with transaction.atomic():
-        if enrollment_code:
-            device = Device.objects.select_for_update().filter(device_id=device_id).first()
-            if (
-                device is None
-                or not device.enrollment_code_sha256
-                or device.enrollment_code_sha256 != sha256(enrollment_code)
-            ):
-                raise ServiceError(
-                    "Unknown device id or wrong enrollment code.", code="invalid_enrollment_code"
-                )
-            device.enrollment_code_sha256 = ""  # one time only
-            device.status = DeviceStatus.ACTIVE
-        else:
-            token = _claim_enrollment_token(enrollment_token)
-            if Device.objects.filter(device_id=device_id).exists():
-                raise Conflict(
-                    f"Device {device_id!r} is already enrolled; an operator can rotate its credentials.",
-                    code="already_enrolled",
-                    field="device_id",
-                )
-            device = Device(device_id=device_id, enrolled_with=token, tags=list(token.tags))
-            device.status = DeviceStatus.ACTIVE if token.auto_approve else DeviceStatus.PENDING
-        for key, value in _identity(identity or {}).items():
-            setattr(device, key, value)
-        device.enrolled_at = device.status_changed_at = timezone.now()
-        device.save()
-        credentials = _issue_credentials(device)
+    # The use is counted by itself (so that devices enrolling with one token never wait
+    # for each other's broker round trips) and given back if the enrollment fails.
+    token = _claim_enrollment_token(enrollment_token) if enrollment_token else None
     try:
-        _broker(
-            broker.device_credentials_set,
-            device_id=device.device_id,
-            password=credentials.mqtt_password,
-            enabled=device.status == DeviceStatus.ACTIVE,
-        )
-    except BrokerUnavailable:
-        if enrollment_code:
-            Device.objects.filter(pk=device.pk).update(status=DeviceStatus.PENDING)
-        else:
-            device.delete()  # nothing half-enrolled stays behind; the device may retry
+        with transaction.atomic():
+            device = (
+                _device_by_code(device_id, enrollment_code)
+                if token is None
+                else _new_device(device_id, token)
+            )
+            for key, value in _identity(identity or {}).items():
+                setattr(device, key, value)
+            device.enrolled_at = timezone.now()
+            try:
+                with transaction.atomic():
+                    device.save()
+            except IntegrityError as exc:  # another enrollment of the same id won the race
+                raise Conflict(
+                    f"Device {device_id!r} is already enrolled.", code="already_enrolled", field="device_id"
+                ) from exc
+            credentials = _issue_credentials(device)
+            _broker(
+                broker.device_credentials_set,
+                device_id=device.device_id,
+                password=credentials.mqtt_password,
+                enabled=device.status == DeviceStatus.ACTIVE,
+            )
+    except BaseException:
+        if token is not None:
+            _release_enrollment_token(token)
         raise
     return credentials
 
@@ -251,7 +348,8 @@ def device_approve(*, device: Device) -> Device:
 
 
 def device_disable(*, device: Device) -> Device:
-    """Revoke the device's token and broker login, and disconnect it now."""
+    """Revoke the device's token and broker login, and disconnect it now. A pre-authorized
+    device that never enrolled has no broker login: there is nothing to disable there."""
     device = _transition(device, DeviceStatus.DISABLED)
     DeviceToken.objects.filter(device=device, revoked_at=None).update(revoked_at=timezone.now())
     Device.objects.filter(pk=device.pk).update(online=False)
@@ -261,9 +359,11 @@ def device_disable(*, device: Device) -> Device:
 
 
 def device_retire(*, device: Device) -> Device:
+    """Final: the token is revoked, the one-time code forgotten (it can no longer enroll),
+    the broker client deleted. The row stays, so that the id is never enrolled again."""
     device = _transition(device, DeviceStatus.RETIRED)
     DeviceToken.objects.filter(device=device, revoked_at=None).update(revoked_at=timezone.now())
-    Device.objects.filter(pk=device.pk).update(online=False)
+    Device.objects.filter(pk=device.pk).update(online=False, enrollment_code_sha256="")
     try:
         broker.device_credentials_delete(device_id=device.device_id)
     except (BrokerError, OSError):
@@ -275,20 +375,19 @@ def device_retire(*, device: Device) -> Device:
 
 def device_rotate_credentials(*, device: Device) -> Credentials:
     """New API token and broker password (old ones stop working; the device is
-    disconnected and must reconnect with the new password)."""
-    if device.status in (DeviceStatus.DISABLED, DeviceStatus.RETIRED):
-        raise Conflict(f"{device} is {device.status}; approve it first.", code="illegal_transition")
+    disconnected and must reconnect with the new password). The broker client's password
+    changes in place; if the broker refuses, the old token stays valid."""
     with transaction.atomic():
+        device = Device.objects.select_for_update().get(pk=device.pk)
+        if device.status in (DeviceStatus.DISABLED, DeviceStatus.RETIRED):
+            raise Conflict(f"{device} is {device.status}; approve it first.", code="illegal_transition")
         credentials = _issue_credentials(device)
-    enabled = device.status == DeviceStatus.ACTIVE
-    _broker(
-        broker.device_credentials_set,
-        device_id=device.device_id,
-        password=credentials.mqtt_password,
-        enabled=False,
-    )  # drops the connection made with the old password
-    if enabled:
-        _broker(broker.device_credentials_enable, device_id=device.device_id)
+        _broker(
+            broker.device_credentials_set,
+            device_id=device.device_id,
+            password=credentials.mqtt_password,
+            enabled=device.status == DeviceStatus.ACTIVE,
+        )
     return credentials
 
 

@@ -50,8 +50,17 @@ PUBLISHER_ROLE = "fleet-publisher"
 INGEST_ROLE = "fleet-ingest"
 
 
+# Stamped (textdescription) on the clients the control plane creates for devices.
+DEVICE_CLIENT_MARKER = "modelfleet-device:"
+
+
 class BrokerError(RuntimeError):
     pass
+
+
+class ClientNotOwned(BrokerError):
+    """A client of the device's name exists but is not that device's (a service account,
+    or one an operator made): device provisioning refuses to touch it."""
 
 
 def find_dynsec_plugin() -> str:
@@ -299,12 +308,71 @@ class DynSec:
             *[("publishClientSend", self.topics.device(device_id, kind)) for kind in DEVICE_TOPICS],
         ]
 
-    def ensure_device(self, device_id: str, password: str) -> None:
-        """Create (or reset) the device's client and role. Idempotent."""
-        role = f"device-{device_id}"
-        self._ignore_existing(
-            {"command": "deleteClient", "username": device_id}, {"command": "deleteRole", "rolename": role}
+    # --- a device's own client and role
+    #
+    # Issue 9, section 1: provisioning a device may create a client, or change one that
+    # belongs to that device, and nothing else. A device id equal to a service account's name
+    # must never delete, rewrite or disable that account.
+
+    def get_client(self, username: str) -> dict[str, Any] | None:
+        """The client's record (username, clientid, textname, textdescription, roles,
+        groups, disabled), or None when there is no such client."""
+        try:
+            responses = self.command({"command": "getClient", "username": username})
+        except BrokerError as exc:
+            if "not found" in str(exc).lower():
+                return None
+            raise
+        return responses[0].get("data", {}).get("client") or {}
+
+    @staticmethod
+    def device_role(device_id: str) -> str:
+        return f"device-{device_id}"
+
+    @staticmethod
+    def device_marker(device_id: str) -> str:
+        """Stamped on the clients we create for a device (textdescription), so that we can
+        tell them from the service accounts and from anything an operator made by hand."""
+        return f"{DEVICE_CLIENT_MARKER}{device_id}"
+
+    def is_device_client(self, client: dict[str, Any], device_id: str) -> bool:
+        if client.get("textdescription") == self.device_marker(device_id):
+            return True
+        # Clients made before the marker existed: exactly the shape ensure_device gave them
+        # (the device's own role and nothing else, client id pinned to the device id). No
+        # service account has it: theirs are roles of their own, without a client id.
+        roles = [role.get("rolename") for role in client.get("roles") or []]
+        return (
+            roles == [self.device_role(device_id)]
+            and client.get("clientid") == device_id
+            and not client.get("groups")
         )
+
+    def _device_client(self, device_id: str) -> dict[str, Any] | None:
+        """The device's client, None if it has none; ClientNotOwned if the name is taken by
+        a client that is not the device's."""
+        client = self.get_client(device_id)
+        if client is not None and not self.is_device_client(client, device_id):
+            raise ClientNotOwned(
+                f"the broker client {device_id!r} exists and was not created for a device; "
+                "it is left untouched"
+            )
+        return client
+
+    def ensure_device(self, device_id: str, password: str, *, enabled: bool = True) -> None:
+        """Create the device's client and role, or, when the device already has its client,
+        change its password in place (the broker disconnects a client whose password
+        changed). Never touches a client that is not the device's (ClientNotOwned)."""
+        state = {"command": "enableClient" if enabled else "disableClient", "username": device_id}
+        if self._device_client(device_id) is not None:
+            self.command({"command": "setClientPassword", "username": device_id, "password": password}, state)
+            return
+        role = self.device_role(device_id)
+        # A role of that name is ours (the "device-" names are the devices' namespace): one
+        # left behind by a retire that lost the broker halfway is started afresh.
+        self._ignore_existing({"command": "deleteRole", "rolename": role})
+        # One control message: the broker runs its commands in order, so a new client of a
+        # device that is not active is never enabled, not even for a moment.
         self.command(
             *self._role_commands(role, self.device_acls(device_id)),
             {
@@ -312,9 +380,36 @@ class DynSec:
                 "username": device_id,
                 "password": password,
                 "clientid": device_id,
+                "textname": "Modelfleet device",
+                "textdescription": self.device_marker(device_id),
                 "roles": [{"rolename": role}],
             },
+            state,
         )
+
+    def enable_device(self, device_id: str) -> bool:
+        """Enable the device's client; False when it has none yet (a pre-authorized device
+        that has not enrolled: its client is created enabled when it does)."""
+        if self._device_client(device_id) is None:
+            return False
+        self.enable_client(device_id)
+        return True
+
+    def disable_device(self, device_id: str) -> bool:
+        """Disable the device's client and drop its connection; False when it has none (then
+        there is nothing to keep out)."""
+        if self._device_client(device_id) is None:
+            return False
+        self.disable_client(device_id)
+        return True
+
+    def delete_device(self, device_id: str) -> bool:
+        """Delete the device's client and role; False when it had no client."""
+        client = self._device_client(device_id)
+        if client is not None:
+            self.command({"command": "deleteClient", "username": device_id})
+        self._ignore_existing({"command": "deleteRole", "rolename": self.device_role(device_id)})
+        return client is not None
 
     def ensure_service_account(self, username: str, password: str, *, role: str) -> None:
         prefix = self.topics.prefix

@@ -153,3 +153,21 @@ def test_the_publisher_account_may_only_publish_desired_states(broker):
 def test_nobody_connects_anonymously(broker):
     with pytest.raises(BrokerError):
         mqtt_client(broker.url, client_id="anon")
+
+
+def test_provisioning_a_device_again_changes_its_own_client_in_place(broker):
+    """What enrollment and rotation do on the broker: the first call creates the device's
+    client (marked as the device's), the next ones change its password and nothing else."""
+    admin = broker.admin()
+    device_id = f"acl-again-{uuid.uuid4().hex[:6]}"
+    admin.ensure_device(device_id, "first")
+    first = admin.get_client(device_id)
+    admin.ensure_device(device_id, "second")
+    assert admin.get_client(device_id) == first  # same client, same role; only the password moved
+    assert first["textdescription"] == f"modelfleet-device:{device_id}"
+    with pytest.raises(BrokerError):
+        mqtt_client(broker.url, client_id=device_id, username=device_id, password="first")
+    client = Client(broker, {"device_id": device_id, "mqtt": {"username": device_id, "password": "second"}})
+    assert not client.subscribe(f"fleet/v1/devices/{device_id}/desired").is_failure
+    assert client.subscribe(f"fleet/v1/devices/{device_id}-other/desired").is_failure
+    client.close()

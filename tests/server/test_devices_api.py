@@ -4,6 +4,7 @@ import pytest
 
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceGroup
+from tests.server.conftest import enroll
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
 
@@ -175,3 +176,21 @@ def test_enrollment_tokens_are_shown_once_and_can_be_revoked(ada, anonymous):
         "/api/v1/enroll", {"device_id": "z", "enrollment_token": created["key"]}, format="json"
     )
     assert refused.json()["error"]["code"] == "invalid_enrollment_token"
+
+
+def test_enrollment_tokens_list_their_limits_and_state(ada, anonymous):
+    created = (
+        ada.client().post("/api/v1/enrollment-tokens/", {"name": "one", "max_uses": 1}, format="json").json()
+    )
+    assert created["expires_at"] and created["state"] == "usable"
+    assert enroll(anonymous, "cam-t1", enrollment_token=created["key"]).status_code == 201
+    listed = ada.client().get("/api/v1/enrollment-tokens/").json()["results"]
+    assert [(t["name"], t["uses"], t["max_uses"], t["state"]) for t in listed] == [("one", 1, 1, "used_up")]
+
+
+@pytest.mark.parametrize("action", ["approve", "disable", "retire"])
+def test_lifecycle_actions_work_on_a_device_that_never_enrolled(alice, broker, action):
+    alice.client().post("/api/v1/devices/preauthorize", {"device_id": "cam-never"}, format="json")
+    response = alice.client().post(f"/api/v1/devices/cam-never/{action}")
+    assert response.status_code == 200, response.content
+    assert broker.admin().get_client("cam-never") is None

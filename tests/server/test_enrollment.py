@@ -174,6 +174,27 @@ def test_when_the_broker_refuses_nothing_half_enrolled_stays(anonymous, enrollme
     response = enroll(anonymous, "cam-9", enrollment_token=enrollment_key)
     assert response.status_code == 503 and response.json()["error"]["code"] == "broker_unavailable"
     assert not Device.objects.filter(device_id="cam-9").exists()
+    assert EnrollmentToken.objects.get().uses == 0  # the failed attempt's use is given back
+
+
+def test_when_the_broker_refuses_a_preauthorized_device_keeps_its_code(anonymous, alice, settings, broker):
+    code = (
+        alice.client()
+        .post("/api/v1/devices/preauthorize", {"device_id": "cam-10"}, format="json")
+        .json()["enrollment_code"]
+    )
+    admin_password = settings.MQTT_ADMIN_PASSWORD
+    settings.MQTT_ADMIN_PASSWORD = "wrong"
+    assert enroll(anonymous, "cam-10", enrollment_code=code).status_code == 503
+    device = Device.objects.get(device_id="cam-10")
+    assert device.status == DeviceStatus.PENDING and device.enrolled_at is None
+    assert not DeviceToken.objects.filter(device=device).exists()
+    settings.MQTT_ADMIN_PASSWORD = admin_password
+    answer = enroll(anonymous, "cam-10", enrollment_code=code)  # the retry works
+    assert answer.status_code == 201 and answer.json()["status"] == "active"
+    client = connect(broker, answer.json())
+    client.disconnect()
+    client.loop_stop()
 
 
 def test_the_agent_enroll_command_writes_a_working_config(

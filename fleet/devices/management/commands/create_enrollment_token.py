@@ -12,8 +12,16 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("name", help="what it is for, e.g. 'factory line 2'")
         parser.add_argument("--auto-approve", action="store_true", help="devices are active at once")
-        parser.add_argument("--max-uses", type=int, help="how many devices may enroll with it")
-        parser.add_argument("--expires-in-days", type=float, help="it stops working after this many days")
+        parser.add_argument(
+            "--max-uses",
+            type=int,
+            help="how many devices may enroll with it (default: ENROLLMENT_TOKEN_DEFAULT_MAX_USES, 100)",
+        )
+        parser.add_argument(
+            "--expires-in-days",
+            type=float,
+            help="it stops working after this many days (default: ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS, 30)",
+        )
         parser.add_argument("--tag", action="append", default=[], help="tag for the devices it enrolls")
 
     def handle(self, *args, name, auto_approve, max_uses, expires_in_days, tag, **options):
