@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from fleet.core import errors
 from fleet.devices import api as devices_api
 from fleet.registry import api as registry_api
 from fleet.rollouts import api as rollouts_api
@@ -80,7 +81,12 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    # Last: whatever else starts with api/ is an unknown endpoint, answered in JSON.
+    re_path(r"^api/", errors.api_not_found, name="api-not-found"),
 ]
 
+# Errors raised before or outside a view; JSON under /api/, Django's pages elsewhere.
+handler400 = "fleet.core.errors.json_400"
+handler403 = "fleet.core.errors.json_403"
 handler404 = "fleet.core.errors.json_404"
 handler500 = "fleet.core.errors.json_500"

@@ -5,3 +5,13 @@ class CoreConfig(AppConfig):
     name = "fleet.core"
     label = "core"
     verbose_name = "Accounts and API access"
+
+    def ready(self) -> None:
+        from django.db import models
+        from rest_framework.serializers import ModelSerializer
+
+        from fleet.core.fields import JSONField
+
+        # Every model JSONField behind a ModelSerializer, in every app and those added
+        # later, refuses NUL characters with a 400 instead of failing in PostgreSQL (500).
+        ModelSerializer.serializer_field_mapping[models.JSONField] = JSONField
