@@ -37,7 +37,14 @@ import urllib3
 
 from agent import __version__, protocol, runtime
 from agent.config import Config
-from agent.download import Downloader, StreamingUnpacker, TransferError, decompress_blob
+from agent.download import (
+    GOLDEN_MAX_FILE_BYTES,
+    Downloader,
+    StreamingUnpacker,
+    TransferError,
+    decompress_blob,
+    read_golden_set,
+)
 from agent.localapi import LocalApi, as_inputs
 from agent.mqtt import MqttLink
 from agent.serving import LoadedModel, Models
@@ -658,6 +665,12 @@ class Agent:
             golden = None
             if manifest.get("golden"):
                 golden_url = spec.get("golden_url") or spec["manifest_url"].rsplit("/", 1)[0] + "/golden"
+                if manifest["golden"]["size"] > GOLDEN_MAX_FILE_BYTES:
+                    raise Refusal(
+                        "too_large",
+                        f"golden set is {manifest['golden']['size']} bytes; "
+                        f"this agent takes at most {GOLDEN_MAX_FILE_BYTES}",
+                    )
                 golden = self.downloader.fetch_bytes(golden_url, max_bytes=manifest["golden"]["size"])
                 if hashlib.sha256(golden).hexdigest() != manifest["golden"]["sha256"]:
                     raise Refusal("hash_mismatch", "golden set sha256 differs from the manifest")
@@ -675,7 +688,7 @@ class Agent:
         if golden:
             golden_path = self.store.model_dir(name, wanted) / "golden.npz"
             try:
-                x, y = runtime.read_golden_set(golden_path)
+                x, y = read_golden_set(golden_path)  # without pickles, within the agent's limits
                 accuracy = runtime.golden_accuracy(candidate.interpreter, x, y)
             except (runtime.GoldenSetError, ValueError, OSError) as exc:
                 raise Refusal("golden_failed", f"golden set could not run: {exc}") from exc

@@ -18,21 +18,36 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import queue
 import random
 import re
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
+import numpy as np
 import urllib3
 import zstandard
+
+from agent import runtime
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
+# The largest zstd window a device decodes: the decoder allocates the window, so a frame
+# header asking for 2 GiB must not make it try. The registry caps its encoder at the same
+# size (services.compress_file), so every blob it signs decodes here.
+ZSTD_MAX_WINDOW_BYTES = 1 << 25
+# Golden sets (an .npz of x and y) as devices accept them; the registry's defaults are the same
+# (GOLDEN_SET_MAX_BYTES, GOLDEN_SET_MAX_SAMPLES, GOLDEN_SET_MAX_ARRAY_BYTES).
+GOLDEN_MAX_FILE_BYTES = 16 * 1024 * 1024
+GOLDEN_MAX_SAMPLES = 10_000
+GOLDEN_MAX_ARRAY_BYTES = 64 * 1024 * 1024
+_NPY_HEADER_MAX_BYTES = 10_000
 # Statuses that say "try again later" rather than "this will never work".
 TRANSIENT_STATUSES = frozenset({408, 429})
 # Compression would make byte ranges and size caps refer to different bytes than the
@@ -512,7 +527,7 @@ def _unpack(
     written = 0
     try:
         with (
-            zstandard.ZstdDecompressor().stream_reader(
+            zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW_BYTES).stream_reader(
                 source, read_across_frames=True, closefd=False
             ) as reader,
             open(out, "wb") as target,
@@ -543,9 +558,65 @@ def _unpack(
             )
     except zstandard.ZstdError as exc:
         _delete(out)
+        if "memory" in str(exc):  # the frame asks for a window over ZSTD_MAX_WINDOW_BYTES
+            raise TransferError(
+                "too_large",
+                f"{name} needs a zstd window over the {ZSTD_MAX_WINDOW_BYTES >> 20} MiB this agent decodes",
+                permanent=True,
+            ) from exc
         raise TransferError(
             "hash_mismatch", f"{name} is not a valid zstd frame: {exc}", permanent=True
         ) from exc
     except BaseException:
         _delete(out)
         raise
+
+
+def read_golden_set(
+    source: Any,
+    *,
+    max_samples: int = GOLDEN_MAX_SAMPLES,
+    max_bytes: int = GOLDEN_MAX_ARRAY_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read an .npz golden set (``x``, ``y``) without pickles and within limits.
+
+    The zip may be deflated: a few kilobytes can declare gigabytes. Every member's npy header
+    (shape and dtype) is read first and the arrays are loaded only when the samples and the
+    bytes they declare fit, and numpy allocates exactly what the header declares. Raises
+    :class:`runtime.GoldenSetError`.
+    """
+    try:
+        if hasattr(source, "seek"):
+            source.seek(0)
+        with zipfile.ZipFile(source) as archive:
+            members = archive.infolist()
+            if len(members) > 8:
+                raise runtime.GoldenSetError(f"golden set has {len(members)} arrays; it needs only x and y")
+            declared = 0
+            for member in members:
+                with archive.open(member) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(handle, max_header_size=_NPY_HEADER_MAX_BYTES)
+                if dtype.hasobject:
+                    raise runtime.GoldenSetError(f"{member.filename} holds Python objects (pickles)")
+                if shape and shape[0] > max_samples:
+                    raise runtime.GoldenSetError(
+                        f"{member.filename} has {shape[0]} samples, more than the {max_samples} allowed"
+                    )
+                declared += math.prod(shape) * dtype.itemsize
+            if declared > max_bytes:
+                raise runtime.GoldenSetError(
+                    f"golden set arrays take {declared} bytes unpacked, more than the {max_bytes} allowed"
+                )
+    except runtime.GoldenSetError:
+        raise
+    except Exception as exc:  # zipfile and numpy raise many kinds for a bad archive
+        raise runtime.GoldenSetError(f"not a readable .npz file: {exc}") from exc
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return runtime.read_golden_set(source)

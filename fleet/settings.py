@@ -197,6 +197,25 @@ SIGNING_KEY_FILE = _path("SIGNING_KEY_FILE", VAR_DIR / "signing-key.pem")
 # Only a development setup may generate its own key; production provisions one.
 SIGNING_KEY_AUTOGENERATE = _read("SIGNING_KEY_AUTOGENERATE", env.bool, DEBUG)
 
+# --- model inspection sandbox (docs/security.md, "Model inspection sandbox"): the limits of
+# the child process that parses, loads and runs uploaded models.
+SANDBOX_MEMORY_BYTES = _positive(
+    "SANDBOX_MEMORY_BYTES", _read("SANDBOX_MEMORY_BYTES", env.int, 2 * 1024 * 1024 * 1024)
+)
+SANDBOX_CPU_SECONDS = _positive("SANDBOX_CPU_SECONDS", _read("SANDBOX_CPU_SECONDS", env.int, 60))
+SANDBOX_WALL_SECONDS = _positive(
+    "SANDBOX_WALL_SECONDS", _read("SANDBOX_WALL_SECONDS", env.int, 2 * SANDBOX_CPU_SECONDS + 30)
+)
+SANDBOX_FILE_BYTES = _read("SANDBOX_FILE_BYTES", env.int, 1024 * 1024)
+if SANDBOX_FILE_BYTES < 0:
+    raise ImproperlyConfigured(f"SANDBOX_FILE_BYTES: must be 0 or more, got {SANDBOX_FILE_BYTES}")
+# Off only on a host whose kernel lacks Landlock or namespaces, knowingly (a warning in the docs).
+SANDBOX_REQUIRE_ISOLATION = _read("SANDBOX_REQUIRE_ISOLATION", env.bool, True)
+GOLDEN_SET_MAX_SAMPLES = _positive("GOLDEN_SET_MAX_SAMPLES", _read("GOLDEN_SET_MAX_SAMPLES", env.int, 10_000))
+GOLDEN_SET_MAX_ARRAY_BYTES = _positive(
+    "GOLDEN_SET_MAX_ARRAY_BYTES", _read("GOLDEN_SET_MAX_ARRAY_BYTES", env.int, 64 * 1024 * 1024)
+)
+
 # --- Redis, Celery, MQTT
 REDIS_URL = _read("REDIS_URL", env.str, "redis://127.0.0.1:6379/0")
 MQTT_URL = _read("MQTT_URL", env.str, "mqtt://127.0.0.1:1883")

@@ -33,6 +33,33 @@ class ArtifactStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+class ArtifactFailure(models.TextChoices):
+    """Why an artifact failed (Artifact.failure_code); the reason text says it in words."""
+
+    # The flatbuffer (fleet/registry/tflite.py)
+    NOT_FLATBUFFER = "not_flatbuffer", "Not a flatbuffer"
+    WRONG_IDENTIFIER = "wrong_identifier", "Not a TFLite file identifier"
+    TRUNCATED = "truncated", "Truncated or out-of-range offsets"
+    MALFORMED_TFLITE = "malformed_tflite", "Malformed TFLite model"
+    TENSOR_TOO_LARGE = "tensor_too_large", "Tensors declare too much memory"
+    # LiteRT and the golden set
+    UNLOADABLE_MODEL = "unloadable_model", "LiteRT cannot load or run it"
+    GOLDEN_SHAPE_MISMATCH = "golden_shape_mismatch", "Golden set does not fit the model"
+    INVALID_GOLDEN_SET = "invalid_golden_set", "Golden set is not usable"
+    # The sandbox (fleet/registry/sandbox.py) stopped the check
+    SANDBOX_CRASHED = "sandbox_crashed", "Crashed the model check"
+    SANDBOX_CPU_LIMIT = "sandbox_cpu_limit", "Over the CPU time limit"
+    SANDBOX_MEMORY_LIMIT = "sandbox_memory_limit", "Over the memory limit"
+    SANDBOX_FILE_LIMIT = "sandbox_file_limit", "Over the file size limit"
+    SANDBOX_TIMEOUT = "sandbox_timeout", "Over the wall-clock limit"
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable", "Host cannot confine the check"
+    SANDBOX_BAD_REPORT = "sandbox_bad_report", "The check's report made no sense"
+    INSPECTION_FAILED = "inspection_failed", "The check failed unexpectedly"
+    # The worker
+    RAW_CHANGED = "raw_changed", "Stored upload changed"
+    PIPELINE_ERROR = "pipeline_error", "Pipeline error"
+
+
 class SigningKeyStatus(models.TextChoices):
     ACTIVE = "active", "Active"
     RETIRED = "retired", "Retired"

@@ -1,10 +1,13 @@
 """Registry writes: models, versions, golden sets, artifact upload and the artifact pipeline.
 
-Pipeline (registry issue, 4): the upload streams to storage and is inspected at once, so
-most bad files are refused in the request; then ``artifact_process`` (a Celery task) loads
-the model in LiteRT, smoke-runs it and scores the golden set, compresses it with zstd,
-hashes raw and blob, signs the manifest and marks the artifact ready. Every failure
-leaves the artifact ``failed`` with a code and reason, and deletes its files.
+Pipeline (registry issue, 4; issue 9, section 3): the upload streams to storage; the
+request only checks the 8-byte flatbuffer header, never parses the model. Then
+``artifact_process`` (a Celery task) has the sandbox (sandbox.py: a confined child process
+with rlimits, no network, no access to the signing key) inspect the flatbuffer, load the
+model in LiteRT, smoke-run it and score the golden set. The worker takes the child's report
+as data: it checks it, compresses the bytes with zstd while hashing them itself, and signs
+only hashes it computed, once they agree with the report. Every failure leaves the artifact
+``failed`` with a code (ArtifactFailure) and a reason, and deletes its files.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from django.db import IntegrityError, transaction
 from django.urls import reverse
 from django.utils import timezone
 
-from agent import protocol, runtime
+from agent import download, protocol, runtime
 from fleet.core.errors import Conflict, InvalidInput, TooLarge, Unprocessable
-from fleet.registry import tflite
+from fleet.registry import sandbox, tflite
 from fleet.registry.choices import (
     COMPRESSION_ZSTD,
     VERSION_TRANSITIONS,
+    ArtifactFailure,
     ArtifactStatus,
     Task,
     VersionStatus,
@@ -44,6 +48,11 @@ from fleet.registry.signing import signing_key_active
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
+# Address space kept for the sandboxed interpreter itself: Python + numpy + LiteRT map about
+# 0.2 GiB before any tensor; the rest leaves room for the golden set and LiteRT's arenas.
+# What remains of SANDBOX_MEMORY_BYTES is what a model's tensors may declare.
+SANDBOX_BASELINE_BYTES = 512 * 1024 * 1024
+CHECK_MODEL_JOB = "fleet.registry.sandbox:check_model"
 
 
 def artifact_storage() -> Storage:
@@ -138,7 +147,10 @@ def _golden_store(*, model: MLModel, version: str, upload: Any) -> dict[str, Any
         digest.update(chunk)
     upload.seek(0)
     try:
-        x, _ = runtime.read_golden_set(upload)
+        # Header first, arrays only within the limits, never a pickle: the archive is untrusted.
+        x, _ = download.read_golden_set(
+            upload, max_samples=settings.GOLDEN_SET_MAX_SAMPLES, max_bytes=settings.GOLDEN_SET_MAX_ARRAY_BYTES
+        )
     except runtime.GoldenSetError as exc:
         raise Unprocessable(
             f"Invalid golden set: {exc}", code="invalid_golden_set", field="golden_set"
@@ -207,24 +219,15 @@ def version_set_status(*, version: ModelVersion, status: str) -> ModelVersion:
 # --- artifacts
 
 
-def _inspect_upload(path: Path) -> dict[str, Any]:
+def _check_header(path: Path) -> None:
+    """Refuse what is plainly not a TFLite file from its first 8 bytes. Parsing the rest is
+    the sandbox's job: the web process never walks the untrusted flatbuffer."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
     try:
-        return tflite.inspect_file(path)
+        tflite.check_header(head, size=path.stat().st_size)
     except tflite.InvalidModel as exc:
         raise Unprocessable(f"Not a usable TFLite model: {exc.message}", code=exc.code, field="file") from exc
-
-
-def _check_golden_fits(version: ModelVersion, signature: dict[str, Any]) -> None:
-    if not version.has_golden_set:
-        return
-    inputs = signature["inputs"]
-    if len(inputs) != 1 or list(inputs[0]["shape"][1:]) != list(version.golden_input_shape):
-        raise Unprocessable(
-            f"The golden set of {version} has samples of shape {version.golden_input_shape}, "
-            f"but this model's input is {[i['shape'] for i in inputs]}.",
-            code="golden_shape_mismatch",
-            field="file",
-        )
 
 
 def artifact_upload(
@@ -244,8 +247,7 @@ def artifact_upload(
         )
     if not upload.size:
         raise InvalidInput("The uploaded file is empty.", code="empty_file", field="file")
-    signature = _inspect_upload(Path(upload.temporary_file_path()))
-    _check_golden_fits(version, signature)
+    _check_header(Path(upload.temporary_file_path()))
 
     raw_name = artifact_storage().save(
         f"raw/{version.model.name}/{version.version}/{variant}-{uuid.uuid4().hex[:12]}.tflite", upload
@@ -259,7 +261,6 @@ def artifact_upload(
                 variant=variant,
                 raw_file=raw_name,
                 raw_size=upload.size,
-                tflite_signature=signature,
                 created_by=created_by,
                 task_id=task_id,
             )
@@ -288,23 +289,104 @@ class _PipelineError(Exception):
         self.message = message
 
 
-def _run_checks(path: Path, version: ModelVersion) -> tuple[float | None, int | None]:
-    """Load in LiteRT, smoke-run on zeros, score the golden set if the version has one."""
+def _sandbox_limits() -> sandbox.Limits:
+    return sandbox.Limits(
+        memory_bytes=settings.SANDBOX_MEMORY_BYTES,
+        cpu_seconds=settings.SANDBOX_CPU_SECONDS,
+        file_bytes=settings.SANDBOX_FILE_BYTES,
+        wall_seconds=settings.SANDBOX_WALL_SECONDS,
+        require_isolation=settings.SANDBOX_REQUIRE_ISOLATION,
+    )
+
+
+def _run_checks(raw_path: Path, golden_path: Path | None, version: ModelVersion) -> dict[str, Any]:
+    """Inspect, load, smoke-run and score the model in the sandbox; return its checked report."""
     try:
-        interpreter = runtime.load(path)
-        runtime.smoke_run(interpreter)
-    except runtime.RuntimeLoadError as exc:
-        raise _PipelineError("unloadable_model", f"LiteRT cannot run this model: {exc}") from exc
-    if not version.has_golden_set:
-        return None, None
-    with artifact_storage().open(version.golden_file, "rb") as handle:
-        x, y = runtime.read_golden_set(handle)
-    try:
-        return runtime.golden_accuracy(interpreter, x, y), len(x)
-    except (runtime.GoldenSetError, ValueError) as exc:
-        raise _PipelineError(
-            "golden_shape_mismatch", f"The golden set does not fit this model: {exc}"
-        ) from exc
+        report = sandbox.run(
+            job=CHECK_MODEL_JOB,
+            args={
+                "model_path": str(raw_path),
+                "golden_path": str(golden_path) if golden_path else None,
+                "max_tensor_bytes": max(settings.SANDBOX_MEMORY_BYTES - SANDBOX_BASELINE_BYTES, 0),
+                "golden_max_samples": settings.GOLDEN_SET_MAX_SAMPLES,
+                "golden_max_bytes": settings.GOLDEN_SET_MAX_ARRAY_BYTES,
+            },
+            readable=[p for p in (raw_path, golden_path) if p],
+            limits=_sandbox_limits(),
+        )
+    except sandbox.SandboxError as exc:
+        if exc.code not in ArtifactFailure.values:
+            raise _PipelineError(
+                ArtifactFailure.SANDBOX_BAD_REPORT, f"The model check failed: {exc.message}"
+            ) from exc
+        raise _PipelineError(exc.code, exc.message) from exc
+    return _checked_report(report, version)
+
+
+def _bad_report(what: str) -> _PipelineError:
+    return _PipelineError(
+        ArtifactFailure.SANDBOX_BAD_REPORT, f"The model check sent a report that makes no sense: {what}."
+    )
+
+
+def _short_str(value: Any, limit: int = 256) -> bool:
+    return isinstance(value, str) and len(value) <= limit
+
+
+def _check_tensors(value: Any, what: str) -> None:
+    if not isinstance(value, list) or not 0 < len(value) <= 256:
+        raise _bad_report(f"{what} is not a list of tensors")
+    for tensor in value:
+        shape = tensor.get("shape") if isinstance(tensor, dict) else None
+        if not (
+            isinstance(tensor, dict)
+            and set(tensor) == {"name", "shape", "dtype"}
+            and _short_str(tensor["name"])
+            and _short_str(tensor["dtype"], 32)
+            and isinstance(shape, list)
+            and len(shape) <= 16
+            and all(type(d) is int for d in shape)
+        ):
+            raise _bad_report(f"an entry of {what} is not a tensor description")
+
+
+def _checked_report(report: dict[str, Any], version: ModelVersion) -> dict[str, Any]:
+    """The sandbox's report is data from a process that ran hostile bytes: check every field
+    before it reaches the database or a manifest."""
+    signature = report.get("signature")
+    if not (isinstance(report.get("raw_sha256"), str) and len(report["raw_sha256"]) == 64):
+        raise _bad_report("raw_sha256")
+    if type(report.get("raw_size")) is not int:
+        raise _bad_report("raw_size")
+    if not isinstance(signature, dict):
+        raise _bad_report("signature")
+    _check_tensors(signature.get("inputs"), "inputs")
+    _check_tensors(signature.get("outputs"), "outputs")
+    ops = signature.get("ops")
+    if not (isinstance(ops, list) and len(ops) <= 1024 and all(_short_str(op, 128) for op in ops)):
+        raise _bad_report("ops")
+    if not _short_str(signature.get("quantization"), 16):
+        raise _bad_report("quantization")
+    if not _short_str(signature.get("description", ""), 4096) or not all(
+        type(signature.get(key, 0)) is int for key in ("schema_version", "subgraphs", "tensors", "operators")
+    ):
+        raise _bad_report("description or counts")
+    accuracy, samples = report.get("golden_accuracy"), report.get("golden_samples")
+    if version.has_golden_set:
+        if not (isinstance(accuracy, float | int) and 0 <= accuracy <= 1):
+            raise _bad_report("golden_accuracy")
+        if samples != version.golden_samples:
+            raise _bad_report(f"golden_samples {samples!r} for a golden set of {version.golden_samples}")
+    elif accuracy is not None or samples is not None:
+        raise _bad_report("a golden accuracy for a version without a golden set")
+    keys = ("inputs", "outputs", "ops", "quantization", "schema_version", "description", "subgraphs")
+    return {
+        "raw_sha256": report["raw_sha256"],
+        "raw_size": report["raw_size"],
+        "signature": {key: signature[key] for key in (*keys, "tensors", "operators") if key in signature},
+        "golden_accuracy": float(accuracy) if accuracy is not None else None,
+        "golden_samples": samples,
+    }
 
 
 class _HashingWriter:
@@ -330,6 +412,22 @@ def compress_file(source: Path, target: Any, *, level: int, threads: int) -> dic
     compressor = zstandard.ZstdCompressor(
         level=level, threads=threads, write_checksum=True, write_content_size=True
     )
+    # Levels 20-22 would ask devices for a window of up to 128 MiB; they decode at most
+    # download.ZSTD_MAX_WINDOW_BYTES, so cap the window there (the ratio barely changes).
+    max_window_log = download.ZSTD_MAX_WINDOW_BYTES.bit_length() - 1
+    if (
+        zstandard.ZstdCompressionParameters.from_level(level, source_size=raw_size).window_log
+        > max_window_log
+    ):
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level,
+            source_size=raw_size,
+            window_log=max_window_log,
+            threads=threads,
+            write_checksum=1,
+            write_content_size=1,
+        )
+        compressor = zstandard.ZstdCompressor(compression_params=params)
     sink = _HashingWriter(target)
     with open(source, "rb") as raw, compressor.stream_writer(sink, size=raw_size, closefd=False) as writer:
         while chunk := raw.read(CHUNK_BYTES):
@@ -390,7 +488,9 @@ def _compress_and_store(artifact: Artifact, raw_path: Path) -> str:
         os.fsync(handle.fileno())
     try:
         if artifact.raw_size is not None and hashes["raw_size"] != artifact.raw_size:
-            raise _PipelineError("raw_changed", "The stored upload changed size since it was received.")
+            raise _PipelineError(
+                ArtifactFailure.RAW_CHANGED, "The stored upload changed size since it was received."
+            )
         version = artifact.version
         with open(temp_name, "rb") as blob:
             name = artifact_storage().save(
@@ -431,11 +531,26 @@ def artifact_process(*, artifact_id: int) -> Artifact:
     if artifact.status != ArtifactStatus.PENDING:
         return artifact
     blob_name = ""
+    version = artifact.version
     try:
-        with _local_path(artifact.raw_file) as raw_path:
-            artifact.tflite_signature = _inspect_upload(raw_path)
-            artifact.golden_accuracy, artifact.golden_samples = _run_checks(raw_path, artifact.version)
-            blob_name = _compress_and_store(artifact, raw_path)
+        with contextlib.ExitStack() as files:
+            raw_path = files.enter_context(_local_path(artifact.raw_file))
+            golden_path = (
+                files.enter_context(_local_path(version.golden_file)) if version.has_golden_set else None
+            )
+            report = _run_checks(raw_path, golden_path, version)
+            artifact.tflite_signature = report["signature"]
+            artifact.golden_accuracy, artifact.golden_samples = (
+                report["golden_accuracy"],
+                report["golden_samples"],
+            )
+            blob_name = _compress_and_store(artifact, raw_path)  # hashes computed here, by the worker
+        if (artifact.raw_sha256, artifact.raw_size) != (report["raw_sha256"], report["raw_size"]):
+            raise _PipelineError(
+                ArtifactFailure.RAW_CHANGED,
+                "The bytes the sandbox checked are not the bytes being signed (the stored upload changed).",
+            )
+        # Only now, with the child gone, does this process read the signing key.
         _sign_manifest(artifact)
     except _PipelineError as exc:
         _artifact_fail(artifact, exc.code, exc.message, blob_name)
@@ -443,7 +558,7 @@ def artifact_process(*, artifact_id: int) -> Artifact:
         _artifact_fail(artifact, exc.code, exc.message, blob_name)
     except BaseException as exc:
         # Timeouts and bugs: never leave a half-made artifact that looks usable.
-        _artifact_fail(artifact, "pipeline_error", f"{type(exc).__name__}: {exc}", blob_name)
+        _artifact_fail(artifact, ArtifactFailure.PIPELINE_ERROR, f"{type(exc).__name__}: {exc}", blob_name)
         raise
     else:
         updated = Artifact.objects.filter(pk=artifact.pk, status=ArtifactStatus.PENDING).update(

@@ -22,7 +22,7 @@ FILE_IDENTIFIER = b"TFL3"
 
 @dataclass
 class InvalidModel(Exception):
-    code: str  # not_flatbuffer | wrong_identifier | truncated | malformed_tflite
+    code: str  # not_flatbuffer | wrong_identifier | truncated | malformed_tflite | tensor_too_large
     message: str
 
     def __str__(self) -> str:
@@ -113,19 +113,25 @@ def _parse(buf: Any, size: int) -> dict[str, Any]:
     }
 
 
+def check_header(head: bytes, *, size: int) -> None:
+    """Check the first 8 bytes of a file of ``size`` bytes: a root offset inside the file and
+    the TFLite file identifier. Cheap and parses nothing, so the web request can afford it."""
+    if size < 8 or len(head) < 8:
+        raise InvalidModel("not_flatbuffer", f"the file is {size} bytes, too short to be a flatbuffer")
+    (root_offset,) = struct.unpack_from("<I", head, 0)
+    if root_offset < 8 or root_offset + 4 > size or root_offset % 4:
+        raise InvalidModel("not_flatbuffer", "the file does not start with a flatbuffer root offset")
+    if bytes(head[4:8]) != FILE_IDENTIFIER:
+        raise InvalidModel(
+            "wrong_identifier",
+            f"file identifier is {bytes(head[4:8])!r}, a TFLite model has {FILE_IDENTIFIER!r}",
+        )
+
+
 def inspect_buffer(buf: Any) -> dict[str, Any]:
     """Describe a TFLite flatbuffer held in ``buf`` (bytes or mmap); raise :class:`InvalidModel`."""
     size = len(buf)
-    if size < 8:
-        raise InvalidModel("not_flatbuffer", f"the file is {size} bytes, too short to be a flatbuffer")
-    (root_offset,) = struct.unpack_from("<I", buf, 0)
-    if root_offset < 8 or root_offset + 4 > size or root_offset % 4:
-        raise InvalidModel("not_flatbuffer", "the file does not start with a flatbuffer root offset")
-    if bytes(buf[4:8]) != FILE_IDENTIFIER:
-        raise InvalidModel(
-            "wrong_identifier",
-            f"file identifier is {bytes(buf[4:8])!r}, a TFLite model has {FILE_IDENTIFIER!r}",
-        )
+    check_header(bytes(buf[:8]), size=size)
     try:
         return _parse(buf, size)
     except InvalidModel:
@@ -133,7 +139,10 @@ def inspect_buffer(buf: Any) -> dict[str, Any]:
     except (IndexError, struct.error, ValueError, TypeError) as exc:
         # The accessors read past the end (or across garbage): the file was cut short or
         # the bytes are not a TFLite model after all.
-        raise InvalidModel("truncated", f"the flatbuffer is incomplete or corrupt ({exc})") from exc
+        raise InvalidModel(
+            "truncated",
+            f"the flatbuffer is cut short or corrupt: an offset or length points outside the file ({exc})",
+        ) from exc
 
 
 def inspect_file(path: str | Path) -> dict[str, Any]:
@@ -142,3 +151,47 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
             raise InvalidModel("not_flatbuffer", "the file is empty")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return inspect_buffer(buf)
+
+
+# Bytes per element; 4-bit and 2-bit types round up to a byte, which over-counts safely.
+_ELEMENT_BYTES = {"float64": 8, "int64": 8, "uint64": 8, "complex64": 8, "complex128": 16}
+_ELEMENT_BYTES |= dict.fromkeys(("float32", "int32", "uint32"), 4)
+_ELEMENT_BYTES |= dict.fromkeys(("float16", "bfloat16", "int16", "uint16"), 2)
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    elements = 1
+    for dim in tensor.ShapeAsNumpy() if tensor.ShapeLength() else []:
+        elements *= max(int(dim), 1)  # -1 (dynamic) counts as 1: LiteRT resizes it at run time
+    return elements * _ELEMENT_BYTES.get(_dtype_name(tensor.Type()), 1)
+
+
+def check_tensor_sizes(path: str | Path, *, max_bytes: int) -> None:
+    """Refuse a model whose tensors declare more memory than ``max_bytes``.
+
+    A shape is only a few bytes in the file, so a small upload can ask LiteRT for gigabytes.
+    The sandbox's memory limit would stop it anyway; this says why, in words. Call it after
+    :func:`inspect_file` accepted the file (offsets are known to be in range).
+    """
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        model = schema.Model.GetRootAs(buf, 0)
+        for s in range(model.SubgraphsLength()):
+            subgraph, total = model.Subgraphs(s), 0
+            for i in range(subgraph.TensorsLength()):
+                tensor = subgraph.Tensors(i)
+                size = _tensor_bytes(tensor)
+                total += size
+                if size > max_bytes:
+                    description = _tensor_description(tensor)
+                    raise InvalidModel(
+                        "tensor_too_large",
+                        f"tensor {description['name']!r} declares shape {description['shape']} "
+                        f"{description['dtype']}, {size / 2**30:.1f} GiB: more than the "
+                        f"{max_bytes / 2**30:.1f} GiB a model may use here",
+                    )
+            if total > max_bytes:
+                raise InvalidModel(
+                    "tensor_too_large",
+                    f"the tensors of subgraph {s} declare {total / 2**30:.1f} GiB in all: more than the "
+                    f"{max_bytes / 2**30:.1f} GiB a model may use here",
+                )

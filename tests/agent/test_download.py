@@ -8,12 +8,21 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import urllib3
+import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import runtime
-from agent.download import Downloader, TransferError, decompress_blob
+from agent.download import (
+    GOLDEN_MAX_SAMPLES,
+    ZSTD_MAX_WINDOW_BYTES,
+    Downloader,
+    TransferError,
+    decompress_blob,
+    read_golden_set,
+)
 from tests.agent.artifact_server import ArtifactServer, SignedArtifact, make_signed_artifact
 
 BLOB = "/api/v1/artifacts/1/blob"
@@ -403,3 +412,70 @@ def test_decompress_blob_refuses_a_corrupt_blob(tmp_path, artifact, damage):
         decompress_blob(blob, out, raw_size=raw["size"], raw_sha256=raw["sha256"])
     assert (caught.value.reason, caught.value.permanent) == ("hash_mismatch", True)
     assert not out.exists()
+
+
+# --- limits on what a device unpacks (issue 9, section 3)
+
+
+def _zstd_frame(data: bytes, *, window_log: int) -> bytes:
+    """A frame that declares a ``window_log`` window: streamed without a content size, so
+    zstd cannot shrink the window to the data."""
+    params = zstandard.ZstdCompressionParameters(
+        window_log=window_log, write_content_size=0, write_checksum=1
+    )
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    return compressor.compress(data) + compressor.flush()
+
+
+def test_decompress_blob_refuses_a_frame_that_asks_for_a_window_over_the_limit(tmp_path, artifact):
+    raw = artifact.manifest["raw"]
+    tflite = zstandard.ZstdDecompressor().decompress(artifact.blob)
+    huge, fitting = tmp_path / "huge.zst", tmp_path / "fitting.zst"
+    huge.write_bytes(_zstd_frame(tflite, window_log=27))  # 128 MiB
+    fitting.write_bytes(_zstd_frame(tflite, window_log=ZSTD_MAX_WINDOW_BYTES.bit_length() - 1))
+    assert zstandard.get_frame_parameters(huge.read_bytes()).window_size == 2**27
+    out = tmp_path / "model.tflite"
+
+    decompress_blob(fitting, out, raw_size=raw["size"], raw_sha256=raw["sha256"])  # positive control
+    assert out.read_bytes() == tflite
+
+    with pytest.raises(TransferError) as caught:
+        decompress_blob(huge, out, raw_size=raw["size"], raw_sha256=raw["sha256"])
+    assert (caught.value.reason, caught.value.permanent) == ("too_large", True)
+    assert "window" in str(caught.value)
+    assert not out.exists()
+
+
+def _npz(path: Path, compressed: bool = True, **arrays) -> Path:
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return path
+
+
+def test_read_golden_set_loads_the_real_golden_set(tmp_path, digits):
+    path = tmp_path / "golden.npz"
+    path.write_bytes(digits.golden_set_npz())
+    x, y = read_golden_set(path)
+    assert (x.shape, y.shape) == ((200, 64), (200,))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "words"),
+    [
+        ({"x": np.zeros((GOLDEN_MAX_SAMPLES + 1, 4), np.float32), "y": np.zeros(4, np.int64)}, "samples"),
+        ({"x": np.zeros((4096, 4096), np.float32), "y": np.zeros(4096, np.int64)}, "bytes unpacked"),
+    ],
+    ids=["too-many-samples", "zip-bomb"],
+)
+def test_read_golden_set_refuses_arrays_over_the_limits_before_loading_them(tmp_path, arrays, words):
+    path = _npz(tmp_path / "golden.npz", **arrays)
+    assert path.stat().st_size < 1024 * 1024  # small on disk: only the headers give it away
+    with pytest.raises(runtime.GoldenSetError, match=words):
+        read_golden_set(path)
+
+
+def test_read_golden_set_refuses_pickles(tmp_path):
+    path = _npz(
+        tmp_path / "golden.npz", compressed=False, x=np.array([{"a": 1}] * 3, dtype=object), y=np.arange(3)
+    )
+    with pytest.raises(runtime.GoldenSetError, match="Python objects"):
+        read_golden_set(path)

@@ -53,7 +53,7 @@ def test_the_admin_upload_form_runs_the_same_service(admin_client, version_v1, d
     assert response.status_code == 302
     artifact = Artifact.objects.get(variant="float32")
     assert artifact.status == ArtifactStatus.PENDING  # the pipeline runs on the worker
-    assert artifact.tflite_signature["inputs"][0]["name"] == "x"
+    assert artifact.tflite_signature is None  # filled by the sandboxed pipeline on the worker
     assert len(stored_files("raw")) == 1
 
 

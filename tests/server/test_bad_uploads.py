@@ -61,12 +61,24 @@ def test_it_refuses_a_flatbuffer_with_the_wrong_file_identifier(alice, version_v
     assert not Artifact.objects.exists()
 
 
-def test_it_refuses_a_truncated_model(alice, version_v1, float32_model):
+def assert_failed_in_the_pipeline(response, code: str, files_before: list) -> Artifact:
+    """The request only checks the header (the sandbox parses the rest): the upload is
+    accepted, and the pipeline fails the artifact with ``code`` and removes its files."""
+    assert response.status_code == 202, response.content
+    artifact = services.artifact_process(artifact_id=response.json()["id"])
+    assert (artifact.status, artifact.failure_code) == (ArtifactStatus.FAILED, code), artifact.failure_reason
+    assert artifact.failure_reason
+    assert artifact.raw_file == artifact.blob_file == artifact.manifest_envelope == ""
+    assert artifact_files() == files_before
+    return artifact
+
+
+def test_the_pipeline_refuses_a_truncated_model(alice, version_v1, float32_model):
     before = artifact_files()
     half = float32_model[: len(float32_model) // 2]
     response = upload(alice.client(), "digits", "1.0.0", "float32", half, wait=0)
-    assert_refused(response, 422, "truncated", before)
-    assert not Artifact.objects.exists()
+    artifact = assert_failed_in_the_pipeline(response, "truncated", before)
+    assert "outside the file" in artifact.failure_reason
 
 
 def test_it_refuses_an_upload_over_the_size_limit(alice, version_v1, float32_model, settings):
@@ -176,7 +188,9 @@ def test_it_refuses_an_upload_to_an_unknown_version(alice, version_v1, float32_m
     assert not Artifact.objects.exists()
 
 
-def test_it_refuses_a_model_whose_input_does_not_fit_the_golden_set(alice, digits_model, float32_model):
+def test_the_pipeline_refuses_a_model_whose_input_does_not_fit_the_golden_set(
+    alice, digits_model, float32_model
+):
     npz = io.BytesIO()
     np.savez(npz, x=np.zeros((5, 32), dtype=np.float32), y=np.arange(5))
     services.version_create(
@@ -187,9 +201,56 @@ def test_it_refuses_a_model_whose_input_does_not_fit_the_golden_set(alice, digit
     )
     before = artifact_files()
     response = upload(alice.client(), "digits", "2.0.0", "float32", float32_model, wait=0)
-    error = assert_refused(response, 422, "golden_shape_mismatch", before)
-    assert "32" in error["message"]
-    assert not Artifact.objects.exists()
+    artifact = assert_failed_in_the_pipeline(response, "golden_shape_mismatch", before)
+    assert "32" in artifact.failure_reason
+
+
+def _npz(compressed: bool = True, **arrays) -> bytes:
+    buffer = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("golden", "words"),
+    [
+        # 20 000 samples deflate to a few kilobytes: the file limit alone would let them in.
+        (lambda: _npz(x=np.zeros((20_000, 64), np.float32), y=np.zeros(20_000, np.int64)), "20000 samples"),
+        # 4 096 samples of 4 096 floats: 64 MiB unpacked from about 70 KiB.
+        (lambda: _npz(x=np.zeros((4096, 4096), np.float32), y=np.zeros(4096, np.int64)), "bytes unpacked"),
+        (
+            lambda: _npz(compressed=False, x=np.array([{"a": 1}] * 3, dtype=object), y=np.arange(3)),
+            "Python objects",
+        ),
+    ],
+    ids=["too-many-samples", "zip-bomb", "pickled-objects"],
+)
+def test_it_refuses_a_golden_set_over_the_limits_or_with_pickles(alice, digits_model, golden, words):
+    data = golden()
+    assert len(data) < 1024 * 1024
+    golden_before = stored_files("golden")
+    response = alice.client().post(
+        "/api/v1/models/digits/versions/",
+        {"version": "2.0.0", "golden_set": SimpleUploadedFile("golden.npz", data)},
+        format="multipart",
+    )
+    assert response.status_code == 422, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_golden_set", "golden_set")
+    assert words in error["message"], error["message"]
+    assert not ModelVersion.objects.exists()
+    assert stored_files("golden") == golden_before
+
+
+def test_a_golden_set_at_the_limits_is_accepted(alice, digits_model, settings):
+    settings.GOLDEN_SET_MAX_SAMPLES = 20_000
+    data = _npz(x=np.zeros((20_000, 64), np.float32), y=np.zeros(20_000, np.int64))
+    response = alice.client().post(
+        "/api/v1/models/digits/versions/",
+        {"version": "2.0.0", "golden_set": SimpleUploadedFile("golden.npz", data)},
+        format="multipart",
+    )
+    assert response.status_code == 201, response.content
 
 
 @pytest.mark.parametrize(

@@ -184,3 +184,23 @@ def test_the_golden_accuracy_equals_an_independent_evaluation(version_v1, digits
     )
     manifest = protocol.parse("manifest", payload)
     assert manifest["golden"]["accuracy"] == expected
+
+
+def test_compress_file_keeps_the_window_within_what_devices_decode(tmp_path):
+    """Level 21 on 40 MiB would want a 64 MiB window; devices decode at most 32 MiB
+    (agent.download.ZSTD_MAX_WINDOW_BYTES), so the registry caps it and devices unpack the blob."""
+    from agent.download import ZSTD_MAX_WINDOW_BYTES, decompress_blob
+
+    raw = bytes(40 * 1024 * 1024)  # zeros: compressible fast even at level 21
+    source = tmp_path / "model.tflite"
+    source.write_bytes(raw)
+    natural = zstandard.ZstdCompressionParameters.from_level(21, source_size=len(raw))
+    assert 2**natural.window_log > ZSTD_MAX_WINDOW_BYTES  # without the cap devices would refuse it
+    blob = tmp_path / "model.tflite.zst"
+
+    with open(blob, "wb") as target:
+        hashes = services.compress_file(source, target, level=21, threads=0)
+
+    assert zstandard.get_frame_parameters(blob.read_bytes()).window_size <= ZSTD_MAX_WINDOW_BYTES
+    decompress_blob(blob, tmp_path / "out.tflite", raw_size=len(raw), raw_sha256=hashes["raw_sha256"])
+    assert hashes["raw_sha256"] == sha256(raw)
