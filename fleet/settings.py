@@ -64,6 +64,20 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = _read("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = _read("CSRF_TRUSTED_ORIGINS", env.list, [])
 
+# --- HTTPS (docs/operations.md, "HTTPS"): on by default without DEBUG, so that a production
+# start passes `manage.py check --deploy` with no warning. Behind a proxy that terminates
+# TLS, name the header it sets (e.g. SECURE_PROXY_SSL_HEADER=X-Forwarded-Proto): only a
+# proxy you run may set it, or any client could claim to be on HTTPS.
+SECURE_SSL_REDIRECT = _read("SECURE_SSL_REDIRECT", env.bool, not DEBUG)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _read("SECURE_COOKIES", env.bool, not DEBUG)
+SECURE_HSTS_SECONDS = _read("SECURE_HSTS_SECONDS", env.int, 0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _read("SECURE_HSTS_INCLUDE_SUBDOMAINS", env.bool, not DEBUG)
+SECURE_HSTS_PRELOAD = _read("SECURE_HSTS_PRELOAD", env.bool, not DEBUG)
+_proxy_ssl_header = _read("SECURE_PROXY_SSL_HEADER", env.str, "")
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https") if _proxy_ssl_header else None
+)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",

@@ -73,3 +73,57 @@ def test_without_debug_it_needs_a_secret_key(tmp_path):
 def test_without_debug_a_secret_key_is_enough(tmp_path):
     result = start(tmp_path, DEBUG="0", SECRET_KEY="s3cret-for-tests-only")
     assert result.returncode == 0, result.stderr
+
+
+def check_deploy(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    production = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "DJANGO_SETTINGS_MODULE": "fleet.settings",
+        "VAR_DIR": str(tmp_path / "var"),
+        "DEBUG": "0",
+        "SECRET_KEY": "a-long-random-production-secret-" + "x" * 40,
+        "ALLOWED_HOSTS": "fleet.example.com",
+        "DATABASE_URL": os.environ["DATABASE_URL"],
+    }
+    return subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        env={**production, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_production_settings_pass_check_deploy_with_no_warning(tmp_path):
+    result = check_deploy(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+    # Positive control: the same check fails when one of the defaults is turned off.
+    weakened = check_deploy(tmp_path, SECURE_SSL_REDIRECT="0")
+    assert weakened.returncode != 0 and "security.W008" in weakened.stdout + weakened.stderr
+
+
+def test_a_proxy_ssl_header_is_read_from_its_name(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); from django.conf import settings; "
+            "print(settings.SECURE_PROXY_SSL_HEADER)",
+        ],
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": str(tmp_path),
+            "DJANGO_SETTINGS_MODULE": "fleet.settings",
+            "VAR_DIR": str(tmp_path / "var"),
+            "DEBUG": "1",
+            "SECURE_PROXY_SSL_HEADER": "X-Forwarded-Proto",
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == "('HTTP_X_FORWARDED_PROTO', 'https')", result.stderr
