@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import ipaddress
 import math
 import re
 import tomllib
@@ -76,6 +77,11 @@ class ControlPlaneConfig:
 class LocalApiConfig:
     bind: str = "127.0.0.1:8787"  # "HOST:PORT" (port 0 = any free port) or "unix:/path/to.sock"
     max_body_bytes: int = 1_048_576
+    # Binding beyond loopback lets other hosts call the agent: only when asked for.
+    allow_remote: bool = False
+    # Host header names accepted besides the loopback ones and the bound address (DNS
+    # rebinding: a web page's request carries the page's own host name).
+    allowed_hosts: tuple[str, ...] = ()
 
     @property
     def unix_path(self) -> Path | None:
@@ -473,7 +479,13 @@ def _trusted_keys(reader: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
 def _local_api(reader: _Reader, data: dict[str, Any]) -> LocalApiConfig:
     table = reader.table(data, "local_api")
     reader.check_keys(table, "local_api", [f.name for f in fields(LocalApiConfig)])
-    kwargs: dict[str, Any] = {"max_body_bytes": reader.integer(table, "local_api", "max_body_bytes")}
+    kwargs: dict[str, Any] = {
+        "max_body_bytes": reader.integer(table, "local_api", "max_body_bytes"),
+        "allow_remote": reader.boolean(table, "local_api", "allow_remote"),
+    }
+    allowed_hosts = reader.strings(table, "local_api", "allowed_hosts")
+    if allowed_hosts is not None:
+        kwargs["allowed_hosts"] = tuple(host.lower() for host in allowed_hosts)
     bind = reader.string(table, "local_api", "bind")
     if bind is not None:
         try:
@@ -491,7 +503,25 @@ def _local_api(reader: _Reader, data: dict[str, Any]) -> LocalApiConfig:
                         "use a shorter one such as unix:/run/modelfleet/agent.sock",
                     )
             kwargs["bind"] = bind
+            host = parse_bind(bind)[1]
+            if host is not None and not is_loopback(host) and not kwargs["allow_remote"]:
+                reader.error(
+                    "local_api.bind",
+                    f"{bind!r} is not a loopback address, so other hosts could call the agent; "
+                    "bind 127.0.0.1 (or a unix socket), or set local_api.allow_remote = true",
+                )
     return LocalApiConfig(**{key: value for key, value in kwargs.items() if value is not None})
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP literal (brackets allowed)."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _limits(reader: _Reader, data: dict[str, Any]) -> LimitsConfig:

@@ -78,9 +78,27 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(HTTPStatus.BAD_REQUEST, "malformed_json", f"The body is not JSON: {exc}") from exc
 
+    def _check_host(self) -> None:
+        """Refuse a Host header that does not name this agent (DNS rebinding: a web page
+        whose name resolves to 127.0.0.1 makes the device's browser call us with its own
+        host name). A unix socket has no such caller."""
+        allowed = self.server.allowed_hosts
+        if allowed is None:
+            return
+        host, _, port = (self.headers.get("Host") or "").lower().rpartition(":")
+        if not host or "]" in port:  # no port given ("localhost", "[::1]")
+            host, port = (self.headers.get("Host") or "").lower(), ""
+        if host.strip("[]") not in allowed or (port and port != str(self.server.server_address[1])):
+            raise ApiError(
+                HTTPStatus.FORBIDDEN,
+                "bad_host",
+                "The Host header does not name this agent; call it by its bound address.",
+            )
+
     def _dispatch(self, method: str) -> None:
         agent = self.server.agent
         try:
+            self._check_host()
             if agent.stopping:
                 self.close_connection = True
                 raise ApiError(
@@ -146,11 +164,13 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     agent: Agent
+    allowed_hosts: frozenset[str] | None = None
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     agent: Agent
+    allowed_hosts: frozenset[str] | None = None  # no Host check on a unix socket
 
     def get_request(self):
         request, _ = super().get_request()
@@ -170,6 +190,10 @@ class LocalApi:
             self.server = _Server((config.host, config.port), _Handler)
             host, port = self.server.server_address[:2]
             self.address = f"http://{host}:{port}"
+            names = {"localhost", "127.0.0.1", "::1", *config.allowed_hosts}
+            if host not in ("0.0.0.0", "::"):
+                names.add(host.lower())
+            self.server.allowed_hosts = frozenset(names)
         self.server.agent = agent
         self._thread = threading.Thread(target=self.server.serve_forever, name="local-api", daemon=True)
 

@@ -161,3 +161,34 @@ def test_many_agents_run_in_one_process(make_agent, artifact_server, artifacts, 
     assert [a["variant"] for a in answers] == ["float32", "int8", "float32", "int8"]
     assert len({a.config.state_dir for a in agents}) == 4
     assert len({a.api.address for a in agents}) == 4
+
+
+def test_a_request_naming_another_host_is_refused(agent):
+    """DNS rebinding: a web page on evil.example whose name resolves to 127.0.0.1 makes the
+    device's browser call the agent with Host: evil.example."""
+    port = agent.api.address.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1:{int(port) + 1}"):
+        response = requests.get(f"{agent.api.address}/v1/health", headers={"Host": host}, timeout=5)
+        assert_error(response, 403, "bad_host")
+    # Positive controls: the bound address and the loopback names are answered.
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        response = requests.get(f"{agent.api.address}/v1/health", headers={"Host": host}, timeout=5)
+        assert response.status_code == 200, (host, response.text)
+
+
+def test_binding_beyond_loopback_needs_an_explicit_setting(tmp_path):
+    from agent.config import ConfigError, parse_config
+
+    base = {
+        "device_id": "cam-1",
+        "state_dir": str(tmp_path),
+        "broker": {"url": "mqtt://127.0.0.1:1883", "username": "cam-1", "password": "x"},
+        "control_plane": {"url": "http://127.0.0.1:8000", "token": "t"},
+        "trust": {"public_keys": ["00" * 32]},
+    }
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config({**base, "local_api": {"bind": "0.0.0.0:8787"}})
+    assert "local_api.bind" in str(excinfo.value) and "allow_remote" in str(excinfo.value)
+    allowed = parse_config({**base, "local_api": {"bind": "0.0.0.0:8787", "allow_remote": True}})
+    assert allowed.local_api.allow_remote
+    assert parse_config({**base, "local_api": {"bind": "[::1]:8787"}}).local_api.host == "::1"
