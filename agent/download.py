@@ -572,11 +572,30 @@ def _unpack(
         raise
 
 
+# numpy parses npy headers with ast.literal_eval, and CPython 3.11's ast constructor is not
+# safe to run from several threads at once ("AST constructor recursion depth mismatch",
+# seen with twenty agents verifying in one test process, and possible in a threaded web
+# server): golden sets are read one at a time. They are small and read once per version.
+_NPY_PARSE_LOCK = threading.Lock()
+
+
 def read_golden_set(
     source: Any,
     *,
     max_samples: int = GOLDEN_MAX_SAMPLES,
     max_bytes: int = GOLDEN_MAX_ARRAY_BYTES,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read an .npz golden set (``x``, ``y``) without pickles and within limits (one thread
+    at a time: see _NPY_PARSE_LOCK)."""
+    with _NPY_PARSE_LOCK:
+        return _read_golden_set(source, max_samples=max_samples, max_bytes=max_bytes)
+
+
+def _read_golden_set(
+    source: Any,
+    *,
+    max_samples: int,
+    max_bytes: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read an .npz golden set (``x``, ``y``) without pickles and within limits.
 
