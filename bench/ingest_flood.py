@@ -63,15 +63,12 @@ def flooder(device: tuple[str, str], port: int, seconds: float, go, out) -> None
     import json
     from datetime import UTC, datetime
 
-    import paho.mqtt.client as mqtt
+    from fleet.mqtt.broker import mqtt_client  # connects and waits for the CONNACK
 
     device_id, password = device
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
-    client.username_pw_set(device_id, password)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    while not client.is_connected():
-        time.sleep(0.01)
+    client = mqtt_client(
+        f"mqtt://127.0.0.1:{port}", client_id=device_id, username=device_id, password=password
+    )
     out.put(("ready", None))
     go.wait()
     topic = f"fleet/v1/devices/{device_id}/telemetry"

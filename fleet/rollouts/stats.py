@@ -202,34 +202,10 @@ def _arm(devices: Sequence[DeviceCounts], cap_multiple: float) -> _Arm:
     )
 
 
-def _arm_estimates(arm: _Arm, floor_rate: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rate and variance of the arm as a whole (index 0) and without each device (1..m).
-
-    The variance is the cluster-robust (sandwich) variance of the ratio of sums,
-    ``m/(m-1) * sum (k_i - p n_i)^2 / (sum n)^2``, floored by the binomial variance of the
-    pooled counts (Agresti-adjusted, or at ``floor_rate``, the threshold, when that is larger,
-    as a score test would) so that an arm where every device agrees perfectly still has a width.
-    Leave-one-out residual sums come from running sums around the full estimate, which
-    stays stable where the textbook ``sum k^2 - 2 p sum kn + p^2 sum n^2`` cancels. The
-    caller guarantees at least two devices with samples."""
-    n, k, m = arm.n, arm.k, arm.size
-    total, successes = arm.total, arm.successes
-    rate = successes / total
-    residual = k - rate * n
-    r2, rn, n2 = float(residual @ residual), float(residual @ n), float(n @ n)
-    full = max(m / (m - 1) * r2 / total**2, _binomial(successes, total, floor_rate))
-    loo_total = total - n
-    loo_rate = (successes - k) / loo_total
-    shift = rate - loo_rate
-    loo_r2 = (r2 - residual * residual) + 2 * shift * (rn - residual * n) + shift * shift * (n2 - n * n)
-    # One device left: no spread to measure, the binomial floor alone.
-    clustered = (m - 1) / (m - 2) * np.maximum(loo_r2, 0.0) / loo_total**2 if m > 2 else 0.0
-    adjusted = (successes - k + 1) / (loo_total + 2)
-    spread = adjusted * (1 - adjusted)
-    if floor_rate is not None:
-        spread = np.maximum(spread, floor_rate * (1 - floor_rate))
-    loo = np.maximum(clustered, spread / loo_total)
-    return np.concatenate(([rate], loo_rate)), np.concatenate(([full], loo))
+def _loo_rates(arm: _Arm) -> np.ndarray:
+    """The arm's rate without each of its devices, in O(devices): what picks the two
+    devices set aside (``_trim``)."""
+    return (arm.successes - arm.k) / (arm.total - arm.n)
 
 
 def _binomial(successes: float, total: float, floor_rate: float | None) -> float:
@@ -344,16 +320,15 @@ def accuracy_gate(
             verdict=WAIT, note=note, summary=f"accuracy{stratum}: waiting, {note}", inputs=inputs, **common
         )
 
-    cand_rates, cand_vars = _arm_estimates(cand)
-    inc_rates, inc_vars = _arm_estimates(inc)
     # Leave-one-out drops: each candidate device left out, then each incumbent device.
-    loo = np.concatenate((inc_rates[0] - cand_rates[1:], inc_rates[1:] - cand_rates[0]))
+    loo = np.concatenate((inc.rate - _loo_rates(cand), _loo_rates(inc) - cand.rate))
     set_aside = _trim(loo, [cand.size, inc.size], fail_above=True)
     without_cand, without_inc = _positions([cand, inc], set_aside)
     cand_rate, cand_var = _arm_without(cand, without_cand)
     inc_rate, inc_var = _arm_without(inc, without_inc)
-    full_radius = float(cs_radius(variance=inc_vars[0] + cand_vars[0], alpha=alpha, tau=tau))
-    full_drop = inc_rates[0] - cand_rates[0]
+    full_variance = _arm_without(cand, [])[1] + _arm_without(inc, [])[1]
+    full_radius = float(cs_radius(variance=full_variance, alpha=alpha, tau=tau))
+    full_drop = inc.rate - cand.rate
     decision = _decide(
         estimate=inc_rate - cand_rate,
         variance=inc_var + cand_var,
@@ -530,15 +505,16 @@ def _one_arm(
         )
     # The binomial floor at the threshold, when that is the larger variance, is the score
     # test's variance: it keeps a 0-errors-so-far arm from passing on a zero-width interval.
-    rates, variances = _arm_estimates(arm, floor_rate=threshold)
-    set_aside = _trim(rates[1:], [arm.size], fail_above=fail_above)
+    set_aside = _trim(_loo_rates(arm), [arm.size], fail_above=fail_above)
     rate, variance = _arm_without(arm, set_aside, floor_rate=threshold)
-    full_radius = float(cs_radius(variance=variances[0], alpha=alpha, tau=tau))
+    full_radius = float(
+        cs_radius(variance=_arm_without(arm, [], floor_rate=threshold)[1], alpha=alpha, tau=tau)
+    )
     decision = _decide(
         estimate=rate,
         variance=variance,
-        full_lower=rates[0] - full_radius,
-        full_upper=rates[0] + full_radius,
+        full_lower=arm.rate - full_radius,
+        full_upper=arm.rate + full_radius,
         set_aside=set_aside,
         threshold=threshold,
         tau=tau,

@@ -5,7 +5,6 @@ with the project's config."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
@@ -142,17 +141,19 @@ def everyone_on(agents, version: str) -> bool:
 def evaluate_until(rollout, states: set[str], timeout: float, *, stage: int | None = None) -> None:
     """The beat task, called directly until the rollout reaches one of ``states`` (or,
     given ``stage``, that stage)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def reached() -> bool:
         rollouts.rollout_evaluate(rollout_id=rollout.pk)
         rollout.refresh_from_db()
-        if rollout.state in states or (stage is not None and rollout.current_stage >= stage):
-            return
-        assert time.monotonic() < deadline, (
+        return rollout.state in states or (stage is not None and rollout.current_stage >= stage)
+
+    try:
+        wait_until(reached, timeout=timeout, interval=0.2, message="the rollout to reach its state")
+    except AssertionError as exc:
+        raise AssertionError(
             f"rollout stuck: {rollout.state} stage {rollout.current_stage}: {rollout.last_decision}; "
             f"assignments {list(rollout.assignments.values_list('device__device_id', 'state', 'reason'))}"
-        )
-        time.sleep(0.2)
+        ) from exc
 
 
 def post_feedback(agent, digits, samples: int, *, offset: int = 0) -> None:

@@ -264,15 +264,10 @@ def test_the_queue_drops_qos0_beyond_its_bound_and_keeps_qos1(broker, devices):
 FLOODER = """
 import json, sys, time, uuid
 from datetime import UTC, datetime
-import paho.mqtt.client as mqtt
+from fleet.mqtt.broker import mqtt_client  # connects and waits for the CONNACK
 
 port, device_id, password, seconds = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
-client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
-client.username_pw_set(device_id, password)
-client.connect("127.0.0.1", port)
-client.loop_start()
-while not client.is_connected():
-    time.sleep(0.01)
+client = mqtt_client(f"mqtt://127.0.0.1:{port}", client_id=device_id, username=device_id, password=password)
 topic = f"fleet/v1/devices/{device_id}/telemetry"
 entry = {"version": "1.4.0", "variant": "int8", "inferences": 10, "errors": 0,
          "feedback": {"labeled": 1000, "correct": 1000}}
@@ -362,6 +357,7 @@ def flood(broker, devices, tmp_path, *, seconds: float, **settings: str) -> dict
         started = time.monotonic()
         process = subprocess.Popen(
             [sys.executable, "-c", FLOODER, str(broker.port), flooder.device_id, password, str(seconds)],
+            cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
         )
