@@ -70,10 +70,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    keys_hex = list(args.key or [])
-    if args.config:
-        keys_hex += list(_config(args.config).trusted_keys)
-    if not keys_hex:
+    from agent.trust import TrustStore
+
+    if not args.config and not args.key:
         print("fleet-agent verify: give --config or at least one --key", file=sys.stderr)
         return EXIT_CONFIG
     data = Path(args.envelope).read_bytes()
@@ -81,7 +80,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         protocol.MANIFEST_PAYLOAD_TYPE if args.type == "manifest" else protocol.DESIRED_PAYLOAD_TYPE
     )
     try:
-        payload = protocol.verify(data, payload_type=payload_type, keys=protocol.trusted_keys(keys_hex))
+        if args.key:  # signing keys named on the command line
+            payload = protocol.verify(data, payload_type=payload_type, keys=protocol.trusted_keys(args.key))
+        else:  # the keyring this device verified and keeps in its state directory
+            config = _config(args.config)
+            store = TrustStore(
+                root_keys=config.trust.root_keys,
+                root_threshold=config.trust.root_threshold,
+                state_dir=config.state_dir,
+            )
+            payload = store.verify(data, payload_type=payload_type)
         document = protocol.parse(args.type, payload)
     except (protocol.EnvelopeError, protocol.SchemaError) as exc:
         print(f"REFUSED ({getattr(exc, 'reason', 'schema')}): {exc}", file=sys.stderr)
@@ -109,17 +117,17 @@ def enrollment_config(
     *,
     answer: dict,
     url: str,
-    public_keys: list[str],
+    root_keys: list[str],
     state_dir: str,
     local_api: str,
     hardware: str,
     int8: bool,
     telemetry_interval_s: float = 30.0,
 ) -> str:
-    """The agent config for an enrolled device. Trusted keys come from the command line
+    """The agent config for an enrolled device. The root keys come from the command line
     (provisioned out of band), never from the control plane's answer."""
     mqtt = answer["mqtt"]
-    keys = ", ".join(_toml_string(key) for key in public_keys)
+    keys = ", ".join(_toml_string(key) for key in root_keys)
     return (
         "# Written by `fleet-agent enroll`. Holds secrets: keep it mode 0600.\n"
         f"device_id = {_toml_string(answer['device_id'])}\n"
@@ -129,7 +137,7 @@ def enrollment_config(
         f"password = {_toml_string(mqtt['password'])}\n"
         f"topic_prefix = {_toml_string(mqtt['topic_prefix'])}\n\n"
         f"[control_plane]\nurl = {_toml_string(url)}\ntoken = {_toml_string(answer['token'])}\n\n"
-        f"[trust]\npublic_keys = [{keys}]\n\n"
+        f"[trust]\nroot_keys = [{keys}]\n\n"
         f"[local_api]\nbind = {_toml_string(local_api)}\n\n"
         f"[device]\nhardware = {_toml_string(hardware)}\nint8 = {'true' if int8 else 'false'}\n"
     )
@@ -177,7 +185,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     text = enrollment_config(
         answer=answer,
         url=args.url,
-        public_keys=args.public_key,
+        root_keys=args.root_key,
         state_dir=args.state_dir,
         local_api=args.local_api,
         hardware=args.hardware,
@@ -186,7 +194,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     )
     try:
         parse_config(tomllib.loads(text), base_dir=out.parent)
-    except ConfigError as exc:  # e.g. a malformed --public-key: say so before writing
+    except ConfigError as exc:  # e.g. a malformed --root-key: say so before writing
         print(f"fleet-agent enroll: the resulting config is invalid:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="verify a signed manifest or desired-state envelope")
     verify.add_argument("envelope", help="file holding the DSSE envelope (JSON)")
-    verify.add_argument("--config", help="take trusted keys from this agent config")
-    verify.add_argument("--key", action="append", help="a trusted public key (64 hex chars); repeatable")
+    verify.add_argument(
+        "--config", help="verify with the keyring this device holds (its config and state directory)"
+    )
+    verify.add_argument(
+        "--key", action="append", help="verify with this signing public key (64 hex chars); repeatable"
+    )
     verify.add_argument("--type", choices=["manifest", "desired"], default="manifest")
     verify.add_argument("--blob", help="also check that this .zst blob is the one the manifest names")
     verify.add_argument("--show", action="store_true", help="print the verified document")
@@ -232,10 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     secret.add_argument("--token", help="a fleet enrollment token (me_…)")
     secret.add_argument("--code", help="this device's pre-authorization code (mc_…)")
     enroll.add_argument(
-        "--public-key",
+        "--root-key",
         action="append",
         required=True,
-        help="trusted signing key (64 hex chars), from GET /api/v1/signing-keys/; repeatable",
+        help="the fleet's root public key (64 hex chars), from your operators' offline root "
+        "(`manage.py trust status` prints it); repeatable",
     )
     enroll.add_argument("--config-out", default="/etc/modelfleet/agent.toml")
     enroll.add_argument("--state-dir", default="/var/lib/modelfleet")

@@ -123,11 +123,20 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class TrustConfig:
+    """The pinned root of trust (docs/security.md, "Keys and rotation"): the signing keys
+    themselves come from the root-signed keyring, so they rotate without touching this."""
+
+    root_keys: tuple[str, ...]  # hex raw Ed25519 public keys (64 hex chars each), at least one
+    root_threshold: int = 1  # how many of them must sign a root document
+
+
+@dataclass(frozen=True)
 class Config:
     device_id: str
     state_dir: Path
     broker: BrokerConfig
-    trusted_keys: tuple[str, ...]  # hex raw Ed25519 public keys (64 hex chars each), at least one
+    trust: TrustConfig
     # Frozen, so one shared default instance is safe.
     control_plane: ControlPlaneConfig = ControlPlaneConfig()
     local_api: LocalApiConfig = LocalApiConfig()
@@ -448,22 +457,29 @@ def _control_plane(reader: _Reader, data: dict[str, Any]) -> ControlPlaneConfig:
     return ControlPlaneConfig(url=url, token=reader.secret(table, "control_plane", "token"))
 
 
-def _trusted_keys(reader: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
+def _trust(reader: _Reader, data: dict[str, Any]) -> TrustConfig:
     table = reader.table(data, "trust")
-    reader.check_keys(table, "trust", ["public_keys"])
-    pin_advice = "pin the control plane's signing key (hex public_key from GET /api/v1/signing-keys/)"
-    if "public_keys" not in table:
-        reader.error("trust.public_keys", f"required; {pin_advice}")
-        return ()
-    keys = reader.strings(table, "trust", "public_keys")
+    if "public_keys" in table:
+        reader.error(
+            "trust.public_keys",
+            "replaced by trust.root_keys: pin the fleet's ROOT public key(s) (`python -m agent.trustctl "
+            "keygen` prints one); signing keys now come from the root-signed keyring (docs/security.md)",
+        )
+        return TrustConfig(root_keys=())
+    reader.check_keys(table, "trust", ["root_keys", "root_threshold"])
+    pin_advice = "pin the fleet's root public key (hex), from `manage.py trust status` or your offline root"
+    if "root_keys" not in table:
+        reader.error("trust.root_keys", f"required; {pin_advice}")
+        return TrustConfig(root_keys=())
+    keys = reader.strings(table, "trust", "root_keys")
     if keys is None:
-        return ()
+        return TrustConfig(root_keys=())
     if not keys:
-        reader.error("trust.public_keys", f"must list at least one key; {pin_advice}")
+        reader.error("trust.root_keys", f"must list at least one key; {pin_advice}")
     for index, key in enumerate(keys):
         if not re.fullmatch(r"[0-9a-fA-F]{64}", key):
             reader.error(
-                f"trust.public_keys[{index}]",
+                f"trust.root_keys[{index}]",
                 f"{key!r} is not a raw Ed25519 public key: expected 64 hex characters, got {len(key)}"
                 + ("" if re.fullmatch(r"[0-9a-fA-F]*", key) else " with non-hex characters"),
             )
@@ -471,9 +487,10 @@ def _trusted_keys(reader: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
         try:
             public_key_from_hex(key)
         except ValueError as exc:
-            reader.error(f"trust.public_keys[{index}]", f"{key!r} does not decode as Ed25519: {exc}")
+            reader.error(f"trust.root_keys[{index}]", f"{key!r} does not decode as Ed25519: {exc}")
+    threshold = reader.integer(table, "trust", "root_threshold", minimum=1, maximum=max(1, len(keys)))
     # Lower case, so that the same key written twice in different case compares equal.
-    return tuple(key.lower() for key in keys)
+    return TrustConfig(root_keys=tuple(key.lower() for key in keys), root_threshold=threshold or 1)
 
 
 def _local_api(reader: _Reader, data: dict[str, Any]) -> LocalApiConfig:
@@ -590,7 +607,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, path: Pa
     )
     telemetry_interval_s = reader.number(data, "", "telemetry_interval_s")
     broker = _broker(reader, data)
-    trusted = _trusted_keys(reader, data)
+    trust = _trust(reader, data)
     control_plane = _control_plane(reader, data)
     local_api = _local_api(reader, data)
     limits = _limits(reader, data)
@@ -604,7 +621,7 @@ def parse_config(data: dict[str, Any], *, base_dir: Path | None = None, path: Pa
         device_id=device_id,
         state_dir=reader.path(state_dir_text),
         broker=broker,
-        trusted_keys=trusted,
+        trust=trust,
         control_plane=control_plane,
         local_api=local_api,
         limits=limits,
@@ -675,14 +692,17 @@ url = "https://fleet.example.com"
 # token_file = "/etc/modelfleet/device-token"
 
 [trust]
-# The control plane's Ed25519 signing keys: the hex "public_key" values from
-# GET /api/v1/signing-keys/. Desired states and manifests signed by any other key are
-# refused (signature_invalid). List the old and the new key during a key rotation.
+# The fleet's ROOT public key(s), hex, kept offline by your operators
+# (docs/security.md, "Keys and rotation"). The keys that sign desired states and
+# manifests come from the keyring these root keys sign, so they rotate and are revoked
+# over the air; the root itself moves on by a chain of root documents.
 # REPLACE this placeholder: its private half was thrown away, so nothing verifies
-# until you pin your own key.
-public_keys = [
+# until you pin your own root key.
+root_keys = [
     "37f5fe9076643c92283716f2c8f3a1f3eeb3fa22c0ac57f7c33bb98d1e4d015f",
 ]
+# How many of root_keys must sign a root document (default 1).
+# root_threshold = 1
 
 [local_api]
 # Where local apps call predict, feedback and health: "HOST:PORT" or

@@ -51,6 +51,7 @@ from agent.serving import LoadedModel, Models
 from agent.shadow import Shadow, ShadowRunner
 from agent.store import Installed, ModelState, Store
 from agent.telemetry import TelemetryWindow, health_snapshot, telemetry_message
+from agent.trust import TrustStore
 
 log = logging.getLogger(__name__)
 MANIFEST_MAX_BYTES = 1024 * 1024
@@ -100,7 +101,11 @@ class Agent:
             prepare=as_inputs,
             name=f"shadow-{config.device_id}",
         )
-        self.keys = protocol.trusted_keys(list(config.trusted_keys))
+        self.trust = TrustStore(
+            root_keys=config.trust.root_keys,
+            root_threshold=config.trust.root_threshold,
+            state_dir=config.state_dir,
+        )
         headers = {"User-Agent": f"fleet-agent/{__version__}"}
         if config.control_plane.token:
             headers["Authorization"] = f"Bearer {config.control_plane.token}"
@@ -115,10 +120,11 @@ class Agent:
             backoff_max_s=limits.backoff_max_s,
             stop=self._stop,
         )
-        self.link = MqttLink(config, on_desired=self.submit_desired)
+        self.link = MqttLink(config, on_desired=self.submit_desired, on_trust=self.submit_trust)
         self.api: LocalApi | None = None
         self.labels: dict[str, list[str]] = {}
         self._pending: bytes | None = None
+        self._last_desired: bytes | None = None  # re-checked when the keyring changes
         self._pending_cond = threading.Condition()
         self._apply_lock = threading.Lock()  # one apply at a time (loop or direct call)
         self.applied = threading.Condition()  # notified after every apply, for waiters
@@ -289,6 +295,7 @@ class Agent:
                 for name, entry in self.state.models.items()
                 if entry.active is not None
             },
+            "trust": self.trust.versions(),
         }
 
     def _publish_reported(self) -> None:
@@ -390,8 +397,33 @@ class Agent:
     def submit_desired(self, envelope: bytes) -> None:
         """Called from the MQTT thread: keep only the newest envelope and return at once."""
         with self._pending_cond:
-            self._pending = envelope
+            self._pending = self._last_desired = envelope
             self._pending_cond.notify_all()
+
+    def submit_trust(self, bundle: bytes) -> None:
+        """Called from the MQTT thread with a trust bundle (docs/protocol.md, addition 6).
+        Verifying it takes a few signature checks; nothing here waits on the network."""
+        try:
+            changed = self.trust.update(bundle)
+        except protocol.EnvelopeError as exc:
+            self._event("failed", reason=exc.reason, message=f"trust bundle refused: {exc}")
+            return
+        if not changed:
+            return
+        versions = self.trust.versions()
+        log.info("trust updated: %s", versions)
+        self._event(
+            "trust",
+            message=f"now trusting keyring version {versions['keyring_version']}"
+            f" under root version {versions['root_version']}",
+        )
+        self._publish_reported()
+        # A desired state that arrived before its keyring (or was signed by a key the new
+        # keyring revokes) is checked again against the new one.
+        with self._pending_cond:
+            if self._pending is None and self._last_desired is not None:
+                self._pending = self._last_desired
+                self._pending_cond.notify_all()
 
     def _next_desired(self, timeout: float | None) -> bytes | None:
         with self._pending_cond:
@@ -459,7 +491,7 @@ class Agent:
 
     def _verify_desired(self, envelope: bytes) -> dict[str, Any]:
         try:
-            payload = protocol.verify(envelope, payload_type=protocol.DESIRED_PAYLOAD_TYPE, keys=self.keys)
+            payload = self.trust.verify(envelope, payload_type=protocol.DESIRED_PAYLOAD_TYPE)
             desired = protocol.parse("desired", payload)
         except protocol.EnvelopeError as exc:
             raise Refusal(exc.reason, str(exc)) from exc
@@ -603,7 +635,7 @@ class Agent:
         except TransferError as exc:
             raise self._transfer(exc) from exc
         try:
-            payload = protocol.verify(envelope, payload_type=protocol.MANIFEST_PAYLOAD_TYPE, keys=self.keys)
+            payload = self.trust.verify(envelope, payload_type=protocol.MANIFEST_PAYLOAD_TYPE)
             manifest = protocol.parse("manifest", payload)
         except protocol.EnvelopeError as exc:
             raise Refusal(exc.reason, f"manifest: {exc}") from exc

@@ -5,7 +5,8 @@ interface.
   session expiry), QoS 1 everywhere;
 * a retained ``status`` of ``{"online": true}`` on connect, and the same topic as a retained
   last will ``{"online": false}`` so the plane learns of a power cut;
-* subscribes to its own ``desired`` only (the broker ACL refuses anything else anyway);
+* subscribes to its own ``desired`` and the fleet's retained ``trust`` bundle only (the
+  broker ACL refuses anything else anyway);
 * reconnects with exponential backoff and full jitter, so a fleet that lost its broker
   does not reconnect in lockstep;
 * messages published while offline wait in a queue bounded by count and bytes; when full
@@ -75,11 +76,18 @@ class OfflineQueue:
 
 
 class MqttLink:
-    def __init__(self, config: Config, *, on_desired: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        on_desired: Callable[[bytes], None],
+        on_trust: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.config = config
         self.topics = Topics(config.broker.topic_prefix)
         self.device_id = config.device_id
         self.on_desired = on_desired
+        self.on_trust = on_trust
         limits = config.limits
         self.queue = OfflineQueue(
             max_messages=limits.offline_queue_messages, max_bytes=limits.offline_queue_bytes
@@ -117,6 +125,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.message_callback_add(self.topics.desired(self.device_id), self._on_desired)
+        client.message_callback_add(self.topics.trust(), self._on_trust)
         return client
 
     # --- paho callbacks (network thread)
@@ -126,7 +135,9 @@ class MqttLink:
             log.warning("mqtt connect refused: %s", reason_code)
             return
         self.connects += 1
-        client.subscribe(self.topics.desired(self.device_id), qos=1)
+        # One SUBSCRIBE, trust first: the broker sends retained messages in the order of
+        # the filters, so the keyring is in place before the desired state it verifies.
+        client.subscribe([(self.topics.trust(), 1), (self.topics.desired(self.device_id), 1)])
         client.publish(self.topics.device(self.device_id, "status"), self._status(True), qos=1, retain=True)
         self.connected.set()
         for item in self.queue.take_all():
@@ -144,6 +155,10 @@ class MqttLink:
     def _on_desired(self, client, userdata, message) -> None:
         if message.payload:
             self.on_desired(bytes(message.payload))
+
+    def _on_trust(self, client, userdata, message) -> None:
+        if message.payload and self.on_trust is not None:
+            self.on_trust(bytes(message.payload))
 
     # --- publishing
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import multiprocessing
 import os
 import secrets
@@ -42,6 +43,9 @@ sys.path.insert(0, str(ROOT))
 from agent import protocol, runtime  # noqa: E402
 from agent.config import parse_config  # noqa: E402
 from agent.core import Agent  # noqa: E402
+from agent.protocol.trust import build_bundle  # noqa: E402
+from agent.trust import TrustStore  # noqa: E402
+from agent.trustctl import make_keyring, make_root  # noqa: E402
 from fleet.mqtt.broker import free_port, start_broker  # noqa: E402
 from samples import digits  # noqa: E402
 from tests.agent.artifact_server import ArtifactServer, make_signed_artifact  # noqa: E402
@@ -90,7 +94,25 @@ class Load:
         self.process.join()
 
 
-def make_agent(broker, key_hex: str, state_dir: Path, device_id: str) -> Agent:
+def trust_for(key) -> tuple[str, bytes]:
+    """A root key of its own and the bundle whose keyring names the bench's signing key;
+    returns (root public hex, bundle)."""
+    root = Ed25519PrivateKey.generate()
+    bundle = build_bundle(
+        roots=[make_root(keys=[root])],
+        keyring=make_keyring(root_keys=[root], version=1, signing_keys=[key.public_key()]),
+    )
+    return protocol.public_key_bytes(root.public_key()).hex(), json.dumps(bundle).encode()
+
+
+def seed_trust(state_dir: Path, trust: tuple[str, bytes]) -> None:
+    """The keyring an agent would fetch on first connect, in place before it starts."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    TrustStore(root_keys=(trust[0],), root_threshold=1, state_dir=state_dir).update(trust[1])
+
+
+def make_agent(broker, trust: tuple[str, bytes], state_dir: Path, device_id: str) -> Agent:
+    seed_trust(state_dir, trust)
     password = secrets.token_urlsafe(12)
     broker.admin().ensure_device(device_id, password)
     config = parse_config(
@@ -99,7 +121,7 @@ def make_agent(broker, key_hex: str, state_dir: Path, device_id: str) -> Agent:
             "state_dir": str(state_dir),
             "telemetry_interval_s": 5,
             "broker": {"url": broker.url, "username": device_id, "password": password},
-            "trust": {"public_keys": [key_hex]},
+            "trust": {"root_keys": [trust[0]]},
             "local_api": {"bind": "127.0.0.1:0"},
         }
     )
@@ -277,7 +299,7 @@ def bench_apply(
     }
 
 
-def bench_rss(broker, key, key_hex: str, server: ArtifactServer, work: Path) -> dict:
+def bench_rss(broker, key, trust: tuple[str, bytes], server: ArtifactServer, work: Path) -> dict:
     bare = subprocess.run(
         [
             sys.executable,
@@ -294,10 +316,11 @@ def bench_rss(broker, key, key_hex: str, server: ArtifactServer, work: Path) -> 
     broker.admin().ensure_device(device_id, password)
     port = free_port()
     config = work / "agent.toml"
+    seed_trust(work / "rss-state", trust)
     config.write_text(
         f'device_id = "{device_id}"\nstate_dir = "{work / "rss-state"}"\n'
         f'[broker]\nurl = "{broker.url}"\nusername = "{device_id}"\npassword = "{password}"\n'
-        f'[trust]\npublic_keys = ["{key_hex}"]\n[local_api]\nbind = "127.0.0.1:{port}"\n'
+        f'[trust]\nroot_keys = ["{trust[0]}"]\n[local_api]\nbind = "127.0.0.1:{port}"\n'
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
@@ -399,7 +422,7 @@ def main() -> int:
 
     console = Console()
     key = Ed25519PrivateKey.generate()
-    key_hex = protocol.public_key_bytes(key.public_key()).hex()
+    trust = trust_for(key)
     with tempfile.TemporaryDirectory(prefix="modelfleet-agent-bench-") as tmp:
         work = Path(tmp)
         broker = start_broker(work / "broker")
@@ -409,7 +432,7 @@ def main() -> int:
         admin.ensure_service_account("fleet-publisher", broker.publisher_password, role="fleet-publisher")
         try:
             with ArtifactServer() as server:
-                agent = make_agent(broker, key_hex, work / "state", "bench-agent")
+                agent = make_agent(broker, trust, work / "state", "bench-agent")
                 try:
                     console.print(f"Predict latency: {args.seconds:g} s each steady, swapping, and stress…")
                     latency = bench_latency(agent, server, key, args.seconds, args.swap_interval_ms / 1000)
@@ -420,7 +443,7 @@ def main() -> int:
                 finally:
                     agent.stop()
                 console.print("RSS of an agent process serving digits…")
-                rss = bench_rss(broker, key, key_hex, server, work)
+                rss = bench_rss(broker, key, trust, server, work)
         finally:
             broker.stop()
 

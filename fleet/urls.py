@@ -37,6 +37,7 @@ api_v1 = [
     path("artifacts/<int:id>/blob", registry_api.ArtifactBlob.as_view(), name="artifact-blob"),
     path("artifacts/<int:id>/golden", registry_api.ArtifactGolden.as_view(), name="artifact-golden"),
     path("signing-keys/", registry_api.SigningKeyList.as_view(), name="signing-key-list"),
+    path("trust", registry_api.TrustView.as_view(), name="trust"),
     path("enroll", devices_api.Enroll.as_view(), name="enroll"),
     path("devices/", devices_api.DeviceList.as_view(), name="device-list"),
     path("devices/preauthorize", devices_api.DevicePreauthorize.as_view(), name="device-preauthorize"),

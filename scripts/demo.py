@@ -255,15 +255,12 @@ def start_agents(stack: ExitStack, env: dict[str, str], base: str, progress: Pro
         "--tag",
         "demo",
     )
-    keys = [
-        key
-        for key in requests.get(
-            f"{base}/api/v1/signing-keys/",
-            headers={"Authorization": f"Bearer {env['DEMO_VIEWER_TOKEN']}"},
-            timeout=10,
-        ).json()
-        if key["status"] == "active"
-    ]
+    # The fleet's root of trust: in production the root key lives on an offline machine
+    # (docs/security.md, "Keys and rotation"); the demo keeps one under var/demo. Agents pin
+    # only the root key and learn the signing key from the keyring it signs.
+    root_key_hex = manage(
+        env, "trust", "dev-bootstrap", "--root-key", str(VAR / "offline-root" / "root.pem")
+    ).split()[-1]
     agents = []
     for device_id, variant in DEMO_AGENTS:
         home = VAR / "agents" / device_id
@@ -290,7 +287,8 @@ def start_agents(stack: ExitStack, env: dict[str, str], base: str, progress: Pro
             "2",
             "--hardware",
             "demo-box",
-            *[arg for key in keys for arg in ("--public-key", key["public_key"])],
+            "--root-key",
+            root_key_hex,
             *([] if variant == "int8" else ["--no-int8"]),
         ]
         result = subprocess.run(enroll, cwd=ROOT, env=env, capture_output=True, text=True)

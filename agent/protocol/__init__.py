@@ -5,7 +5,9 @@ See ARCHITECTURE.md, "Wire contract v1", and docs/protocol.md.
 
 from agent.protocol.dsse import (
     DESIRED_PAYLOAD_TYPE,
+    KEYRING_PAYLOAD_TYPE,
     MANIFEST_PAYLOAD_TYPE,
+    ROOT_PAYLOAD_TYPE,
     EnvelopeError,
     EnvelopeMalformed,
     PayloadTypeMismatch,
@@ -33,7 +35,9 @@ from agent.protocol.topics import Topics
 
 __all__ = [
     "DESIRED_PAYLOAD_TYPE",
+    "KEYRING_PAYLOAD_TYPE",
     "MANIFEST_PAYLOAD_TYPE",
+    "ROOT_PAYLOAD_TYPE",
     "EnvelopeError",
     "EnvelopeMalformed",
     "InvariantError",

@@ -20,6 +20,9 @@ from nacl.signing import SigningKey, VerifyKey
 
 MANIFEST_PAYLOAD_TYPE = "application/vnd.modelfleet.manifest+json"
 DESIRED_PAYLOAD_TYPE = "application/vnd.modelfleet.desired+json"
+# docs/protocol.md, addition 6: the root of trust and the keyring it signs.
+ROOT_PAYLOAD_TYPE = "application/vnd.modelfleet.root+json"
+KEYRING_PAYLOAD_TYPE = "application/vnd.modelfleet.keyring+json"
 
 
 class EnvelopeError(Exception):
@@ -71,6 +74,11 @@ def public_key_bytes(public_key: PublicKeyLike) -> bytes:
     return bytes(_verify_key(public_key))
 
 
+def public_key_of(private_key: PrivateKeyLike) -> VerifyKey:
+    """The public half of a private key."""
+    return _signing_key(private_key).verify_key
+
+
 def keyid_for(public_key: PublicKeyLike) -> str:
     """The keyid is the hex sha256 of the raw 32-byte public key."""
     return hashlib.sha256(public_key_bytes(public_key)).hexdigest()
@@ -90,17 +98,25 @@ def trusted_keys(public_keys_hex: list[str]) -> dict[str, VerifyKey]:
 
 
 def sign(payload: bytes, *, payload_type: str, private_key: PrivateKeyLike) -> dict[str, Any]:
-    signing_key = _signing_key(private_key)
-    signature = signing_key.sign(pae(payload_type, payload)).signature
+    return sign_all(payload, payload_type=payload_type, private_keys=[private_key])
+
+
+def sign_all(payload: bytes, *, payload_type: str, private_keys: list[PrivateKeyLike]) -> dict[str, Any]:
+    """One envelope signed by every key given (root documents need a threshold of them)."""
+    message = pae(payload_type, payload)
+    signatures = []
+    for private_key in private_keys:
+        signing_key = _signing_key(private_key)
+        signatures.append(
+            {
+                "keyid": keyid_for(signing_key.verify_key),
+                "sig": base64.b64encode(signing_key.sign(message).signature).decode("ascii"),
+            }
+        )
     return {
         "payloadType": payload_type,
         "payload": base64.b64encode(payload).decode("ascii"),
-        "signatures": [
-            {
-                "keyid": keyid_for(signing_key.verify_key),
-                "sig": base64.b64encode(signature).decode("ascii"),
-            }
-        ],
+        "signatures": signatures,
     }
 
 
@@ -118,18 +134,8 @@ def _b64decode(value: Any, what: str) -> bytes:
         raise EnvelopeMalformed(f"{what} is not valid base64") from exc
 
 
-def verify(
-    envelope: Mapping[str, Any] | bytes | str,
-    *,
-    payload_type: str,
-    keys: Mapping[str, PublicKeyLike],
-) -> bytes:
-    """Return the payload bytes if a trusted key signed them under ``payload_type``.
-
-    The payload type is checked before any signature so that a validly signed
-    document of another kind (a manifest offered as a desired state) is refused
-    with its own reason code.
-    """
+def load_envelope(envelope: Mapping[str, Any] | bytes | str) -> Mapping[str, Any]:
+    """The envelope as a mapping with a non-empty signature list (EnvelopeMalformed if not)."""
     if isinstance(envelope, (bytes, str)):
         try:
             envelope = json.loads(envelope)
@@ -140,21 +146,56 @@ def verify(
     signatures = envelope.get("signatures")
     if not isinstance(signatures, list) or not signatures:
         raise EnvelopeMalformed("envelope has no signatures")
+    return envelope
+
+
+def signature_keyids(envelope: Mapping[str, Any]) -> list[str]:
+    """The keyids an envelope claims to be signed by (unverified: for reason codes only)."""
+    return [
+        entry["keyid"]
+        for entry in envelope.get("signatures") or []
+        if isinstance(entry, Mapping) and isinstance(entry.get("keyid"), str)
+    ]
+
+
+def verify(
+    envelope: Mapping[str, Any] | bytes | str,
+    *,
+    payload_type: str,
+    keys: Mapping[str, PublicKeyLike],
+    threshold: int = 1,
+) -> bytes:
+    """Return the payload bytes if ``threshold`` distinct trusted keys signed them under
+    ``payload_type``.
+
+    The payload type is checked before any signature so that a validly signed
+    document of another kind (a manifest offered as a desired state) is refused
+    with its own reason code.
+    """
+    envelope = load_envelope(envelope)
     if envelope.get("payloadType") != payload_type:
         raise PayloadTypeMismatch(
             f"payload type {envelope.get('payloadType')!r} is not the expected {payload_type!r}"
         )
     payload = _b64decode(envelope.get("payload"), "payload")
     message = pae(payload_type, payload)
-    for entry in signatures:
+    verified: set[str] = set()  # a key counts once, however often it signed
+    for entry in envelope["signatures"]:
         if not isinstance(entry, Mapping):
             continue
-        key = keys.get(entry.get("keyid", ""))
-        if key is None:
+        keyid = entry.get("keyid", "")
+        key = keys.get(keyid) if isinstance(keyid, str) else None
+        if key is None or keyid in verified:
             continue
         try:
             _verify_key(key).verify(message, _b64decode(entry.get("sig"), "signature"))
         except (BadSignatureError, ValueError):
             continue
-        return payload
-    raise SignatureInvalid("no signature from a trusted key verifies this envelope")
+        verified.add(keyid)
+        if len(verified) >= threshold:
+            return payload
+    if threshold == 1:
+        raise SignatureInvalid("no signature from a trusted key verifies this envelope")
+    raise SignatureInvalid(
+        f"{len(verified)} of the {threshold} signatures required from trusted keys verify this envelope"
+    )

@@ -45,6 +45,13 @@ REFUSAL_REASONS = (
     "load_failed",
     "golden_failed",
     "download_failed",
+    # addition 6: the keyring
+    "key_revoked",
+    "key_expired",
+    "keyring_rollback",
+    "keyring_expired",
+    "root_expired",
+    "no_keyring",
 )
 
 _str = {"type": "string"}
@@ -187,6 +194,58 @@ DESIRED = {
     },
 }
 
+# Addition 6: the root of trust and the keyring it signs.
+_public_key = {"type": "string", "pattern": r"^[0-9a-f]{64}$"}
+_version = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
+
+ROOT = {
+    "type": "object",
+    "required": ["schema", "version", "expires_at", "threshold", "keys"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": SCHEMA_VERSION},
+        "version": _version,
+        "expires_at": _ts,
+        "threshold": {"type": "integer", "minimum": 1},
+        "keys": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["keyid", "public_key"],
+                "additionalProperties": False,
+                "properties": {"keyid": _sha, "public_key": _public_key},
+            },
+        },
+    },
+}
+
+KEYRING = {
+    "type": "object",
+    "required": ["schema", "version", "expires_at", "keys", "revoked"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": SCHEMA_VERSION},
+        "version": _version,
+        "expires_at": _ts,
+        "keys": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["keyid", "public_key", "expires_at"],
+                "additionalProperties": False,
+                "properties": {
+                    "keyid": _sha,
+                    "public_key": _public_key,
+                    "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                },
+            },
+        },
+        "revoked": {"type": "array", "items": _sha},
+    },
+}
+
 STATUS = {
     "type": "object",
     "required": ["online"],
@@ -214,6 +273,16 @@ REPORTED = {
                         "properties": {"version": _semver, "variant": _name},
                     },
                 },
+            },
+        },
+        # Addition 6: the root and keyring versions the device verifies with.
+        "trust": {
+            "type": "object",
+            "required": ["root_version", "keyring_version"],
+            "properties": {
+                # 32-bit: the control plane stores them in integer columns
+                "root_version": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**31 - 1},
+                "keyring_version": {"type": ["integer", "null"], "minimum": 0, "maximum": 2**31 - 1},
             },
         },
     },
@@ -275,6 +344,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "reported": REPORTED,
     "events": EVENT,
     "telemetry": TELEMETRY,
+    "root": ROOT,
+    "keyring": KEYRING,
 }
 
 
@@ -338,7 +409,7 @@ def _check(schema: dict[str, Any], value: Any, path: tuple[str, ...]) -> tuple[t
     """The first violation of ``schema`` by ``value`` as (path, message), or None.
 
     Supports the keywords the contract's schemas use: type, const, enum, required,
-    properties, additionalProperties, propertyNames, items, pattern, minLength,
+    properties, additionalProperties, propertyNames, items, minItems, pattern, minLength,
     maxLength, minimum, maximum, exclusiveMinimum ("format" is annotation only, as in
     JSON Schema 2020-12 by default).
     """
@@ -364,6 +435,8 @@ def _check(schema: dict[str, Any], value: Any, path: tuple[str, ...]) -> tuple[t
             return path, f"{value!r} is greater than the maximum of {schema['maximum']!r}"
         if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
             return path, f"{value!r} is not greater than {schema['exclusiveMinimum']!r}"
+    if isinstance(value, list) and len(value) < schema.get("minItems", 0):
+        return path, f"{value!r} should have at least {schema['minItems']} item(s)"
     if isinstance(value, list) and "items" in schema:
         for index, item in enumerate(value):
             if found := _check(schema["items"], item, (*path, str(index))):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 DEFAULT_PREFIX = "fleet/v1"
 # plane -> device
 DESIRED = "desired"
+# plane -> every device, retained: the root chain and keyring (docs/protocol.md, addition 6)
+TRUST = "trust"
 # device -> plane, the only topics a device may publish to
 DEVICE_TOPICS = ("status", "reported", "events", "telemetry")
 INGEST_SHARE_GROUP = "fleet-ingest"
@@ -25,6 +27,10 @@ class Topics:
 
     def desired(self, device_id: str) -> str:
         return self.device(device_id, DESIRED)
+
+    def trust(self) -> str:
+        """One retained trust bundle for the whole fleet, e.g. ``fleet/v1/trust``."""
+        return f"{self.prefix}/{TRUST}"
 
     def all_devices(self, kind: str) -> str:
         """Wildcard over every device for one kind, e.g. ``fleet/v1/devices/+/telemetry``."""

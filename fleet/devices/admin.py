@@ -33,7 +33,7 @@ class DeviceAdmin(admin.ModelAdmin):
         "applied_generation",
         "desired_generation",
     )
-    list_filter = ("status", "online", "hardware", "supports_int8", "static_groups")
+    list_filter = ("status", "online", "hardware", "supports_int8", "keyring_version", "static_groups")
     search_fields = ("device_id", "display_name", "tags")
     readonly_fields = (
         "device_id",

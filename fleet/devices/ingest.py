@@ -323,7 +323,8 @@ CREATE_TEMP_TABLES = (
     f"CREATE TEMP TABLE IF NOT EXISTS ingest_events ON COMMIT DELETE ROWS AS "
     f"SELECT {EVENT_COLUMNS} FROM devices_deviceevent WITH NO DATA",
     "CREATE TEMP TABLE IF NOT EXISTS ingest_devices (id bigint, seen boolean, online boolean, "
-    "agent_version text, generation bigint, reported_models jsonb, health jsonb) ON COMMIT DELETE ROWS",
+    "agent_version text, generation bigint, reported_models jsonb, health jsonb, root_version int, "
+    "keyring_version int) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE IF NOT EXISTS ingest_refusals (device_key text, reason text, count bigint, "
     "at timestamptz) ON COMMIT DELETE ROWS",
 )
@@ -343,6 +344,10 @@ UPDATE devices_device d SET
         THEN u.generation ELSE d.applied_generation END,
     reported_models = CASE WHEN u.generation >= d.applied_generation
         THEN u.reported_models ELSE d.reported_models END,
+    root_version = CASE WHEN u.generation >= d.applied_generation
+        THEN COALESCE(u.root_version, d.root_version) ELSE d.root_version END,
+    keyring_version = CASE WHEN u.generation >= d.applied_generation
+        THEN COALESCE(u.keyring_version, d.keyring_version) ELSE d.keyring_version END,
     health = COALESCE(u.health, d.health)
 FROM ingest_devices u WHERE d.id = u.id
 """
@@ -828,7 +833,8 @@ class IngestBridge:
         telemetry: list[tuple] = []
         events: list[tuple] = []
         refusals: dict[tuple[str, str], int] = {}
-        # pk -> [seen, online, agent_version, generation, reported_models, health]
+        # pk -> [seen, online, agent_version, generation, reported_models, health,
+        #        root_version, keyring_version]
         states: dict[int, list] = {}
         valid = 0
         for kind, device_id, data, retained, topic in parsed:
@@ -838,7 +844,7 @@ class IngestBridge:
                 continue
             state = states.get(pk)
             if state is None:
-                state = states[pk] = [False, None, None, None, None, None]
+                state = states[pk] = [False, None, None, None, None, None, None, None]
             try:
                 if kind == TELEMETRY:
                     telemetry.extend(self._telemetry_rows(pk, data, now))
@@ -854,6 +860,8 @@ class IngestBridge:
                     generation = _count(data["generation"])
                     if state[3] is None or generation >= state[3]:
                         state[3], state[4] = generation, _json(data["models"])
+                        trust = data.get("trust") or {}
+                        state[6], state[7] = trust.get("root_version"), trust.get("keyring_version")
                     online = True
                 else:  # events
                     events.append(self._event_row(pk, data, now))

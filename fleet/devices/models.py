@@ -104,6 +104,9 @@ class Device(models.Model):
     last_seen_at = models.DateTimeField(null=True, blank=True)
     applied_generation = models.PositiveBigIntegerField(default=0)
     reported_models = models.JSONField(default=dict, blank=True, help_text="model -> {version, variant}")
+    # The root and keyring versions it verifies with (reported; docs/protocol.md, addition 6).
+    root_version = models.PositiveIntegerField(null=True, blank=True)
+    keyring_version = models.PositiveIntegerField(null=True, blank=True)
     health = models.JSONField(default=dict, blank=True)
     # What we last told the device.
     desired_generation = models.PositiveBigIntegerField(default=0)

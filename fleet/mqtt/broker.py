@@ -300,11 +300,14 @@ class DynSec:
         )
 
     def device_acls(self, device_id: str) -> list[tuple[str, str]]:
-        """Exactly the contract: read own desired, write own status/reported/events/telemetry."""
+        """Exactly the contract: read own desired and the fleet's trust bundle, write own
+        status/reported/events/telemetry."""
         desired = self.topics.desired(device_id)
         return [
             ("subscribeLiteral", desired),
             ("publishClientReceive", desired),
+            ("subscribeLiteral", self.topics.trust()),
+            ("publishClientReceive", self.topics.trust()),
             *[("publishClientSend", self.topics.device(device_id, kind)) for kind in DEVICE_TOPICS],
         ]
 
@@ -414,7 +417,10 @@ class DynSec:
     def ensure_service_account(self, username: str, password: str, *, role: str) -> None:
         prefix = self.topics.prefix
         acls = {
-            PUBLISHER_ROLE: [("publishClientSend", f"{prefix}/devices/+/{DESIRED}")],
+            PUBLISHER_ROLE: [
+                ("publishClientSend", f"{prefix}/devices/+/{DESIRED}"),
+                ("publishClientSend", self.topics.trust()),
+            ],
             INGEST_ROLE: [
                 *[
                     ("subscribePattern", f"$share/{INGEST_SHARE_GROUP}/{prefix}/devices/+/{kind}")

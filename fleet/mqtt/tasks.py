@@ -15,3 +15,12 @@ def publish_desired_task(states: list, entries: dict[str, dict], rollout: dict |
         rollout=rollout,
     )
     return publish_desired(signed)
+
+
+@shared_task(autoretry_for=(BrokerError, OSError), retry_backoff=True, retry_backoff_max=60, max_retries=10)
+def publish_trust_task() -> None:
+    """Publish the current trust bundle (it is rebuilt from the database, so a retry or a
+    late run publishes the newest one)."""
+    from fleet.registry.trust import trust_publish
+
+    trust_publish(now=True)

@@ -8,15 +8,19 @@ import json
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.options import csrf_protect_m
 from django.core.files.uploadedfile import TemporaryUploadedFile
 from django.http import HttpResponseRedirect
 from django.template.defaultfilters import filesizeformat
+from django.utils import timezone
 from django.utils.html import format_html
 
+from fleet.core.choices import Role
 from fleet.core.errors import ServiceError
-from fleet.registry import services
+from fleet.core.permissions import has_role
+from fleet.registry import services, trust
 from fleet.registry.choices import ArtifactStatus, VersionStatus
-from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey
+from fleet.registry.models import Artifact, Keyring, MLModel, ModelVersion, SigningKey, TrustRoot
 
 STATUS_COLOURS = {
     ArtifactStatus.READY: "#1a7f37",
@@ -278,13 +282,8 @@ class ArtifactAdmin(admin.ModelAdmin):
         )
 
 
-@admin.register(SigningKey)
-class SigningKeyAdmin(admin.ModelAdmin):
-    """Public halves only: the private key never enters the database."""
-
-    list_display = ("keyid", "status", "created_at", "retired_at")
-    list_filter = ("status",)
-    readonly_fields = ("keyid", "public_key", "status", "created_at", "retired_at")
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """A record people read and never change here (keys, the root chain, keyrings)."""
 
     def has_add_permission(self, request):
         return False
@@ -294,3 +293,130 @@ class SigningKeyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(SigningKey)
+class SigningKeyAdmin(ReadOnlyAdmin):
+    """Public halves only: the private key never enters the database."""
+
+    list_display = ("keyid", "status", "created_at", "retired_at")
+    list_filter = ("status",)
+    readonly_fields = ("keyid", "public_key", "status", "created_at", "retired_at")
+
+
+class TrustUploadForm(forms.ModelForm):
+    """Upload a root document or keyring signed offline (docs/security.md, "Keys and
+    rotation"); it is checked and stored by the same service as the API's POST /trust."""
+
+    signed_file = forms.FileField(
+        help_text="A root document or keyring signed with `python -m agent.trustctl` on the offline machine"
+    )
+
+    class Meta:
+        model = Keyring
+        fields = ()
+
+    def clean(self):
+        cleaned = super().clean()
+        upload = cleaned.get("signed_file")
+        if upload is not None and upload.size > 256 * 1024:
+            raise forms.ValidationError("A root document or keyring is a few kB; this file is too large.")
+        return cleaned
+
+
+def _short(keyids: list[str]) -> str:
+    return ", ".join(f"{keyid[:16]}…" for keyid in keyids) or "none"
+
+
+@admin.register(Keyring)
+class KeyringAdmin(ReadOnlyAdmin):
+    """The keys devices accept signatures from, newest first, with how many devices report
+    each version. Read-only: new keyrings are uploaded, never edited."""
+
+    list_display = ("version", "expires", "signing_keys", "revoked", "root_version", "devices", "uploaded_at")
+    readonly_fields = (
+        "version",
+        "expires",
+        "signing_keys",
+        "revoked",
+        "root_version",
+        "devices",
+        "uploaded_at",
+    )
+    fields = readonly_fields
+
+    @admin.display(description="expires")
+    def expires(self, obj):
+        days = (obj.expires_at - timezone.now()).days
+        text = f"{obj.expires_at:%Y-%m-%d %H:%M} UTC"
+        if days < 0:
+            return format_html('<strong style="color:#cf222e">{} (expired)</strong>', text)
+        if days < 30:
+            return format_html('<strong style="color:#9a6700">{} (in {} days)</strong>', text, days)
+        return f"{text} (in {days} days)"
+
+    @admin.display(description="signing keys")
+    def signing_keys(self, obj):
+        return _short(obj.keyids)
+
+    @admin.display(description="revoked keys")
+    def revoked(self, obj):
+        return _short(obj.revoked_keyids)
+
+    @admin.display(description="devices reporting it")
+    def devices(self, obj):
+        from fleet.devices.models import Device
+
+        count = Device.objects.filter(keyring_version=obj.version).count()
+        return format_html('<a href="../../devices/device/?keyring_version={}">{}</a>', obj.version, count)
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = TrustUploadForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        return ("signed_file",) if obj is None else self.fields
+
+    def get_readonly_fields(self, request, obj=None):
+        return () if obj is None else self.readonly_fields
+
+    @csrf_protect_m
+    def add_view(self, request, form_url="", extra_context=None):
+        # The upload is the whole "add": the service checks and stores the row (a root or
+        # a keyring) and publishes the bundle. An invalid form falls through to the stock
+        # view, which shows its errors.
+        if request.method == "POST" and self.has_add_permission(request):
+            form = TrustUploadForm(request.POST, request.FILES)
+            if form.is_valid():
+                try:
+                    row = trust.trust_upload(
+                        envelope=form.cleaned_data["signed_file"].read(), user=request.user
+                    )
+                except ServiceError as exc:
+                    self.message_user(request, f"Refused ({exc.code}): {exc}", messages.ERROR)
+                    return HttpResponseRedirect(request.path)
+                self.message_user(request, f"Stored {row} and published the trust bundle.", messages.SUCCESS)
+                return HttpResponseRedirect("../")
+        return super().add_view(request, form_url, extra_context)
+
+    def has_add_permission(self, request):
+        return has_role(request.user, Role.ADMIN)
+
+
+@admin.register(TrustRoot)
+class TrustRootAdmin(ReadOnlyAdmin):
+    """The root chain: each version signed offline by the previous root's keys and its own.
+    Upload new ones on the keyring page (one form for both kinds)."""
+
+    list_display = ("version", "threshold_text", "root_keys", "expires_at", "uploaded_at")
+    readonly_fields = ("version", "threshold_text", "root_keys", "expires_at", "uploaded_at")
+    fields = readonly_fields
+
+    @admin.display(description="threshold")
+    def threshold_text(self, obj):
+        return f"{obj.threshold} of {len(obj.keyids)} key(s)"
+
+    @admin.display(description="root keys")
+    def root_keys(self, obj):
+        return _short(obj.keyids)

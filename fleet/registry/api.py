@@ -23,16 +23,16 @@ from drf_spectacular.utils import (
 from rest_framework import generics, serializers, status
 from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
-from rest_framework.permissions import BasePermission, IsAuthenticated
+from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fleet.celery import app as celery_app
 from fleet.core.errors import InvalidInput, NotFound, error_body
-from fleet.core.permissions import IsViewer, ViewerReadsOperatorWrites
-from fleet.registry import selectors, services
+from fleet.core.permissions import IsAdmin, IsViewer, ViewerReadsOperatorWrites
+from fleet.registry import selectors, services, trust
 from fleet.registry.choices import ArtifactStatus, Task, VersionStatus
-from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey
+from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey, TrustRoot
 
 # --- serializers
 
@@ -547,3 +547,58 @@ class SigningKeyList(generics.ListAPIView):
 
     def get_queryset(self):
         return selectors.signing_keys()
+
+
+# --- root of trust and keyring (docs/security.md, "Keys and rotation")
+
+
+class EnvelopeSerializer(serializers.Serializer):
+    payloadType = serializers.CharField(help_text="application/vnd.modelfleet.root+json or …keyring+json")
+    payload = serializers.CharField(help_text="base64 of the signed payload")
+    signatures = serializers.ListField(child=serializers.DictField(), help_text="[{keyid, sig}]")
+
+
+class TrustBundleSerializer(serializers.Serializer):
+    schema = serializers.IntegerField()
+    roots = serializers.ListField(child=EnvelopeSerializer(), help_text="every root document, oldest first")
+    keyring = EnvelopeSerializer(allow_null=True)
+
+
+class TrustUploadedSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["root", "keyring"])
+    version = serializers.IntegerField()
+    expires_at = serializers.DateTimeField()
+
+
+class TrustView(APIView):
+    """The trust bundle devices verify with: public keys and signatures only, so anyone may
+    read it (a device fetches it before it trusts anything). Admins upload root documents
+    and keyrings signed offline; each is checked with the devices' own rules."""
+
+    serializer_class = EnvelopeSerializer
+    parser_classes = [JSONParser]
+
+    def get_permissions(self):
+        return [AllowAny()] if self.request.method == "GET" else [IsAdmin()]
+
+    @extend_schema(
+        responses={200: TrustBundleSerializer, **ERRORS}, summary="The root chain and current keyring"
+    )
+    def get(self, request):
+        bundle = trust.trust_bundle()
+        if bundle is None:
+            raise NotFound("No root of trust has been uploaded yet (docs/security.md).", code="no_root")
+        return Response(bundle)
+
+    @extend_schema(
+        request=EnvelopeSerializer,
+        responses={201: TrustUploadedSerializer, **ERRORS},
+        summary="Upload a root document or keyring signed offline",
+    )
+    def post(self, request):
+        row = trust.trust_upload(envelope=request.data, user=request.user)
+        kind = "root" if isinstance(row, TrustRoot) else "keyring"
+        return Response(
+            {"kind": kind, "version": row.version, "expires_at": row.expires_at},
+            status=status.HTTP_201_CREATED,
+        )

@@ -63,6 +63,7 @@ class ArtifactFailure(models.TextChoices):
 class SigningKeyStatus(models.TextChoices):
     ACTIVE = "active", "Active"
     RETIRED = "retired", "Retired"
+    REVOKED = "revoked", "Revoked"
 
 
 COMPRESSION_ZSTD = "zstd"

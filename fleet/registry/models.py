@@ -81,6 +81,45 @@ class SigningKey(models.Model):
         return f"{self.keyid[:16]}… ({self.status})"
 
 
+class SignedDocument(models.Model):
+    """A root document or keyring signed offline and uploaded (docs/protocol.md, addition 6).
+    Rows only grow: versions are never edited or deleted."""
+
+    version = models.PositiveIntegerField(unique=True)
+    envelope = models.TextField(help_text="The DSSE envelope, exactly as served.")
+    expires_at = models.DateTimeField()
+    uploaded_at = models.DateTimeField(auto_now_add=True)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        abstract = True
+        ordering = ["-version"]
+
+
+class TrustRoot(SignedDocument):
+    """A root document. The whole chain is served, so that a device that missed a step can
+    catch up."""
+
+    threshold = models.PositiveSmallIntegerField()
+    keyids = models.JSONField(default=list, help_text="keyids of the root keys")
+
+    def __str__(self) -> str:
+        return f"root version {self.version}"
+
+
+class Keyring(SignedDocument):
+    """A root-signed keyring: the keys devices accept manifests and desired states from."""
+
+    root_version = models.PositiveIntegerField(help_text="The root version whose keys signed it")
+    keyids = models.JSONField(default=list, help_text="keyids of the signing keys it lists")
+    revoked_keyids = models.JSONField(default=list)
+
+    def __str__(self) -> str:
+        return f"keyring version {self.version}"
+
+
 class Artifact(models.Model):
     """One variant (float32, int8, …) of a version: the uploaded .tflite, its zstd blob
     and the signed manifest that names both by sha256."""

@@ -8,7 +8,7 @@ created with mode 0600.
 
 from __future__ import annotations
 
-import os
+import contextlib
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -18,23 +18,16 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.utils import timezone
 
-from agent import protocol
+from agent import protocol, trustctl
+from fleet.core.errors import Conflict
 from fleet.registry.choices import SigningKeyStatus
-from fleet.registry.models import SigningKey
+from fleet.registry.models import Keyring, SigningKey
 
 
 def _generate(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pem = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    # O_EXCL: two processes starting at once must not overwrite each other's key.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+    # O_EXCL inside: two processes starting at once must not overwrite each other's key.
+    with contextlib.suppress(FileExistsError):
+        trustctl.generate_key_file(path)
 
 
 def load_private_key(path: Path | None = None) -> Ed25519PrivateKey:
@@ -68,12 +61,27 @@ def signing_key_active() -> tuple[SigningKey, Ed25519PrivateKey]:
     """The key to sign with now, registering its public half on first use.
 
     When the file holds a new key (rotation), the old public keys are marked retired but
-    stay listed, so devices keep verifying what was signed before.
+    stay listed. Once a keyring exists, only a key it lists may sign (docs/security.md,
+    "Keys and rotation"), and a revoked key never signs again.
     """
     private_key = load_private_key()
     public_hex = protocol.public_key_bytes(private_key.public_key()).hex()
     keyid = protocol.keyid_for(private_key.public_key())
     row, _ = SigningKey.objects.get_or_create(keyid=keyid, defaults={"public_key": public_hex})
+    if row.status == SigningKeyStatus.REVOKED:
+        raise Conflict(
+            f"SIGNING_KEY_FILE holds key {keyid[:16]}…, which a keyring revoked; devices refuse it. "
+            "Point SIGNING_KEY_FILE at a key the current keyring lists.",
+            code="signing_key_revoked",
+        )
+    keyring = Keyring.objects.order_by("-version").only("version", "keyids").first()
+    if keyring is not None and keyid not in keyring.keyids:
+        # Signing with it would strand every device: they accept only the keyring's keys.
+        raise Conflict(
+            f"SIGNING_KEY_FILE holds key {keyid[:16]}…, which keyring version {keyring.version} does not "
+            "list; upload a keyring that lists it first (docs/security.md, 'Keys and rotation').",
+            code="signing_key_not_in_keyring",
+        )
     if row.status != SigningKeyStatus.ACTIVE:
         SigningKey.objects.filter(pk=row.pk).update(status=SigningKeyStatus.ACTIVE, retired_at=None)
         row.refresh_from_db()

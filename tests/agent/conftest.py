@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import protocol
 from agent.config import parse_config
+from agent.protocol.trust import build_bundle
+from agent.trust import TrustStore
+from agent.trustctl import make_keyring, make_root
 from fleet.mqtt.broker import mqtt_client
 from tests.agent.artifact_server import ArtifactServer, SignedArtifact, make_signed_artifact
 from tests.conftest import wait_until
@@ -31,6 +34,40 @@ def signing_key() -> Ed25519PrivateKey:
 @pytest.fixture(scope="session")
 def public_key_hex(signing_key) -> str:
     return protocol.public_key_bytes(signing_key.public_key()).hex()
+
+
+@pytest.fixture(scope="session")
+def root_key() -> Ed25519PrivateKey:
+    """The fleet's offline root key in these tests (docs/security.md, "Keys and rotation")."""
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="session")
+def root_key_hex(root_key) -> str:
+    return protocol.public_key_bytes(root_key.public_key()).hex()
+
+
+@pytest.fixture(scope="session")
+def trust_bundle(root_key, signing_key) -> bytes:
+    """Root version 1 and keyring version 1 naming the session's signing key."""
+    return trust_bundle_bytes(
+        roots=[make_root(keys=[root_key])],
+        keyring=make_keyring(root_keys=[root_key], version=1, signing_keys=[signing_key.public_key()]),
+    )
+
+
+def trust_bundle_bytes(*, roots: list[bytes], keyring: bytes | None) -> bytes:
+    return json.dumps(build_bundle(roots=roots, keyring=keyring)).encode()
+
+
+def publish_trust(publisher, bundle: bytes) -> None:
+    publisher.publish("fleet/v1/trust", bundle, qos=1, retain=True).wait_for_publish(10)
+
+
+def seed_trust(state_dir: Path, *, root_key_hex: str, bundle: bytes) -> None:
+    """Give a device the keyring it would have fetched on its first connection."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    TrustStore(root_keys=(root_key_hex,), root_threshold=1, state_dir=state_dir).update(bundle)
 
 
 @pytest.fixture
@@ -169,14 +206,14 @@ def publisher(broker):
 
 
 def agent_config_dict(
-    *, device_id: str, password: str, broker_url: str, state_dir: Path, public_key_hex: str, **overrides: Any
+    *, device_id: str, password: str, broker_url: str, state_dir: Path, root_key_hex: str, **overrides: Any
 ) -> dict[str, Any]:
     config = {
         "device_id": device_id,
         "state_dir": str(state_dir),
         "telemetry_interval_s": 0.5,
         "broker": {"url": broker_url, "username": device_id, "password": password},
-        "trust": {"public_keys": [public_key_hex]},
+        "trust": {"root_keys": [root_key_hex]},
         "local_api": {"bind": "127.0.0.1:0"},
         "limits": {
             "backoff_initial_s": 0.05,
@@ -196,11 +233,14 @@ def agent_config_dict(
 
 
 @pytest.fixture
-def make_agent(broker, public_key_hex, tmp_path):
-    """Factory: a started in-process Agent with its own device credentials and state dir."""
+def make_agent(broker, root_key_hex, trust_bundle, tmp_path):
+    """Factory: a started in-process Agent with its own device credentials and state dir.
+    It pins the session's root key and already holds the session's keyring; the same bundle
+    is retained on the broker (a rotation test may have left another one there)."""
     from agent.core import Agent
 
     started = []
+    retained = set()
 
     def make(
         device_id: str | None = None,
@@ -214,13 +254,26 @@ def make_agent(broker, public_key_hex, tmp_path):
         password = secrets.token_urlsafe(12)
         target = on_broker or broker
         target.admin().ensure_device(device_id, password)
+        if target is broker and start and not retained:
+            client = mqtt_client(
+                broker.url,
+                client_id=f"trust-{uuid.uuid4().hex[:6]}",
+                username="fleet-publisher",
+                password=broker.publisher_password,
+            )
+            publish_trust(client, trust_bundle)
+            client.disconnect()
+            client.loop_stop()
+            retained.add(broker.url)
+        state_dir = state_dir or tmp_path / device_id
+        seed_trust(state_dir, root_key_hex=root_key_hex, bundle=trust_bundle)
         config = parse_config(
             agent_config_dict(
                 device_id=device_id,
                 password=password,
                 broker_url=target.url,
-                state_dir=state_dir or tmp_path / device_id,
-                public_key_hex=public_key_hex,
+                state_dir=state_dir,
+                root_key_hex=root_key_hex,
                 **overrides,
             )
         )

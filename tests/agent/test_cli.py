@@ -52,11 +52,11 @@ def test_verify_refuses_an_untrusted_key_and_the_wrong_type(artifacts, tmp_path,
     assert wrong_type.returncode == 1 and "payload_type" in wrong_type.stderr
 
 
-def test_status_reads_the_state_without_a_running_agent(tmp_path, public_key_hex):
+def test_status_reads_the_state_without_a_running_agent(tmp_path, root_key_hex):
     config = tmp_path / "agent.toml"
     config.write_text(
         f'device_id = "cam-1"\nstate_dir = "{tmp_path / "state"}"\n[broker]\nurl = "mqtt://127.0.0.1:1"\n'
-        f'[trust]\npublic_keys = ["{public_key_hex}"]\n[local_api]\nbind = "127.0.0.1:1"\n'
+        f'[trust]\nroot_keys = ["{root_key_hex}"]\n[local_api]\nbind = "127.0.0.1:1"\n'
     )
     result = run("status", "--config", str(config))
     assert result.returncode == 0, result.stderr

@@ -16,6 +16,7 @@ from agent.config import (
     DeviceConfig,
     LimitsConfig,
     LocalApiConfig,
+    TrustConfig,
     example_config,
     load_config,
     parse_config,
@@ -27,7 +28,7 @@ MINIMAL = {
     "device_id": "cam-0042",
     "state_dir": "/var/lib/modelfleet",
     "broker": {"url": "mqtt://broker.local"},
-    "trust": {"public_keys": [KEY]},
+    "trust": {"root_keys": [KEY]},
 }
 
 
@@ -69,7 +70,7 @@ def test_the_example_parses():
 
     assert parsed.device_id == "cam-0042"
     assert parsed.broker.tls and parsed.broker.port == 8883
-    assert len(parsed.trusted_keys) == 1
+    assert len(parsed.trust.root_keys) == 1
 
 
 def test_the_example_file_in_docker_systemd_is_the_same_text():
@@ -106,7 +107,7 @@ url = "mqtt://broker.local"
 keepalive = 30
 
 [trust]
-public_keys = ["{KEY[:-1]}x"]
+root_keys = ["{KEY[:-1]}x"]
 """,
     )
 
@@ -117,7 +118,7 @@ public_keys = ["{KEY[:-1]}x"]
     assert len(errors) == 3, errors
     assert any(e.startswith("device_id: ") and "'/'" in e for e in errors)
     assert any(e.startswith("broker.keepalive: unknown key, did you mean 'keepalive_s'?") for e in errors)
-    assert any(e.startswith("trust.public_keys[0]: ") and "non-hex" in e for e in errors)
+    assert any(e.startswith("trust.root_keys[0]: ") and "non-hex" in e for e in errors)
 
 
 def test_config_error_prints_one_error_per_line():
@@ -130,8 +131,8 @@ def test_config_error_prints_one_error_per_line():
 def test_missing_required_keys_are_each_reported():
     errors = errors_of({})
 
-    assert [e.split(":")[0] for e in errors] == ["device_id", "state_dir", "broker.url", "trust.public_keys"]
-    assert "GET /api/v1/signing-keys/" in errors[3]
+    assert [e.split(":")[0] for e in errors] == ["device_id", "state_dir", "broker.url", "trust.root_keys"]
+    assert "manage.py trust status" in errors[3]
 
 
 # --- defaults
@@ -144,7 +145,7 @@ def test_defaults_are_what_the_dataclasses_say():
         device_id="cam-0042",
         state_dir=Path("/var/lib/modelfleet"),
         broker=BrokerConfig(url="mqtt://broker.local"),
-        trusted_keys=(KEY,),
+        trust=TrustConfig(root_keys=(KEY,)),
     )
     assert parsed.broker.topic_prefix == "fleet/v1"
     assert parsed.broker.keepalive_s == 30
@@ -203,7 +204,7 @@ def test_every_value_given_is_used():
         ({"limits": {"max_artifact_byte": 1}}, "limits.max_artifact_byte", "max_artifact_bytes"),
         ({"broker": {"passwrod": "x"}}, "broker.passwrod", "password"),
         ({"control_plane": {"token_fil": "x"}}, "control_plane.token_fil", "token_file"),
-        ({"trust": {"public_key": [KEY]}}, "trust.public_key", "public_keys"),
+        ({"trust": {"root_key": [KEY]}}, "trust.root_key", "root_keys"),
         ({"local_api": {"bnd": "x"}}, "local_api.bnd", "bind"),
         ({"devce": {}}, "devce", "device"),
         ({"telemetry_interval": 5}, "telemetry_interval", "telemetry_interval_s"),
@@ -261,7 +262,7 @@ def test_a_boolean_is_not_a_number(data, key, expected):
             "device.unsupported_ops[1]",
             "expected a non-empty string",
         ),
-        ({"trust": {"public_keys": KEY}}, "trust.public_keys", "expected an array of strings"),
+        ({"trust": {"root_keys": KEY}}, "trust.root_keys", "expected an array of strings"),
         ({"control_plane": "https://x"}, "control_plane", "must be a table"),
         ({"device_id": ""}, "device_id", "must not be empty"),
     ],
@@ -365,7 +366,7 @@ def test_a_password_file_is_read_without_its_trailing_newline(tmp_path):
         tmp_path / "agent.toml",
         f'device_id = "cam-0042"\nstate_dir = "state"\n'
         f'[broker]\nurl = "mqtts://b"\nusername = "cam-0042"\npassword_file = "mqtt-password"\n'
-        f'[trust]\npublic_keys = ["{KEY}"]\n',
+        f'[trust]\nroot_keys = ["{KEY}"]\n',
     )
 
     assert load_config(tmp_path / "agent.toml").broker.password == "s3cret pass"
@@ -437,7 +438,7 @@ def test_a_relative_state_dir_resolves_against_the_config_files_directory(tmp_pa
     path = write(
         tmp_path / "etc" / "agent.toml",
         f'device_id = "cam-0042"\nstate_dir = "../state"\n[broker]\nurl = "mqtt://b"\n'
-        f'[trust]\npublic_keys = ["{KEY}"]\n',
+        f'[trust]\nroot_keys = ["{KEY}"]\n',
     )
 
     parsed = load_config(path)
@@ -460,22 +461,33 @@ def test_a_relative_state_dir_resolves_against_the_config_files_directory(tmp_pa
     ],
 )
 def test_a_public_key_must_be_64_hex_characters(key, expected):
-    error = the_error(config(trust={"public_keys": [KEY, key]}), "trust.public_keys[1]")
+    error = the_error(config(trust={"root_keys": [KEY, key]}), "trust.root_keys[1]")
 
     assert expected in error
 
 
 def test_at_least_one_public_key_is_required():
-    assert "at least one key" in the_error(config(trust={"public_keys": []}), "trust.public_keys")
+    assert "at least one key" in the_error(config(trust={"root_keys": []}), "trust.root_keys")
 
 
-def test_public_keys_are_kept_in_lower_case_and_decode_as_ed25519():
+def test_root_keys_are_kept_in_lower_case_and_decode_as_ed25519():
     from agent.protocol import trusted_keys
 
-    parsed = parse_config(config(trust={"public_keys": [KEY.upper()]}))
+    parsed = parse_config(config(trust={"root_keys": [KEY.upper()]}))
 
-    assert parsed.trusted_keys == (KEY,)
-    assert len(trusted_keys(list(parsed.trusted_keys))) == 1
+    assert parsed.trust.root_keys == (KEY,)
+    assert parsed.trust.root_threshold == 1
+    assert len(trusted_keys(list(parsed.trust.root_keys))) == 1
+
+
+def test_the_old_public_keys_setting_says_what_replaced_it():
+    error = the_error(config(trust={"public_keys": [KEY]}), "trust.public_keys")
+    assert "root_keys" in error and "keyring" in error
+
+
+def test_a_root_threshold_above_the_number_of_root_keys_is_refused():
+    error = the_error(config(trust={"root_keys": [KEY], "root_threshold": 2}), "trust.root_threshold")
+    assert "1" in error
 
 
 # --- local API

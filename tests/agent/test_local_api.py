@@ -184,7 +184,7 @@ def test_binding_beyond_loopback_needs_an_explicit_setting(tmp_path):
         "state_dir": str(tmp_path),
         "broker": {"url": "mqtt://127.0.0.1:1883", "username": "cam-1", "password": "x"},
         "control_plane": {"url": "http://127.0.0.1:8000", "token": "t"},
-        "trust": {"public_keys": ["00" * 32]},
+        "trust": {"root_keys": ["00" * 32]},
     }
     with pytest.raises(ConfigError) as excinfo:
         parse_config({**base, "local_api": {"bind": "0.0.0.0:8787"}})

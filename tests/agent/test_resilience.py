@@ -123,7 +123,7 @@ def write_config(
     path.write_text(
         f'device_id = "{device_id}"\nstate_dir = "{state_dir}"\ntelemetry_interval_s = 1\n'
         f'[broker]\nurl = "{broker_url}"\nusername = "{device_id}"\npassword = "{password}"\n'
-        f'[trust]\npublic_keys = ["{key_hex}"]\n'
+        f'[trust]\nroot_keys = ["{key_hex}"]\n'
         f'[local_api]\nbind = "127.0.0.1:{port}"\n'
         "[limits]\nbackoff_initial_s = 0.05\nbackoff_max_s = 0.5\nreconnect_initial_s = 0.1\n"
     )
@@ -176,7 +176,7 @@ def test_a_power_cut_at_any_point_leaves_a_valid_model(
     artifact_server,
     artifacts,
     signing_key,
-    public_key_hex,
+    root_key_hex,
     digits,
     tmp_path,
 ):
@@ -198,7 +198,7 @@ def test_a_power_cut_at_any_point_leaves_a_valid_model(
         password=first.broker_password,
         broker_url=broker.url,
         state_dir=state_dir,
-        key_hex=public_key_hex,
+        key_hex=root_key_hex,
         port=port,
     )
     if crash_at == "during_download":
@@ -257,7 +257,7 @@ def test_a_config_with_three_mistakes_exits_2_naming_all_three(tmp_path):
     config.write_text(
         'device_id = "has/slash"\nstate_dir = "/tmp/x"\n'
         '[broker]\nurl = "mqtt://127.0.0.1:1883"\nkeepalive = 5\n'
-        '[trust]\npublic_keys = ["not-hex"]\n'
+        '[trust]\nroot_keys = ["not-hex"]\n'
     )
     result = subprocess.run(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
@@ -268,7 +268,7 @@ def test_a_config_with_three_mistakes_exits_2_naming_all_three(tmp_path):
     )
     assert result.returncode == 2
     assert "3 problem(s)" in result.stderr
-    for key in ("device_id", "broker.keepalive", "trust.public_keys"):
+    for key in ("device_id", "broker.keepalive", "trust.root_keys"):
         assert key in result.stderr
 
 

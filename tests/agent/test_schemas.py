@@ -58,6 +58,23 @@ EXAMPLES = {
         "rollout": {"id": 12, "stage": 1},
     },
     "status": {"online": True, "agent_version": "0.1.0", "ts": "2026-11-28T07:00:00Z"},
+    "root": {
+        "schema": 1,
+        "version": 2,
+        "expires_at": "2036-11-28T07:00:00Z",
+        "threshold": 1,
+        "keys": [{"keyid": SHA, "public_key": "b" * 64}],
+    },
+    "keyring": {
+        "schema": 1,
+        "version": 7,
+        "expires_at": "2027-11-28T07:00:00Z",
+        "keys": [
+            {"keyid": SHA, "public_key": "b" * 64, "expires_at": None},
+            {"keyid": "c" * 64, "public_key": "d" * 64, "expires_at": "2027-06-01T00:00:00Z"},
+        ],
+        "revoked": ["e" * 64],
+    },
     "reported": {
         "generation": 3,
         "ts": "t",
@@ -68,6 +85,7 @@ EXAMPLES = {
                 "shadow": {"version": "1.1.0", "variant": "int8"},
             }
         },
+        "trust": {"root_version": 2, "keyring_version": 7},
     },
     "events": {
         "id": "e1",

@@ -17,7 +17,8 @@ from fleet.devices.ingest import IngestBridge
 from fleet.devices.models import Device
 from fleet.devices.services import devices_assign, enrollment_token_create
 from fleet.registry import services as registry
-from fleet.registry.models import MLModel, SigningKey
+from fleet.registry.models import MLModel
+from fleet.registry.trust import trust_bootstrap_dev
 from fleet.rollouts import services as rollouts
 from tests.conftest import wait_until
 from tests.server.conftest import ready_artifact
@@ -26,10 +27,16 @@ DEVICES = 20
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0", "4.0.0")  # 3.0.0 and 4.0.0 are the bad retrains
 
 
+@pytest.fixture(scope="session")
+def root_key_path(tmp_path_factory):
+    """The fleet's root key, on the test machine as on an operator's offline one."""
+    return tmp_path_factory.mktemp("offline-root") / "root.pem"
+
+
 @pytest.fixture
-def control_plane(live_server, settings, broker, digits):
+def control_plane(live_server, settings, broker_settings, digits, root_key_path):
     settings.PUBLIC_BASE_URL = live_server.url
-    settings.MQTT_INGEST_PASSWORD = broker.ingest_password
+    settings.MQTT_INGEST_PASSWORD = broker_settings.ingest_password
     settings.ENROLL_RATE = "1000/minute"  # twenty devices enroll from one address in a second
     model = MLModel.objects.create(name="digits", labels=digits.LABELS)
     golden = digits.golden_set_npz()
@@ -40,7 +47,11 @@ def control_plane(live_server, settings, broker, digits):
         )
         for variant, data in digits.build_digits_models(version=version).items():
             artifacts[(version, variant)] = ready_artifact(row, variant, data)
-    return {"url": live_server.url, "artifacts": artifacts, "model": model}
+    # Root version 1 and a keyring naming the signing key, published retained before any
+    # agent connects; agents pin only the root key.
+    settings.SIGNING_KEY_AUTOGENERATE = True
+    root_key_hex = trust_bootstrap_dev(root_key_path=root_key_path, publish="now")
+    return {"url": live_server.url, "artifacts": artifacts, "model": model, "root_key_hex": root_key_hex}
 
 
 @pytest.fixture
@@ -96,7 +107,6 @@ def enroll(control_plane, enrollment, device_id: str, *, int8: bool) -> dict:
 
 @pytest.fixture
 def agents(control_plane, bridge, broker, tmp_path, int8_rule, enrollment):
-    trusted = [signing_key.public_key for signing_key in SigningKey.objects.all()]
     running = []
     try:
         for n in range(DEVICES):
@@ -114,7 +124,7 @@ def agents(control_plane, bridge, broker, tmp_path, int8_rule, enrollment):
                         "password": answer["mqtt"]["password"],
                     },
                     "control_plane": {"url": control_plane["url"], "token": answer["token"]},
-                    "trust": {"public_keys": trusted},
+                    "trust": {"root_keys": [control_plane["root_key_hex"]]},
                     "local_api": {"bind": "127.0.0.1:0"},
                     "device": {"int8": int8},
                     "limits": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "reconnect_initial_s": 0.1},

@@ -53,6 +53,15 @@ def _persona(username: str, role: Role | None) -> Persona:
 
 
 @pytest.fixture
+def key_file(settings, tmp_path):
+    """A signing key file of the test's own (created on first use, as in development)."""
+    path = tmp_path / "secrets" / "signing-key.pem"
+    settings.SIGNING_KEY_FILE = path
+    settings.SIGNING_KEY_AUTOGENERATE = True
+    return path
+
+
+@pytest.fixture
 def ada(db):
     return _persona("ada", Role.ADMIN)
 

@@ -89,9 +89,10 @@ def topic(device, kind):
     return f"fleet/v1/devices/{device.device_id}/{kind}"
 
 
-def test_a_device_reads_its_own_desired_and_nothing_else(devices):
+def test_a_device_reads_its_own_desired_and_the_trust_bundle_and_nothing_else(devices):
     a, b = devices
     assert not a.subscribe(topic(a, "desired")).is_failure
+    assert not a.subscribe("fleet/v1/trust").is_failure
     for forbidden in (
         topic(b, "desired"),
         "#",
@@ -99,6 +100,7 @@ def test_a_device_reads_its_own_desired_and_nothing_else(devices):
         topic(b, "telemetry"),
         "$SYS/#",
         f"$share/x/{topic(b, 'desired')}",
+        "fleet/v1/+",
     ):
         assert a.subscribe(forbidden).is_failure, forbidden
 
@@ -109,6 +111,7 @@ def test_a_device_writes_only_its_own_four_topics(devices, watcher):
         assert not a.publish(topic(a, kind)).is_failure
     assert a.publish(topic(b, "telemetry")).is_failure  # forging another device
     assert a.publish(topic(a, "desired")).is_failure  # commanding itself
+    assert a.publish("fleet/v1/trust").is_failure  # a trust bundle of its own
     assert a.publish("fleet/v1/elsewhere").is_failure
     # The broker forwards one publisher's messages in order: once a's last one has reached
     # the watcher, anything forged before it would have too.
@@ -123,7 +126,7 @@ def test_a_device_writes_only_its_own_four_topics(devices, watcher):
     assert topic(a, "desired") not in watcher
 
 
-def test_the_publisher_account_may_only_publish_desired_states(broker):
+def test_the_publisher_account_may_only_publish_desired_states_and_the_trust_bundle(broker):
     client = mqtt_client(
         broker.url,
         client_id=f"p-{uuid.uuid4().hex[:6]}",
@@ -140,11 +143,12 @@ def test_the_publisher_account_may_only_publish_desired_states(broker):
 
     client.on_publish = client.on_subscribe = on_ack
     ok = client.publish("fleet/v1/devices/x/desired", b"{}", qos=1).mid
+    trust = client.publish("fleet/v1/trust", b"{}", qos=1).mid
     forged = client.publish("fleet/v1/devices/x/telemetry", b"{}", qos=1).mid
     sub = client.subscribe("fleet/v1/devices/+/telemetry", qos=1)[1]
     with done:
-        assert done.wait_for(lambda: {ok, forged, sub} <= set(acks), timeout=10)
-    assert not acks[ok].is_failure
+        assert done.wait_for(lambda: {ok, trust, forged, sub} <= set(acks), timeout=10)
+    assert not acks[ok].is_failure and not acks[trust].is_failure
     assert acks[forged].is_failure and acks[sub].is_failure
     client.disconnect()
     client.loop_stop()

@@ -220,7 +220,7 @@ def test_the_agent_enroll_command_writes_a_working_config(
             "cam-cli",
             "--token",
             enrollment_key,
-            "--public-key",
+            "--root-key",
             key_hex,
             "--config-out",
             str(out),
@@ -237,7 +237,7 @@ def test_the_agent_enroll_command_writes_a_working_config(
     assert result.returncode == 0, result.stderr
     assert oct(out.stat().st_mode & 0o777) == "0o600"
     config = load_config(out)
-    assert config.trusted_keys == (key_hex,)
+    assert config.trust.root_keys == (key_hex,)
     assert config.device.hardware == "rpi4"
     client = mqtt_client(
         broker.url, client_id="cam-cli", username=config.broker.username, password=config.broker.password

@@ -40,14 +40,6 @@ def raw_private_hex(private_key: Ed25519PrivateKey) -> str:
     ).hex()
 
 
-@pytest.fixture
-def key_file(settings, tmp_path):
-    path = tmp_path / "secrets" / "signing-key.pem"
-    settings.SIGNING_KEY_FILE = path
-    settings.SIGNING_KEY_AUTOGENERATE = True
-    return path
-
-
 def test_it_generates_a_missing_dev_key_with_mode_0600(key_file):
     assert not key_file.exists()
     key = signing.load_private_key()

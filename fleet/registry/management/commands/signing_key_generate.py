@@ -9,7 +9,9 @@ from fleet.registry.signing import generate_key_file, load_private_key
 class Command(BaseCommand):
     help = (
         "Generate an Ed25519 signing key as a PEM file with mode 0600 and print its public key "
-        "(hex) and keyid, to pin on devices. Point SIGNING_KEY_FILE at the file."
+        "(hex) and keyid. Devices accept it once a root-signed keyring lists it: "
+        "`manage.py trust draft-keyring --add-key PUBLIC_HEX` (docs/security.md, 'Keys and rotation'). "
+        "Then point SIGNING_KEY_FILE at the file."
     )
 
     def add_arguments(self, parser):
