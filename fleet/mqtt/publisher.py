@@ -25,6 +25,7 @@ def publish_desired(envelopes: Iterable[tuple[str, bytes]], *, timeout_s: float 
         client_id=f"fleet-publisher-{uuid.uuid4().hex[:8]}",
         username=settings.MQTT_PUBLISHER_USERNAME,
         password=settings.MQTT_PUBLISHER_PASSWORD,
+        ca_file=settings.MQTT_CA_FILE,
     )
     try:
         pending = [
