@@ -9,8 +9,8 @@ manifest names. Decompression is capped the same way, so a zstd bomb cannot fill
 either.
 
 Failures raise :class:`TransferError` with the reason code the agent publishes
-(``download_failed``, ``too_large``, ``hash_mismatch``; see ``REFUSAL_REASONS`` in
-``agent/protocol/schemas.py``) and whether retrying could help.
+(``download_failed``, ``tls_failed``, ``too_large``, ``hash_mismatch``; see
+``REFUSAL_REASONS`` in ``agent/protocol/schemas.py``) and whether retrying could help.
 """
 
 from __future__ import annotations
@@ -152,6 +152,14 @@ class Downloader:
                 continue
             except _Transient as exc:
                 last_error = str(exc)
+            except urllib3.exceptions.SSLError as exc:
+                # The server's certificate does not verify (another CA, another host name,
+                # expired) or it does not speak TLS: no attempt in the next seconds will
+                # change that, so say so now. Not permanent: the desired state is tried
+                # again later, as for download_failed, in case the server is fixed.
+                raise TransferError(
+                    "tls_failed", f"{url}: TLS with the server failed: {exc}", permanent=False
+                ) from exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             if number == self.attempts:
