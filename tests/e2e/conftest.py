@@ -1,6 +1,6 @@
 """Fixtures for the end-to-end tests: the control plane serving artifacts over HTTP, the
 ingest bridge, and real in-process agents enrolled through the API, on a real Mosquitto
-with the project's config."""
+with the project's config; the agents connect to its TLS listener and pin the run's CA."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ VERSIONS = ("1.0.0", "2.0.0", "3.0.0", "4.0.0")  # 3.0.0 and 4.0.0 are the bad r
 @pytest.fixture
 def control_plane(live_server, settings, broker, digits):
     settings.PUBLIC_BASE_URL = live_server.url
+    settings.MQTT_PUBLIC_URL = broker.tls_url  # what the enrollment answer tells devices
     settings.MQTT_INGEST_PASSWORD = broker.ingest_password
     settings.ENROLL_RATE = "1000/minute"  # twenty devices enroll from one address in a second
     model = MLModel.objects.create(name="digits", labels=digits.LABELS)
@@ -109,9 +110,10 @@ def agents(control_plane, bridge, broker, tmp_path, int8_rule, enrollment):
                     "state_dir": str(tmp_path / device_id),
                     "telemetry_interval_s": 0.5,
                     "broker": {
-                        "url": broker.url,
+                        "url": answer["mqtt"]["url"],  # mqtts://, the broker's TLS listener
                         "username": answer["mqtt"]["username"],
                         "password": answer["mqtt"]["password"],
+                        "ca_file": str(broker.ca_file),
                     },
                     "control_plane": {"url": control_plane["url"], "token": answer["token"]},
                     "trust": {"public_keys": trusted},
@@ -127,6 +129,7 @@ def agents(control_plane, bridge, broker, tmp_path, int8_rule, enrollment):
             wait_until(
                 agent.link.connected.is_set, timeout=20, message=f"{agent.config.device_id} to connect"
             )
+        assert all(agent.config.broker.tls for agent in running)
         yield running
     finally:  # also when setting up failed half-way: no agent outlives its test
         for agent in running:
