@@ -43,24 +43,19 @@ CLOCK_SKEW = datetime.timedelta(minutes=10)
 class LocalCA:
     """The files of a local CA and of the server certificate it signed (PEM)."""
 
-    directory: Path
+    ca_file: Path  # what clients pin (broker.ca_file, control_plane.ca_file, MQTT_CA_FILE)
+    ca_key_file: Path
+    cert_file: Path
+    key_file: Path
+
+    @classmethod
+    def at(cls, directory: Path) -> LocalCA:
+        directory = Path(directory)
+        return cls(*(directory / name for name in (CA_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE)))
 
     @property
-    def ca_file(self) -> Path:
-        """What clients pin (``broker.ca_file``, ``control_plane.ca_file``)."""
-        return self.directory / CA_FILE
-
-    @property
-    def ca_key_file(self) -> Path:
-        return self.directory / CA_KEY_FILE
-
-    @property
-    def cert_file(self) -> Path:
-        return self.directory / SERVER_CERT_FILE
-
-    @property
-    def key_file(self) -> Path:
-        return self.directory / SERVER_KEY_FILE
+    def directory(self) -> Path:
+        return self.ca_file.parent
 
 
 def _general_name(name: str) -> x509.GeneralName:
@@ -80,43 +75,46 @@ def _private_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _validity(builder: x509.CertificateBuilder, days: int) -> x509.CertificateBuilder:
+def _certificate_builder(
+    *, subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, ca: bool, days: int
+) -> x509.CertificateBuilder:
+    """What a CA and a server certificate share. A CA signs certificates (and CRLs), and only
+    end certificates below it (path length 0); a server certificate signs its handshakes
+    (ECDHE key exchange) and nothing else."""
     now = datetime.datetime.now(datetime.UTC)
-    return builder.not_valid_before(now - CLOCK_SKEW).not_valid_after(now + datetime.timedelta(days=days))
+    usage = x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
 
 
 def ca_create(
     *, common_name: str = "Modelfleet local CA", days: int = DEFAULT_DAYS
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed CA that may sign server certificates and nothing below them
-    (path length 0)."""
+    """A self-signed CA that may sign server certificates and nothing below them."""
     key = _private_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    public_key = key.public_key()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
-    return key, _validity(builder, days).sign(key, hashes.SHA256())
+    builder = _certificate_builder(subject=name, issuer=name, public_key=key.public_key(), ca=True, days=days)
+    return key, builder.sign(key, hashes.SHA256())
 
 
 def server_certificate_issue(
@@ -132,36 +130,21 @@ def server_certificate_issue(
     if not names:
         raise ValueError("a server certificate needs at least one name")
     key = _private_key()
-    public_key = key.public_key()
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+        _certificate_builder(
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]),
+            issuer=ca_cert.subject,
+            public_key=key.public_key(),
+            ca=False,
+            days=days,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName([_general_name(name) for name in names]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
         )
     )
-    return key, _validity(builder, days).sign(ca_key, hashes.SHA256())
+    return key, builder.sign(ca_key, hashes.SHA256())
 
 
 def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -183,22 +166,13 @@ def write_certificate(path: Path, certificate: x509.Certificate) -> None:
     path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
 
 
-def load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The CA key and certificate that :func:`local_ca_create` wrote in ``directory``."""
-    files = LocalCA(Path(directory))
-    key = serialization.load_pem_private_key(files.ca_key_file.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{files.ca_key_file} is not an ECDSA key")
-    return key, x509.load_pem_x509_certificate(files.ca_file.read_bytes())
-
-
 def local_ca_create(
     directory: Path, *, names: Iterable[str] = (), days: int = DEFAULT_DAYS, loopback: bool = True
 ) -> LocalCA:
     """Make a CA and a server certificate for the loopback names plus ``names`` (only
     ``names`` without ``loopback``) in ``directory`` (created if needed; files already
     there are replaced)."""
-    files = LocalCA(Path(directory))
+    files = LocalCA.at(directory)
     files.directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = ca_create(days=days)
     key, cert = server_certificate_issue(

@@ -113,7 +113,7 @@ class BrokerProcess:
 
     @property
     def tls(self) -> LocalCA:
-        return LocalCA(self.data_dir / "tls")
+        return LocalCA.at(self.data_dir / "tls")
 
     @property
     def ca_file(self) -> Path:

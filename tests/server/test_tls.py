@@ -21,7 +21,7 @@ def names_in(certificate: x509.Certificate) -> set[str]:
 
 def test_tls_local_ca_makes_a_ca_and_a_server_certificate_for_the_names_given(tmp_path):
     call_command("tls_local_ca", "--out", str(tmp_path), "--name", "fleet.lan", "--name", "10.0.0.5")
-    files = LocalCA(tmp_path)
+    files = LocalCA.at(tmp_path)
     for key in (files.key_file, files.ca_key_file):
         assert oct(key.stat().st_mode & 0o777) == "0o600"
     ca = x509.load_pem_x509_certificate(files.ca_file.read_bytes())
@@ -37,12 +37,12 @@ def test_tls_local_ca_makes_a_ca_and_a_server_certificate_for_the_names_given(tm
 
 def test_tls_local_ca_does_not_replace_a_ca_without_force(tmp_path):
     call_command("tls_local_ca", "--out", str(tmp_path))
-    first = LocalCA(tmp_path).ca_file.read_bytes()
+    first = LocalCA.at(tmp_path).ca_file.read_bytes()
     with pytest.raises(CommandError, match="already holds a CA"):
         call_command("tls_local_ca", "--out", str(tmp_path))
-    assert LocalCA(tmp_path).ca_file.read_bytes() == first
+    assert LocalCA.at(tmp_path).ca_file.read_bytes() == first
     call_command("tls_local_ca", "--out", str(tmp_path), "--force")
-    assert LocalCA(tmp_path).ca_file.read_bytes() != first
+    assert LocalCA.at(tmp_path).ca_file.read_bytes() != first
 
 
 def test_the_control_plane_reaches_the_tls_listener_with_mqtt_ca_file(settings, broker):

@@ -29,7 +29,7 @@ class Command(BaseCommand):
     def handle(self, *args, out, name, days, force, **options):
         if days < 1:
             raise CommandError("--days must be at least 1")
-        if LocalCA(Path(out)).ca_file.exists() and not force:
+        if LocalCA.at(out).ca_file.exists() and not force:
             raise CommandError(f"{out} already holds a CA; pass --force to replace it")
         files = local_ca_create(Path(out), names=name, days=days)
         self.stdout.write(
