@@ -23,6 +23,7 @@ import os
 import queue
 import random
 import re
+import ssl
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -86,6 +87,12 @@ def _transient_or_permanent(response: urllib3.BaseHTTPResponse, url: str) -> NoR
     if status >= 500 or status in TRANSIENT_STATUSES:
         raise _Transient(f"HTTP {status} from {url}")
     raise TransferError("download_failed", f"HTTP {status} from {url}", permanent=True)
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether the TLS handshake failed on the server's certificate (urllib3 wraps the
+    ssl module's error), rather than on the network."""
+    return any(isinstance(cause, ssl.SSLCertVerificationError) for cause in (*exc.args, exc.__context__))
 
 
 def _declared_length(response: urllib3.BaseHTTPResponse) -> int | None:
@@ -152,15 +159,16 @@ class Downloader:
                 continue
             except _Transient as exc:
                 last_error = str(exc)
-            except urllib3.exceptions.SSLError as exc:
-                # The server's certificate does not verify (another CA, another host name,
-                # expired) or it does not speak TLS: no attempt in the next seconds will
-                # change that, so say so now. Not permanent: the desired state is tried
-                # again later, as for download_failed, in case the server is fixed.
-                raise TransferError(
-                    "tls_failed", f"{url}: TLS with the server failed: {exc}", permanent=False
-                ) from exc
             except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if _certificate_refused(exc):
+                    # Another CA, another host name, expired: no attempt in the next seconds
+                    # changes that, so say so now. Not permanent: the desired state is tried
+                    # again later, as for download_failed, in case the server is fixed.
+                    raise TransferError(
+                        "tls_failed",
+                        f"{url}: the server's TLS certificate was refused: {exc}",
+                        permanent=False,
+                    ) from exc
                 last_error = f"{type(exc).__name__}: {exc}"
             if number == self.attempts:
                 break

@@ -17,7 +17,9 @@ import struct
 import uuid
 
 import pytest
+import urllib3
 
+from agent.download import Downloader, TransferError
 from fleet.core.tls import LocalCA, local_ca_create
 from fleet.mqtt.broker import mqtt_client, port_open, start_broker
 from tests.agent.artifact_server import ArtifactServer
@@ -201,3 +203,16 @@ def test_the_agent_refuses_an_https_server_it_cannot_verify(
         # The handshake failed before any request: the device token never reached the server.
         assert not any(server.requests.values())
     assert "digits" not in agent.models.live()
+
+
+def test_a_handshake_that_fails_on_the_wire_is_retried_like_network_trouble():
+    """Only a refused certificate is tls_failed at once; a handshake that fails otherwise
+    (here plain HTTP behind an https:// URL) is retried, then download_failed."""
+    with ArtifactServer() as server, urllib3.PoolManager() as http:
+        server.add("/manifest", b"{}")
+        url = server.url("/manifest").replace("http://", "https://")
+        downloader = Downloader(http=http, attempts=2, backoff_initial_s=0.001, backoff_max_s=0.01)
+        with pytest.raises(TransferError) as caught:
+            downloader.fetch_bytes(url, max_bytes=100)
+    assert caught.value.reason == "download_failed" and "after 2 attempts" in str(caught.value)
+    assert "WRONG_VERSION_NUMBER" in str(caught.value)
