@@ -123,11 +123,15 @@ def enrollment_config(
     hardware: str,
     int8: bool,
     telemetry_interval_s: float = 30.0,
+    broker_ca_file: str | None = None,
+    ca_file: str | None = None,
 ) -> str:
-    """The agent config for an enrolled device. The root keys come from the command line
-    (provisioned out of band), never from the control plane's answer."""
+    """The agent config for an enrolled device. The root keys and CA files come from the
+    command line (provisioned out of band), never from the control plane's answer."""
     mqtt = answer["mqtt"]
     keys = ", ".join(_toml_string(key) for key in root_keys)
+    broker_ca = f"ca_file = {_toml_string(broker_ca_file)}\n" if broker_ca_file else ""
+    control_plane_ca = f"ca_file = {_toml_string(ca_file)}\n" if ca_file else ""
     return (
         "# Written by `fleet-agent enroll`. Holds secrets: keep it mode 0600.\n"
         f"device_id = {_toml_string(answer['device_id'])}\n"
@@ -135,8 +139,9 @@ def enrollment_config(
         f"telemetry_interval_s = {telemetry_interval_s}\n\n"
         f"[broker]\nurl = {_toml_string(mqtt['url'])}\nusername = {_toml_string(mqtt['username'])}\n"
         f"password = {_toml_string(mqtt['password'])}\n"
-        f"topic_prefix = {_toml_string(mqtt['topic_prefix'])}\n\n"
-        f"[control_plane]\nurl = {_toml_string(url)}\ntoken = {_toml_string(answer['token'])}\n\n"
+        f"topic_prefix = {_toml_string(mqtt['topic_prefix'])}\n{broker_ca}\n"
+        f"[control_plane]\nurl = {_toml_string(url)}\ntoken = {_toml_string(answer['token'])}\n"
+        f"{control_plane_ca}\n"
         f"[trust]\nroot_keys = [{keys}]\n\n"
         f"[local_api]\nbind = {_toml_string(local_api)}\n\n"
         f"[device]\nhardware = {_toml_string(hardware)}\nint8 = {'true' if int8 else 'false'}\n"
@@ -170,7 +175,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         **({"enrollment_token": args.token} if args.token else {"enrollment_code": args.code}),
     }
     try:
-        response = requests.post(f"{args.url.rstrip('/')}/api/v1/enroll", json=body, timeout=30)
+        response = requests.post(
+            f"{args.url.rstrip('/')}/api/v1/enroll", json=body, timeout=30, verify=args.ca_file or True
+        )
     except requests.RequestException as exc:
         print(f"fleet-agent enroll: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
@@ -191,6 +198,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         hardware=args.hardware,
         int8=not args.no_int8,
         telemetry_interval_s=args.telemetry_interval,
+        broker_ca_file=args.broker_ca_file and str(Path(args.broker_ca_file).absolute()),
+        ca_file=args.ca_file and str(Path(args.ca_file).absolute()),
     )
     try:
         parse_config(tomllib.loads(text), base_dir=out.parent)
@@ -264,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="telemetry window length in the written config (default 30)",
+    )
+    enroll.add_argument(
+        "--broker-ca-file",
+        metavar="PATH",
+        help="CA that signed the broker's TLS certificate (broker.ca_file); default: the system's CAs",
+    )
+    enroll.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        help="CA that signed the control plane's HTTPS certificate, for enrolling and downloads "
+        "(control_plane.ca_file); default: the system's CAs",
     )
     enroll.add_argument("--force", action="store_true", help="replace an existing config file")
     enroll.set_defaults(func=cmd_enroll)

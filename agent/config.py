@@ -71,6 +71,7 @@ class BrokerConfig:
 class ControlPlaneConfig:
     url: str | None = None  # base for enrollment and for relative URLs in the desired state
     token: str | None = None  # the device's bearer token
+    ca_file: Path | None = None  # for https downloads; None means the system's trusted CAs
 
 
 @dataclass(frozen=True)
@@ -446,7 +447,7 @@ def _check_broker_url(reader: _Reader, url: str) -> None:
 
 def _control_plane(reader: _Reader, data: dict[str, Any]) -> ControlPlaneConfig:
     table = reader.table(data, "control_plane")
-    reader.check_keys(table, "control_plane", ["url", "token", "token_file"])
+    reader.check_keys(table, "control_plane", ["url", "token", "token_file", "ca_file"])
     url = reader.string(table, "control_plane", "url")
     if url is not None:
         parts = urlsplit(url)
@@ -454,7 +455,10 @@ def _control_plane(reader: _Reader, data: dict[str, Any]) -> ControlPlaneConfig:
             reader.error(
                 "control_plane.url", f"{url!r} must be an http(s) URL, e.g. https://fleet.example.com"
             )
-    return ControlPlaneConfig(url=url, token=reader.secret(table, "control_plane", "token"))
+    ca_file = reader.readable_file(table, "control_plane", "ca_file")
+    if ca_file is not None and url is not None and urlsplit(url).scheme == "http":
+        reader.error("control_plane.ca_file", "only used with TLS: change control_plane.url to https://")
+    return ControlPlaneConfig(url=url, token=reader.secret(table, "control_plane", "token"), ca_file=ca_file)
 
 
 def _trust(reader: _Reader, data: dict[str, Any]) -> TrustConfig:
@@ -690,6 +694,9 @@ url = "https://fleet.example.com"
 # The device's bearer token for manifest, blob and golden-set downloads.
 # `token = "..."` works too, but not both.
 # token_file = "/etc/modelfleet/device-token"
+# A private CA for the control plane's HTTPS certificate; without it the system's CAs
+# are trusted.
+# ca_file = "/etc/modelfleet/ca.pem"
 
 [trust]
 # The fleet's ROOT public key(s), hex, kept offline by your operators

@@ -109,7 +109,12 @@ class Agent:
         headers = {"User-Agent": f"fleet-agent/{__version__}"}
         if config.control_plane.token:
             headers["Authorization"] = f"Bearer {config.control_plane.token}"
-        self.http = urllib3.PoolManager(headers=headers, maxsize=2)
+        # urllib3 verifies an https server's certificate and host name: against the pinned
+        # CA when there is one, the system's CAs otherwise (docs/security.md, "TLS").
+        ca_file = config.control_plane.ca_file
+        self.http = urllib3.PoolManager(
+            headers=headers, maxsize=2, **({"ca_certs": str(ca_file)} if ca_file else {})
+        )
         self._stop = threading.Event()
         limits = config.limits
         self.downloader = Downloader(

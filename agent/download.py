@@ -9,8 +9,8 @@ manifest names. Decompression is capped the same way, so a zstd bomb cannot fill
 either.
 
 Failures raise :class:`TransferError` with the reason code the agent publishes
-(``download_failed``, ``too_large``, ``hash_mismatch``; see ``REFUSAL_REASONS`` in
-``agent/protocol/schemas.py``) and whether retrying could help.
+(``download_failed``, ``tls_failed``, ``too_large``, ``hash_mismatch``; see
+``REFUSAL_REASONS`` in ``agent/protocol/schemas.py``) and whether retrying could help.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import queue
 import random
 import re
+import ssl
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -86,6 +87,12 @@ def _transient_or_permanent(response: urllib3.BaseHTTPResponse, url: str) -> NoR
     if status >= 500 or status in TRANSIENT_STATUSES:
         raise _Transient(f"HTTP {status} from {url}")
     raise TransferError("download_failed", f"HTTP {status} from {url}", permanent=True)
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    """Whether the TLS handshake failed on the server's certificate (urllib3 wraps the
+    ssl module's error), rather than on the network."""
+    return any(isinstance(cause, ssl.SSLCertVerificationError) for cause in (*exc.args, exc.__context__))
 
 
 def _declared_length(response: urllib3.BaseHTTPResponse) -> int | None:
@@ -153,6 +160,15 @@ class Downloader:
             except _Transient as exc:
                 last_error = str(exc)
             except (urllib3.exceptions.HTTPError, OSError) as exc:
+                if _certificate_refused(exc):
+                    # Another CA, another host name, expired: no attempt in the next seconds
+                    # changes that, so say so now. Not permanent: the desired state is tried
+                    # again later, as for download_failed, in case the server is fixed.
+                    raise TransferError(
+                        "tls_failed",
+                        f"{url}: the server's TLS certificate was refused: {exc}",
+                        permanent=False,
+                    ) from exc
                 last_error = f"{type(exc).__name__}: {exc}"
             if number == self.attempts:
                 break

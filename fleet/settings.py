@@ -241,6 +241,11 @@ for _name, _url, _schemes in (
         raise ImproperlyConfigured(f"{_name}: must start with one of {_schemes}, got {_url!r}")
 
 MQTT_TOPIC_PREFIX = _read("MQTT_TOPIC_PREFIX", env.str, "fleet/v1")
+# The CA that signed the broker's certificate, for an mqtts:// MQTT_URL behind a private CA
+# (docs/security.md, "TLS"); empty: the system's CAs.
+MQTT_CA_FILE = _read("MQTT_CA_FILE", env.str, "")
+if MQTT_CA_FILE and not Path(MQTT_CA_FILE).is_file():
+    raise ImproperlyConfigured(f"MQTT_CA_FILE: {MQTT_CA_FILE} is not a readable file")
 # The control plane's service account for publishing desired states (docs/mqtt.md).
 MQTT_PUBLISHER_USERNAME = _read("MQTT_PUBLISHER_USERNAME", env.str, "fleet-publisher")
 MQTT_PUBLISHER_PASSWORD = _secret("MQTT_PUBLISHER_PASSWORD", default="")

@@ -68,7 +68,10 @@ def fresh_database(url: str) -> None:
 def demo_env(port: int, broker) -> dict[str, str]:
     env = dict(os.environ)
     env["DATABASE_URL"] = DEMO_DATABASE
+    # The control plane's own accounts use the broker's loopback listener; devices are told
+    # (enrollment answer) to use its TLS listener, whose certificate the run's CA signed.
     env["MQTT_URL"] = broker.url
+    env["MQTT_PUBLIC_URL"] = broker.tls_url
     env["MQTT_PUBLISHER_PASSWORD"] = broker.publisher_password
     env["MQTT_ADMIN_PASSWORD"] = broker.admin_password
     env["MQTT_INGEST_PASSWORD"] = broker.ingest_password
@@ -239,9 +242,12 @@ def report(artifacts: list[dict], base: str, admin_password: str, token: str) ->
 DEMO_AGENTS = tuple((f"demo-cam-{n}", "float32" if n in (3, 7) else "int8") for n in range(1, 13))
 
 
-def start_agents(stack: ExitStack, env: dict[str, str], base: str, progress: Progress) -> list[dict]:
+def start_agents(
+    stack: ExitStack, env: dict[str, str], base: str, progress: Progress, *, broker_ca_file: Path
+) -> list[dict]:
     """Real agent processes, each enrolled through the real enrollment API with
-    `fleet-agent enroll`, which writes its config (broker login, device token)."""
+    `fleet-agent enroll`, which writes its config (broker login over mqtts:// with the
+    run's CA pinned, device token)."""
     step = progress.add_task(
         f"Enrolling {len(DEMO_AGENTS)} agents and publishing their desired state", total=None
     )
@@ -289,6 +295,8 @@ def start_agents(stack: ExitStack, env: dict[str, str], base: str, progress: Pro
             "demo-box",
             "--root-key",
             root_key_hex,
+            "--broker-ca-file",
+            str(broker_ca_file),
             *([] if variant == "int8" else ["--no-int8"]),
         ]
         result = subprocess.run(enroll, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -649,7 +657,7 @@ def main() -> int:
 
         artifacts = upload_digits(base, token, progress)
         env["DEMO_VIEWER_TOKEN"] = manage(env, "create_api_token", "demo-viewer", "--role", "viewer")
-        agents = start_agents(stack, env, base, progress)
+        agents = start_agents(stack, env, base, progress, broker_ca_file=broker.ca_file)
         answers = agents_answer(agents, progress)
         step = progress.add_task("Waiting for the control plane to see the agents online", total=None)
         online = devices_online(base, env["DEMO_VIEWER_TOKEN"], len(agents))
@@ -657,6 +665,11 @@ def main() -> int:
         progress.stop()
         report(artifacts, base, admin_password, token)
         report_agents(answers, online)
+        console.print(
+            f"Agents connect to the broker over TLS: {broker.tls_url}, verifying its certificate "
+            f"against the run's CA {broker.ca_file} (the loopback listener {broker.url} is the "
+            "control plane's)."
+        )
         console.print(f"Devices in the admin: {base}/admin/devices/device/")
         rollout_story(base, token, agents)
         console.print(f"Rollouts in the admin: {base}/admin/rollouts/rollout/")

@@ -114,8 +114,10 @@ def broker(tmp_path_factory):
 
 @pytest.fixture
 def broker_settings(settings, broker):
-    """Point the control plane at the test broker (the project's config, dynamic security)."""
-    settings.MQTT_URL = settings.MQTT_PUBLIC_URL = broker.url
+    """Point the control plane at the test broker (the project's config, dynamic security):
+    its own accounts on the loopback listener, devices told to use the TLS one."""
+    settings.MQTT_URL = broker.url
+    settings.MQTT_PUBLIC_URL = broker.tls_url
     settings.MQTT_ADMIN_PASSWORD = broker.admin_password
     settings.MQTT_PUBLISHER_PASSWORD = broker.publisher_password
     return broker

@@ -45,6 +45,7 @@ REFUSAL_REASONS = (
     "load_failed",
     "golden_failed",
     "download_failed",
+    "tls_failed",
     # addition 6: the keyring
     "key_revoked",
     "key_expired",

@@ -10,6 +10,7 @@ class CoreConfig(AppConfig):
         from django.db import models
         from rest_framework.serializers import ModelSerializer
 
+        from fleet.core import checks  # noqa: F401  (registers the deploy checks)
         from fleet.core.fields import JSONField
 
         # Every model JSONField behind a ModelSerializer, in every app and those added

@@ -56,7 +56,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 from typing import Any
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from django.conf import settings
@@ -84,6 +83,7 @@ from fleet.devices.models import (
     TelemetryHourly,
     TelemetryWindow,
 )
+from fleet.mqtt.broker import host_port, tls_configure
 
 log = logging.getLogger(__name__)
 
@@ -454,9 +454,11 @@ class IngestBridge:
         max_pending: int | None = None,
         max_pending_bytes: int | None = None,
         max_tracked_devices: int | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.client_id = client_id
         self.url = url or settings.MQTT_URL
+        self.ca_file = ca_file or settings.MQTT_CA_FILE
         self.username = username if username is not None else settings.MQTT_INGEST_USERNAME
         self.password = password if password is not None else settings.MQTT_INGEST_PASSWORD
         self.topics = Topics(topic_prefix or settings.MQTT_TOPIC_PREFIX)
@@ -519,8 +521,7 @@ class IngestBridge:
             manual_ack=True,
         )
         client.username_pw_set(self.username, self.password)
-        if urlparse(self.url).scheme in ("mqtts", "wss"):
-            client.tls_set()
+        tls_configure(client, self.url, self.ca_file)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         # An exception in a callback must be logged, not end the network thread (the
         # bridge would stop receiving without anyone noticing).
@@ -643,13 +644,11 @@ class IngestBridge:
 
     def start(self) -> None:
         """Connect (in the background, retrying) and subscribe."""
-        parsed = urlparse(self.url)
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = self.session_expiry_s
         properties.ReceiveMaximum = self.receive_maximum
         self.client.connect_async(
-            parsed.hostname or "127.0.0.1",
-            parsed.port or 1883,
+            *host_port(self.url),
             keepalive=30,
             clean_start=False,
             properties=properties,

@@ -3,8 +3,10 @@
 Two halves:
 
 * ``start_broker`` runs a Mosquitto of our own (tests, ``make demo``) from
-  ``docker/mosquitto/mosquitto.conf``, on a port of its own, with the dynamic security
-  plugin initialised with an admin account.
+  ``docker/mosquitto/mosquitto.conf``, on ports of its own: a TLS listener for devices with
+  a certificate from a CA made for the run (``fleet.core.tls``), and plain MQTT on loopback
+  for the control plane's accounts; the dynamic security plugin is initialised with an
+  admin account.
 * ``DynSec`` drives the dynamic security plugin over ``$CONTROL/dynamic-security/v1``:
   per-device credentials and roles, service accounts, disabling clients. Changes are
   live; the broker is never restarted or reloaded.
@@ -34,6 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.protocol.topics import DESIRED, DEVICE_TOPICS, INGEST_SHARE_GROUP, Topics
+from fleet.core.tls import LocalCA, local_ca_create
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIG_TEMPLATE = ROOT / "docker" / "mosquitto" / "mosquitto.conf"
@@ -48,6 +51,10 @@ CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 ADMIN_USER = "fleet-admin"
 PUBLISHER_ROLE = "fleet-publisher"
 INGEST_ROLE = "fleet-ingest"
+# The plain listener's address in the shipped config: loopback only (docs/mqtt.md).
+PLAIN_HOST = "127.0.0.1"
+MQTT_PORT = 1883
+MQTTS_PORT = 8883
 
 
 # Stamped (textdescription) on the clients the control plane creates for devices.
@@ -88,17 +95,35 @@ def port_open(host: str, port: int) -> bool:
 @dataclass
 class BrokerProcess:
     """A Mosquitto we started. ``stop()`` and ``start()`` keep its data (retained
-    messages, sessions, credentials), like a real broker restart."""
+    messages, sessions, credentials, certificates), like a real broker restart.
+
+    ``url`` is the plain loopback listener (the control plane's accounts); ``tls_url`` the
+    TLS listener devices use, whose certificate verifies against ``ca_file``."""
 
     data_dir: Path
     port: int
     admin_password: str
-    bind: str = "127.0.0.1"
+    tls_port: int
+    tls_bind: str = PLAIN_HOST
     process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.bind}:{self.port}"
+        return f"mqtt://{PLAIN_HOST}:{self.port}"
+
+    @property
+    def tls(self) -> LocalCA:
+        return LocalCA.at(self.data_dir / "tls")
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls.ca_file
+
+    @property
+    def tls_url(self) -> str:
+        # A wildcard bind is reached on loopback here; 127.0.0.1 is in the certificate.
+        host = PLAIN_HOST if self.tls_bind in ("0.0.0.0", "::", "") else self.tls_bind
+        return f"mqtts://{f'[{host}]' if ':' in host else host}:{self.tls_port}"
 
     @property
     def config_path(self) -> Path:
@@ -109,12 +134,15 @@ class BrokerProcess:
             ["mosquitto", "-c", str(self.config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + timeout
-        while not port_open(self.bind, self.port):
+        tls_host = urlparse(self.tls_url).hostname or PLAIN_HOST
+        while not (port_open(PLAIN_HOST, self.port) and port_open(tls_host, self.tls_port)):
             if self.process.poll() is not None:
                 raise BrokerError(f"mosquitto exited: {self.process.stderr.read().decode(errors='replace')}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise BrokerError(f"mosquitto did not listen on {self.port} within {timeout}s")
+                raise BrokerError(
+                    f"mosquitto did not listen on {self.port} and {self.tls_port} within {timeout}s"
+                )
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -133,11 +161,15 @@ class BrokerProcess:
         return DynSec(self.url, ADMIN_USER, self.admin_password)
 
 
-def render_config(*, port: int, bind: str, data_dir: Path) -> str:
+def render_config(*, port: int, tls_port: int, tls_bind: str, tls: LocalCA, data_dir: Path) -> str:
     replacements = {
         "@USER@": getpass.getuser(),
         "@PORT@": str(port),
-        "@BIND@": bind,
+        "@TLS_PORT@": str(tls_port),
+        "@TLS_BIND@": tls_bind,
+        "@TLS_CA_FILE@": str(tls.ca_file),
+        "@TLS_CERT_FILE@": str(tls.cert_file),
+        "@TLS_KEY_FILE@": str(tls.key_file),
         "@DATA_DIR@": str(data_dir),
         "@DYNSEC_PLUGIN@": find_dynsec_plugin(),
         "@DYNSEC_FILE@": str(data_dir / "dynamic-security.json"),
@@ -148,8 +180,19 @@ def render_config(*, port: int, bind: str, data_dir: Path) -> str:
     return text
 
 
-def start_broker(data_dir: Path, *, port: int = 0, bind: str = "127.0.0.1") -> BrokerProcess:
-    """Start a Mosquitto with the project's config in ``data_dir`` (created if needed)."""
+def start_broker(
+    data_dir: Path,
+    *,
+    port: int = 0,
+    tls_port: int = 0,
+    tls_bind: str = PLAIN_HOST,
+    tls_names: tuple[str, ...] = (),
+) -> BrokerProcess:
+    """Start a Mosquitto with the project's config in ``data_dir`` (created if needed).
+
+    Port 0 picks a free port. The TLS listener's certificate comes from a CA made in
+    ``data_dir/tls`` on the first start (kept for restarts) and names the loopback
+    addresses plus ``tls_names``."""
     if shutil.which("mosquitto") is None or shutil.which("mosquitto_ctrl") is None:
         raise BrokerError(
             "mosquitto and mosquitto_ctrl are needed: apt-get install mosquitto mosquitto-clients"
@@ -166,8 +209,16 @@ def start_broker(data_dir: Path, *, port: int = 0, bind: str = "127.0.0.1") -> B
             check=True,
             capture_output=True,
         )
-    broker = BrokerProcess(data_dir, port or free_port(), password_file.read_text(), bind)
-    broker.config_path.write_text(render_config(port=broker.port, bind=bind, data_dir=data_dir))
+    broker = BrokerProcess(
+        data_dir, port or free_port(), password_file.read_text(), tls_port or free_port(), tls_bind
+    )
+    if not broker.ca_file.exists():
+        local_ca_create(broker.tls.directory, names=tls_names)
+    broker.config_path.write_text(
+        render_config(
+            port=broker.port, tls_port=broker.tls_port, tls_bind=tls_bind, tls=broker.tls, data_dir=data_dir
+        )
+    )
     broker.start()
     return broker
 
@@ -181,17 +232,17 @@ def mqtt_client(
     clean_start: bool = True,
     session_expiry_s: int = 0,
     receive_maximum: int | None = None,
+    ca_file: str | Path | None = None,
 ) -> mqtt.Client:
     """A connected MQTT v5 client with its network loop running (and reconnecting).
 
     With ``clean_start=False`` and a ``session_expiry_s``, the broker keeps the session's
-    subscriptions and queued QoS 1 messages while the client is away."""
-    parsed = urlparse(url)
+    subscriptions and queued QoS 1 messages while the client is away. Over ``mqtts://`` the
+    broker's certificate must verify against ``ca_file`` (the system's CAs without it)."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if username is not None:
         client.username_pw_set(username, password)
-    if parsed.scheme in ("mqtts", "wss"):
-        client.tls_set()
+    tls_configure(client, url, ca_file)
     connected = threading.Event()
     result: dict[str, Any] = {}
 
@@ -205,8 +256,7 @@ def mqtt_client(
     if receive_maximum:  # how many QoS 1 messages the broker may have in flight to us
         properties.ReceiveMaximum = receive_maximum
     client.connect(
-        parsed.hostname or "127.0.0.1",
-        parsed.port or 1883,
+        *host_port(url),
         keepalive=30,
         clean_start=clean_start,
         properties=properties,
@@ -219,6 +269,22 @@ def mqtt_client(
     return client
 
 
+def host_port(url: str) -> tuple[str, int]:
+    """Where an MQTT URL points; the default port follows the scheme (8883 for TLS)."""
+    parsed = urlparse(url)
+    return parsed.hostname or PLAIN_HOST, parsed.port or (
+        MQTTS_PORT if parsed.scheme == "mqtts" else MQTT_PORT
+    )
+
+
+def tls_configure(client: mqtt.Client, url: str, ca_file: str | Path | None) -> None:
+    """TLS for an ``mqtts://`` or ``wss://`` URL: the server's certificate must chain to
+    ``ca_file`` (or to a system CA without it) and name the host dialled (paho checks the
+    host name unless told otherwise, which nothing here does). Nothing for plain URLs."""
+    if urlparse(url).scheme in ("mqtts", "wss"):
+        client.tls_set(ca_certs=str(ca_file) if ca_file else None)
+
+
 @dataclass
 class DynSec:
     """Client of Mosquitto's dynamic security control API (mosquitto_ctrl dynsec, over MQTT)."""
@@ -228,6 +294,7 @@ class DynSec:
     password: str
     topics: Topics = field(default_factory=Topics)
     timeout_s: float = 10.0
+    ca_file: str | Path | None = None
 
     def command(self, *commands: dict[str, Any]) -> list[dict[str, Any]]:
         """Send commands in one message; raise BrokerError naming the first that failed."""
@@ -236,6 +303,7 @@ class DynSec:
             client_id=f"fleet-dynsec-{uuid.uuid4().hex[:8]}",
             username=self.username,
             password=self.password,
+            ca_file=self.ca_file,
         )
         answered = threading.Event()
         responses: list[dict[str, Any]] = []

@@ -26,6 +26,7 @@ def _publisher() -> Iterator[mqtt.Client]:
         client_id=f"fleet-publisher-{uuid.uuid4().hex[:8]}",
         username=settings.MQTT_PUBLISHER_USERNAME,
         password=settings.MQTT_PUBLISHER_PASSWORD,
+        ca_file=settings.MQTT_CA_FILE,
     )
     try:
         yield client

@@ -24,6 +24,7 @@ def broker_admin() -> DynSec:
         settings.MQTT_ADMIN_USERNAME,
         settings.MQTT_ADMIN_PASSWORD,
         topics=Topics(settings.MQTT_TOPIC_PREFIX),
+        ca_file=settings.MQTT_CA_FILE,
     )
 
 

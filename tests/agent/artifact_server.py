@@ -13,6 +13,8 @@ against real sockets rather than mocks:
 - ``throttle``: send slowly, so a test can stop or kill a client mid-download;
 - ``require_token``: 401 without ``Authorization: Bearer <token>``.
 
+Given an ``ssl.SSLContext`` it serves HTTPS instead, as a control plane behind TLS does.
+
 ``make_signed_artifact`` builds a manifest envelope and blob the way the registry does,
 with only ``agent.protocol``, zstandard and LiteRT: no ``fleet`` import, so agent tests
 run without Django.
@@ -25,6 +27,7 @@ import io
 import json
 import re
 import socket
+import ssl
 import sys
 import threading
 from collections import defaultdict
@@ -95,7 +98,8 @@ def requested_range(headers: Any, size: int, etag: str) -> tuple[int, int] | Non
 class ArtifactServer:
     """``with ArtifactServer() as server: server.add("/blob", data); get(server.url("/blob"))``."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.files: dict[str, _File] = {}
         self.bytes_sent: defaultdict[str, int] = defaultdict(int)
         self.requests: defaultdict[str, list[dict[str, str]]] = defaultdict(list)
@@ -109,6 +113,10 @@ class ArtifactServer:
         self._changed = threading.Condition()
         self._closing = threading.Event()
         self._httpd = _QuietServer(("127.0.0.1", 0), _handler_class(self))
+        if tls is not None:
+            # The handshake runs in accept(); one a client aborts (it does not trust the
+            # certificate) raises an OSError there, which socketserver ignores.
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -124,7 +132,7 @@ class ArtifactServer:
         return self._httpd.server_address[1]
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{path}"
 
     def close(self) -> None:
         self._closing.set()  # throttled responses stop early instead of holding the test up

@@ -430,6 +430,24 @@ def test_a_ca_file_with_plain_mqtt_is_an_error(tmp_path):
     assert "mqtts://" in the_error(config(broker={"ca_file": str(ca)}), "broker.ca_file")
 
 
+def test_a_control_plane_ca_file_is_resolved_and_checked(tmp_path):
+    write(tmp_path / "ca.pem", "-----BEGIN CERTIFICATE-----\n")
+    https = {"url": "https://fleet.example.com", "ca_file": "ca.pem"}
+
+    parsed = parse_config(config(control_plane=https), base_dir=tmp_path)
+
+    assert parsed.control_plane.ca_file == tmp_path / "ca.pem"
+    missing = config(control_plane={**https, "ca_file": str(tmp_path / "missing.pem")})
+    assert "cannot read" in the_error(missing, "control_plane.ca_file")
+
+
+def test_a_control_plane_ca_file_with_plain_http_is_an_error(tmp_path):
+    ca = write(tmp_path / "ca.pem", "-----BEGIN CERTIFICATE-----\n")
+    data = config(control_plane={"url": "http://fleet.example.com", "ca_file": str(ca)})
+
+    assert "https://" in the_error(data, "control_plane.ca_file")
+
+
 def test_a_relative_state_dir_resolves_against_the_config_files_directory(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -1,6 +1,6 @@
 """Fixtures for the end-to-end tests: the control plane serving artifacts over HTTP, the
 ingest bridge, and real in-process agents enrolled through the API, on a real Mosquitto
-with the project's config."""
+with the project's config; the agents connect to its TLS listener and pin the run's CA."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def root_key_path(tmp_path_factory):
 @pytest.fixture
 def control_plane(live_server, settings, broker_settings, digits, root_key_path):
     settings.PUBLIC_BASE_URL = live_server.url
+    settings.MQTT_PUBLIC_URL = broker_settings.tls_url  # what the enrollment answer tells devices
     settings.MQTT_INGEST_PASSWORD = broker_settings.ingest_password
     settings.ENROLL_RATE = "1000/minute"  # twenty devices enroll from one address in a second
     model = MLModel.objects.create(name="digits", labels=digits.LABELS)
@@ -119,9 +120,10 @@ def agents(control_plane, bridge, broker, tmp_path, int8_rule, enrollment):
                     "state_dir": str(tmp_path / device_id),
                     "telemetry_interval_s": 0.5,
                     "broker": {
-                        "url": broker.url,
+                        "url": answer["mqtt"]["url"],  # mqtts://, the broker's TLS listener
                         "username": answer["mqtt"]["username"],
                         "password": answer["mqtt"]["password"],
+                        "ca_file": str(broker.ca_file),
                     },
                     "control_plane": {"url": control_plane["url"], "token": answer["token"]},
                     "trust": {"root_keys": [control_plane["root_key_hex"]]},
@@ -137,6 +139,7 @@ def agents(control_plane, bridge, broker, tmp_path, int8_rule, enrollment):
             wait_until(
                 agent.link.connected.is_set, timeout=20, message=f"{agent.config.device_id} to connect"
             )
+        assert all(agent.config.broker.tls for agent in running)
         yield running
     finally:  # also when setting up failed half-way: no agent outlives its test
         for agent in running:

@@ -19,8 +19,13 @@ class Client:
     def __init__(self, broker, answer):
         mqtt = answer["mqtt"]
         self.device_id = answer["device_id"]
+        # Where a device connects: the TLS listener the enrollment answer names.
         self.client = mqtt_client(
-            broker.url, client_id=mqtt["username"], username=mqtt["username"], password=mqtt["password"]
+            mqtt["url"],
+            client_id=mqtt["username"],
+            username=mqtt["username"],
+            password=mqtt["password"],
+            ca_file=broker.ca_file,
         )
         self.acks: dict[int, object] = {}
         self.acked = threading.Condition()
@@ -171,7 +176,8 @@ def test_provisioning_a_device_again_changes_its_own_client_in_place(broker):
     assert first["textdescription"] == f"modelfleet-device:{device_id}"
     with pytest.raises(BrokerError):
         mqtt_client(broker.url, client_id=device_id, username=device_id, password="first")
-    client = Client(broker, {"device_id": device_id, "mqtt": {"username": device_id, "password": "second"}})
+    login = {"url": broker.tls_url, "username": device_id, "password": "second"}
+    client = Client(broker, {"device_id": device_id, "mqtt": login})
     assert not client.subscribe(f"fleet/v1/devices/{device_id}/desired").is_failure
     assert client.subscribe(f"fleet/v1/devices/{device_id}-other/desired").is_failure
     client.close()

@@ -19,9 +19,14 @@ pytestmark = pytest.mark.usefixtures("broker_settings")
 
 
 def connect(broker, answer):
+    """As the device does: to the broker the answer names (its TLS listener), pinning the CA."""
     mqtt = answer["mqtt"]
     return mqtt_client(
-        broker.url, client_id=mqtt["username"], username=mqtt["username"], password=mqtt["password"]
+        mqtt["url"],
+        client_id=mqtt["username"],
+        username=mqtt["username"],
+        password=mqtt["password"],
+        ca_file=broker.ca_file,
     )
 
 
@@ -36,7 +41,7 @@ def test_an_auto_approve_token_gives_working_credentials(anonymous, enrollment_k
     answer = response.json()
     assert answer["status"] == "active"
     assert answer["token"].startswith("md_")
-    assert answer["mqtt"]["username"] == "cam-1" and answer["mqtt"]["url"] == broker.url
+    assert answer["mqtt"]["username"] == "cam-1" and answer["mqtt"]["url"] == broker.tls_url
     assert "public_key" not in str(answer)  # trust is provisioned out of band
     device = Device.objects.get(device_id="cam-1")
     assert (device.hardware, device.runtime, device.supports_int8) == ("rpi4", "ai_edge_litert", True)
@@ -228,6 +233,8 @@ def test_the_agent_enroll_command_writes_a_working_config(
             str(tmp_path / "state"),
             "--hardware",
             "rpi4",
+            "--broker-ca-file",
+            str(broker.ca_file),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -239,8 +246,13 @@ def test_the_agent_enroll_command_writes_a_working_config(
     config = load_config(out)
     assert config.trust.root_keys == (key_hex,)
     assert config.device.hardware == "rpi4"
+    assert (config.broker.url, config.broker.ca_file) == (broker.tls_url, broker.ca_file)
     client = mqtt_client(
-        broker.url, client_id="cam-cli", username=config.broker.username, password=config.broker.password
+        config.broker.url,
+        client_id="cam-cli",
+        username=config.broker.username,
+        password=config.broker.password,
+        ca_file=config.broker.ca_file,
     )
     client.disconnect()
     client.loop_stop()

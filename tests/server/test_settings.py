@@ -85,6 +85,8 @@ def check_deploy(tmp_path, **env: str) -> subprocess.CompletedProcess:
         "SECRET_KEY": "a-long-random-production-secret-" + "x" * 40,
         "ALLOWED_HOSTS": "fleet.example.com",
         "DATABASE_URL": os.environ["DATABASE_URL"],
+        "PUBLIC_BASE_URL": "https://fleet.example.com",
+        "MQTT_PUBLIC_URL": "mqtts://broker.example.com:8883",
     }
     return subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
@@ -103,6 +105,15 @@ def test_production_settings_pass_check_deploy_with_no_warning(tmp_path):
     # Positive control: the same check fails when one of the defaults is turned off.
     weakened = check_deploy(tmp_path, SECURE_SSL_REDIRECT="0")
     assert weakened.returncode != 0 and "security.W008" in weakened.stdout + weakened.stderr
+
+
+def test_check_deploy_warns_when_devices_are_told_to_dial_without_tls(tmp_path):
+    # The positive control is the test above: the same check with TLS URLs is clean.
+    result = check_deploy(
+        tmp_path, PUBLIC_BASE_URL="http://fleet.example.com", MQTT_PUBLIC_URL="mqtt://b:1883"
+    )
+    assert result.returncode != 0
+    assert "fleet.W001" in result.stdout + result.stderr and "fleet.W002" in result.stdout + result.stderr
 
 
 def test_a_proxy_ssl_header_is_read_from_its_name(tmp_path):
