@@ -457,9 +457,11 @@ def assignments_sync(*, rollout: Rollout) -> None:
     in_flight = list(rollout.assignments.filter(state__in=IN_FLIGHT).select_related("device"))
     if not in_flight:
         return
+    # One ingest batch stamps all its events with one received_at; the id keeps the order
+    # they arrived in (verifying, then failed), so the latest really is the last.
     events = DeviceEvent.objects.filter(
         device__in=[a.device_id for a in in_flight], generation__in={a.generation for a in in_flight}
-    ).order_by("received_at")
+    ).order_by("received_at", "pk")
     latest: dict[tuple[int, int], DeviceEvent] = {}
     for event in events:
         if event.type in EVENT_STATES:
