@@ -8,11 +8,18 @@ from datetime import timedelta
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from fleet.core.choices import Role
 from fleet.core.errors import ServiceError
+from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
+from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
 
@@ -69,9 +76,42 @@ class DeviceAdmin(admin.ModelAdmin):
         return () if obj is None else self.readonly_fields
 
     def has_delete_permission(self, request, obj=None):
-        # Devices are retired, never deleted: a deleted row would free its id, and a retired
-        # id must never come back (issue 9, section 1).
-        return False
+        # "Delete" is the retire door (delete_view below): a deleted row would free its id,
+        # and a retired id must never come back (issue 9, section 1). Operators retire, as
+        # in the API; a retired device has nothing left to retire.
+        if obj is not None and obj.status == DeviceStatus.RETIRED:
+            return False
+        return has_role(request.user, Role.OPERATOR)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # the "retire" action does it through the service
+        return actions
+
+    def delete_view(self, request, object_id, extra_context=None):
+        """Retire through the service (token and broker login removed), never a row delete."""
+        device = self.get_object(request, object_id)
+        if device is None or not self.has_delete_permission(request, device):
+            raise PermissionDenied
+        if request.method == "POST":
+            try:
+                services.device_retire(device=device)
+            except ServiceError as exc:
+                self.message_user(request, f"{device}: {exc.message}", messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    f"{device} is retired: its token and broker login no longer work.",
+                    messages.SUCCESS,
+                )
+            return HttpResponseRedirect(reverse("admin:devices_device_change", args=[device.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": device,
+            "title": f"Retire {device}?",
+        }
+        return TemplateResponse(request, "admin/devices/device/retire.html", context)
 
     def save_model(self, request, obj, form, change):
         if change:
@@ -132,15 +172,18 @@ class DeviceAdmin(admin.ModelAdmin):
         if done:
             self.message_user(request, f"{verb} {done} device(s).", messages.SUCCESS)
 
-    @admin.action(description="Approve selected devices")
+    @admin.action(description="Approve selected devices", permissions=["change"])
     def approve(self, request, queryset):
         self._bulk(request, queryset, services.device_approve, "Approved")
 
-    @admin.action(description="Disable selected devices (revokes token and broker login, disconnects)")
+    @admin.action(
+        description="Disable selected devices (revokes token and broker login, disconnects)",
+        permissions=["change"],
+    )
     def disable(self, request, queryset):
         self._bulk(request, queryset, services.device_disable, "Disabled")
 
-    @admin.action(description="Retire selected devices (final)")
+    @admin.action(description="Retire selected devices (final)", permissions=["change"])
     def retire(self, request, queryset):
         self._bulk(request, queryset, services.device_retire, "Retired")
 
@@ -233,7 +276,7 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
             request, f"Enrollment token created. Copy it now, it is shown only once: {key}", messages.WARNING
         )
 
-    @admin.action(description="Revoke selected enrollment tokens")
+    @admin.action(description="Revoke selected enrollment tokens", permissions=["change"])
     def revoke(self, request, queryset):
         for token in queryset:
             services.enrollment_token_revoke(token=token)
@@ -251,6 +294,9 @@ class DeviceEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # append-only: the device's own account of what happened
 
 
 @admin.register(IngestRefusal)
