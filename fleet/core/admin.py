@@ -2,6 +2,10 @@ from django.contrib import admin
 
 from fleet.core.models import ApiToken
 
+admin.site.site_header = "Modelfleet control room"
+admin.site.site_title = "Modelfleet"
+admin.site.index_title = "Fleet"
+
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):

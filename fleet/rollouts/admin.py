@@ -74,6 +74,14 @@ ACTIONS = {
     "abort": services.rollout_abort,
     "rollback": services.rollout_rollback,
 }
+ACTION_DONE = {
+    "start": "started",
+    "pause": "paused",
+    "resume": "resumed",
+    "promote": "promoted",
+    "abort": "aborted",
+    "rollback": "rolled back",
+}
 ACTION_LABELS = {
     "start": "Start",
     "pause": "Pause",
@@ -112,7 +120,7 @@ def action_impact(rollout: Rollout, action: str) -> str:
     if action == "pause":
         return (
             f"No new stage starts and the gates stop acting; {devices(on_candidate)} keep "
-            f"{version} until the rollout resumes, is aborted or rolled back."
+            f"{version} (or go on installing it) until the rollout resumes, is aborted or rolled back."
         )
     if action == "resume":
         return f"The gates evaluate stage {rollout.current_stage + 1} again and promote when it passes."
@@ -388,7 +396,7 @@ class RolloutAdmin(admin.ModelAdmin):
             except ServiceError as exc:
                 self.message_user(request, exc.message, messages.ERROR)
             else:
-                self.message_user(request, f"{ACTION_LABELS[action]}: done.", messages.SUCCESS)
+                self.message_user(request, f"{rollout} {ACTION_DONE[action]}.", messages.SUCCESS)
             return HttpResponseRedirect(page)
         context = {
             **self.admin_site.each_context(request),

@@ -16,13 +16,13 @@ from django.utils import timezone
 from fleet.core.choices import Role
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent
-from fleet.devices.services import devices_assign
 from fleet.registry import services as registry
 from fleet.registry.choices import VersionStatus
 from fleet.rollouts import services
 from fleet.rollouts.choices import AssignmentState, RolloutState
-from fleet.rollouts.models import AuditEntry, GateEvaluation, Rollout, RolloutPolicy
-from tests.server.conftest import enroll, ready_artifact
+from fleet.rollouts.models import AuditEntry, GateEvaluation, Rollout
+from tests.server import admin_world
+from tests.server.conftest import enroll
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
 ROLLOUTS = "/admin/rollouts/rollout/"
@@ -36,42 +36,13 @@ def web(persona) -> Client:
 
 @pytest.fixture
 def world(digits_model, digits, django_capture_on_commit_callbacks):
-    """Ten devices tagged "fleet" on 1.0.0; 2.0.0 ready; a three-stage policy."""
-    v1 = registry.version_create(model=digits_model, version="1.0.0")
-    v2 = registry.version_create(model=digits_model, version="2.0.0")
-    artifacts = {}
-    for version in (v1, v2):
-        models = digits.build_digits_models(version=version.version)
-        artifacts[version.version] = ready_artifact(version, "float32", models["float32"])
-    devices = [
-        Device.objects.create(device_id=f"cam-{n:02d}", status=DeviceStatus.ACTIVE, tags=["fleet"])
-        for n in range(10)
-    ]
     with django_capture_on_commit_callbacks(execute=True):
-        devices_assign(devices=devices, artifacts={"digits": artifacts["1.0.0"]}, publish="now")
-    for device in devices:
-        device.refresh_from_db()
-        Device.objects.filter(pk=device.pk).update(
-            applied_generation=device.desired_generation,
-            reported_models={"digits": {"version": "1.0.0", "variant": "float32"}},
-        )
-    policy = RolloutPolicy.objects.create(
-        name="canary",
-        stages=[
-            {"kind": "percent", "value": 30, "soak_seconds": 0},
-            {"kind": "percent", "value": 100, "soak_seconds": 0},
-        ],
-        gates={},
-    )
-    return {"v1": v1, "v2": v2, "devices": devices, "policy": policy}
+        return admin_world.build(digits_model, digits)
 
 
 @pytest.fixture
 def running(world, alice):
-    rollout = services.rollout_create(
-        model=world["v2"].model, version=world["v2"], targets={"tags": ["fleet"]}, policy=world["policy"]
-    )
-    return services.rollout_start(rollout=rollout, by=alice.user, reason="canary for 2.0.0")
+    return admin_world.start(world, alice.user)
 
 
 def buttons(page: str) -> set[str]:
