@@ -13,18 +13,47 @@ from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from fleet.core.choices import Role
+from fleet.core.display import count, duration, moment, raw_details
 from fleet.core.errors import ServiceError
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
+from fleet.registry.models import Artifact
 
 STATUS_COLOURS = {"active": "#1a7f37", "pending": "#9a6700", "disabled": "#cf222e", "retired": "#57606a"}
 TOKEN_STATE_COLOURS = {"usable": "#1a7f37", "expired": "#57606a", "used_up": "#9a6700", "revoked": "#cf222e"}
+
+
+HEALTH = (
+    ("cpu_pct", "CPU {:.1f} %"),
+    ("rss_mb", "RSS {:.1f} MB"),
+    ("temp_c", "{:.1f} °C"),
+    ("disk_free_mb", "disk free {:,.0f} MB"),
+)
+
+
+class DeviceChangeForm(forms.ModelForm):
+    """What people may change about a device (as ``PATCH /api/v1/devices/{id}/``); tags
+    are words separated by commas, not a JSON list."""
+
+    tags = forms.CharField(required=False, help_text="Separated by commas.")
+
+    class Meta:
+        model = Device
+        fields = ("display_name", "tags")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["tags"] = ", ".join(self.instance.tags or [])
+
+    def clean_tags(self):
+        return [tag.strip() for tag in self.cleaned_data["tags"].split(",") if tag.strip()]
 
 
 @admin.register(Device)
@@ -42,38 +71,38 @@ class DeviceAdmin(admin.ModelAdmin):
     )
     list_filter = ("status", "online", "hardware", "supports_int8", "static_groups")
     search_fields = ("device_id", "display_name", "tags")
-    readonly_fields = (
+    form = DeviceChangeForm
+    change_fields = (
         "device_id",
-        "status",
-        "hardware",
-        "runtime",
-        "runtime_version",
-        "supports_int8",
-        "supported_ops",
-        "agent_version",
-        "online",
-        "last_seen_at",
-        "applied_generation",
-        "reported_models",
-        "health",
-        "desired_generation",
-        "desired_artifacts",
-        "enrolled_with",
-        "enrolled_at",
-        "created_at",
-        "status_changed_at",
+        "display_name",
+        "tags",
+        "status_label",
+        "online_dot",
+        "last_seen",
+        "identity",
+        "models",
+        "desired",
+        "generations",
+        "health_text",
+        "enrolled",
+        "raw",
     )
-    exclude = ("enrollment_code_sha256",)
+    readonly_fields = tuple(name for name in change_fields if name not in ("display_name", "tags"))
     actions = ["approve", "disable", "retire"]
     # "Add device" pre-authorizes an id (the same service as the API); everything else
     # about a device comes from the device itself.
     add_fields = ("device_id", "display_name", "tags")
 
     def get_fields(self, request, obj=None):
-        return self.add_fields if obj is None else super().get_fields(request, obj)
+        return self.add_fields if obj is None else self.change_fields
 
     def get_readonly_fields(self, request, obj=None):
         return () if obj is None else self.readonly_fields
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = forms.ModelForm  # the model's own validators refuse bad ids
+        return super().get_form(request, obj, **kwargs)
 
     def has_delete_permission(self, request, obj=None):
         # "Delete" is the retire door (delete_view below): a deleted row would free its id,
@@ -115,7 +144,10 @@ class DeviceAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            return super().save_model(request, obj, form, change)
+            services.device_update(
+                device=obj, display_name=form.cleaned_data["display_name"], tags=form.cleaned_data["tags"]
+            )
+            return
         # The form has refused bad and reserved ids already (the model's validators); the
         # service checks again, as for the API.
         device, code = services.device_preauthorize(
@@ -147,6 +179,59 @@ class DeviceAdmin(admin.ModelAdmin):
             )
             or "—"
         )
+
+    @admin.display(description="identity")
+    def identity(self, obj):
+        runtime = f"{obj.runtime} {obj.runtime_version}".strip() or "unknown runtime"
+        int8 = "runs int8" if obj.supports_int8 else "no int8"
+        return (
+            f"{obj.hardware}, {runtime}, {int8}, {count(len(obj.supported_ops or []), 'TFLite op')}, "
+            f"agent {obj.agent_version or 'unknown'}"
+        )
+
+    @admin.display(description="should run")
+    def desired(self, obj):
+        """What we last told the device, with links to the artifacts."""
+        ids = {**obj.desired_artifacts, **{m: s.get("artifact") for m, s in obj.desired_shadows.items()}}
+        artifacts = Artifact.objects.select_related("version__model").in_bulk(
+            [pk for pk in ids.values() if isinstance(pk, int)]
+        )
+        rows = [
+            (
+                reverse("admin:registry_artifact_change", args=[pk]),
+                artifacts[pk],
+                " (shadow)" * (name in obj.desired_shadows),
+            )
+            for name, pk in sorted(ids.items())
+            if pk in artifacts
+        ]
+        return format_html_join(", ", '<a href="{}">{}</a>{}', rows) or "—"
+
+    @admin.display(description="generation")
+    def generations(self, obj):
+        lag = obj.desired_generation - obj.applied_generation
+        behind = f", {count(lag, 'generation')} behind" if lag > 0 else ""
+        return f"applied {obj.applied_generation} of {obj.desired_generation}{behind}"
+
+    @admin.display(description="health")
+    def health_text(self, obj):
+        health = obj.health or {}
+        parts = [text.format(health[key]) for key, text in HEALTH if isinstance(health.get(key), int | float)]
+        if isinstance(health.get("uptime_s"), int | float):
+            parts.append(f"up {duration(health['uptime_s'])}")
+        return ", ".join(parts) or "—"
+
+    @admin.display(description="enrolled")
+    def enrolled(self, obj):
+        if obj.enrolled_at is None:
+            return "not yet"
+        how = f" with token {obj.enrolled_with.name}" if obj.enrolled_with else " with its one-time code"
+        return f"{moment(obj.enrolled_at)}{how}"
+
+    @admin.display(description="raw")
+    def raw(self, obj):
+        fields = ("supported_ops", "reported_models", "health", "desired_artifacts", "desired_shadows")
+        return raw_details({name: getattr(obj, name) for name in fields})
 
     @admin.display(description="last seen", ordering="last_seen_at")
     def last_seen(self, obj):

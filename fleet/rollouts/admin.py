@@ -9,7 +9,6 @@ never deleted (fleet/core/roles.py).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 from django import forms
@@ -20,9 +19,9 @@ from django.http import HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
-from django.utils.html import format_html
 
 from fleet.core.choices import Role
+from fleet.core.display import count, moment, raw_details
 from fleet.core.errors import ServiceError
 from fleet.core.permissions import has_role
 from fleet.devices.models import DeviceGroup
@@ -55,7 +54,7 @@ def state_label(value: str) -> str:
 
 
 def devices(n: int) -> str:
-    return f"{n:,} device" + ("" if n == 1 else "s")
+    return count(n, "device")
 
 
 def stage_label(spec: dict) -> str:
@@ -172,8 +171,8 @@ def headline(rollout: Rollout) -> str:
         return "Draft: not started. Starting it places the targeted devices and begins stage 1."
     latest = rollout.audit.select_related("actor").order_by("-at", "-pk").first()
     if latest is not None and latest.actor is not None and latest.to_state == rollout.state:
-        at = latest.at.strftime("%Y-%m-%d %H:%M:%S %Z")
-        return f"{state_label(rollout.state)} by {latest.actor} at {at}: {latest.reason or 'no reason given'}"
+        reason = latest.reason or "no reason given"
+        return f"{state_label(rollout.state)} by {latest.actor} at {moment(latest.at)}: {reason}"
     return rollout.last_decision or f"{state_label(rollout.state)}."
 
 
@@ -211,12 +210,18 @@ class EvaluationInline(admin.TabularInline):
     in the API's ``evaluations``, with their inputs)."""
 
     model = GateEvaluation
-    fields = ("evaluated_at", "stage_number", "gate", "verdict", "summary", "decision", "looks")
+    # No "decision" column: a passing gate beside "Roll back" reads as if the gate rolled back
+    # (the decision is in the page's first sentence and the audit log).
+    fields = ("when", "stage_number", "gate", "verdict", "summary", "looks")
     readonly_fields = fields
     extra = 0
     can_delete = False
     max_num = 0
     ordering = ("-evaluated_at",)
+
+    @admin.display(description="evaluated at")
+    def when(self, obj):
+        return moment(obj.evaluated_at)
 
     @admin.display(description="stage")
     def stage_number(self, obj):
@@ -232,12 +237,16 @@ class EvaluationInline(admin.TabularInline):
 
 class AuditInline(admin.TabularInline):
     model = AuditEntry
-    fields = ("at", "actor_name", "action", "change", "stage_number", "reason")
+    fields = ("when", "actor_name", "action", "change", "stage_number", "reason")
     readonly_fields = fields
     extra = 0
     can_delete = False
     max_num = 0
     ordering = ("-at", "-pk")
+
+    @admin.display(description="at")
+    def when(self, obj):
+        return moment(obj.at)
 
     @admin.display(description="who")
     def actor_name(self, obj):
@@ -346,10 +355,7 @@ class RolloutAdmin(admin.ModelAdmin):
     @admin.display(description="raw")
     def raw(self, obj):
         """For experts only, folded: the targets and the policy as the rollout copied it."""
-        document = {"targets": obj.targets, "policy": obj.policy_snapshot}
-        return format_html(
-            "<details><summary>raw</summary><pre>{}</pre></details>", json.dumps(document, indent=2)
-        )
+        return raw_details({"targets": obj.targets, "policy": obj.policy_snapshot})
 
     # --- the page: headline, stages, action buttons
 

@@ -260,3 +260,26 @@ def test_a_viewer_cannot_run_bulk_actions(world, bob, alice):
     assert web(bob).get(f"/admin/devices/device/{device.pk}/delete/").status_code == 403
     web(alice).post("/admin/devices/device/", form)  # control: an operator can
     assert Device.objects.get(pk=device.pk).status == DeviceStatus.RETIRED
+
+
+# --- the device page: words and units, raw JSON folded, edits through the service
+
+
+def test_the_device_page_shows_health_with_units_and_folds_the_json(world, alice):
+    device = world["devices"][0]
+    health = {"cpu_pct": 12.54, "rss_mb": 61.2, "temp_c": 48.0, "disk_free_mb": 812, "uptime_s": 90000}
+    Device.objects.filter(pk=device.pk).update(health=health, supported_ops=["ADD", "SOFTMAX"])
+    page = web(alice).get(f"/admin/devices/device/{device.pk}/change/").content.decode()
+    assert "CPU 12.5 %, RSS 61.2 MB, 48.0 °C, disk free 812 MB, up 1 d 1 h" in page
+    assert "2 TFLite ops" in page and "digits 1.0.0" in page
+    assert page.count("<details><summary>raw</summary>") == 1
+    assert 'name="desired_shadows"' not in page and 'name="health"' not in page
+
+
+def test_editing_a_device_goes_through_the_service(world, alice):
+    device = world["devices"][0]
+    form = {"display_name": "Front door", "tags": "b, a, a"}
+    response = web(alice).post(f"/admin/devices/device/{device.pk}/change/", form)
+    assert response.status_code == 302
+    device.refresh_from_db()
+    assert (device.display_name, device.tags) == ("Front door", ["a", "b"])  # sorted, once each
