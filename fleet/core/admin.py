@@ -5,6 +5,7 @@ from fleet.core.models import ApiToken
 admin.site.site_header = "Modelfleet control room"
 admin.site.site_title = "Modelfleet"
 admin.site.index_title = "Fleet"
+admin.site.index_template = "admin/fleet_index.html"  # the fleet dashboard (fleet/core/dashboard.py)
 
 
 @admin.register(ApiToken)

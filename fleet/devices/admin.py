@@ -9,6 +9,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db.models import F
 from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
@@ -56,6 +57,41 @@ class DeviceChangeForm(forms.ModelForm):
         return [tag.strip() for tag in self.cleaned_data["tags"].split(",") if tag.strip()]
 
 
+class RunningFilter(admin.SimpleListFilter):
+    """Devices that report running a model version and variant ("digits:1.0.0:int8"), the
+    dashboard's stacked bar links here."""
+
+    title = "running"
+    parameter_name = "running"
+
+    def lookups(self, request, model_admin):
+        value = self.value()
+        return [(value, value.replace(":", " ", 1).replace(":", " [", 1) + "]")] if value else []
+
+    def queryset(self, request, queryset):
+        if not self.value():
+            return queryset
+        model, _, rest = self.value().partition(":")
+        version, _, variant = rest.partition(":")
+        entry = {"version": version, **({"variant": variant} if variant and variant != "?" else {})}
+        return queryset.filter(reported_models__contains={model: entry})
+
+
+class GenerationFilter(admin.SimpleListFilter):
+    title = "generation"
+    parameter_name = "generation"
+
+    def lookups(self, request, model_admin):
+        return [("behind", "behind the desired one"), ("current", "up to date")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "behind":
+            return queryset.filter(applied_generation__lt=F("desired_generation"))
+        if self.value() == "current":
+            return queryset.filter(applied_generation__gte=F("desired_generation"))
+        return queryset
+
+
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
     list_display = (
@@ -69,7 +105,15 @@ class DeviceAdmin(admin.ModelAdmin):
         "applied_generation",
         "desired_generation",
     )
-    list_filter = ("status", "online", "hardware", "supports_int8", "static_groups")
+    list_filter = (
+        "status",
+        "online",
+        GenerationFilter,
+        RunningFilter,
+        "hardware",
+        "supports_int8",
+        "static_groups",
+    )
     search_fields = ("device_id", "display_name", "tags")
     form = DeviceChangeForm
     change_fields = (
@@ -370,7 +414,7 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
 @admin.register(DeviceEvent)
 class DeviceEventAdmin(admin.ModelAdmin):
     list_display = ("received_at", "device", "type", "generation", "model", "version", "variant", "reason")
-    list_filter = ("type", "reason")
+    list_filter = ("type", "reason", "received_at")
     search_fields = ("device__device_id", "message")
     list_select_related = ("device",)
 

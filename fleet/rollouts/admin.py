@@ -28,6 +28,7 @@ from fleet.devices.models import DeviceGroup
 from fleet.registry.admin import status_badge
 from fleet.registry.models import ModelVersion
 from fleet.rollouts import services
+from fleet.rollouts.api import ACTIONS  # the API's action -> service table: the same services
 from fleet.rollouts.choices import (
     IN_FLIGHT,
     ROLLOUT_TRANSITIONS,
@@ -65,14 +66,6 @@ def stage_label(spec: dict) -> str:
 # --- the actions: which are legal now, and what each would do
 
 
-ACTIONS = {
-    "start": services.rollout_start,
-    "pause": services.rollout_pause,
-    "resume": services.rollout_resume,
-    "promote": services.rollout_promote,
-    "abort": services.rollout_abort,
-    "rollback": services.rollout_rollback,
-}
 ACTION_DONE = {
     "start": "started",
     "pause": "paused",

@@ -103,6 +103,12 @@ class Browser:
     def text(self, css: str) -> str:
         return self.driver.find_element(By.CSS_SELECTOR, css).text
 
+    def sideways(self) -> int:
+        """How many pixels the page scrolls sideways (0 when it fits the window)."""
+        return self.driver.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+
     def shot(self, name: str) -> Path:
         path = self.shots / f"{name}.png"
         self.driver.save_screenshot(str(path))

@@ -41,6 +41,7 @@ def test_a_viewer_sees_no_action_buttons_on_a_running_rollout(browser, running):
     assert browser.text("#rollout-headline").endswith(": canary for 2.0.0")
     assert browser.all("[data-action]") == []
     assert browser.all("#rollout-stages")  # control: the page itself is there
+    assert browser.sideways() <= 0  # at 1,440 px nothing scrolls sideways
     browser.shot("rollout-viewer")
 
 
@@ -58,26 +59,29 @@ def test_an_operator_pauses_and_resumes_with_the_buttons(browser, running, peopl
     assert browser.all(".errorlist")
     running.refresh_from_db()
     assert running.state == RolloutState.RUNNING
-    browser.driver.find_element(By.NAME, "reason").send_keys("latency alarms in eu-west")
-    browser.click("input[name=confirm]")
-
-    running.refresh_from_db()
-    assert running.state == RolloutState.PAUSED
-    entry = AuditEntry.objects.filter(rollout=running, action="pause").get()
-    assert (entry.actor, entry.reason) == (people["alice"], "latency alarms in eu-west")
+    confirm(browser, "latency alarms in eu-west")
+    assert_audited(running, "pause", RolloutState.PAUSED, people["alice"], "latency alarms in eu-west")
     assert "Paused by alice" in browser.text("#rollout-headline")
     shown = {button.get_attribute("data-action") for button in browser.all("[data-action]")}
     assert shown == {"resume", "abort", "rollback"}
     browser.shot("rollout-paused")
 
     browser.click("[data-action=resume]")
-    browser.driver.find_element(By.NAME, "reason").send_keys("alarm was a false positive")
-    browser.click("input[name=confirm]")
-    running.refresh_from_db()
-    assert running.state == RolloutState.RUNNING
-    entry = AuditEntry.objects.filter(rollout=running, action="resume").get()
-    assert (entry.actor, entry.reason) == (people["alice"], "alarm was a false positive")
+    confirm(browser, "alarm was a false positive")
+    assert_audited(running, "resume", RolloutState.RUNNING, people["alice"], "alarm was a false positive")
     assert browser.text("#rollout-headline").endswith(": alarm was a false positive")
+
+
+def confirm(browser, reason: str) -> None:
+    browser.driver.find_element(By.NAME, "reason").send_keys(reason)
+    browser.click("input[name=confirm]")
+
+
+def assert_audited(rollout, action: str, state: str, actor, reason: str) -> None:
+    rollout.refresh_from_db()
+    assert rollout.state == state
+    entry = AuditEntry.objects.filter(rollout=rollout, action=action).get()
+    assert (entry.actor, entry.reason) == (actor, reason)
 
 
 def test_a_started_rollout_cannot_be_edited(browser, running, world):
