@@ -27,6 +27,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 PASSWORD = "correct horse battery staple"
 WIDE = (1440, 900)
+AXE = Path(__file__).parent / "vendor" / "axe-core" / "axe.min.js"
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +109,25 @@ class Browser:
         return self.driver.execute_script(
             "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
         )
+
+    def axe(self) -> list[dict]:
+        """Serious and critical accessibility violations on the page (axe-core, vendored)."""
+        self.driver.execute_script(AXE.read_text())
+        result = self.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "axe.run(document, {resultTypes: ['violations']}).then(r => done(r.violations),"
+            " e => done([{id: 'axe-error', impact: 'critical', help: String(e), nodes: []}]));"
+        )
+        return [
+            {
+                "id": v["id"],
+                "impact": v["impact"],
+                "help": v["help"],
+                "nodes": [n["target"] for n in v["nodes"]],
+            }
+            for v in result
+            if v["impact"] in ("serious", "critical")
+        ]
 
     def shot(self, name: str) -> Path:
         path = self.shots / f"{name}.png"

@@ -42,6 +42,7 @@ def test_a_viewer_sees_no_action_buttons_on_a_running_rollout(browser, running):
     assert browser.all("[data-action]") == []
     assert browser.all("#rollout-stages")  # control: the page itself is there
     assert browser.sideways() <= 0  # at 1,440 px nothing scrolls sideways
+    assert browser.axe() == []
     browser.shot("rollout-viewer")
 
 
@@ -50,10 +51,12 @@ def test_an_operator_pauses_and_resumes_with_the_buttons(browser, running, peopl
     browser.open(rollout_url(running))
     shown = {button.get_attribute("data-action") for button in browser.all("[data-action]")}
     assert shown == {"pause", "promote", "abort", "rollback"}
+    assert browser.axe() == []
     browser.shot("rollout-running-operator")
 
     browser.click("[data-action=pause]")
     assert "devices keep 2.0.0" in browser.text("#action-impact")
+    assert browser.axe() == []
     browser.shot("rollout-pause-confirm")
     browser.click("input[name=confirm]")  # no reason: the form asks for one, nothing happens
     assert browser.all(".errorlist")
