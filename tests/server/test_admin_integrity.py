@@ -10,15 +10,18 @@ import re
 
 import pytest
 from django.contrib.auth.models import Group
+from django.db import transaction
 from django.test import Client
 from django.utils import timezone
 
 from fleet.core.choices import Role
+from fleet.core.errors import Conflict
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent
 from fleet.registry import services as registry
 from fleet.registry.choices import VersionStatus
 from fleet.rollouts import services
+from fleet.rollouts.admin import ACTIONS, legal_actions
 from fleet.rollouts.choices import AssignmentState, RolloutState
 from fleet.rollouts.models import AuditEntry, GateEvaluation, Rollout
 from tests.server import admin_world
@@ -283,3 +286,73 @@ def test_editing_a_device_goes_through_the_service(world, alice):
     assert response.status_code == 302
     device.refresh_from_db()
     assert (device.display_name, device.tags) == ("Front door", ["a", "b"])  # sorted, once each
+
+
+# --- the buttons and the state machine agree
+
+
+class _Undo(Exception):
+    pass
+
+
+def reach(world, state: str, by):
+    """A rollout in ``state``, through the services."""
+    if state == RolloutState.DRAFT:
+        return services.rollout_create(
+            model=world["v2"].model, version=world["v2"], targets={"tags": ["fleet"]}, policy=world["policy"]
+        )
+    rollout = admin_world.start(world, by)
+    steps = {
+        RolloutState.PAUSED: [services.rollout_pause],
+        RolloutState.COMPLETED: [services.rollout_promote, services.rollout_promote],
+        RolloutState.ABORTED: [services.rollout_abort],
+        RolloutState.ROLLED_BACK: [services.rollout_rollback],
+    }
+    for step in steps.get(state, []):
+        rollout = step(rollout=Rollout.objects.get(pk=rollout.pk))
+    rollout.refresh_from_db()
+    assert rollout.state == state
+    return rollout
+
+
+@pytest.mark.parametrize("state", RolloutState.values)
+def test_a_button_is_shown_exactly_when_its_service_would_act(world, alice, state):
+    rollout = reach(world, state, alice.user)
+    for action, service in ACTIONS.items():
+        try:
+            with transaction.atomic():
+                service(rollout=Rollout.objects.get(pk=rollout.pk), by=alice.user, reason="probe")
+                raise _Undo
+        except _Undo:
+            acted = True
+        except Conflict as exc:
+            assert exc.code == "illegal_transition", exc.message
+            acted = False
+        assert (action in legal_actions(rollout)) == acted, (state, action)
+    page = web(alice).get(f"{ROLLOUTS}{rollout.pk}/change/").content.decode()
+    assert buttons(page) == set(legal_actions(rollout))
+
+
+def test_the_first_sentence_is_the_evaluators_when_no_person_acted_last(world, alice):
+    rollout = admin_world.start(world, alice.user)
+    sentence = "Rolled back at stage 1 by the accuracy gate: 72.0 % (n = 239) vs 97.5 % (n = 2,037)."
+    Rollout.objects.filter(pk=rollout.pk).update(last_decision=sentence)
+    services.rollout_rollback(rollout=Rollout.objects.get(pk=rollout.pk), by=None, reason=sentence)
+    page = web(alice).get(f"{ROLLOUTS}{rollout.pk}/change/").content.decode()
+    assert f'id="rollout-headline">{sentence}</p>' in page
+
+
+@pytest.mark.parametrize(("state", "action"), [("draft", "resume"), ("paused", "start")])
+def test_the_api_refuses_what_only_the_transition_table_allowed(world, alice, state, action):
+    """Found by the test above: "resume" ran a draft without placing a device, and "start" on
+    a paused rollout placed its devices twice (a 500)."""
+    rollout = reach(world, state, alice.user)
+    response = alice.client().post(f"/api/v1/rollouts/{rollout.pk}/{action}", {"reason": "x"}, format="json")
+    assert response.status_code == 409 and response.json()["error"]["code"] == "illegal_transition"
+    rollout.refresh_from_db()
+    assert rollout.state == state
+    # Control: the action its state does allow goes through.
+    allowed = {"draft": "start", "paused": "resume"}[state]
+    assert (
+        alice.client().post(f"/api/v1/rollouts/{rollout.pk}/{allowed}", {}, format="json").status_code == 200
+    )
