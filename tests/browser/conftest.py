@@ -6,6 +6,7 @@ form, fails on any JavaScript console error, and leaves screenshots in
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def driver():
         f"--window-size={WIDE[0]},{WIDE[1]}",
     ):
         options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # The console (errors fail a test) and the network (every request must stay on the server).
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     chrome = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     yield chrome
     chrome.quit()
@@ -71,6 +73,7 @@ class Browser:
         self.base_url = base_url
         self.shots = shots
         self.console: list[dict] = []
+        self.requests: list[str] = []
 
     def open(self, path: str) -> None:
         self.driver.get(self.base_url + path)
@@ -82,7 +85,20 @@ class Browser:
             timeout=10,
             message="the page to load",
         )
+        self._drain()
+
+    def _drain(self) -> None:
         self.console += self.driver.get_log("browser")
+        for entry in self.driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                self.requests.append(message["params"]["request"]["url"])
+
+    def foreign_requests(self) -> list[str]:
+        """Requests to anywhere but the server under test (a CDN, a font host, a logo)."""
+        self._drain()
+        local = ("data:", "blob:", self.base_url + "/")
+        return [url for url in self.requests if not url.startswith(local)]
 
     def login(self, username: str) -> None:
         self.open("/admin/login/")
@@ -135,7 +151,7 @@ class Browser:
         return path
 
     def errors(self) -> list[str]:
-        self.console += self.driver.get_log("browser")
+        self._drain()
         return [entry["message"] for entry in self.console if entry["level"] == "SEVERE"]
 
 
@@ -145,10 +161,14 @@ def browser(driver, live_server):
     shots.mkdir(parents=True, exist_ok=True)
     driver.delete_all_cookies()
     driver.set_window_size(*WIDE)
-    driver.get_log("browser")  # forget the previous test's messages
+    driver.get_log("browser")  # forget the previous test's messages and requests
+    driver.get_log("performance")
     page = Browser(driver, live_server.url, shots)
     yield page
-    assert page.errors() == [], "JavaScript console errors"
+    errors = page.errors()
+    assert errors == [], "JavaScript console errors:\n" + "\n".join(errors)
+    foreign = page.foreign_requests()
+    assert foreign == [], "requests to other hosts:\n" + "\n".join(foreign)
 
 
 @pytest.fixture
