@@ -8,6 +8,9 @@ declare -A want=(
   [zstd]=zstd
   [pg_ctlcluster]=postgresql
   [python3]=python3
+  # the browser tests (tests/browser) drive Debian's own Chromium through its driver
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
 )
 missing=()
 for cmd in "${!want[@]}"; do

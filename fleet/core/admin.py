@@ -2,6 +2,11 @@ from django.contrib import admin
 
 from fleet.core.models import ApiToken
 
+admin.site.site_header = "Modelfleet control room"
+admin.site.site_title = "Modelfleet"
+admin.site.index_title = "Fleet"
+admin.site.index_template = "admin/fleet_index.html"  # the fleet dashboard (fleet/core/dashboard.py)
+
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
@@ -14,7 +19,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # keys are shown once: create them with `manage.py create_api_token`
 
-    @admin.action(description="Revoke selected tokens")
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
     def revoke(self, request, queryset):
         from django.utils import timezone
 

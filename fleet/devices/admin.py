@@ -8,16 +8,88 @@ from datetime import timedelta
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import F
+from django.http import HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
+from fleet.core.choices import Role
+from fleet.core.display import count, duration, moment, raw_details
 from fleet.core.errors import ServiceError
+from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
+from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
+from fleet.registry.models import Artifact
 
 STATUS_COLOURS = {"active": "#1a7f37", "pending": "#9a6700", "disabled": "#cf222e", "retired": "#57606a"}
 TOKEN_STATE_COLOURS = {"usable": "#1a7f37", "expired": "#57606a", "used_up": "#9a6700", "revoked": "#cf222e"}
+
+
+HEALTH = (
+    ("cpu_pct", "CPU {:.1f} %"),
+    ("rss_mb", "RSS {:.1f} MB"),
+    ("temp_c", "{:.1f} °C"),
+    ("disk_free_mb", "disk free {:,.0f} MB"),
+)
+
+
+class DeviceChangeForm(forms.ModelForm):
+    """What people may change about a device (as ``PATCH /api/v1/devices/{id}/``); tags
+    are words separated by commas, not a JSON list."""
+
+    tags = forms.CharField(required=False, help_text="Separated by commas.")
+
+    class Meta:
+        model = Device
+        fields = ("display_name", "tags")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["tags"] = ", ".join(self.instance.tags or [])
+
+    def clean_tags(self):
+        return [tag.strip() for tag in self.cleaned_data["tags"].split(",") if tag.strip()]
+
+
+class RunningFilter(admin.SimpleListFilter):
+    """Devices that report running a model version and variant ("digits:1.0.0:int8"), the
+    dashboard's stacked bar links here."""
+
+    title = "running"
+    parameter_name = "running"
+
+    def lookups(self, request, model_admin):
+        value = self.value()
+        return [(value, value.replace(":", " ", 1).replace(":", " [", 1) + "]")] if value else []
+
+    def queryset(self, request, queryset):
+        if not self.value():
+            return queryset
+        model, _, rest = self.value().partition(":")
+        version, _, variant = rest.partition(":")
+        entry = {"version": version, **({"variant": variant} if variant and variant != "?" else {})}
+        return queryset.filter(reported_models__contains={model: entry})
+
+
+class GenerationFilter(admin.SimpleListFilter):
+    title = "generation"
+    parameter_name = "generation"
+
+    def lookups(self, request, model_admin):
+        return [("behind", "behind the desired one"), ("current", "up to date")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "behind":
+            return queryset.filter(applied_generation__lt=F("desired_generation"))
+        if self.value() == "current":
+            return queryset.filter(applied_generation__gte=F("desired_generation"))
+        return queryset
 
 
 @admin.register(Device)
@@ -33,49 +105,95 @@ class DeviceAdmin(admin.ModelAdmin):
         "applied_generation",
         "desired_generation",
     )
-    list_filter = ("status", "online", "hardware", "supports_int8", "keyring_version", "static_groups")
-    search_fields = ("device_id", "display_name", "tags")
-    readonly_fields = (
-        "device_id",
+    list_filter = (
         "status",
-        "hardware",
-        "runtime",
-        "runtime_version",
-        "supports_int8",
-        "supported_ops",
-        "agent_version",
         "online",
-        "last_seen_at",
-        "applied_generation",
-        "reported_models",
-        "health",
-        "desired_generation",
-        "desired_artifacts",
-        "enrolled_with",
-        "enrolled_at",
-        "created_at",
-        "status_changed_at",
+        GenerationFilter,
+        RunningFilter,
+        "hardware",
+        "supports_int8",
+        "keyring_version",
+        "static_groups",
     )
-    exclude = ("enrollment_code_sha256",)
+    search_fields = ("device_id", "display_name", "tags")
+    form = DeviceChangeForm
+    change_fields = (
+        "device_id",
+        "display_name",
+        "tags",
+        "status_label",
+        "online_dot",
+        "last_seen",
+        "identity",
+        "models",
+        "desired",
+        "generations",
+        "trust_versions",
+        "health_text",
+        "enrolled",
+        "raw",
+    )
+    readonly_fields = tuple(name for name in change_fields if name not in ("display_name", "tags"))
     actions = ["approve", "disable", "retire"]
     # "Add device" pre-authorizes an id (the same service as the API); everything else
     # about a device comes from the device itself.
     add_fields = ("device_id", "display_name", "tags")
 
     def get_fields(self, request, obj=None):
-        return self.add_fields if obj is None else super().get_fields(request, obj)
+        return self.add_fields if obj is None else self.change_fields
 
     def get_readonly_fields(self, request, obj=None):
         return () if obj is None else self.readonly_fields
 
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = forms.ModelForm  # the model's own validators refuse bad ids
+        return super().get_form(request, obj, **kwargs)
+
     def has_delete_permission(self, request, obj=None):
-        # Devices are retired, never deleted: a deleted row would free its id, and a retired
-        # id must never come back (issue 9, section 1).
-        return False
+        # "Delete" is the retire door (delete_view below): a deleted row would free its id,
+        # and a retired id must never come back (issue 9, section 1). Operators retire, as
+        # in the API; a retired device has nothing left to retire.
+        if obj is not None and obj.status == DeviceStatus.RETIRED:
+            return False
+        return has_role(request.user, Role.OPERATOR)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # the "retire" action does it through the service
+        return actions
+
+    def delete_view(self, request, object_id, extra_context=None):
+        """Retire through the service (token and broker login removed), never a row delete."""
+        device = self.get_object(request, object_id)
+        if device is None or not self.has_delete_permission(request, device):
+            raise PermissionDenied
+        if request.method == "POST":
+            try:
+                services.device_retire(device=device)
+            except ServiceError as exc:
+                self.message_user(request, f"{device}: {exc.message}", messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    f"{device} is retired: its token and broker login no longer work.",
+                    messages.SUCCESS,
+                )
+            return HttpResponseRedirect(reverse("admin:devices_device_change", args=[device.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": device,
+            "title": f"Retire {device}?",
+        }
+        return TemplateResponse(request, "admin/devices/device/retire.html", context)
 
     def save_model(self, request, obj, form, change):
         if change:
-            return super().save_model(request, obj, form, change)
+            services.device_update(
+                device=obj, display_name=form.cleaned_data["display_name"], tags=form.cleaned_data["tags"]
+            )
+            return
         # The form has refused bad and reserved ids already (the model's validators); the
         # service checks again, as for the API.
         device, code = services.device_preauthorize(
@@ -108,6 +226,65 @@ class DeviceAdmin(admin.ModelAdmin):
             or "—"
         )
 
+    @admin.display(description="identity")
+    def identity(self, obj):
+        runtime = f"{obj.runtime} {obj.runtime_version}".strip() or "unknown runtime"
+        int8 = "runs int8" if obj.supports_int8 else "no int8"
+        return (
+            f"{obj.hardware}, {runtime}, {int8}, {count(len(obj.supported_ops or []), 'TFLite op')}, "
+            f"agent {obj.agent_version or 'unknown'}"
+        )
+
+    @admin.display(description="should run")
+    def desired(self, obj):
+        """What we last told the device, with links to the artifacts."""
+        ids = {**obj.desired_artifacts, **{m: s.get("artifact") for m, s in obj.desired_shadows.items()}}
+        artifacts = Artifact.objects.select_related("version__model").in_bulk(
+            [pk for pk in ids.values() if isinstance(pk, int)]
+        )
+        rows = [
+            (
+                reverse("admin:registry_artifact_change", args=[pk]),
+                artifacts[pk],
+                " (shadow)" * (name in obj.desired_shadows),
+            )
+            for name, pk in sorted(ids.items())
+            if pk in artifacts
+        ]
+        return format_html_join(", ", '<a href="{}">{}</a>{}', rows) or "—"
+
+    @admin.display(description="generation")
+    def generations(self, obj):
+        lag = obj.desired_generation - obj.applied_generation
+        behind = f", {count(lag, 'generation')} behind" if lag > 0 else ""
+        return f"applied {obj.applied_generation} of {obj.desired_generation}{behind}"
+
+    @admin.display(description="verifies with")
+    def trust_versions(self, obj):
+        if obj.keyring_version is None:
+            return "no keyring reported yet"
+        return f"keyring version {obj.keyring_version} under root version {obj.root_version}"
+
+    @admin.display(description="health")
+    def health_text(self, obj):
+        health = obj.health or {}
+        parts = [text.format(health[key]) for key, text in HEALTH if isinstance(health.get(key), int | float)]
+        if isinstance(health.get("uptime_s"), int | float):
+            parts.append(f"up {duration(health['uptime_s'])}")
+        return ", ".join(parts) or "—"
+
+    @admin.display(description="enrolled")
+    def enrolled(self, obj):
+        if obj.enrolled_at is None:
+            return "not yet"
+        how = f" with token {obj.enrolled_with.name}" if obj.enrolled_with else " with its one-time code"
+        return f"{moment(obj.enrolled_at)}{how}"
+
+    @admin.display(description="raw")
+    def raw(self, obj):
+        fields = ("supported_ops", "reported_models", "health", "desired_artifacts", "desired_shadows")
+        return raw_details({name: getattr(obj, name) for name in fields})
+
     @admin.display(description="last seen", ordering="last_seen_at")
     def last_seen(self, obj):
         if obj.last_seen_at is None:
@@ -132,15 +309,18 @@ class DeviceAdmin(admin.ModelAdmin):
         if done:
             self.message_user(request, f"{verb} {done} device(s).", messages.SUCCESS)
 
-    @admin.action(description="Approve selected devices")
+    @admin.action(description="Approve selected devices", permissions=["change"])
     def approve(self, request, queryset):
         self._bulk(request, queryset, services.device_approve, "Approved")
 
-    @admin.action(description="Disable selected devices (revokes token and broker login, disconnects)")
+    @admin.action(
+        description="Disable selected devices (revokes token and broker login, disconnects)",
+        permissions=["change"],
+    )
     def disable(self, request, queryset):
         self._bulk(request, queryset, services.device_disable, "Disabled")
 
-    @admin.action(description="Retire selected devices (final)")
+    @admin.action(description="Retire selected devices (final)", permissions=["change"])
     def retire(self, request, queryset):
         self._bulk(request, queryset, services.device_retire, "Retired")
 
@@ -233,7 +413,7 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
             request, f"Enrollment token created. Copy it now, it is shown only once: {key}", messages.WARNING
         )
 
-    @admin.action(description="Revoke selected enrollment tokens")
+    @admin.action(description="Revoke selected enrollment tokens", permissions=["change"])
     def revoke(self, request, queryset):
         for token in queryset:
             services.enrollment_token_revoke(token=token)
@@ -242,7 +422,7 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
 @admin.register(DeviceEvent)
 class DeviceEventAdmin(admin.ModelAdmin):
     list_display = ("received_at", "device", "type", "generation", "model", "version", "variant", "reason")
-    list_filter = ("type", "reason")
+    list_filter = ("type", "reason", "received_at")
     search_fields = ("device__device_id", "message")
     list_select_related = ("device",)
 
@@ -251,6 +431,9 @@ class DeviceEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # append-only: the device's own account of what happened
 
 
 @admin.register(IngestRefusal)

@@ -127,15 +127,17 @@ class ModelVersionAdmin(admin.ModelAdmin):
             else:
                 self.message_user(request, f"{version} is now {status}.", messages.SUCCESS)
 
-    @admin.action(description="Release selected versions")
+    @admin.action(description="Release selected versions", permissions=["change"])
     def release(self, request, queryset):
         self._transition(request, queryset, VersionStatus.RELEASED)
 
-    @admin.action(description="Deprecate selected versions")
+    @admin.action(description="Deprecate selected versions", permissions=["change"])
     def deprecate(self, request, queryset):
         self._transition(request, queryset, VersionStatus.DEPRECATED)
 
-    @admin.action(description="Revoke selected versions (final: never assignable again)")
+    @admin.action(
+        description="Revoke selected versions (final: never assignable again)", permissions=["change"]
+    )
     def revoke(self, request, queryset):
         self._transition(request, queryset, VersionStatus.REVOKED)
 

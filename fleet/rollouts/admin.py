@@ -1,5 +1,11 @@
-"""Rollouts admin: where each rollout stands, why the evaluator decided what it did, and
-the same actions as the API (one service each)."""
+"""Rollouts admin: where each rollout stands and why, and the same actions as the API.
+
+A rollout is never edited here once it exists (its history is what ops read mid-incident):
+"Add rollout" goes through ``rollout_create`` with the API's checks, and every change of
+state is a button that appears only when the state machine allows it, asks for a reason
+and calls the same service as the API. Rollouts, gate evaluations and audit entries are
+never deleted (fleet/core/roles.py).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,28 @@ from collections import Counter
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db.models import Count
+from django.http import HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 
+from fleet.core.choices import Role
+from fleet.core.display import count, moment, raw_details
 from fleet.core.errors import ServiceError
+from fleet.core.permissions import has_role
+from fleet.devices.models import DeviceGroup
 from fleet.registry.admin import status_badge
+from fleet.registry.models import ModelVersion
 from fleet.rollouts import services
+from fleet.rollouts.api import ACTIONS  # the API's action -> service table: the same services
+from fleet.rollouts.choices import (
+    IN_FLIGHT,
+    ROLLOUT_TRANSITIONS,
+    AssignmentState,
+    RolloutState,
+)
 from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutPolicy
 
 STATE_COLOURS = {
@@ -22,6 +45,401 @@ STATE_COLOURS = {
     "aborted": "#57606a",
     "rolled_back": "#cf222e",
 }
+# Devices that run (or are installing) the candidate: what a rollback or an abort concerns.
+ON_CANDIDATE = (*IN_FLIGHT, AssignmentState.ACTIVE, AssignmentState.SHADOW)
+
+
+def state_label(value: str) -> str:
+    """The human name of a rollout state ("rolled_back" → "Rolled back")."""
+    return RolloutState(value).label if value in RolloutState.values else value
+
+
+def devices(n: int) -> str:
+    return count(n, "device")
+
+
+def stage_label(spec: dict) -> str:
+    unit = " %" if spec["kind"] == "percent" else " devices"
+    return f"{spec['value']:g}{unit}" + (" (shadow)" if spec.get("mode") == "shadow" else "")
+
+
+# --- the actions: which are legal now, and what each would do
+
+
+ACTION_DONE = {
+    "start": "started",
+    "pause": "paused",
+    "resume": "resumed",
+    "promote": "promoted",
+    "abort": "aborted",
+    "rollback": "rolled back",
+}
+ACTION_LABELS = {
+    "start": "Start",
+    "pause": "Pause",
+    "resume": "Resume",
+    "promote": "Promote to the next stage",
+    "abort": "Abort",
+    "rollback": "Roll back",
+}
+
+
+def legal_actions(rollout: Rollout) -> list[str]:
+    """The actions the state machine (ROLLOUT_TRANSITIONS) allows from the current state;
+    the services refuse the others, so a button is never offered that would be refused."""
+    state, allowed = rollout.state, ROLLOUT_TRANSITIONS[rollout.state]
+    legal = {
+        "start": state == RolloutState.DRAFT,
+        "pause": RolloutState.PAUSED in allowed,
+        "resume": state == RolloutState.PAUSED,
+        "promote": state == RolloutState.RUNNING,
+        "abort": RolloutState.ABORTED in allowed,
+        "rollback": RolloutState.ROLLED_BACK in allowed,
+    }
+    return [action for action in ACTIONS if legal[action]]
+
+
+def action_impact(rollout: Rollout, action: str) -> str:
+    """What the action does to devices, in one sentence, with counts."""
+    version = rollout.target_version.version
+    on_candidate = rollout.assignments.filter(state__in=ON_CANDIDATE).count()
+    if action == "start":
+        targeted = services.target_devices(targets=rollout.targets).count()
+        return (
+            f"{devices(targeted)} are targeted; stage 1 ({stage_label(rollout.stages[0])}) "
+            f"starts now and its devices are told to install {version}."
+        )
+    if action == "pause":
+        return (
+            f"No new stage starts and the gates stop acting; {devices(on_candidate)} keep "
+            f"{version} (or go on installing it) until the rollout resumes, is aborted or rolled back."
+        )
+    if action == "resume":
+        return f"The gates evaluate stage {rollout.current_stage + 1} again and promote when it passes."
+    if action == "promote":
+        following = rollout.current_stage + 1
+        if following >= len(rollout.stages):
+            return f"The rollout completes: {devices(on_candidate)} keep {version}."
+        pending = rollout.assignments.filter(state=AssignmentState.PENDING).count()
+        return (
+            f"Stage {following + 1} ({stage_label(rollout.stages[following])}) starts now, "
+            f"without waiting for the gates; up to {devices(pending)} waiting are told to install {version}."
+        )
+    if action == "abort":
+        pending = rollout.assignments.filter(state=AssignmentState.PENDING).count()
+        return (
+            f"The rollout stops for good: {devices(on_candidate)} keep {version} "
+            f"and {devices(pending)} never get it."
+        )
+    returning = (
+        rollout.assignments.filter(state__in=(*ON_CANDIDATE, AssignmentState.FAILED))
+        .values("from_version")
+        .annotate(n=Count("pk"))
+        .order_by("from_version")
+    )
+    parts = [f"{devices(row['n'])} return to {row['from_version'] or 'no model'}" for row in returning]
+    return (", ".join(parts) or "No device runs the candidate") + "; the rollout is finished for good."
+
+
+class ActionForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        max_length=2000,
+        help_text="Why: it goes into the audit log with your name.",
+    )
+
+    def clean_reason(self):
+        reason = self.cleaned_data["reason"].strip()
+        if not reason:
+            raise ValidationError("Say why.")
+        return reason
+
+
+# --- reading a rollout
+
+
+def headline(rollout: Rollout) -> str:
+    """The state and why, in one sentence: the latest person's action, else the evaluator's."""
+    if rollout.state == RolloutState.DRAFT:
+        return "Draft: not started. Starting it places the targeted devices and begins stage 1."
+    latest = rollout.audit.select_related("actor").order_by("-at", "-pk").first()
+    if latest is not None and latest.actor is not None and latest.to_state == rollout.state:
+        reason = latest.reason or "no reason given"
+        return f"{state_label(rollout.state)} by {latest.actor} at {moment(latest.at)}: {reason}"
+    return rollout.last_decision or f"{state_label(rollout.state)}."
+
+
+def stage_rows(rollout: Rollout) -> list[dict]:
+    """Per stage: its size, and its devices by assignment state (human labels)."""
+    counts = Counter(
+        (stage, state) for stage, state in rollout.assignments.values_list("stage", "state").order_by()
+    )
+    rows = []
+    for number, spec in enumerate(rollout.stages):
+        states = [
+            (AssignmentState(state).label, n)
+            for (stage, state), n in sorted(counts.items(), key=lambda item: item[0][1])
+            if stage == number
+        ]
+        rows.append(
+            {
+                "number": number + 1,
+                "size": stage_label(spec),
+                "current": number == rollout.current_stage,
+                "states": states,
+            }
+        )
+    waiting = [(AssignmentState(state).label, n) for (stage, state), n in counts.items() if stage is None]
+    if waiting:
+        rows.append({"number": None, "size": "not in a stage", "current": False, "states": sorted(waiting)})
+    return rows
+
+
+# --- inlines (read only)
+
+
+class EvaluationInline(admin.TabularInline):
+    """Each gate's verdict in one sentence with rounded figures (the numbers behind it are
+    in the API's ``evaluations``, with their inputs)."""
+
+    model = GateEvaluation
+    # No "decision" column: a passing gate beside "Roll back" reads as if the gate rolled back
+    # (the decision is in the page's first sentence and the audit log).
+    fields = ("when", "stage_number", "gate", "verdict", "summary", "looks")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    max_num = 0
+    ordering = ("-evaluated_at",)
+
+    @admin.display(description="evaluated at")
+    def when(self, obj):
+        return moment(obj.evaluated_at)
+
+    @admin.display(description="stage")
+    def stage_number(self, obj):
+        return obj.stage + 1
+
+    @admin.display(description="gate")
+    def gate(self, obj):
+        return obj.get_metric_display() + (f" ({obj.variant})" if obj.variant else "")
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class AuditInline(admin.TabularInline):
+    model = AuditEntry
+    fields = ("when", "actor_name", "action", "change", "stage_number", "reason")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    max_num = 0
+    ordering = ("-at", "-pk")
+
+    @admin.display(description="at")
+    def when(self, obj):
+        return moment(obj.at)
+
+    @admin.display(description="who")
+    def actor_name(self, obj):
+        return obj.actor_name
+
+    @admin.display(description="state")
+    def change(self, obj):
+        if obj.from_state == obj.to_state:
+            return state_label(obj.to_state)
+        return f"{state_label(obj.from_state)} → {state_label(obj.to_state)}"
+
+    @admin.display(description="stage")
+    def stage_number(self, obj):
+        return obj.stage + 1 if obj.stage >= 0 else "—"
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+# --- "Add rollout": the API's service and checks
+
+
+class RolloutAddForm(forms.Form):
+    """The same inputs as ``POST /api/v1/rollouts/``; ``rollout_create`` checks them."""
+
+    version = forms.ModelChoiceField(
+        queryset=ModelVersion.objects.select_related("model").order_by("model__name", "-created_at"),
+        help_text="The version to roll out (its model is the rollout's model).",
+    )
+    policy = forms.ModelChoiceField(queryset=RolloutPolicy.objects.order_by("name"))
+    groups = forms.ModelMultipleChoiceField(
+        queryset=DeviceGroup.objects.order_by("name"), required=False, to_field_name="name"
+    )
+    tags = forms.CharField(required=False, help_text="Device tags, separated by commas.")
+    devices = forms.CharField(required=False, help_text="Device ids, separated by commas.")
+    priority = forms.IntegerField(initial=0)
+
+    def targets(self) -> dict[str, list[str]]:
+        data = self.cleaned_data
+        split = lambda text: [item.strip() for item in (text or "").split(",") if item.strip()]  # noqa: E731
+        targets = {
+            "groups": [group.name for group in data.get("groups") or []],
+            "tags": split(data.get("tags")),
+            "devices": split(data.get("devices")),
+        }
+        return {key: value for key, value in targets.items() if value}
+
+
+@admin.register(Rollout)
+class RolloutAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "state_badge", "stage", "progress", "policy", "priority", "created_at")
+    list_filter = ("state", "model")
+    list_select_related = ("model", "target_version", "policy")
+    fields = (
+        "model",
+        "target_version",
+        "policy",
+        "targets_text",
+        "priority",
+        "state_badge",
+        "stage",
+        "awaiting_approval",
+        "created_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "raw",
+    )
+    readonly_fields = fields
+    inlines = [AuditInline, EvaluationInline]
+    change_form_template = "admin/rollouts/rollout/change_form.html"
+
+    # Read only: a rollout's history is never rewritten (actions are the buttons below).
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, obj):
+        label = obj.get_state_display() + (" (awaiting approval)" if obj.awaiting_approval else "")
+        return status_badge(obj.state, label, STATE_COLOURS)
+
+    @admin.display(description="stage")
+    def stage(self, obj):
+        if obj.current_stage < 0:
+            return "—"
+        spec = obj.stages[obj.current_stage]
+        return f"{obj.current_stage + 1} of {len(obj.stages)} ({stage_label(spec)})"
+
+    @admin.display(description="devices")
+    def progress(self, obj):
+        counts = Counter(Assignment.objects.filter(rollout=obj).values_list("state", flat=True))
+        return (
+            ", ".join(f"{count:,} {AssignmentState(state).label.lower()}" for state, count in counts.items())
+            or "—"
+        )
+
+    @admin.display(description="targets")
+    def targets_text(self, obj):
+        return (
+            "; ".join(f"{key}: {', '.join(values)}" for key, values in obj.targets.items() if values) or "—"
+        )
+
+    @admin.display(description="raw")
+    def raw(self, obj):
+        """For experts only, folded: the targets and the policy as the rollout copied it."""
+        return raw_details({"targets": obj.targets, "policy": obj.policy_snapshot})
+
+    # --- the page: headline, stages, action buttons
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        rollout = self.get_object(request, object_id)
+        if rollout is not None:
+            can_act = has_role(request.user, Role.OPERATOR)
+            extra_context = {
+                **(extra_context or {}),
+                "headline": headline(rollout),
+                "stage_rows": stage_rows(rollout) if rollout.current_stage >= 0 else [],
+                "actions": [
+                    (
+                        action,
+                        ACTION_LABELS[action],
+                        reverse("admin:rollouts_rollout_act", args=[rollout.pk, action]),
+                    )
+                    for action in (legal_actions(rollout) if can_act else [])
+                ],
+            }
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def get_urls(self):
+        act = self.admin_site.admin_view(self.act_view)
+        return [path("<int:pk>/act/<slug:action>/", act, name="rollouts_rollout_act"), *super().get_urls()]
+
+    def act_view(self, request, pk: int, action: str):
+        """Confirm (impact, required reason), then call the same service as the API."""
+        if not has_role(request.user, Role.OPERATOR):
+            raise PermissionDenied  # the API's IsOperator
+        rollout = get_object_or_404(Rollout.objects.select_related("model", "target_version"), pk=pk)
+        page = reverse("admin:rollouts_rollout_change", args=[pk])
+        if action not in ACTIONS:
+            raise PermissionDenied
+        if action not in legal_actions(rollout):
+            self.message_user(
+                request, f"A {state_label(rollout.state).lower()} rollout cannot {action}.", messages.ERROR
+            )
+            return HttpResponseRedirect(page)
+        form = ActionForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                ACTIONS[action](rollout=rollout, by=request.user, reason=form.cleaned_data["reason"])
+            except ServiceError as exc:
+                self.message_user(request, exc.message, messages.ERROR)
+            else:
+                self.message_user(request, f"{rollout} {ACTION_DONE[action]}.", messages.SUCCESS)
+            return HttpResponseRedirect(page)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": rollout,
+            "title": f"{ACTION_LABELS[action]} {rollout}?",
+            "action": action,
+            "action_label": ACTION_LABELS[action],
+            "impact": action_impact(rollout, action),
+            "form": form,
+            "cancel_url": page,
+        }
+        return TemplateResponse(request, "admin/rollouts/rollout/act.html", context)
+
+    # --- "Add rollout"
+
+    def add_view(self, request, form_url="", extra_context=None):
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        form = RolloutAddForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            version = form.cleaned_data["version"]
+            try:
+                rollout = services.rollout_create(
+                    model=version.model,
+                    version=version,
+                    targets=form.targets(),
+                    policy=form.cleaned_data["policy"],
+                    priority=form.cleaned_data["priority"],
+                    created_by=request.user,
+                )
+            except ServiceError as exc:
+                field = {"targets": "groups"}.get(exc.field, exc.field)
+                form.add_error(field if field in form.fields else None, exc.message)
+            else:
+                self.message_user(request, f"{rollout} created as a draft; start it here.", messages.SUCCESS)
+                return HttpResponseRedirect(reverse("admin:rollouts_rollout_change", args=[rollout.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Add rollout",
+            "form": form,
+        }
+        return TemplateResponse(request, "admin/rollouts/rollout/add.html", context)
 
 
 class RolloutPolicyForm(forms.ModelForm):
@@ -49,105 +467,4 @@ class RolloutPolicyAdmin(admin.ModelAdmin):
 
     @admin.display(description="stages")
     def stage_summary(self, obj):
-        return " → ".join(
-            f"{s['value']:g}{'%' if s['kind'] == 'percent' else ''}"
-            + (" (shadow)" if s.get("mode") == "shadow" else "")
-            for s in obj.stages
-        )
-
-
-class EvaluationInline(admin.TabularInline):
-    """Each gate's verdict in one sentence with rounded figures (the numbers behind it are
-    in the API's ``evaluations``, with their inputs)."""
-
-    model = GateEvaluation
-    fields = ("evaluated_at", "stage_number", "gate", "verdict", "summary", "decision", "looks", "method")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    max_num = 0
-    ordering = ("-evaluated_at",)
-
-    @admin.display(description="stage")
-    def stage_number(self, obj):
-        return obj.stage + 1
-
-    @admin.display(description="gate")
-    def gate(self, obj):
-        return obj.get_metric_display() + (f" ({obj.variant})" if obj.variant else "")
-
-
-class AuditInline(admin.TabularInline):
-    model = AuditEntry
-    fields = ("at", "actor", "action", "from_state", "to_state", "stage", "reason")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    max_num = 0
-
-
-@admin.register(Rollout)
-class RolloutAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "state_label", "stage", "progress", "policy", "priority", "created_at")
-    list_filter = ("state", "model")
-    readonly_fields = (
-        "state",
-        "current_stage",
-        "stage_started_at",
-        "awaiting_approval",
-        "last_decision",
-        "policy_snapshot",
-        "created_by",
-        "created_at",
-        "started_at",
-        "finished_at",
-    )
-    inlines = [AuditInline, EvaluationInline]
-    actions = ["start", "pause", "resume", "promote", "abort", "rollback"]
-
-    @admin.display(description="state", ordering="state")
-    def state_label(self, obj):
-        label = obj.get_state_display() + (" (awaiting approval)" if obj.awaiting_approval else "")
-        return status_badge(obj.state, label, STATE_COLOURS)
-
-    @admin.display(description="stage")
-    def stage(self, obj):
-        return f"{obj.current_stage + 1} of {len(obj.stages)}" if obj.current_stage >= 0 else "—"
-
-    @admin.display(description="devices")
-    def progress(self, obj):
-        counts = Counter(Assignment.objects.filter(rollout=obj).values_list("state", flat=True))
-        return ", ".join(f"{count} {state}" for state, count in sorted(counts.items())) or "—"
-
-    def _act(self, request, queryset, action, verb):
-        for rollout in queryset:
-            try:
-                action(rollout=rollout, by=request.user, reason=f"{verb} in the admin")
-            except ServiceError as exc:
-                self.message_user(request, f"Rollout {rollout.pk}: {exc.message}", messages.ERROR)
-            else:
-                self.message_user(request, f"Rollout {rollout.pk}: {verb}.", messages.SUCCESS)
-
-    @admin.action(description="Start selected rollouts")
-    def start(self, request, queryset):
-        self._act(request, queryset, services.rollout_start, "started")
-
-    @admin.action(description="Pause selected rollouts")
-    def pause(self, request, queryset):
-        self._act(request, queryset, services.rollout_pause, "paused")
-
-    @admin.action(description="Resume selected rollouts")
-    def resume(self, request, queryset):
-        self._act(request, queryset, services.rollout_resume, "resumed")
-
-    @admin.action(description="Promote selected rollouts to their next stage")
-    def promote(self, request, queryset):
-        self._act(request, queryset, services.rollout_promote, "promoted")
-
-    @admin.action(description="Abort selected rollouts (devices keep what they run)")
-    def abort(self, request, queryset):
-        self._act(request, queryset, services.rollout_abort, "aborted")
-
-    @admin.action(description="Roll back selected rollouts (devices return to their previous version)")
-    def rollback(self, request, queryset):
-        self._act(request, queryset, services.rollout_rollback, "rolled back")
+        return " → ".join(stage_label(spec) for spec in obj.stages)

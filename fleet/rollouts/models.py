@@ -185,6 +185,9 @@ class AuditEntry(models.Model):
         ordering = ["-at"]
         verbose_name_plural = "audit entries"
 
+    def __str__(self) -> str:
+        return f"{self.actor_name}: {self.action}"
+
     @property
     def actor_name(self) -> str:
         return str(self.actor) if self.actor else "system"

@@ -152,6 +152,15 @@ def _transition(
     return rollout
 
 
+def _require(rollout: Rollout, state: str, action: str) -> None:
+    """Actions that ROLLOUT_TRANSITIONS alone would let through from another state."""
+    if rollout.state != state:
+        raise Conflict(
+            f"Rollout {rollout.pk} is {rollout.state}; only a {state} rollout can {action}.",
+            code="illegal_transition",
+        )
+
+
 def _overlapping(rollout: Rollout, devices: list[Device]) -> list[str]:
     """Devices already in another active rollout of the same model (one per model and device)."""
     return sorted(
@@ -174,6 +183,8 @@ def rollout_start(*, rollout: Rollout, by: AbstractBaseUser | None = None, reaso
     the operator finishes, aborts or narrows the other one first.
     """
     rollout = Rollout.objects.select_for_update().get(pk=rollout.pk)
+    # Only a draft starts: "start" on a paused rollout would place its devices a second time.
+    _require(rollout, RolloutState.DRAFT, "start")
     devices = list(target_devices(targets=rollout.targets))
     clash = _overlapping(rollout, devices)
     if clash:
@@ -367,6 +378,8 @@ def rollout_pause(*, rollout: Rollout, by: AbstractBaseUser | None = None, reaso
 
 
 def rollout_resume(*, rollout: Rollout, by: AbstractBaseUser | None = None, reason: str = "") -> Rollout:
+    # Only a paused rollout resumes: "resume" on a draft would run it without placing a device.
+    _require(rollout, RolloutState.PAUSED, "resume")
     return _transition(rollout, RolloutState.RUNNING, action="resume", by=by, reason=reason)
 
 

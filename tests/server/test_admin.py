@@ -100,9 +100,9 @@ def test_admin_pages_render(admin_client, ready_artifact, url):
     assert admin_client.get(url).status_code == 200
 
 
-def test_people_without_staff_rights_cannot_open_the_admin(bob):
+def test_people_without_a_role_cannot_open_the_admin(charlie):
     client = Client()
-    client.force_login(bob.user)
+    client.force_login(charlie.user)
     response = client.get("/admin/registry/artifact/")
     assert response.status_code == 302
     assert "/admin/login/" in response["Location"]

@@ -126,7 +126,7 @@ def test_ensure_user_replaces_the_role_and_password_of_an_existing_user():
     call_command("ensure_user", "eve", "--role", "viewer", "--password", "second one", stdout=io.StringIO())
     eve = User.objects.get(username="eve")
     assert roles_of(eve) == {"viewer"}
-    assert (eve.is_staff, eve.is_superuser) == (False, False)
+    assert (eve.is_staff, eve.is_superuser) == (True, False)  # viewers read the admin site
     assert role_rank(eve) == 1
     assert eve.check_password("second one")
     assert not eve.check_password("first one")

@@ -7,6 +7,7 @@ and fleet/settings.py does not change it. It describes endpoints, never data."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -85,3 +86,20 @@ def test_it_serves_the_docs_page_to_anyone(anonymous):
 def test_a_bad_token_is_refused_even_on_the_public_schema(anonymous):
     anonymous.credentials(HTTP_AUTHORIZATION="Bearer mf_unknown")
     assert anonymous.get("/api/schema/").status_code == 401
+
+
+@pytest.mark.parametrize("url", ["/api/docs/", "/api/redoc/"])
+def test_the_docs_pages_load_nothing_from_another_host(client, url):
+    """Swagger UI and Redoc come from drf-spectacular-sidecar's static files: an offline ops
+    network still gets them (issue 10, section 3)."""
+    from django.contrib.staticfiles import finders
+
+    page = client.get(url).content.decode()
+    # Everything the page itself loads: src and href attributes, CSS url(...) and @import.
+    loads = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)', page) + re.findall(r"url\(([^)]*)\)", page)
+    assert loads and all(link.startswith("/") and not link.startswith("//") for link in loads), loads
+    assert "@import" not in page
+    assets = re.findall(r'(?:src|href)="(/static/[^"]+)"', page)
+    assert any(asset.endswith(".js") for asset in assets)  # control: the page does load its code
+    for asset in assets:
+        assert finders.find(asset.removeprefix("/static/")), asset

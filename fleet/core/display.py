@@ -1,0 +1,40 @@
+"""How the admin shows things to people: counts with their noun, durations, and JSON only
+folded away in a "raw" section for experts (issue 10, section 2)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+
+def count(n: int, noun: str) -> str:
+    """``count(1, "device")`` → "1 device"; ``count(2043, "device")`` → "2,043 devices"."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def duration(seconds: float) -> str:
+    """A rounded duration: "45 s", "12 min", "5 h 3 min", "3 d 4 h"."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if seconds < 3600:
+        return f"{minutes} min"
+    if seconds < 86400:
+        return f"{hours} h {minutes % 60} min"
+    return f"{days} d {hours % 24} h"
+
+
+def moment(value: datetime | None) -> str:
+    """A time to the second, with its zone: "2026-11-30 16:24:03 UTC"."""
+    return "—" if value is None else f"{timezone.localtime(value):%Y-%m-%d %H:%M:%S %Z}"
+
+
+def raw_details(document) -> SafeString:
+    """The document as JSON, folded: closed unless someone opens it."""
+    text = json.dumps(document, indent=2)
+    return format_html("<details><summary>raw</summary><pre>{}</pre></details>", text)
