@@ -89,7 +89,10 @@ def test_the_matrices_cover_every_api_v1_endpoint():
     rollouts = {"rollout-list", "rollout-detail", "rollout-policy-list", "rollout-policy-detail"} | {
         f"rollout-{action}" for action in ("start", "pause", "resume", "promote", "abort", "rollback")
     }  # tests/server/test_rollouts_api.py
-    covered = {e.name for e in ENDPOINTS} | {e.name for e in DEVICE_ENDPOINTS} | {"enroll"} | rollouts
+    # Public by design, with their own tests: enroll (tests/server/test_enrollment*.py) and
+    # the trust bundle, read by anyone and uploaded by admins (tests/server/test_trust.py).
+    public = {"enroll", "trust"}
+    covered = {e.name for e in ENDPOINTS} | {e.name for e in DEVICE_ENDPOINTS} | public | rollouts
     assert covered == {pattern.name for pattern in api_v1}
 
 
