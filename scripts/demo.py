@@ -267,6 +267,10 @@ def start_agents(
     root_key_hex = manage(
         env, "trust", "dev-bootstrap", "--root-key", str(VAR / "offline-root" / "root.pem")
     ).split()[-1]
+    console.print(
+        f"Agents pin only the fleet's root key {root_key_hex[:16]}…; they learn the signing key "
+        "from the keyring it signs, retained on fleet/v1/trust (docs/security.md, 'Keys and rotation')."
+    )
     agents = []
     for device_id, variant in DEMO_AGENTS:
         home = VAR / "agents" / device_id
@@ -595,7 +599,8 @@ def main() -> int:
         stack.callback(broker.stop)
         step = progress.add_task("Migrating the database", total=None)
         manage(env, "migrate", "--noinput")
-        manage(env, "ensure_user", "admin", "--role", "admin", "--password", admin_password)
+        # "--password=…": a random password may start with "-", which argparse takes for an option
+        manage(env, "ensure_user", "admin", "--role", "admin", f"--password={admin_password}")
         token = manage(env, "create_api_token", "olivia", "--role", "operator", "--name", "demo")
         progress.update(step, total=1, completed=1)
 
