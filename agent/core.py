@@ -433,8 +433,14 @@ class Agent:
                 self._event("failed", reason=refusal.reason, message=refusal.message)
                 return ApplyResult("refused", None, refusal.reason, refusal.message)
             generation = desired["generation"]
-            if generation == self.state.applied_generation or generation in self._refused:
-                return ApplyResult("unchanged", generation)  # the retained copy, redelivered
+            if generation == self.state.applied_generation:
+                # The retained copy, redelivered on a reconnect, or sent again by a control
+                # plane that has not heard that it was applied (a report lost in a crash):
+                # say so again.
+                self._publish_reported()
+                return ApplyResult("unchanged", generation)
+            if generation in self._refused:
+                return ApplyResult("unchanged", generation)
             try:
                 self._check_freshness(desired)
                 self._event("notified", generation=generation)
