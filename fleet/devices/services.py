@@ -505,7 +505,7 @@ def devices_republish_desired(*, devices: list[Device], rollout: dict | None = N
     the process that committed it died before it queued the publishing task, or a worker
     died inside that task (Redis hands its message to another worker only after the
     visibility timeout, an hour), or a broker that crashed lost the retained copy before
-    saving it. An agent applies a generation once, so a copy it has seen is a no-op.
+    saving it. An agent applies a generation once: given one it applied, it reports again.
     Returns how many states will be sent."""
     states = [
         (d.device_id, d.desired_generation, _json_dict(d.desired_artifacts), _json_dict(d.desired_shadows))

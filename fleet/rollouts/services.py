@@ -20,7 +20,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.cache import cache
 from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from fleet.core.errors import Conflict, InvalidInput
@@ -490,38 +490,34 @@ def assignments_sync(*, rollout: Rollout) -> None:
             )
 
 
-def desired_republish_unanswered(*, rollout: Rollout, now: datetime) -> int:
-    """Send again the desired state of devices that have said nothing about it for
-    DESIRED_REPUBLISH_SECONDS since they were notified (no event for its generation, not
-    applied): a crash may have lost it between the commit and the broker (docs/operations.md,
-    "What survives a crash"). At most once per DESIRED_REPUBLISH_SECONDS per assignment, and
-    only within the pickup timeout: past it the stage no longer waits for the device, and a
-    device that is simply offline still finds the retained copy when it comes back."""
+def desired_republish_unapplied(*, rollout: Rollout, now: datetime) -> int:
+    """Send again the desired state of the rollout's devices that have not reported applying
+    it DESIRED_REPUBLISH_SECONDS after they were notified: a crash may have lost the state
+    between the commit and the broker, or lost the device's report on its way back
+    (docs/operations.md, "What survives a crash"). An agent that applied it already says so
+    again; one still installing it ignores the copy. At most once per
+    DESIRED_REPUBLISH_SECONDS per assignment, and only within the pickup timeout: past it
+    the stage no longer waits for the device, and a device that is simply offline still
+    finds the retained copy when it comes back."""
     quiet = now - timedelta(seconds=settings.DESIRED_REPUBLISH_SECONDS)
     timeout = timedelta(seconds=rollout.policy_snapshot.get("pickup_timeout_seconds", 900))
-    unanswered = (
-        rollout.assignments.filter(
-            state=AssignmentState.NOTIFIED,
-            notified_at__lte=quiet,
-            notified_at__gt=now - timeout,
-            device__status=DeviceStatus.ACTIVE,
-            device__desired_generation=F("generation"),
-            device__applied_generation__lt=F("generation"),
-        )
-        .exclude(
-            Exists(DeviceEvent.objects.filter(device=OuterRef("device"), generation=OuterRef("generation")))
-        )
-        .select_related("device")
-    )
+    unapplied = rollout.assignments.filter(
+        state__in=IN_FLIGHT,
+        notified_at__lte=quiet,
+        notified_at__gt=now - timeout,
+        device__status=DeviceStatus.ACTIVE,
+        device__desired_generation=F("generation"),
+        device__applied_generation__lt=F("generation"),
+    ).select_related("device")
     by_stage: dict[int, list[Device]] = defaultdict(list)
-    for assignment in unanswered:
+    for assignment in unapplied:
         # The cache spaces the copies out: many evaluations run in DESIRED_REPUBLISH_SECONDS.
         key = f"desired-republish:{assignment.pk}:{assignment.generation}"
         if cache.add(key, 1, timeout=settings.DESIRED_REPUBLISH_SECONDS):
             by_stage[assignment.stage].append(assignment.device)
     for stage, devices in by_stage.items():
         log.warning(
-            "rollout %s: %d device(s) silent since notified at stage %s; publishing again",
+            "rollout %s: %d device(s) at stage %s have not reported their desired state; publishing again",
             rollout.pk,
             len(devices),
             stage,
@@ -905,7 +901,7 @@ def rollout_evaluate(*, rollout_id: int, now: datetime | None = None) -> str:
             return Decision.WAIT
         place_new_devices(rollout=rollout)
         assignments_sync(rollout=rollout)
-        desired_republish_unanswered(rollout=rollout, now=now)
+        desired_republish_unapplied(rollout=rollout, now=now)
         looks = rollout.stage_looks + 1
         Rollout.objects.filter(pk=rollout.pk).update(stage_looks=looks)
         results = _gates(rollout, looks, now)
