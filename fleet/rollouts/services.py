@@ -502,7 +502,8 @@ def desired_republish_unapplied(*, rollout: Rollout, now: datetime) -> int:
     quiet = now - timedelta(seconds=settings.DESIRED_REPUBLISH_SECONDS)
     timeout = timedelta(seconds=rollout.policy_snapshot.get("pickup_timeout_seconds", 900))
     unapplied = rollout.assignments.filter(
-        state__in=IN_FLIGHT,
+        # Active or shadowing by the device's events, but its report never came.
+        state__in=(*IN_FLIGHT, AssignmentState.ACTIVE, AssignmentState.SHADOW),
         notified_at__lte=quiet,
         notified_at__gt=now - timeout,
         device__status=DeviceStatus.ACTIVE,
