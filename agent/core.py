@@ -470,8 +470,14 @@ class Agent:
                 self._event("failed", reason=refusal.reason, message=refusal.message)
                 return ApplyResult("refused", None, refusal.reason, refusal.message)
             generation = desired["generation"]
-            if generation == self.state.applied_generation or generation in self._refused:
-                return ApplyResult("unchanged", generation)  # the retained copy, redelivered
+            if generation == self.state.applied_generation:
+                # The retained copy, redelivered on a reconnect, or sent again by a control
+                # plane that has not heard that it was applied (a report lost in a crash):
+                # say so again.
+                self._publish_reported()
+                return ApplyResult("unchanged", generation)
+            if generation in self._refused:
+                return ApplyResult("unchanged", generation)
             try:
                 self._check_freshness(desired)
                 self._event("notified", generation=generation)
@@ -480,8 +486,11 @@ class Agent:
             except Refusal as refusal:
                 if refusal.permanent:
                     self._refused.add(generation)
+                # A transient failure (the control plane unreachable mid-download) is
+                # retried until it works: "retrying", not "failed", or the rollout's
+                # install-failure gate would count a device that is about to succeed.
                 self._event(
-                    "failed",
+                    "failed" if refusal.permanent else "retrying",
                     generation=generation,
                     model=refusal.model,
                     reason=refusal.reason,

@@ -306,6 +306,11 @@ if not PUBLIC_BASE_URL.startswith(("http://", "https://")):
     )
 # How many signed desired states one Celery publishing task carries.
 DESIRED_PUBLISH_CHUNK = _positive("DESIRED_PUBLISH_CHUNK", _read("DESIRED_PUBLISH_CHUNK", env.int, 500))
+# A rollout's device that has said nothing about its desired state this long after it
+# was notified gets it again (a crash may have lost it before the broker; docs/operations.md).
+DESIRED_REPUBLISH_SECONDS = _positive(
+    "DESIRED_REPUBLISH_SECONDS", _read("DESIRED_REPUBLISH_SECONDS", env.int, 60)
+)
 # A desired state older than this is refused by devices (a replayed old command).
 DESIRED_STATE_TTL_SECONDS = _positive(
     "DESIRED_STATE_TTL_SECONDS", _read("DESIRED_STATE_TTL_SECONDS", env.int, 7 * 24 * 3600)

@@ -437,9 +437,6 @@ def devices_assign(
     only grows, so an agent never mistakes a new command for a replay, and a model rollback
     is simply a newer generation naming the older version.
     """
-    from fleet.registry.models import Artifact
-    from fleet.registry.services import desired_model_entry
-
     shadows = shadows or {}
     ids = sorted({device.pk for device in devices})
     cleared = sorted({*artifacts, *clear_shadows})
@@ -480,10 +477,7 @@ def devices_assign(
                 raise Conflict(
                     f"{device_id} runs no {', '.join(alone)} to run a shadow beside.", code="no_live_model"
                 )
-        wanted_ids = {pk for _, _, wanted, _ in states for pk in wanted.values()}
-        wanted_ids |= {entry["artifact"] for _, _, _, shadowed in states for entry in shadowed.values()}
-        named = Artifact.objects.select_related("version__model").filter(pk__in=wanted_ids)
-        entries = {artifact.pk: desired_model_entry(artifact) for artifact in named}  # once per artifact
+        entries = _desired_entries(states)
         if states:
             sign_desired_states(states=states[:1], entries=entries, rollout=rollout)  # refuses a bad shape
         transaction.on_commit(lambda: desired_publish(states, entries, rollout, now=publish == "now"))
@@ -492,6 +486,36 @@ def devices_assign(
 
 def _json_dict(value: Any) -> dict:
     return value if isinstance(value, dict) else json.loads(value)
+
+
+def _desired_entries(states: list[DesiredState]) -> dict[int, dict]:
+    """The desired-state entry of every artifact the states name, made once per artifact."""
+    from fleet.registry.models import Artifact
+    from fleet.registry.services import desired_model_entry
+
+    wanted_ids = {pk for _, _, wanted, _ in states for pk in wanted.values()}
+    wanted_ids |= {entry["artifact"] for _, _, _, shadowed in states for entry in shadowed.values()}
+    named = Artifact.objects.select_related("version__model").filter(pk__in=wanted_ids)
+    return {artifact.pk: desired_model_entry(artifact) for artifact in named}
+
+
+def devices_republish_desired(*, devices: list[Device], rollout: dict | None = None) -> int:
+    """Publish the current desired state of ``devices`` again, at the generation they have
+    (after commit, in Celery tasks). For a state that may never have reached the broker:
+    the process that committed it died before it queued the publishing task, or a worker
+    died inside that task (Redis hands its message to another worker only after the
+    visibility timeout, an hour), or a broker that crashed lost the retained copy before
+    saving it. An agent applies a generation once: given one it applied, it reports again.
+    Returns how many states will be sent."""
+    states = [
+        (d.device_id, d.desired_generation, _json_dict(d.desired_artifacts), _json_dict(d.desired_shadows))
+        for d in devices
+        if d.status == DeviceStatus.ACTIVE and d.desired_generation
+    ]
+    if states:
+        entries = _desired_entries(states)
+        transaction.on_commit(lambda: desired_publish(states, entries, rollout))
+    return len(states)
 
 
 # (device id, generation, model -> live artifact id, model -> {"artifact", "sample_rate"})

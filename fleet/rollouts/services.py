@@ -16,9 +16,11 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
 from django.db import connection, transaction
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from fleet.core.errors import Conflict, InvalidInput
@@ -26,7 +28,7 @@ from fleet.devices import selectors as device_selectors
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup
 from fleet.devices.selectors import group_devices
-from fleet.devices.services import devices_assign
+from fleet.devices.services import devices_assign, devices_republish_desired
 from fleet.registry.choices import ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion
 from fleet.rollouts import policy, stats
@@ -503,6 +505,43 @@ def assignments_sync(*, rollout: Rollout) -> None:
             )
 
 
+def desired_republish_unapplied(*, rollout: Rollout, now: datetime) -> int:
+    """Send again the desired state of the rollout's devices that have not reported applying
+    it DESIRED_REPUBLISH_SECONDS after they were notified: a crash may have lost the state
+    between the commit and the broker, or lost the device's report on its way back
+    (docs/operations.md, "What survives a crash"). An agent that applied it already says so
+    again; one still installing it ignores the copy. At most once per
+    DESIRED_REPUBLISH_SECONDS per assignment, and only within the pickup timeout: past it
+    the stage no longer waits for the device, and a device that is simply offline still
+    finds the retained copy when it comes back."""
+    quiet = now - timedelta(seconds=settings.DESIRED_REPUBLISH_SECONDS)
+    timeout = timedelta(seconds=rollout.policy_snapshot.get("pickup_timeout_seconds", 900))
+    unapplied = rollout.assignments.filter(
+        # Active or shadowing by the device's events, but its report never came.
+        state__in=(*IN_FLIGHT, AssignmentState.ACTIVE, AssignmentState.SHADOW),
+        notified_at__lte=quiet,
+        notified_at__gt=now - timeout,
+        device__status=DeviceStatus.ACTIVE,
+        device__desired_generation=F("generation"),
+        device__applied_generation__lt=F("generation"),
+    ).select_related("device")
+    by_stage: dict[int, list[Device]] = defaultdict(list)
+    for assignment in unapplied:
+        # The cache spaces the copies out: many evaluations run in DESIRED_REPUBLISH_SECONDS.
+        key = f"desired-republish:{assignment.pk}:{assignment.generation}"
+        if cache.add(key, 1, timeout=settings.DESIRED_REPUBLISH_SECONDS):
+            by_stage[assignment.stage].append(assignment.device)
+    for stage, devices in by_stage.items():
+        log.warning(
+            "rollout %s: %d device(s) at stage %s have not reported their desired state; publishing again",
+            rollout.pk,
+            len(devices),
+            stage,
+        )
+        devices_republish_desired(devices=devices, rollout={"id": rollout.pk, "stage": stage})
+    return sum(len(devices) for devices in by_stage.values())
+
+
 # --- gates
 
 
@@ -878,6 +917,7 @@ def rollout_evaluate(*, rollout_id: int, now: datetime | None = None) -> str:
             return Decision.WAIT
         place_new_devices(rollout=rollout)
         assignments_sync(rollout=rollout)
+        desired_republish_unapplied(rollout=rollout, now=now)
         looks = rollout.stage_looks + 1
         Rollout.objects.filter(pk=rollout.pk).update(stage_looks=looks)
         results = _gates(rollout, looks, now)

@@ -237,3 +237,19 @@ def test_a_refused_generation_is_not_retried_on_redelivery(
     refuse(agent, publisher, collector, envelope, "download_failed")
     assert agent.apply(envelope).status == "unchanged"
     assert len([e for e in collector.of(device, "events") if e.get("reason") == "download_failed"]) == 1
+
+
+def test_a_transient_download_failure_is_retrying_not_failed_and_the_generation_applies_later(
+    serving, publisher, collector, artifact_server, artifacts, signing_key
+):
+    """A control plane that is away (restarting, 503) is not a verdict on the model: the
+    rollout's install-failure gate counts ``failed`` events, so this one is ``retrying``."""
+    agent = serving()
+    device = agent.config.device_id
+    v2 = publish_artifact(artifact_server, artifacts[("2.0.0", "float32")])
+    artifact_server.fail(urlparse(v2["manifest_url"]).path, 503, times=3)  # every attempt of one try
+    publish_desired(publisher, device, desired_envelope(signing_key, device, 2, {"digits": v2}))
+    retrying = collector.wait_for(device, "events", lambda e: e["type"] == "retrying")
+    assert (retrying["reason"], retrying["generation"]) == ("download_failed", 2)
+    collector.wait_for(device, "reported", lambda m: m["generation"] == 2)
+    assert not [e for e in collector.of(device, "events") if e["type"] == "failed"]

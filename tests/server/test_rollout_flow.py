@@ -9,6 +9,7 @@ the gates' evidence is in test_rollout_gates.py, the run with real agents in tes
 from datetime import timedelta
 
 import pytest
+from django.core.cache import cache
 from django.utils import timezone
 
 from fleet.devices.choices import DeviceStatus
@@ -216,3 +217,23 @@ def test_devices_that_never_pick_up_stop_blocking_after_the_timeout(world):
     # … until the pick-up timeout says the silent one no longer counts.
     later = timezone.now() + timedelta(seconds=61)
     assert services.rollout_evaluate(rollout_id=rollout.pk, now=later) == Decision.PROMOTE
+
+
+def test_a_device_that_never_reports_its_desired_state_gets_it_again_until_the_pickup_timeout(
+    world, settings, django_capture_on_commit_callbacks
+):
+    """A crash between the commit and the broker loses a desired state (docs/operations.md,
+    "What survives a crash"): the evaluator sends it again to devices that stay silent."""
+    settings.DESIRED_REPUBLISH_SECONDS = 30
+    rollout = start(world, gates={}, pickup_timeout_seconds=300)
+    answered, silent = rollout.assignments.filter(state=AssignmentState.NOTIFIED).select_related("device")
+    report(answered.device, "2.0.0", answered.variant)
+    now = timezone.now()
+    assert services.desired_republish_unapplied(rollout=rollout, now=now) == 0  # not silent for long yet
+    with django_capture_on_commit_callbacks() as publishing:
+        assert services.desired_republish_unapplied(rollout=rollout, now=now + timedelta(seconds=31)) == 1
+    assert len(publishing) == 1
+    # At most once per DESIRED_REPUBLISH_SECONDS, and never past the pickup timeout.
+    assert services.desired_republish_unapplied(rollout=rollout, now=now + timedelta(seconds=32)) == 0
+    cache.delete(f"desired-republish:{silent.pk}:{silent.generation}")
+    assert services.desired_republish_unapplied(rollout=rollout, now=now + timedelta(seconds=301)) == 0
