@@ -110,6 +110,9 @@ class LimitsConfig:
     reconnect_max_s: float = 60.0
     drain_timeout_s: float = 30.0
     recent_predictions: int = 10_000  # how many prediction ids are kept for feedback
+    # Telemetry windows kept after sending, to send again when the ingest bridge asks
+    # (docs/protocol.md, addition 7): 60 windows are 30 minutes at the default interval.
+    replay_windows: int = 60
     # Requests waiting for the shadow model (docs/agent.md, "Shadow evaluation"); when full,
     # a sampled request is counted as skipped instead of making its caller wait.
     shadow_queue_samples: int = 64
@@ -492,7 +495,11 @@ def _trust(reader: _Reader, data: dict[str, Any]) -> TrustConfig:
             public_key_from_hex(key)
         except ValueError as exc:
             reader.error(f"trust.root_keys[{index}]", f"{key!r} does not decode as Ed25519: {exc}")
-    threshold = reader.integer(table, "trust", "root_threshold", minimum=1, maximum=max(1, len(keys)))
+    if len({key.lower() for key in keys}) != len(keys):
+        reader.error("trust.root_keys", "lists the same key twice; a threshold counts distinct keys")
+    threshold = reader.integer(
+        table, "trust", "root_threshold", minimum=1, maximum=max(1, len({key.lower() for key in keys}))
+    )
     # Lower case, so that the same key written twice in different case compares equal.
     return TrustConfig(root_keys=tuple(key.lower() for key in keys), root_threshold=threshold or 1)
 
@@ -738,6 +745,9 @@ reconnect_max_s = 60.0
 drain_timeout_s = 30.0
 # How many recent prediction ids are remembered for POST /v1/feedback.
 recent_predictions = 10000
+# Telemetry windows kept after sending, sent again when the control plane asks
+# (after its broker restarted): 60 windows are 30 minutes at a 30 s interval.
+replay_windows = 60
 
 [device]
 # This device's hardware class. A manifest lists the classes it runs on

@@ -84,10 +84,6 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
 class Agent:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -224,7 +220,8 @@ class Agent:
         return self._stop.is_set()
 
     def alive(self) -> bool:
-        return all(thread.is_alive() for thread in self._threads)
+        """For the systemd watchdog: the apply, telemetry and MQTT threads all run."""
+        return all(thread.is_alive() for thread in self._threads) and self.link.alive()
 
     def run_forever(self) -> None:
         """Foreground service for systemd (Type=notify, watchdog); returns after SIGTERM."""
@@ -415,6 +412,8 @@ class Agent:
             return
         if not changed:
             return
+        # Refusals of earlier generations may have been about keys: let them be tried again.
+        self._refused.clear()
         versions = self.trust.versions()
         log.info("trust updated: %s", versions)
         self._event(
@@ -522,7 +521,7 @@ class Agent:
                 f"generation {desired['generation']} is older than the applied "
                 f"{self.state.applied_generation}",
             )
-        if _parse_time(desired["expires_at"]) <= datetime.now(UTC):
+        if protocol.parse_time(desired["expires_at"]) <= datetime.now(UTC):
             raise Refusal("expired", f"desired state expired at {desired['expires_at']}")
 
     # --- one model

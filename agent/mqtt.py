@@ -21,9 +21,9 @@ import json
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -32,9 +32,25 @@ from paho.mqtt.properties import Properties
 
 from agent import __version__
 from agent.config import Config
+from agent.protocol.schemas import format_time, parse_time
 from agent.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
+
+REPLAY_ID_MAX = 64
+
+
+def parse_replay(payload: bytes) -> tuple[str, datetime] | None:
+    """(request id, since) of a replay request ``{"id": str, "since": RFC 3339}``, or None
+    when it is not one (docs/protocol.md, addition 7)."""
+    try:
+        data = json.loads(payload)
+        request_id, since = data["id"], parse_time(data["since"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= REPLAY_ID_MAX:
+        return None
+    return request_id, since
 
 
 @dataclass
@@ -96,6 +112,13 @@ class MqttLink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._publish_lock = threading.Lock()
+        # docs/protocol.md, addition 7: telemetry recently sent, (window end, message), sent
+        # again when the ingest bridge asks because its broker may have lost it.
+        self._recent: collections.deque[tuple[datetime, Outgoing]] = collections.deque(
+            maxlen=limits.replay_windows
+        )
+        self._replayed: str | None = None  # the last replay request handled
+        self.replays = 0
         self.client = self._make_client()
         self.connects = 0
 
@@ -104,7 +127,7 @@ class MqttLink:
             {
                 "online": online,
                 "agent_version": __version__,
-                "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "ts": format_time(datetime.now(UTC)),
             }
         ).encode()
 
@@ -121,11 +144,15 @@ class MqttLink:
         if broker.tls:
             client.tls_set(ca_certs=str(broker.ca_file) if broker.ca_file else None)
         client.will_set(self.topics.device(self.device_id, "status"), self._status(False), qos=1, retain=True)
+        # An exception in a callback is logged, and never ends the network thread (a device
+        # that stops hearing its control plane would look alive to the watchdog).
+        client.suppress_exceptions = True
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.message_callback_add(self.topics.desired(self.device_id), self._on_desired)
         client.message_callback_add(self.topics.trust(), self._on_trust)
+        client.message_callback_add(self.topics.replay(), self._on_replay)
         return client
 
     # --- paho callbacks (network thread)
@@ -137,7 +164,9 @@ class MqttLink:
         self.connects += 1
         # One SUBSCRIBE, trust first: the broker sends retained messages in the order of
         # the filters, so the keyring is in place before the desired state it verifies.
-        client.subscribe([(self.topics.trust(), 1), (self.topics.desired(self.device_id), 1)])
+        client.subscribe(
+            [(self.topics.trust(), 1), (self.topics.desired(self.device_id), 1), (self.topics.replay(), 1)]
+        )
         client.publish(self.topics.device(self.device_id, "status"), self._status(True), qos=1, retain=True)
         self.connected.set()
         for item in self.queue.take_all():
@@ -160,6 +189,27 @@ class MqttLink:
         if message.payload and self.on_trust is not None:
             self.on_trust(bytes(message.payload))
 
+    def _on_replay(self, client, userdata, message) -> None:
+        """Send again the telemetry windows that ended at or after ``since``, once per
+        request id (the request is retained: every reconnect sees it again). The bridge
+        drops the windows it has by their id, so sending one twice costs only bandwidth."""
+        if not message.payload:
+            return  # a cleared retained request
+        request = parse_replay(message.payload)
+        if request is None:
+            log.warning("ignoring a malformed replay request on %s", message.topic)
+            return
+        request_id, since = request
+        with self._publish_lock:
+            if request_id == self._replayed:
+                return
+            self._replayed = request_id
+            again = [item for ended, item in self._recent if ended >= since]
+            for item in again:
+                self._send(item)
+        self.replays += 1
+        log.info("replay %s: sent %d telemetry window(s) again", request_id, len(again))
+
     # --- publishing
 
     def _send(self, item: Outgoing) -> None:
@@ -171,10 +221,15 @@ class MqttLink:
     def publish(self, kind: str, message: dict[str, Any], *, retain: bool = False) -> None:
         item = Outgoing(self.topics.device(self.device_id, kind), json.dumps(message).encode(), retain)
         with self._publish_lock:
+            if kind == "telemetry":
+                self._recent.append((parse_time(message["ts"]), item))
             if self.connected.is_set():
                 self._send(item)
             else:
                 self.queue.put(item)
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
 
     @property
     def dropped(self) -> int:

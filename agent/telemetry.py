@@ -314,7 +314,7 @@ def telemetry_message(
     are docs/protocol.md additions 3 and 4), validated: raises ``protocol.SchemaError``."""
     message = {
         "id": message_id or uuid.uuid4().hex,
-        "ts": ts or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "ts": ts or protocol.format_time(datetime.now(UTC)),
         "window_s": window_s,
         "models": models,
         "health": health,

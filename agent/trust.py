@@ -35,7 +35,7 @@ class TrustStore:
         if self.path.exists():
             try:
                 self._state = self._state.restored(self.path.read_bytes())
-            except (EnvelopeError, ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:  # any doubt about the file means: start over
                 # Written atomically by us: this is tampering or a changed pin, not a torn
                 # write. Start from the pinned keys; the retained bundle brings the rest.
                 log.error("ignoring %s: it does not verify against the pinned root keys: %s", self.path, exc)
@@ -56,13 +56,22 @@ class TrustStore:
                 raise trust.MalformedTrust(f"trust bundle of {len(bundle)} bytes is over {MAX_BUNDLE_BYTES}")
             try:
                 bundle = json.loads(bundle)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise trust.MalformedTrust("trust bundle is not JSON") from exc
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                raise trust.MalformedTrust("trust bundle is not JSON (or nested too deep)") from exc
         with self._lock:
-            new = self._state.with_bundle(bundle, now=now or datetime.now(UTC))
+            try:
+                new = self._state.with_bundle(bundle, now=now or datetime.now(UTC))
+            except EnvelopeError:
+                raise
+            except Exception as exc:  # whatever a bundle does, it is only refused
+                raise trust.MalformedTrust(f"trust bundle refused: {type(exc).__name__}: {exc}") from exc
             if new is self._state:
                 return False
-            atomic_write(self.path, new.to_json())
+            try:
+                atomic_write(self.path, new.to_json())
+            except OSError as exc:
+                # Not trusted until saved: a restart must never forget a version.
+                raise trust.TrustNotSaved(f"cannot save {self.path}: {exc}") from exc
             self._state = new
             return True
 

@@ -270,6 +270,9 @@ INGEST_MIN_WINDOW_S = _positive("INGEST_MIN_WINDOW_S", _read("INGEST_MIN_WINDOW_
 INGEST_MAX_WINDOW_S = _positive("INGEST_MAX_WINDOW_S", _read("INGEST_MAX_WINDOW_S", env.float, 3600.0))
 INGEST_MAX_FUTURE_S = _positive("INGEST_MAX_FUTURE_S", _read("INGEST_MAX_FUTURE_S", env.float, 120.0))
 INGEST_MAX_AGE_S = _positive("INGEST_MAX_AGE_S", _read("INGEST_MAX_AGE_S", env.float, 24 * 3600.0))
+# After each (re)subscription the bridge asks devices to send again the telemetry that
+# ended up to this long before the last message it received (docs/protocol.md, addition 7).
+INGEST_REPLAY_MARGIN_S = _positive("INGEST_REPLAY_MARGIN_S", _read("INGEST_REPLAY_MARGIN_S", env.float, 60.0))
 if INGEST_MIN_WINDOW_S > INGEST_MAX_WINDOW_S:
     raise ImproperlyConfigured("INGEST_MIN_WINDOW_S: must not be greater than INGEST_MAX_WINDOW_S")
 # Per-device token bucket (messages of all four kinds): the agent sends a window every 30 s

@@ -27,8 +27,10 @@ from agent.protocol.schemas import (
     build_desired,
     build_manifest,
     canonical_json,
+    format_time,
     is_semver,
     parse,
+    parse_time,
     validate,
 )
 from agent.protocol.topics import Topics
@@ -49,10 +51,12 @@ __all__ = [
     "build_manifest",
     "canonical_json",
     "envelope_bytes",
+    "format_time",
     "is_semver",
     "keyid_for",
     "pae",
     "parse",
+    "parse_time",
     "public_key_bytes",
     "public_key_from_hex",
     "sign",

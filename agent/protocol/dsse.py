@@ -139,8 +139,8 @@ def load_envelope(envelope: Mapping[str, Any] | bytes | str) -> Mapping[str, Any
     if isinstance(envelope, (bytes, str)):
         try:
             envelope = json.loads(envelope)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise EnvelopeMalformed("envelope is not JSON") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise EnvelopeMalformed("envelope is not JSON (or nested too deep)") from exc
     if not isinstance(envelope, Mapping):
         raise EnvelopeMalformed("envelope must be a JSON object")
     signatures = envelope.get("signatures")
@@ -189,8 +189,8 @@ def verify(
             continue
         try:
             _verify_key(key).verify(message, _b64decode(entry.get("sig"), "signature"))
-        except (BadSignatureError, ValueError):
-            continue
+        except (BadSignatureError, ValueError, EnvelopeMalformed):
+            continue  # a bad entry does not hide the good ones after it
         verified.add(keyid)
         if len(verified) >= threshold:
             return payload

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
@@ -53,6 +54,7 @@ REFUSAL_REASONS = (
     "keyring_expired",
     "root_expired",
     "no_keyring",
+    "trust_not_saved",
 )
 
 _str = {"type": "string"}
@@ -195,8 +197,10 @@ DESIRED = {
     },
 }
 
-# Addition 6: the root of trust and the keyring it signs.
+# Addition 6: the root of trust and the keyring it signs. Their times are UTC with a "Z"
+# (format_time's form), so no offset can push one past what a database or datetime holds.
 _public_key = {"type": "string", "pattern": r"^[0-9a-f]{64}$"}
+_utc = {"type": "string", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$"}
 _version = {"type": "integer", "minimum": 1, "maximum": 2**31 - 1}
 
 ROOT = {
@@ -206,7 +210,7 @@ ROOT = {
     "properties": {
         "schema": {"const": SCHEMA_VERSION},
         "version": _version,
-        "expires_at": _ts,
+        "expires_at": _utc,
         "threshold": {"type": "integer", "minimum": 1},
         "keys": {
             "type": "array",
@@ -228,7 +232,7 @@ KEYRING = {
     "properties": {
         "schema": {"const": SCHEMA_VERSION},
         "version": _version,
-        "expires_at": _ts,
+        "expires_at": _utc,
         "keys": {
             "type": "array",
             "minItems": 1,
@@ -239,7 +243,7 @@ KEYRING = {
                 "properties": {
                     "keyid": _sha,
                     "public_key": _public_key,
-                    "expires_at": {"type": ["string", "null"], "format": "date-time"},
+                    "expires_at": {"type": ["string", "null"], "pattern": _utc["pattern"]},
                 },
             },
         },
@@ -482,9 +486,21 @@ def parse(kind: str, payload: bytes) -> dict[str, Any]:
     """Parse verified payload bytes as JSON and validate them as ``kind``."""
     try:
         data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SchemaError("not valid UTF-8 JSON") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise SchemaError("not valid UTF-8 JSON (or nested too deep)") from exc
     return validate(kind, data)
+
+
+def parse_time(value: str) -> datetime:
+    """A contract timestamp (RFC 3339, e.g. ``2026-11-28T07:00:00Z``) as an aware datetime;
+    one without a zone is taken as UTC. ValueError when it is not one."""
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def format_time(value: datetime) -> str:
+    """The contract's timestamp format: UTC, whole seconds, ``Z``."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def canonical_json(data: Any) -> bytes:

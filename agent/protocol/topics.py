@@ -9,6 +9,8 @@ DEFAULT_PREFIX = "fleet/v1"
 DESIRED = "desired"
 # plane -> every device, retained: the root chain and keyring (docs/protocol.md, addition 6)
 TRUST = "trust"
+# ingest -> every device, retained: "send your recent telemetry again" (addition 7)
+REPLAY = "replay"
 # device -> plane, the only topics a device may publish to
 DEVICE_TOPICS = ("status", "reported", "events", "telemetry")
 INGEST_SHARE_GROUP = "fleet-ingest"
@@ -31,6 +33,10 @@ class Topics:
     def trust(self) -> str:
         """One retained trust bundle for the whole fleet, e.g. ``fleet/v1/trust``."""
         return f"{self.prefix}/{TRUST}"
+
+    def replay(self) -> str:
+        """The ingest bridge's retained replay request, e.g. ``fleet/v1/replay``."""
+        return f"{self.prefix}/{REPLAY}"
 
     def all_devices(self, kind: str) -> str:
         """Wildcard over every device for one kind, e.g. ``fleet/v1/devices/+/telemetry``."""

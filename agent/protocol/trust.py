@@ -24,13 +24,14 @@ import base64
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from nacl.signing import VerifyKey
 
 from agent.protocol import dsse, schemas
 from agent.protocol.dsse import KEYRING_PAYLOAD_TYPE, ROOT_PAYLOAD_TYPE, EnvelopeError, SignatureInvalid
+from agent.protocol.schemas import format_time, parse_time
 
 
 class TrustError(EnvelopeError):
@@ -62,19 +63,16 @@ class NoKeyring(TrustError):
     reason = "no_keyring"
 
 
+class TrustNotSaved(TrustError):
+    """A newer keyring or root verified but could not be saved (disk full): not used."""
+
+    reason = "trust_not_saved"
+
+
 class MalformedTrust(TrustError):
     """A root or keyring payload breaks the contract (schema or its own invariants)."""
 
     reason = "payload_type"
-
-
-def parse_time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def format_time(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _key_entries(entries: Iterable[Mapping[str, Any]], what: str) -> dict[str, VerifyKey]:
@@ -92,11 +90,33 @@ def _key_entries(entries: Iterable[Mapping[str, Any]], what: str) -> dict[str, V
     return keys
 
 
+# A root document or keyring is a few hundred bytes per key; these bounds keep a padded one
+# (junk signatures, thousands of keys) from outgrowing the bundle every device must read.
+MAX_DOCUMENT_BYTES = 16 * 1024
+MAX_SIGNATURES = 16
+
+
+def _loaded(envelope: Mapping[str, Any] | bytes) -> Mapping[str, Any]:
+    loaded = dsse.load_envelope(envelope)
+    if len(loaded["signatures"]) > MAX_SIGNATURES:
+        raise MalformedTrust(f"{len(loaded['signatures'])} signatures; at most {MAX_SIGNATURES}")
+    if len(dsse.envelope_bytes(loaded)) > MAX_DOCUMENT_BYTES:
+        raise MalformedTrust(f"a root document or keyring is at most {MAX_DOCUMENT_BYTES} bytes")
+    return loaded
+
+
 def _payload(kind: str, payload: bytes) -> dict[str, Any]:
     try:
         return schemas.parse(kind, payload)
     except schemas.SchemaError as exc:
         raise MalformedTrust(f"signed payload is not a {kind}: {exc}") from exc
+
+
+def _time(value: str, what: str) -> datetime:
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise MalformedTrust(f"{what}: {value!r} is not a time") from exc
 
 
 @dataclass(frozen=True)
@@ -113,7 +133,7 @@ class Root:
     ) -> Root:
         """The root document in ``envelope`` if a threshold of ``keys`` (the previous root's
         or the pinned ones) and a threshold of its own keys signed it."""
-        loaded = dsse.load_envelope(envelope)
+        loaded = _loaded(envelope)
         payload = dsse.verify(loaded, payload_type=ROOT_PAYLOAD_TYPE, keys=keys, threshold=threshold)
         data = _payload("root", payload)
         own = _key_entries(data["keys"], "root")
@@ -129,7 +149,7 @@ class Root:
             version=data["version"],
             threshold=data["threshold"],
             keys=own,
-            expires_at=parse_time(data["expires_at"]),
+            expires_at=_time(data["expires_at"], "root expires_at"),
             envelope=dsse.envelope_bytes(loaded),
         )
 
@@ -146,7 +166,7 @@ class Keyring:
 
     @classmethod
     def verified(cls, envelope: Mapping[str, Any] | bytes, *, root: Root) -> Keyring:
-        loaded = dsse.load_envelope(envelope)
+        loaded = _loaded(envelope)
         try:
             payload = dsse.verify(
                 loaded, payload_type=KEYRING_PAYLOAD_TYPE, keys=root.keys, threshold=root.threshold
@@ -157,10 +177,10 @@ class Keyring:
         keys = check_keyring_payload(data)
         return cls(
             version=data["version"],
-            expires_at=parse_time(data["expires_at"]),
+            expires_at=_time(data["expires_at"], "keyring expires_at"),
             keys=keys,
             key_expiry={
-                entry["keyid"]: parse_time(entry["expires_at"]) if entry["expires_at"] else None
+                entry["keyid"]: _time(entry["expires_at"], "key expires_at") if entry["expires_at"] else None
                 for entry in data["keys"]
             },
             revoked=frozenset(data["revoked"]),
@@ -221,36 +241,27 @@ class TrustState:
         )
 
     def with_keyring(self, envelope: Mapping[str, Any] | bytes, *, now: datetime | None = None) -> TrustState:
-        """Install a newer keyring, signed by the current root.
+        """Install a newer keyring, signed by a threshold of the current root's keys.
 
         ``now=None`` restores what was verified before (the agent's trust file, the control
         plane's rows): no expiry checks, since a restored version must keep protecting
-        against rollback even once it expired, and any root of the chain may have signed it
-        (it was current when it was accepted)."""
+        against rollback even once it expired. A root step is only ever taken together with
+        a keyring the new root signed (``with_bundle`` applies both or neither), so the
+        current root verifies the current keyring on restore too."""
         root = self.root
         if root is None:
             raise SignatureInvalid("no root document verifies against the pinned root keys yet")
-        loaded = dsse.load_envelope(envelope)
-        current = self.keyring
-        if current is not None and _raw_payload(loaded) == current.payload:
-            # The keyring already trusted (a retained copy, or one the previous root signed
-            # before a root step): nothing changes, whichever root signed it.
-            return self
         if now is not None and now > root.expires_at:
             raise RootExpired(f"root version {root.version} expired at {format_time(root.expires_at)}")
-        signers = (root,) if now is not None else tuple(reversed(self.roots))
-        for number, signer in enumerate(signers):
-            try:
-                keyring = Keyring.verified(loaded, root=signer)
-                break
-            except SignatureInvalid:
-                if number == len(signers) - 1:
-                    raise
+        keyring = Keyring.verified(envelope, root=root)
+        current = self.keyring
+        if current is not None and keyring.version == current.version and keyring.payload == current.payload:
+            return self  # the keyring already trusted (the retained copy on every reconnect)
         if current is not None and keyring.version < current.version:
             raise KeyringRollback(
                 f"keyring version {keyring.version} is older than the current {current.version}"
             )
-        if current is not None and keyring.version == current.version:  # and other bytes (see above)
+        if current is not None and keyring.version == current.version:  # with other bytes
             raise KeyringRollback(
                 f"keyring version {keyring.version} differs from the one trusted at that version"
             )
@@ -277,7 +288,12 @@ class TrustState:
                     raise
                 # Roots older than the keys this device was flashed with: the chain starts
                 # at the first one the pinned keys signed.
-        return state.with_keyring(keyring, now=now) if keyring is not None else state
+        if keyring is not None:
+            return state.with_keyring(keyring, now=now)
+        if state.keyring is not None and state.root_version != self.root_version:
+            # Holding a keyring the new root did not sign would not survive a restart.
+            raise SignatureInvalid(f"root version {state.root_version} comes without a keyring it signed")
+        return state
 
     # --- verification of manifests and desired states
 
@@ -332,6 +348,8 @@ class TrustState:
         """Replay a saved state through the same checks (signatures, chain, versions), but
         not expiry: what was trusted keeps its version so that nothing older is accepted."""
         saved = json.loads(data)
+        if not isinstance(saved, Mapping):
+            raise MalformedTrust("the saved trust state is not a JSON object")
         state = self.with_bundle(
             {"schema": schemas.SCHEMA_VERSION, "roots": saved.get("roots") or [], "keyring": None}
         )
@@ -341,14 +359,6 @@ class TrustState:
         return TrustState(
             state.pinned_keys, state.pinned_threshold, state.roots, state.keyring, state.revoked | revoked
         )
-
-
-def _raw_payload(envelope: Mapping[str, Any]) -> bytes | None:
-    """The payload bytes as sent, unverified: only to recognise bytes already trusted."""
-    try:
-        return base64.b64decode(envelope.get("payload"), validate=True)
-    except (ValueError, TypeError):
-        return None
 
 
 def _payload_version(envelope: Mapping[str, Any] | bytes, payload_type: str) -> int | None:

@@ -51,6 +51,7 @@ import math
 import select
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -230,11 +231,6 @@ class _RateLimitedLog:
 Received = tuple[int, int, int, bool, str, bytes | int]
 # A valid message: (kind, device id, parsed data, retained, topic).
 Parsed = tuple[str, str, dict[str, Any], bool, str]
-
-
-def _timestamp(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _count(value: int) -> int:
@@ -509,6 +505,10 @@ class IngestBridge:
         self._drops = _RateLimitedLog()
         self._stats_at = time.monotonic()
         self._closing = False
+        # docs/protocol.md, addition 7: when the last device message arrived (wall clock),
+        # the start of the replay the next (re)subscription asks devices for.
+        self._last_message_at = time.time()
+        self.replays_requested = 0
         self.client = self._make_client()
 
     # --- MQTT (paho network thread)
@@ -556,7 +556,20 @@ class IngestBridge:
             log.error("ingest: the broker refused subscriptions: %s", "; ".join(self._refused))
         else:
             log.info("ingest: subscribed to %s", self.topics.shared("{" + ",".join(DEVICE_TOPICS) + "}"))
+            self._request_replay(client)
         self.subscribed.set()
+
+    def _request_replay(self, client) -> None:
+        """Ask every device to send again the telemetry it sent since shortly before the
+        last message we received (docs/protocol.md, addition 7). A broker that restarted
+        dropped what devices published before we subscribed again, and a crash loses what
+        it acknowledged but had not saved; each window has an id, so the ones we have are
+        dropped at insert. Retained, so that devices that reconnect later see it too."""
+        since = datetime.fromtimestamp(self._last_message_at - settings.INGEST_REPLAY_MARGIN_S, UTC)
+        request = {"id": uuid.uuid4().hex, "since": protocol.format_time(since)}
+        client.publish(self.topics.replay(), json.dumps(request).encode(), qos=1, retain=True)
+        self.replays_requested += 1
+        log.info("ingest: asked devices to replay telemetry since %s", request["since"])
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
@@ -565,6 +578,7 @@ class IngestBridge:
 
     def _on_message(self, client, userdata, message) -> None:
         # Keep this minimal: it runs for every message on the network thread, a flood's too.
+        self._last_message_at = time.time()
         try:
             topic = message.topic
         except UnicodeDecodeError:
@@ -890,7 +904,7 @@ class IngestBridge:
     def _telemetry_rows(self, pk: int, data: dict[str, Any], now: datetime) -> list[tuple]:
         """One row per model; the whole message is refused if any part breaks an invariant
         (a device that lies in one entry is not trusted for the others)."""
-        message_id, ts, window_s = data["id"], _timestamp(data["ts"]), _finite(data["window_s"])
+        message_id, ts, window_s = data["id"], protocol.parse_time(data["ts"]), _finite(data["window_s"])
         if not self.min_window_s <= window_s <= self.max_window_s:
             raise Refused(
                 INVARIANT, f"window_s {window_s} outside [{self.min_window_s:g}, {self.max_window_s:g}]"
@@ -949,7 +963,7 @@ class IngestBridge:
             _name(data.get("variant") or ""),
             _name(data.get("reason") or "", EVENT_REASON_MAX),
             data.get("message") or "",
-            _timestamp(data["ts"]),
+            protocol.parse_time(data["ts"]),
             now,
         )
 

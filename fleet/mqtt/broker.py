@@ -368,14 +368,16 @@ class DynSec:
         )
 
     def device_acls(self, device_id: str) -> list[tuple[str, str]]:
-        """Exactly the contract: read own desired and the fleet's trust bundle, write own
-        status/reported/events/telemetry."""
+        """Exactly the contract: read own desired, the fleet's trust bundle and the ingest
+        bridge's replay request, write own status/reported/events/telemetry."""
         desired = self.topics.desired(device_id)
         return [
             ("subscribeLiteral", desired),
             ("publishClientReceive", desired),
             ("subscribeLiteral", self.topics.trust()),
             ("publishClientReceive", self.topics.trust()),
+            ("subscribeLiteral", self.topics.replay()),
+            ("publishClientReceive", self.topics.replay()),
             *[("publishClientSend", self.topics.device(device_id, kind)) for kind in DEVICE_TOPICS],
         ]
 
@@ -496,6 +498,7 @@ class DynSec:
                 ],
                 *[("subscribePattern", f"{prefix}/devices/+/{kind}") for kind in DEVICE_TOPICS],
                 *[("publishClientReceive", f"{prefix}/devices/+/{kind}") for kind in DEVICE_TOPICS],
+                ("publishClientSend", self.topics.replay()),
             ],
         }[role]
         self._ignore_existing(

@@ -19,7 +19,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -469,7 +469,7 @@ def manifest_payload(*, artifact: Artifact, created_at: str) -> dict[str, Any]:
 
 def _sign_manifest(artifact: Artifact) -> None:
     key_row, private_key = signing_key_active()
-    created_at = timezone.now().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created_at = protocol.format_time(timezone.now())
     payload = protocol.canonical_json(manifest_payload(artifact=artifact, created_at=created_at))
     envelope = protocol.sign(payload, payload_type=protocol.MANIFEST_PAYLOAD_TYPE, private_key=private_key)
     artifact.manifest_envelope = protocol.envelope_bytes(envelope).decode("utf-8")
@@ -632,15 +632,13 @@ def desired_state_envelope(
         if entries is not None
         else {name: desired_model_entry(artifact) for name, artifact in (artifacts or {}).items()}
     )
-    now = timezone.now().astimezone(UTC)
+    now = timezone.now()
     payload = protocol.build_desired(
         device_id=device_id,
         generation=generation,
         models=models,
-        issued_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        expires_at=(now + timedelta(seconds=settings.DESIRED_STATE_TTL_SECONDS)).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"
-        ),
+        issued_at=protocol.format_time(now),
+        expires_at=protocol.format_time(now + timedelta(seconds=settings.DESIRED_STATE_TTL_SECONDS)),
         rollout=rollout,
         check=check,
     )

@@ -67,7 +67,9 @@ def signing_key_active() -> tuple[SigningKey, Ed25519PrivateKey]:
     private_key = load_private_key()
     public_hex = protocol.public_key_bytes(private_key.public_key()).hex()
     keyid = protocol.keyid_for(private_key.public_key())
-    row, _ = SigningKey.objects.get_or_create(keyid=keyid, defaults={"public_key": public_hex})
+    SigningKey.objects.get_or_create(keyid=keyid, defaults={"public_key": public_hex})
+    # Locked: a keyring upload revoking this key at the same moment waits for us, or we see it.
+    row = SigningKey.objects.select_for_update().get(keyid=keyid)
     if row.status == SigningKeyStatus.REVOKED:
         raise Conflict(
             f"SIGNING_KEY_FILE holds key {keyid[:16]}…, which a keyring revoked; devices refuse it. "

@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from agent import protocol
 from agent.protocol import trust
+from agent.trust import MAX_BUNDLE_BYTES
 from agent.trustctl import KEYRING_EXPIRY_DAYS, generate_key_file, load_key_file, make_keyring, make_root
 from fleet.core.errors import Conflict, InvalidInput
 from fleet.registry.choices import ArtifactStatus, SigningKeyStatus
@@ -53,10 +54,35 @@ def trust_state() -> trust.TrustState | None:
     first = json.loads(roots[0].envelope)
     own = json.loads(base64.b64decode(first["payload"]))
     state = trust.TrustState.pinned([entry["public_key"] for entry in own["keys"]], own["threshold"])
-    for row in roots:
-        state = state.with_root(row.envelope.encode())
     keyring = keyring_current()
-    return state.with_keyring(keyring.envelope.encode(), now=None) if keyring else state
+    # The keyring is checked by the root that signed it; roots uploaded after it (a root
+    # step waiting for its keyring) come after.
+    published = _published_roots(roots, keyring)
+    for row in published:
+        state = state.with_root(row.envelope.encode())
+    if keyring is not None:
+        state = state.with_keyring(keyring.envelope.encode(), now=None)
+    for row in roots[len(published) :]:
+        state = state.with_root(row.envelope.encode())
+    return state
+
+
+def _published_roots(roots: list[TrustRoot], keyring: Keyring | None) -> list[TrustRoot]:
+    """The roots devices get: up to the one that signed the current keyring. A root step is
+    published together with the first keyring the new root signs, never alone (a device
+    holding a keyring its root did not sign refuses the step: docs/protocol.md, addition 6)."""
+    if keyring is None:
+        return roots
+    return [row for row in roots if row.version <= keyring.root_version]
+
+
+def root_awaiting_keyring() -> TrustRoot | None:
+    """A root uploaded after the current keyring: devices get it with the next keyring."""
+    keyring = keyring_current()
+    newest = TrustRoot.objects.order_by("-version").first()
+    if keyring is None or newest is None or newest.version <= keyring.root_version:
+        return None
+    return newest
 
 
 def trust_bundle() -> dict[str, Any] | None:
@@ -67,7 +93,8 @@ def trust_bundle() -> dict[str, Any] | None:
         return None
     keyring = keyring_current()
     return trust.build_bundle(
-        roots=[row.envelope.encode() for row in roots], keyring=keyring.envelope.encode() if keyring else None
+        roots=[row.envelope.encode() for row in _published_roots(roots, keyring)],
+        keyring=keyring.envelope.encode() if keyring else None,
     )
 
 
@@ -114,6 +141,12 @@ def trust_upload(*, envelope: bytes | str | dict, user=None, publish: str = "cel
         raise InvalidInput(
             f"payload type {kind!r} is neither a root document nor a keyring", code="payload_type"
         )
+    size = len(trust_bundle_bytes() or b"")
+    if size > MAX_BUNDLE_BYTES:
+        raise InvalidInput(
+            f"the trust bundle would be {size} bytes; devices read at most {MAX_BUNDLE_BYTES}",
+            code="bundle_too_large",
+        )
     transaction.on_commit(lambda: trust_publish(now=publish == "now"))
     return row
 
@@ -127,10 +160,12 @@ def _root_upload(envelope: dict[str, Any], user) -> TrustRoot:
             own = [entry["public_key"] for entry in payload.get("keys") or []]
             state = trust.TrustState.pinned(own, payload.get("threshold") or 1)
         new = state.with_root(envelope)
-    except (protocol.EnvelopeError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        if isinstance(exc, protocol.EnvelopeError):
-            raise _refusal(exc) from exc
-        raise InvalidInput(f"not a root document: {exc}", code="invalid_document") from exc
+    except protocol.EnvelopeError as exc:
+        raise _refusal(exc) from exc
+    except Exception as exc:  # whatever an upload does, it is only refused
+        raise InvalidInput(
+            f"not a root document: {type(exc).__name__}: {exc}", code="invalid_document"
+        ) from exc
     if new is state:
         raise Conflict(
             f"root version {state.root_version} is already trusted; a new root is version "
@@ -156,6 +191,8 @@ def _keyring_upload(envelope: dict[str, Any], user) -> Keyring:
         new = state.with_keyring(envelope, now=timezone.now())
     except protocol.EnvelopeError as exc:
         raise _refusal(exc) from exc
+    except Exception as exc:  # whatever an upload does, it is only refused
+        raise InvalidInput(f"not a keyring: {type(exc).__name__}: {exc}", code="invalid_document") from exc
     keyring = new.keyring
     if new is state:
         raise Conflict(
@@ -169,6 +206,7 @@ def _keyring_upload(envelope: dict[str, Any], user) -> Keyring:
             "(docs/security.md, 'Keys and rotation').",
             code="active_key_missing",
         )
+    _refuse_unsafe_keyring(state, new)
     SigningKey.objects.filter(keyid__in=new.revoked).exclude(status=SigningKeyStatus.REVOKED).update(
         status=SigningKeyStatus.REVOKED, retired_at=timezone.now()
     )
@@ -181,6 +219,41 @@ def _keyring_upload(envelope: dict[str, Any], user) -> Keyring:
         expires_at=keyring.expires_at,
         uploaded_by=user,
     )
+
+
+def _refuse_unsafe_keyring(state: trust.TrustState, new: trust.TrustState) -> None:
+    """What devices would accept but would strand them or re-arm a leaked key."""
+    keyring = new.keyring
+    active = SigningKey.objects.filter(status=SigningKeyStatus.ACTIVE).first()
+    if active is not None:
+        expiry = keyring.key_expiry.get(active.keyid)
+        if expiry is not None and expiry <= timezone.now() + timedelta(hours=1):
+            raise Conflict(
+                f"the active signing key {active.keyid[:16]}… expires in this keyring at "
+                f"{protocol.format_time(expiry)}: devices would refuse what it signs. "
+                "Activate another key first.",
+                code="active_key_expiring",
+            )
+    revoked_before = state.revoked | set(
+        SigningKey.objects.filter(status=SigningKeyStatus.REVOKED).values_list("keyid", flat=True)
+    )
+    relisted = sorted(set(keyring.keys) & revoked_before)
+    if relisted:
+        raise Conflict(
+            f"key {relisted[0][:16]}… was revoked; a revoked key never comes back (make a new one)",
+            code="key_revoked",
+        )
+    still_signing = (
+        Artifact.objects.filter(status=ArtifactStatus.READY, signing_key__keyid__in=new.revoked)
+        .values_list("signing_key__keyid", flat=True)
+        .first()
+    )
+    if still_signing:
+        raise Conflict(
+            f"key {still_signing[:16]}… still signs ready manifests: run `manage.py trust resign` with the "
+            "new key active before revoking it, or devices refuse those artifacts (key_revoked)",
+            code="key_still_signs",
+        )
 
 
 def trust_publish(*, now: bool = False) -> None:
@@ -225,8 +298,15 @@ def keyring_draft(
             raise InvalidInput(
                 f"{public_hex!r} is not an Ed25519 public key: {exc}", code="invalid_key"
             ) from exc
-        keys[protocol.keyid_for(key)] = key
-        revoked.discard(protocol.keyid_for(key))
+        keyid = protocol.keyid_for(key)
+        if (
+            keyid in revoked
+            or SigningKey.objects.filter(keyid=keyid, status=SigningKeyStatus.REVOKED).exists()
+        ):
+            raise InvalidInput(
+                f"key {keyid[:16]}… was revoked; a revoked key never comes back", code="key_revoked"
+            )
+        keys[keyid] = key
     for keyid in remove_keyids:
         if keyid not in keys:
             raise InvalidInput(f"key {keyid[:16]}… is not in the keyring", code="unknown_key")

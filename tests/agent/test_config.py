@@ -503,6 +503,11 @@ def test_the_old_public_keys_setting_says_what_replaced_it():
     assert "root_keys" in error and "keyring" in error
 
 
+def test_the_same_root_key_twice_is_refused_whatever_its_case():
+    error = the_error(config(trust={"root_keys": [KEY, KEY.upper()]}), "trust.root_keys")
+    assert "twice" in error
+
+
 def test_a_root_threshold_above_the_number_of_root_keys_is_refused():
     error = the_error(config(trust={"root_keys": [KEY], "root_threshold": 2}), "trust.root_threshold")
     assert "1" in error

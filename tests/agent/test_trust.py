@@ -345,13 +345,109 @@ def test_a_desired_state_that_arrives_before_its_keyring_is_applied_when_the_key
     collector.wait_for(device, "reported", lambda m: m["generation"] == 1)
 
 
-def test_a_root_step_keeps_the_keyring_the_old_root_signed_until_a_new_one_comes(fleet, device):
+def test_a_root_step_comes_with_a_keyring_the_new_root_signed_or_not_at_all(fleet, device):
     signer = key()
     keyring_1 = fleet.keyring(1, [signer])
     store = device()
     store.update(fleet.bundle(keyring_1))
     fleet.rotate_root()
-    assert store.update(fleet.bundle(keyring_1))  # the root moved; the keyring is the one trusted
-    assert store.versions() == {"root_version": 2, "keyring_version": 1}
-    assert store.verify(signed_desired(signer), payload_type=protocol.DESIRED_PAYLOAD_TYPE)
-    assert device().versions() == {"root_version": 2, "keyring_version": 1}  # and after a restart
+    # The step without a keyring the new root signed is refused whole: a device holding a
+    # keyring its current root did not sign could not check it again after a restart.
+    refused(store, fleet.bundle(keyring_1), "signature_invalid")
+    refused(store, fleet.bundle(None), "signature_invalid")
+    assert store.update(fleet.bundle(fleet.keyring(2, [signer])))
+    assert store.versions() == {"root_version": 2, "keyring_version": 2}
+    assert device().versions() == {"root_version": 2, "keyring_version": 2}  # and after a restart
+
+
+def test_a_keyring_an_old_root_key_signs_into_the_trust_file_is_not_restored(fleet, device, tmp_path):
+    first_root = fleet.root_keys
+    store = device()
+    store.update(fleet.bundle(fleet.keyring(1, [key()])))
+    fleet.rotate_root()
+    store.update(fleet.bundle(fleet.keyring(2, [key()])))
+    saved = json.loads((tmp_path / TRUST_FILE).read_text())
+    forger = key()
+    saved["keyring"] = json.loads(fleet.keyring(2**31 - 1, [forger], signers=first_root))
+    (tmp_path / TRUST_FILE).write_text(json.dumps(saved))
+    restarted = device()
+    assert restarted.versions()["keyring_version"] != 2**31 - 1
+    with pytest.raises(protocol.EnvelopeError):
+        restarted.verify(signed_desired(forger), payload_type=protocol.DESIRED_PAYLOAD_TYPE)
+
+
+@pytest.mark.parametrize("content", ["null", "[]", "[" * 100_000, "not json"])
+def test_a_trust_file_that_is_not_a_state_is_ignored(fleet, device, tmp_path, content):
+    (tmp_path / TRUST_FILE).write_text(content)
+    store = device()
+    assert store.versions() == {"root_version": None, "keyring_version": None}
+    assert store.update(fleet.bundle(fleet.keyring(1, [key()])))  # and it recovers
+
+
+@pytest.mark.parametrize(
+    "bundle",
+    [
+        b"[" * 100_000,
+        json.dumps(
+            {
+                "schema": 1,
+                "roots": [{"payloadType": protocol.ROOT_PAYLOAD_TYPE, "payload": "", "signatures": [{}]}],
+                "keyring": None,
+            }
+        ).encode(),
+        b"null",
+        json.dumps({"schema": 1, "roots": "x", "keyring": None}).encode(),
+    ],
+    ids=["nested", "empty root", "null", "roots not a list"],
+)
+def test_a_bundle_that_is_garbage_is_refused_with_a_reason_and_changes_nothing(fleet, device, bundle):
+    store = device()
+    store.update(fleet.bundle(fleet.keyring(1, [key()])))
+    with pytest.raises(protocol.EnvelopeError):
+        store.update(bundle)
+    assert store.versions() == {"root_version": 1, "keyring_version": 1}
+
+
+def test_a_padded_or_oversized_root_is_refused(fleet, device):
+    store = device()
+    root = json.loads(fleet.roots[0])
+    root["signatures"] = root["signatures"] * 20  # the same signature, padded
+    refused(store, trust_bundle_bytes(roots=[json.dumps(root).encode()], keyring=None), "payload_type")
+
+
+def test_a_keyring_time_that_is_not_utc_is_refused(fleet, device):
+    store = device()
+    payload = trust.build_keyring(
+        version=1, expires_at=datetime.now(UTC) + timedelta(days=1), keys=[(key().public_key(), None)]
+    )
+    payload["expires_at"] = "9999-12-31T23:30:00-01:00"  # one hour past what a datetime holds
+    signed = trust.sign_document(
+        payload, payload_type=protocol.KEYRING_PAYLOAD_TYPE, private_keys=fleet.root_keys
+    )
+    refused(store, fleet.bundle(signed), "payload_type")
+
+
+def test_a_trust_state_that_cannot_be_saved_is_not_used(fleet, device, tmp_path):
+    (tmp_path / TRUST_FILE).mkdir()  # the rename onto it fails, as on a full disk
+    store = device()
+    refused(store, fleet.bundle(fleet.keyring(1, [key()])), "trust_not_saved")
+    with pytest.raises(trust.NoKeyring):
+        store.verify(signed_desired(key()), payload_type=protocol.DESIRED_PAYLOAD_TYPE)
+
+
+def test_garbage_on_the_trust_topic_does_not_stop_an_agent_listening(
+    make_agent, publisher, collector, artifact_server, artifacts, signing_key, trust_bundle
+):
+    agent = make_agent()
+    device_id = agent.config.device_id
+    try:
+        publish_trust(publisher, b"[" * 100_000)
+        collector.wait_for(
+            device_id, "events", lambda e: e["type"] == "failed" and e.get("reason") == "payload_type"
+        )
+        assert agent.link.alive() and agent.alive()
+        v1 = publish_artifact(artifact_server, artifacts[("1.0.0", "float32")])
+        publish_desired(publisher, device_id, desired_envelope(signing_key, device_id, 1, {"digits": v1}))
+        collector.wait_for(device_id, "reported", lambda m: m["generation"] == 1)  # still listening
+    finally:
+        publish_trust(publisher, trust_bundle)  # the session's bundle back for later tests

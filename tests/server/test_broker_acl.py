@@ -98,6 +98,7 @@ def test_a_device_reads_its_own_desired_and_the_trust_bundle_and_nothing_else(de
     a, b = devices
     assert not a.subscribe(topic(a, "desired")).is_failure
     assert not a.subscribe("fleet/v1/trust").is_failure
+    assert not a.subscribe("fleet/v1/replay").is_failure
     for forbidden in (
         topic(b, "desired"),
         "#",
@@ -117,6 +118,7 @@ def test_a_device_writes_only_its_own_four_topics(devices, watcher):
     assert a.publish(topic(b, "telemetry")).is_failure  # forging another device
     assert a.publish(topic(a, "desired")).is_failure  # commanding itself
     assert a.publish("fleet/v1/trust").is_failure  # a trust bundle of its own
+    assert a.publish("fleet/v1/replay").is_failure  # making every device resend
     assert a.publish("fleet/v1/elsewhere").is_failure
     # The broker forwards one publisher's messages in order: once a's last one has reached
     # the watcher, anything forged before it would have too.

@@ -414,6 +414,33 @@ def test_it_stops_with_an_error_when_the_broker_refuses_its_subscriptions(broker
         bridge.run(threading.Event())
 
 
+def test_after_it_subscribes_it_asks_devices_to_replay_what_it_may_have_missed(broker, devices, settings):
+    """docs/protocol.md, addition 7: on every (re)subscription, a retained replay request
+    naming a time shortly before the last message the bridge received."""
+    settings.INGEST_REPLAY_MARGIN_S = 60.0
+    watcher = devices("watcher")  # a device may read the replay topic
+    requests: list[dict] = []
+    got = threading.Event()
+
+    def on_replay(client, userdata, message):
+        if message.payload:
+            requests.append(json.loads(message.payload))
+            got.set()
+
+    watcher.client.message_callback_add("fleet/v1/replay", on_replay)
+    started = datetime.now(UTC)
+    running = Bridge(broker).start()
+    try:
+        watcher.client.subscribe("fleet/v1/replay", qos=1)
+        wait_until(lambda: any(r.get("since") for r in requests), timeout=10, message="a replay request")
+        request = requests[-1]
+        since = datetime.fromisoformat(request["since"])
+        assert started - timedelta(seconds=62) <= since <= datetime.now(UTC) - timedelta(seconds=58)
+        assert running.bridge.replays_requested == 1 and len(request["id"]) == 32
+    finally:
+        running.close()
+
+
 # --- a bridge process killed mid-stream
 
 

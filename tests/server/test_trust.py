@@ -16,7 +16,7 @@ from django.core.management import call_command
 from agent import protocol
 from agent.protocol.trust import TrustState
 from agent.trustctl import make_keyring, make_root
-from fleet.core.errors import Conflict
+from fleet.core.errors import Conflict, InvalidInput
 from fleet.registry import signing, trust
 from fleet.registry.choices import SigningKeyStatus
 from fleet.registry.models import Keyring, SigningKey, TrustRoot
@@ -262,3 +262,93 @@ def test_the_admin_uploads_signed_files_and_shows_versions_expiry_and_devices(
     bob.user.save()
     viewer.force_login(bob.user)
     assert viewer.get("/admin/registry/keyring/add/").status_code == 403
+
+
+def test_a_root_step_is_published_only_with_a_keyring_the_new_root_signed(anchored, ada, anonymous, root_key):
+    new_root_key = Ed25519PrivateKey.generate()
+    assert post(ada, make_root(keys=[new_root_key], version=2, previous_keys=[root_key])).status_code == 201
+    assert len(anonymous.get("/api/v1/trust").json()["roots"]) == 1  # held back: no keyring of root 2 yet
+    assert trust.root_awaiting_keyring().version == 2
+    keyring = make_keyring(root_keys=[new_root_key], version=2, signing_keys=[anchored.public_key()])
+    assert post(ada, keyring).status_code == 201
+    bundle = anonymous.get("/api/v1/trust").json()
+    assert len(bundle["roots"]) == 2 and trust.root_awaiting_keyring() is None
+    device = TrustState.pinned([protocol.public_key_bytes(root_key.public_key()).hex()])
+    assert device.with_bundle(bundle, now=datetime.now(UTC)).root_version == 2
+
+
+def test_revoking_a_key_that_still_signs_ready_manifests_is_refused(
+    anchored, ada, root_key, version_v1, digits
+):
+    ready_artifact(version_v1, "float32", digits.build_digits_models()["float32"])  # signed by the active key
+    other = Ed25519PrivateKey.generate()
+    both = make_keyring(
+        root_keys=[root_key], version=2, signing_keys=[anchored.public_key(), other.public_key()]
+    )
+    assert post(ada, both).status_code == 201
+    # An operator forgets `trust resign` and revokes the key that signed the manifest:
+    # refused, since it is still the active one; make `other` active without re-signing.
+    SigningKey.objects.update(status=SigningKeyStatus.RETIRED)
+    SigningKey.objects.create(
+        keyid=protocol.keyid_for(other.public_key()),
+        public_key=protocol.public_key_bytes(other.public_key()).hex(),
+        status=SigningKeyStatus.ACTIVE,
+    )
+    only_other = make_keyring(
+        root_keys=[root_key],
+        version=3,
+        signing_keys=[other.public_key()],
+        revoked=[protocol.keyid_for(anchored.public_key())],
+    )
+    response = post(ada, only_other)
+    assert response.status_code == 409 and response.json()["error"]["code"] == "key_still_signs"
+
+
+def test_a_revoked_key_never_comes_back_and_an_expiring_active_key_is_refused(anchored, ada, root_key):
+    leaked = Ed25519PrivateKey.generate()
+    leaked_hex = protocol.public_key_bytes(leaked.public_key()).hex()
+    with_leaked = make_keyring(
+        root_keys=[root_key], version=2, signing_keys=[anchored.public_key(), leaked.public_key()]
+    )
+    assert post(ada, with_leaked).status_code == 201
+    draft = trust.keyring_draft(remove_keyids=[protocol.keyid_for(leaked.public_key())])
+    signed = protocol.trust.sign_document(
+        draft, payload_type=protocol.KEYRING_PAYLOAD_TYPE, private_keys=[root_key]
+    )
+    assert post(ada, signed).status_code == 201
+    relisted = make_keyring(
+        root_keys=[root_key], version=4, signing_keys=[anchored.public_key(), leaked.public_key()]
+    )
+    assert post(ada, relisted).json()["error"]["code"] == "key_revoked"
+    with pytest.raises(InvalidInput) as excinfo:
+        trust.keyring_draft(add_public_keys=[leaked_hex])
+    assert excinfo.value.code == "key_revoked"
+
+    from datetime import timedelta
+
+    payload = protocol.trust.build_keyring(
+        version=4,
+        expires_at=datetime.now(UTC) + timedelta(days=30),
+        keys=[(anchored.public_key(), datetime.now(UTC) + timedelta(minutes=5))],
+    )
+    expiring = protocol.trust.sign_document(
+        payload, payload_type=protocol.KEYRING_PAYLOAD_TYPE, private_keys=[root_key]
+    )
+    assert post(ada, expiring).json()["error"]["code"] == "active_key_expiring"
+
+
+def test_a_hostile_upload_is_a_json_400_never_a_500(ada, anchored, root_key):
+    import base64 as b64
+
+    nested = {
+        "payloadType": protocol.ROOT_PAYLOAD_TYPE,
+        "payload": b64.b64encode(b"[" * 100_000).decode(),
+        "signatures": [{"keyid": "a" * 64, "sig": "AA=="}],
+    }
+    padded = json.loads(make_root(keys=[Ed25519PrivateKey.generate()], version=2, previous_keys=[root_key]))
+    padded["signatures"] = padded["signatures"] * 20
+    for body in (nested, padded):
+        response = ada.client().post("/api/v1/trust", body, format="json")
+        assert response.status_code == 400, response.content
+        assert "error" in response.json()
+    assert TrustRoot.objects.count() == 1

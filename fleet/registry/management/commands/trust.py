@@ -60,6 +60,11 @@ class Command(BaseCommand):
             return
         for keyid, key in state.root.keys.items():
             self.stdout.write(f"  root key {keyid[:16]}…  public {protocol.public_key_bytes(key).hex()}")
+        waiting = trust.root_awaiting_keyring()
+        if waiting is not None:
+            self.stdout.write(
+                f"{waiting} is stored but not yet published: devices get it with the first keyring it signs"
+            )
         keyring = state.keyring
         if keyring is None:
             self.stdout.write("no keyring uploaded yet")
