@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+from django.contrib import admin
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 from django.utils.html import format_html
@@ -65,3 +66,15 @@ def short_hash(value: str, what: str = "sha256") -> SafeString:
         what,
         value[:12],
     )
+
+
+def time_column(field: str, description: str | None = None):
+    """A ModelAdmin column (or read-only field) showing a time to the second with its zone:
+    ``created_at_text = time_column("created_at")`` (Django's own shows neither)."""
+
+    @admin.display(description=description or field.replace("_", " "), ordering=field)
+    def column(model_admin, obj) -> str:
+        return moment(getattr(obj, field))
+
+    column.__name__ = f"{field}_text"
+    return column

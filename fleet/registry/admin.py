@@ -22,7 +22,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from fleet.core.choices import Role
-from fleet.core.display import count, moment, percent, raw_details, short_hash, size
+from fleet.core.display import count, moment, percent, raw_details, short_hash, size, time_column
 from fleet.core.errors import ServiceError
 from fleet.core.permissions import has_role
 from fleet.devices.choices import DeviceStatus
@@ -151,14 +151,11 @@ class MLModelAdmin(admin.ModelAdmin):
     search_fields = ("name", "description")
     readonly_fields = ("created_by", "created_at_text")
     change_form_template = "admin/registry/mlmodel/change_form.html"
+    created_at_text = time_column("created_at", "created at")
 
     @admin.display(description="versions")
     def version_count(self, obj):
         return obj.versions.count()
-
-    @admin.display(description="created at", ordering="created_at")
-    def created_at_text(self, obj):
-        return moment(obj.created_at)
 
     def save_model(self, request, obj, form, change):
         if not change:
@@ -199,12 +196,16 @@ class ModelVersionAdmin(admin.ModelAdmin):
     fields = ("model", "version", "notes", *readonly_fields)
     actions = ["release", "deprecate", "revoke"]
     change_form_template = "admin/registry/modelversion/change_form.html"
+    created_at_text = time_column("created_at", "created at")
+    status_changed_text = time_column("status_changed_at", "status changed at")
 
     class Media:
         js = ("fleet/copy.js",)  # the copy buttons beside hashes
 
     def get_queryset(self, request):
-        return super().get_queryset(request).prefetch_related("artifacts")
+        return (
+            super().get_queryset(request).select_related("model", "created_by").prefetch_related("artifacts")
+        )
 
     def get_fields(self, request, obj=None):
         return ("model", "version", "notes") if obj is None else self.fields
@@ -233,14 +234,6 @@ class ModelVersionAdmin(admin.ModelAdmin):
             size(obj.golden_size),
             short_hash(obj.golden_sha256),
         )
-
-    @admin.display(description="created at", ordering="created_at")
-    def created_at_text(self, obj):
-        return moment(obj.created_at)
-
-    @admin.display(description="status changed at")
-    def status_changed_text(self, obj):
-        return moment(obj.status_changed_at)
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         version = self.get_object(request, object_id)
@@ -341,7 +334,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         "ratio",
         "accuracy",
         "created_by",
-        "created_at",
+        "created_at_text",
     )
     list_filter = ("status", "variant", "version__model")
     search_fields = ("version__model__name", "version__version", "variant", "raw_sha256", "blob_sha256")
@@ -362,6 +355,8 @@ class ArtifactAdmin(admin.ModelAdmin):
         "raw",
     )
     exclude = ("raw_file", "blob_file", "tflite_signature", "manifest_envelope")
+    created_at_text = time_column("created_at", "created at")
+    processed_at_text = time_column("processed_at", "processed at")
 
     class Media:
         js = ("fleet/copy.js",)  # the copy buttons beside hashes
@@ -517,14 +512,6 @@ class ArtifactAdmin(admin.ModelAdmin):
         ]
         return format_html_join(mark_safe("<br>"), "{}: {}", lines)
 
-    @admin.display(description="created at", ordering="created_at")
-    def created_at_text(self, obj):
-        return moment(obj.created_at)
-
-    @admin.display(description="processed at")
-    def processed_at_text(self, obj):
-        return moment(obj.processed_at)
-
     @admin.display(description="raw")
     def raw(self, obj):
         """For experts only, folded: the inspection report and the manifest envelope decoded."""
@@ -568,9 +555,11 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class SigningKeyAdmin(ReadOnlyAdmin):
     """Public halves only: the private key never enters the database."""
 
-    list_display = ("keyid", "status", "created_at", "retired_at")
+    list_display = ("keyid", "status", "created_at_text", "retired_at_text")
     list_filter = ("status",)
-    readonly_fields = ("keyid", "public_key", "status", "created_at", "retired_at")
+    readonly_fields = ("keyid", "public_key", "status", "created_at_text", "retired_at_text")
+    created_at_text = time_column("created_at", "created at")
+    retired_at_text = time_column("retired_at", "retired at")
 
 
 class TrustUploadForm(forms.ModelForm):
@@ -602,7 +591,15 @@ class KeyringAdmin(ReadOnlyAdmin):
     """The keys devices accept signatures from, newest first, with how many devices report
     each version. Read-only: new keyrings are uploaded, never edited."""
 
-    list_display = ("version", "expires", "signing_keys", "revoked", "root_version", "devices", "uploaded_at")
+    list_display = (
+        "version",
+        "expires",
+        "signing_keys",
+        "revoked",
+        "root_version",
+        "devices",
+        "uploaded_at_text",
+    )
     readonly_fields = (
         "version",
         "expires",
@@ -610,14 +607,15 @@ class KeyringAdmin(ReadOnlyAdmin):
         "revoked",
         "root_version",
         "devices",
-        "uploaded_at",
+        "uploaded_at_text",
     )
     fields = readonly_fields
+    uploaded_at_text = time_column("uploaded_at", "uploaded at")
 
     @admin.display(description="expires")
     def expires(self, obj):
         days = (obj.expires_at - timezone.now()).days
-        text = f"{obj.expires_at:%Y-%m-%d %H:%M} UTC"
+        text = moment(obj.expires_at)
         if days < 0:
             return format_html('<strong style="color:#cf222e">{} (expired)</strong>', text)
         if days < 30:
@@ -678,9 +676,11 @@ class TrustRootAdmin(ReadOnlyAdmin):
     """The root chain: each version signed offline by the previous root's keys and its own.
     Upload new ones on the keyring page (one form for both kinds)."""
 
-    list_display = ("version", "threshold_text", "root_keys", "expires_at", "uploaded_at")
-    readonly_fields = ("version", "threshold_text", "root_keys", "expires_at", "uploaded_at")
+    list_display = ("version", "threshold_text", "root_keys", "expires_at_text", "uploaded_at_text")
+    readonly_fields = ("version", "threshold_text", "root_keys", "expires_at_text", "uploaded_at_text")
     fields = readonly_fields
+    expires_at_text = time_column("expires_at", "expires at")
+    uploaded_at_text = time_column("uploaded_at", "uploaded at")
 
     @admin.display(description="threshold")
     def threshold_text(self, obj):

@@ -95,7 +95,9 @@ class RolloutOutcome:
 def version_rollouts(*, versions: list[ModelVersion]) -> dict[int, list[RolloutOutcome]]:
     """The rollouts of each version, newest first, with their devices by state (two queries)."""
     rollouts = list(
-        Rollout.objects.filter(target_version__in=versions).select_related("policy").order_by("-created_at")
+        Rollout.objects.filter(target_version__in=versions)
+        .select_related("policy", "model", "target_version")
+        .order_by("-created_at")
     )
     states: dict[int, list[tuple[str, int]]] = defaultdict(list)
     for rollout_id, state, n in (
