@@ -195,7 +195,7 @@ class DeviceAdmin(admin.ModelAdmin):
         "enrolled",
         "raw",
     )
-    readonly_fields = tuple(name for name in change_fields if name not in ("display_name", "tags"))
+    readonly_fields = (*(name for name in change_fields if name not in ("display_name", "tags")), "tags_text")
     actions = ["approve", "disable", "retire"]
     # "Add device" pre-authorizes an id (the same service as the API); everything else
     # about a device comes from the device itself.
@@ -204,7 +204,16 @@ class DeviceAdmin(admin.ModelAdmin):
     change_form_template = "admin/devices/device/change_form.html"  # sparklines, events, rollouts
 
     def get_fields(self, request, obj=None):
-        return self.add_fields if obj is None else self.change_fields
+        if obj is None:
+            return self.add_fields
+        if not self.has_change_permission(request, obj):
+            # Read only (a viewer): the tags in words, not the JSON list Django would show.
+            return tuple("tags_text" if name == "tags" else name for name in self.change_fields)
+        return self.change_fields
+
+    @admin.display(description="tags")
+    def tags_text(self, obj):
+        return ", ".join(obj.tags or []) or "—"
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         device = self.get_object(request, object_id)

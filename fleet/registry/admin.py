@@ -105,7 +105,7 @@ def version_section(version: ModelVersion, running: dict, rollouts: list) -> dic
                 "devices": ", ".join(f"{n:,} {label.lower()}" for label, n in outcome.devices) or "none",
                 "started": moment(outcome.rollout.started_at),
                 "finished": moment(outcome.rollout.finished_at),
-                "why": outcome.rollout.last_decision,
+                "why": outcome.why,
             }
             for outcome in rollouts
         ],
@@ -118,11 +118,15 @@ def deprecate_prompt(version: ModelVersion, rollouts: list, request) -> dict | N
     failed = selectors.version_failed_canary(version=version, rollouts=rollouts)
     if failed is None:
         return None
+    why = next(outcome.why for outcome in rollouts if outcome.rollout == failed)
+    if why.startswith("by "):  # a person's rollback: who, when and their reason
+        what = f"was rolled back {why}"
+    else:  # the evaluator's: when, and its sentence
+        what = f"was rolled back at {moment(failed.finished_at)}" + (f". {why}" if why else ".")
     return {
         "rollout": failed,
         "url": reverse("admin:rollouts_rollout_change", args=[failed.pk]),
-        "when": moment(failed.finished_at),
-        "why": failed.last_decision,
+        "what": what,
         "action": reverse("admin:registry_modelversion_deprecate", args=[version.pk])
         if has_role(request.user, Role.OPERATOR)
         else None,
@@ -144,14 +148,46 @@ def version_sections(versions: list[ModelVersion], request=None) -> list[dict]:
     return sections
 
 
+class MLModelForm(forms.ModelForm):
+    """Class labels one per line (a label may hold a comma), not a JSON list."""
+
+    labels = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 6}), required=False, help_text="One per line, in output order."
+    )
+
+    class Meta:
+        model = MLModel
+        fields = ("name", "task", "labels", "description")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["labels"] = "\n".join(self.instance.labels or [])
+
+    def clean_labels(self):
+        return [label.strip() for label in self.cleaned_data["labels"].splitlines() if label.strip()]
+
+
 @admin.register(MLModel)
 class MLModelAdmin(admin.ModelAdmin):
+    form = MLModelForm
     list_display = ("name", "task", "version_count", "created_by", "created_at_text")
     list_filter = ("task",)
     search_fields = ("name", "description")
-    readonly_fields = ("created_by", "created_at_text")
+    readonly_fields = ("created_by", "created_at_text", "labels_text")
     change_form_template = "admin/registry/mlmodel/change_form.html"
     created_at_text = time_column("created_at", "created at")
+
+    def get_fields(self, request, obj=None):
+        fields = ("name", "task", "labels", "description", "created_by", "created_at_text")
+        if obj is not None and not self.has_change_permission(request, obj):
+            return tuple("labels_text" if name == "labels" else name for name in fields)  # read only
+        return fields
+
+    @admin.display(description="labels")
+    def labels_text(self, obj):
+        labels = obj.labels or []
+        return f"{count(len(labels), 'label')}: {', '.join(labels)}" if labels else "none"
 
     @admin.display(description="versions")
     def version_count(self, obj):

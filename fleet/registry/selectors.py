@@ -9,6 +9,7 @@ from django.db.models import Count, QuerySet
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 
 from fleet.core.choices import Role
+from fleet.core.display import moment
 from fleet.core.errors import Conflict, NotFound
 from fleet.core.permissions import has_role
 from fleet.devices.choices import DeviceStatus
@@ -16,7 +17,7 @@ from fleet.devices.models import Device
 from fleet.registry.choices import VERSION_TRANSITIONS, ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey
 from fleet.rollouts.choices import AssignmentState, RolloutState
-from fleet.rollouts.models import Assignment, Rollout
+from fleet.rollouts.models import Assignment, AuditEntry, Rollout
 
 
 def model_get(*, name: str) -> MLModel:
@@ -90,10 +91,12 @@ class RolloutOutcome:
     rollout: Rollout
     stage: str  # "stage 1 of 2", or "" before its start
     devices: list[tuple[str, int]]  # (assignment state label, count), skipped ones left out
+    why: str  # who brought it to its state, when and why; else the evaluator's last sentence
 
 
 def version_rollouts(*, versions: list[ModelVersion]) -> dict[int, list[RolloutOutcome]]:
-    """The rollouts of each version, newest first, with their devices by state (two queries)."""
+    """The rollouts of each version, newest first, with their devices by state and why they
+    are in their state (three queries)."""
     rollouts = list(
         Rollout.objects.filter(target_version__in=versions)
         .select_related("policy", "model", "target_version")
@@ -108,11 +111,24 @@ def version_rollouts(*, versions: list[ModelVersion]) -> dict[int, list[RolloutO
         .order_by("rollout_id", "state")
     ):
         states[rollout_id].append((AssignmentState(state).label, n))
+    # The latest audit entry of each rollout (DISTINCT ON): a person's action explains the
+    # state better than the evaluator's sentence when it is what brought the rollout there.
+    latest = {
+        entry.rollout_id: entry
+        for entry in AuditEntry.objects.filter(rollout__in=rollouts)
+        .select_related("actor")
+        .order_by("rollout_id", "-at", "-pk")
+        .distinct("rollout_id")
+    }
     found: dict[int, list[RolloutOutcome]] = defaultdict(list)
     for rollout in rollouts:
         started = rollout.current_stage >= 0
         stage = f"stage {rollout.current_stage + 1} of {len(rollout.stages)}" if started else ""
-        found[rollout.target_version_id].append(RolloutOutcome(rollout, stage, states[rollout.pk]))
+        why = rollout.last_decision
+        entry = latest.get(rollout.pk)
+        if entry is not None and entry.actor is not None and entry.to_state == rollout.state:
+            why = f"by {entry.actor} at {moment(entry.at)}: {entry.reason or 'no reason given'}"
+        found[rollout.target_version_id].append(RolloutOutcome(rollout, stage, states[rollout.pk], why))
     return found
 
 

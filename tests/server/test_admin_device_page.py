@@ -212,3 +212,15 @@ def test_device_lists_show_times_to_the_second_with_their_zone(camera, ada):
         html = web(ada).get(url).content.decode()
         assert re.search(rf">{SECONDS_AND_ZONE}<", html), url
         assert " p.m." not in html and " a.m." not in html, url
+
+
+def test_a_viewer_reads_the_tags_in_words_and_an_operator_edits_them(world, alice, bob):
+    device = world["devices"][0]
+    assert '["fleet"]' not in web(bob).get(device_url(device)).content.decode()
+    assert re.search(
+        r'field-tags_text">.*?<div class="readonly">fleet</div>',
+        web(bob).get(device_url(device)).content.decode(),
+        re.S,
+    )
+    html = web(alice).get(device_url(device)).content.decode()
+    assert 'name="tags" value="fleet"' in html  # control: the operator's form field

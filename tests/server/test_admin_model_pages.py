@@ -24,6 +24,9 @@ from tests.server.conftest import ready_artifact
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
 
 
+SECONDS_AND_ZONE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
+
+
 def web(persona) -> Client:
     client = Client()
     client.force_login(persona.user)
@@ -120,6 +123,7 @@ def test_the_rollouts_of_a_version_show_their_outcome_and_link_to_them(world, al
     assert f'href="/admin/rollouts/rollout/{rollout.pk}/change/"' in row
     assert "Rolled back" in row and "stage 1 of 2" in row
     assert "3 rolled back" in row and "7 pending (later stage)" in row
+    assert re.search(r"by alice at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC: accuracy fell", row)  # who, when, why
     rollout.refresh_from_db()
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", row)  # times with seconds and zone
     assert "Never rolled out." in page(bob, version_url(world["v1"]))
@@ -133,7 +137,9 @@ def test_the_deprecate_prompt_appears_only_after_a_failed_canary(world, alice):
     services.rollout_rollback(rollout=rollout, by=alice.user, reason="golden check failed on devices")
     html = page(alice, version_url(v2))
     assert 'id="deprecate-prompt"' in html and 'id="deprecate-button"' in html
-    assert f"{rollout}" in html
+    prompt = re.search(r'id="deprecate-prompt".*?</div>', html, re.S).group(0)
+    assert f"{rollout}</a> was rolled back by alice at " in prompt
+    assert prompt.count(" UTC") == 1 and ": golden check failed on devices" in prompt
 
 
 def test_the_deprecate_prompt_waits_for_a_release_and_ends_with_a_newer_rollout(world, alice):
@@ -217,3 +223,29 @@ def test_registry_lists_show_times_to_the_second_with_their_zone(golden_artifact
     html = page(bob, url)
     assert re.search(r"<td[^>]*>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC</td>", html), url
     assert " p.m." not in html and " a.m." not in html  # not Django's default format
+
+
+def test_labels_read_in_words_and_are_edited_one_per_line(digits_model, alice, bob):
+    url = f"/admin/registry/mlmodel/{digits_model.pk}/change/"
+    html = page(bob, url)
+    assert f"{len(digits_model.labels)} labels: {', '.join(digits_model.labels)}" in html
+    assert "[&quot;" not in html and '["' not in html  # no JSON list
+    form = page(alice, url)
+    assert "\n".join(digits_model.labels) in form  # control: the operator's textarea
+    response = web(alice).post(
+        url, {"name": "digits", "task": "classification", "labels": "zero\n one \n\ntwo", "description": ""}
+    )
+    assert response.status_code == 302
+    digits_model.refresh_from_db()
+    assert digits_model.labels == ["zero", "one", "two"]
+
+
+def test_after_the_gates_roll_back_the_prompt_gives_their_sentence(world, alice):
+    v2 = registry.version_set_status(version=world["v2"], status=VersionStatus.RELEASED)
+    rollout = services.rollout_rollback(
+        rollout=admin_world.start(world, alice.user), reason="gate"
+    )  # by system
+    sentence = "Rolled back at stage 1 by the accuracy gate: 72.0 % (n = 239) vs 97.5 % (n = 2,037)."
+    type(rollout).objects.filter(pk=rollout.pk).update(last_decision=sentence)  # what the evaluator writes
+    prompt = re.search(r'id="deprecate-prompt".*?</div>', page(alice, version_url(v2)), re.S).group(0)
+    assert re.search(rf"was rolled back at {SECONDS_AND_ZONE}\. {re.escape(sentence)}", prompt)
