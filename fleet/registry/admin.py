@@ -12,6 +12,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.options import csrf_protect_m
 from django.core.exceptions import PermissionDenied
 from django.core.files.uploadedfile import TemporaryUploadedFile
+from django.db.models import Count
 from django.http import HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import filesizeformat
@@ -189,9 +190,14 @@ class MLModelAdmin(admin.ModelAdmin):
         labels = obj.labels or []
         return f"{count(len(labels), 'label')}: {', '.join(labels)}" if labels else "none"
 
-    @admin.display(description="versions")
+    def get_queryset(self, request):
+        return (
+            super().get_queryset(request).select_related("created_by").annotate(n_versions=Count("versions"))
+        )
+
+    @admin.display(description="versions", ordering="n_versions")
     def version_count(self, obj):
-        return obj.versions.count()
+        return obj.n_versions
 
     def save_model(self, request, obj, form, change):
         if not change:
