@@ -480,10 +480,9 @@ class ArtifactAdmin(admin.ModelAdmin):
         if obj.blob_size is None:
             return f"{size(obj.raw_size)} uploaded; not compressed yet"
         level = f" level {obj.compression_level}" if obj.compression_level is not None else ""
-        return (
-            f"{size(obj.raw_size)} .tflite, {size(obj.blob_size)} as {obj.compression or 'blob'}{level} "
-            f"({obj.compression_ratio:.2f}x smaller)"
-        )
+        ratio = f" ({obj.compression_ratio:.2f}x smaller)" if obj.compression_ratio else ""
+        blob = f"{size(obj.blob_size)} as {obj.compression or 'blob'}{level}{ratio}"
+        return f"{size(obj.raw_size)} .tflite, {blob}"
 
     @admin.display(description="sha256")
     def hashes(self, obj):

@@ -19,7 +19,7 @@ from fleet.registry import services as registry
 from fleet.registry.choices import VersionStatus
 from fleet.rollouts import services
 from tests.server import admin_world
-from tests.server.conftest import ready_artifact
+from tests.server.conftest import pending_artifact, ready_artifact
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
 
@@ -249,3 +249,11 @@ def test_after_the_gates_roll_back_the_prompt_gives_their_sentence(world, alice)
     type(rollout).objects.filter(pk=rollout.pk).update(last_decision=sentence)  # what the evaluator writes
     prompt = re.search(r'id="deprecate-prompt".*?</div>', page(alice, version_url(v2)), re.S).group(0)
     assert re.search(rf"was rolled back at {SECONDS_AND_ZONE}\. {re.escape(sentence)}", prompt)
+
+
+def test_an_artifact_still_in_the_pipeline_says_so(version_v1, digits, bob):
+    artifact = pending_artifact(version_v1, "int8", digits.build_digits_models()["int8"])
+    html = page(bob, f"/admin/registry/artifact/{artifact.pk}/change/")
+    assert "not inspected yet" in html and "not signed yet" in html and "not compressed yet" in html
+    html = page(bob, version_url(version_v1))
+    assert '<tr data-variant="int8">' in html and "Pending" in html
