@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import datetime
 from urllib.parse import urlencode
 
 from django import forms
@@ -484,7 +485,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         blob = f"{size(obj.blob_size)} as {obj.compression or 'blob'}{level}{ratio}"
         return f"{size(obj.raw_size)} .tflite, {blob}"
 
-    @admin.display(description="sha256")
+    @admin.display(description="hashes (sha256)")
     def hashes(self, obj):
         rows = [
             ("the .tflite", obj.raw_sha256),
@@ -534,7 +535,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         lines = [
             (
                 "signed",
-                format_html("{} by key {}", payload.get("created_at", "?"), short_hash(keyids[0], "keyid"))
+                format_html("{} by key {}", signed_at(payload), short_hash(keyids[0], "keyid"))
                 if keyids
                 else "no signature",
             ),
@@ -571,6 +572,14 @@ def tensors_text(tensors: list[dict] | None) -> str:
         )
         or "none"
     )
+
+
+def signed_at(payload: dict) -> str:
+    """The manifest's created_at ("2026-11-30T17:15:23Z") to the second with its zone."""
+    try:
+        return moment(datetime.fromisoformat(payload["created_at"]))
+    except (KeyError, TypeError, ValueError):
+        return "at an unreadable time"
 
 
 def manifest_parts(artifact: Artifact) -> tuple[dict, dict]:

@@ -197,6 +197,7 @@ def test_the_artifact_page_shows_the_signature_and_manifest_in_words(golden_arti
         assert f'<code title="{value}">{value[:12]}…</code>' in html  # shortened
         assert f'data-copy="{value}"' in html  # with its copy button
     assert "requires: hardware any; runtime litert&gt;=1.0" in html
+    assert re.search(rf"signed: {SECONDS_AND_ZONE} by key", html)
     # JSON only in the folded raw section.
     before_raw, raw = html.split("<summary>raw</summary>", 1)
     assert '"payloadType"' not in before_raw and "{&quot;" not in before_raw
