@@ -4,6 +4,7 @@ approve / disable / retire through the same services as the API."""
 from __future__ import annotations
 
 from datetime import timedelta
+from urllib.parse import urlencode
 
 from django import forms
 from django.conf import settings
@@ -17,11 +18,11 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from fleet.core.choices import Role
-from fleet.core.display import count, duration, moment, raw_details
+from fleet.core.display import count, duration, moment, raw_details, time_column
 from fleet.core.errors import ServiceError
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
-from fleet.devices.choices import DeviceStatus
+from fleet.devices.choices import DeviceStatus, reason_label
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
 from fleet.registry.models import Artifact
@@ -92,6 +93,67 @@ class GenerationFilter(admin.SimpleListFilter):
         return queryset
 
 
+# --- the device page: health over time, events in words, rollout history
+
+
+def health_summary(series: dict) -> list[dict]:
+    """Each sparkline's latest hour and its range, in words (also the text beside the chart)."""
+    summaries = []
+    for line in series["series"]:
+        known = [value for value in line["points"] if value is not None]
+        fmt = f"{{:,.{line['decimals']}f}} {line['unit']}"
+        summaries.append(
+            {
+                **line,
+                "latest": fmt.format(known[-1]) if known else "no telemetry",
+                "range": f"{fmt.format(min(known))} to {fmt.format(max(known))}" if known else "",
+            }
+        )
+    return summaries
+
+
+def event_row(event: DeviceEvent) -> dict:
+    model = " ".join(part for part in (event.model, event.version) if part)
+    return {
+        "event": event,
+        "at": moment(event.received_at),
+        "device_at": moment(event.ts),
+        "model": f"{model} [{event.variant}]" if event.variant else model or "—",
+        "reason": reason_label(event.reason) or "—",
+    }
+
+
+def assignment_row(assignment) -> dict:
+    to = assignment.to_artifact
+    before = assignment.from_version or "no model"
+    if assignment.from_artifact is not None:
+        before += f" [{assignment.from_artifact.variant}]"
+    return {
+        "rollout": assignment.rollout,
+        "url": reverse("admin:rollouts_rollout_change", args=[assignment.rollout_id]),
+        "stage": assignment.stage + 1 if assignment.stage is not None else "—",
+        "change": f"{before} → {to.version.version} [{to.variant}]" if to else f"{before} → (none chosen)",
+        "state": assignment.get_state_display(),
+        "reason": reason_label(assignment.reason) or "—",
+        "generation": assignment.generation or "—",
+        "updated": moment(assignment.updated_at),
+    }
+
+
+def device_page(device: Device) -> dict:
+    """What the device page shows below its fields (a fixed number of queries)."""
+    series = selectors.device_health_series(device=device, now=timezone.now())
+    return {
+        "health_series": series,
+        "health_lines": health_summary(series),
+        "events": [event_row(event) for event in selectors.device_recent_events(device=device)],
+        "events_url": reverse("admin:devices_deviceevent_changelist")
+        + "?"
+        + urlencode({"q": device.device_id}),
+        "history": [assignment_row(row) for row in selectors.device_rollout_history(device=device)],
+    }
+
+
 @admin.register(Device)
 class DeviceAdmin(admin.ModelAdmin):
     list_display = (
@@ -133,14 +195,31 @@ class DeviceAdmin(admin.ModelAdmin):
         "enrolled",
         "raw",
     )
-    readonly_fields = tuple(name for name in change_fields if name not in ("display_name", "tags"))
+    readonly_fields = (*(name for name in change_fields if name not in ("display_name", "tags")), "tags_text")
     actions = ["approve", "disable", "retire"]
     # "Add device" pre-authorizes an id (the same service as the API); everything else
     # about a device comes from the device itself.
     add_fields = ("device_id", "display_name", "tags")
 
+    change_form_template = "admin/devices/device/change_form.html"  # sparklines, events, rollouts
+
     def get_fields(self, request, obj=None):
-        return self.add_fields if obj is None else self.change_fields
+        if obj is None:
+            return self.add_fields
+        if not self.has_change_permission(request, obj):
+            # Read only (a viewer): the tags in words, not the JSON list Django would show.
+            return tuple("tags_text" if name == "tags" else name for name in self.change_fields)
+        return self.change_fields
+
+    @admin.display(description="tags")
+    def tags_text(self, obj):
+        return ", ".join(obj.tags or []) or "—"
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        device = self.get_object(request, object_id)
+        if device is not None:
+            extra_context = {**(extra_context or {}), **device_page(device)}
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def get_readonly_fields(self, request, obj=None):
         return () if obj is None else self.readonly_fields
@@ -295,7 +374,7 @@ class DeviceAdmin(admin.ModelAdmin):
             if seconds < 120
             else f"{seconds // 60} min ago"
             if seconds < 7200
-            else (obj.last_seen_at.strftime("%Y-%m-%d %H:%M"))
+            else moment(obj.last_seen_at)
         )
 
     def _bulk(self, request, queryset, action, verb: str) -> None:
@@ -376,11 +455,14 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
         "auto_approve",
         "uses",
         "max_uses",
-        "expires_at",
-        "revoked_at",
-        "created_at",
+        "expires_at_text",
+        "revoked_at_text",
+        "created_at_text",
     )
     fields = ("name", "auto_approve", "expires_at", "max_uses", "tags")
+    expires_at_text = time_column("expires_at", "expires at")
+    revoked_at_text = time_column("revoked_at", "revoked at")
+    created_at_text = time_column("created_at", "created at")
     actions = ["revoke"]
 
     @admin.display(description="state")
@@ -421,10 +503,24 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
 
 @admin.register(DeviceEvent)
 class DeviceEventAdmin(admin.ModelAdmin):
-    list_display = ("received_at", "device", "type", "generation", "model", "version", "variant", "reason")
+    list_display = (
+        "received_at_text",
+        "device",
+        "type",
+        "generation",
+        "model",
+        "version",
+        "variant",
+        "reason_text",
+    )
     list_filter = ("type", "reason", "received_at")
     search_fields = ("device__device_id", "message")
     list_select_related = ("device",)
+    received_at_text = time_column("received_at", "received at")
+
+    @admin.display(description="reason", ordering="reason")
+    def reason_text(self, obj):
+        return reason_label(obj.reason) or "—"
 
     def has_add_permission(self, request):
         return False
@@ -440,11 +536,13 @@ class DeviceEventAdmin(admin.ModelAdmin):
 class IngestRefusalAdmin(admin.ModelAdmin):
     """What the ingest bridges refused per device and reason (docs/ingest.md): read only."""
 
-    list_display = ("device", "reason", "count", "first_at", "last_at")
+    list_display = ("device", "reason", "count", "first_at_text", "last_at_text")
     list_filter = ("reason",)
     search_fields = ("device__device_id",)
     list_select_related = ("device",)
     ordering = ("-last_at",)
+    first_at_text = time_column("first_at", "first at")
+    last_at_text = time_column("last_at", "last at")
 
     def has_add_permission(self, request):
         return False

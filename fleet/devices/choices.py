@@ -54,3 +54,35 @@ class DeviceErrorCode(models.TextChoices):
 
     RESERVED_DEVICE_ID = "reserved_device_id", "The id names a broker service account"
     DEVICE_RETIRED = "device_retired", "Retired devices never come back"
+
+
+class EventReason(models.TextChoices):
+    """What a device's reason codes mean (agent/protocol/schemas.py REFUSAL_REASONS), for
+    people: the admin shows the label and the code."""
+
+    SIGNATURE_INVALID = "signature_invalid", "Signature did not verify"
+    PAYLOAD_TYPE = "payload_type", "Wrong kind of signed document"
+    REPLAY = "replay", "Old generation replayed"
+    EXPIRED = "expired", "Desired state expired"
+    WRONG_DEVICE = "wrong_device", "Addressed to another device"
+    MANIFEST_MISMATCH = "manifest_mismatch", "Manifest differs from the desired state"
+    TOO_LARGE = "too_large", "Artifact over the size limit"
+    HASH_MISMATCH = "hash_mismatch", "Download's sha256 did not match"
+    INCOMPATIBLE = "incompatible", "Not compatible with this device"
+    LOAD_FAILED = "load_failed", "LiteRT could not load the model"
+    GOLDEN_FAILED = "golden_failed", "Failed its golden-set check"
+    DOWNLOAD_FAILED = "download_failed", "Download failed"
+    TLS_FAILED = "tls_failed", "Server certificate refused"
+    KEY_REVOKED = "key_revoked", "Signed with a revoked key"
+    KEY_EXPIRED = "key_expired", "Signed with an expired key"
+    KEYRING_ROLLBACK = "keyring_rollback", "Older keyring refused"
+    KEYRING_EXPIRED = "keyring_expired", "Keyring expired"
+    ROOT_EXPIRED = "root_expired", "Root of trust expired"
+    NO_KEYRING = "no_keyring", "No keyring yet"
+
+
+def reason_label(code: str) -> str:
+    """ "golden_failed" → "Failed its golden-set check (golden_failed)"; an unknown code as is."""
+    if not code:
+        return ""
+    return f"{EventReason(code).label} ({code})" if code in EventReason.values else code

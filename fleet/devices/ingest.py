@@ -296,6 +296,20 @@ def _shadow(model: str, shadow: Any) -> tuple:
     return (_name(version), _name(variant), sampled, compared, agreed, errors, skipped, mean_abs_diff, p95)
 
 
+def _health(health: Any) -> tuple[float | None, ...]:
+    """The health figures of a telemetry message, for its window rows. The wire schema
+    leaves "health" open, so a figure that is missing, not a number or not finite is None
+    (the device page shows a gap); it never refuses the window."""
+    health = health if isinstance(health, dict) else {}
+    values = (health.get(name) for name in HEALTH_COLUMNS)
+    return tuple(
+        float(value)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+        for value in values
+    )
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, allow_nan=False, separators=(",", ":"))
 
@@ -307,7 +321,7 @@ TELEMETRY_COLUMNS = (
     "device_id, message_id, ts, window_start, received_at, window_s, model, version, variant, inferences, "
     "errors, latency_p50_ms, latency_p95_ms, latency_p99_ms, labeled, correct, shadow_version, "
     "shadow_variant, shadow_sampled, shadow_compared, shadow_agreed, shadow_errors, shadow_skipped, "
-    "shadow_mean_abs_diff, shadow_latency_p95_ms"
+    "shadow_mean_abs_diff, shadow_latency_p95_ms, cpu_pct, rss_mb, temp_c"
 )
 EVENT_COLUMNS = (
     "device_id, message_id, type, generation, model, version, variant, reason, message, ts, received_at"
@@ -352,6 +366,8 @@ FROM ingest_devices u WHERE d.id = u.id
 # (no deadlock between bridges). The hour is the window's start (the device's clock, which
 # the invariants bound), as the gates count windows by their start.
 HOURLY_KEY = "device_id, hour, model, version, variant, shadow_version, shadow_variant"
+# The health figures kept per window and summed per hour (with their number of windows).
+HEALTH_COLUMNS = ("cpu_pct", "rss_mb", "temp_c")
 HOURLY_SUMS = (
     "windows",
     "inferences",
@@ -369,6 +385,7 @@ HOURLY_SUMS = (
     "shadow_latency_p95_weight",
     "shadow_mean_abs_diff_weighted_sum",
     "shadow_mean_abs_diff_weight",
+    *(f"{name}_{part}" for name in HEALTH_COLUMNS for part in ("sum", "windows")),
 )
 INSERT_TELEMETRY = f"""
 WITH inserted AS (
@@ -377,7 +394,8 @@ WITH inserted AS (
     ON CONFLICT (device_id, message_id, model, window_start) DO NOTHING
     RETURNING device_id, window_start, model, version, variant, shadow_version, shadow_variant,
         inferences, errors, labeled, correct, latency_p95_ms, shadow_sampled, shadow_compared,
-        shadow_agreed, shadow_errors, shadow_skipped, shadow_latency_p95_ms, shadow_mean_abs_diff
+        shadow_agreed, shadow_errors, shadow_skipped, shadow_latency_p95_ms, shadow_mean_abs_diff,
+        {", ".join(HEALTH_COLUMNS)}
 ), rolled AS (
     INSERT INTO devices_telemetryhourly AS hourly ({HOURLY_KEY}, {", ".join(HOURLY_SUMS)}, latency_p95_max_ms)
     SELECT device_id, date_trunc('hour', window_start), model, version, variant, shadow_version,
@@ -389,6 +407,7 @@ WITH inserted AS (
         coalesce(sum(shadow_compared) FILTER (WHERE shadow_latency_p95_ms IS NOT NULL), 0),
         coalesce(sum(shadow_mean_abs_diff * shadow_compared), 0),
         coalesce(sum(shadow_compared) FILTER (WHERE shadow_mean_abs_diff IS NOT NULL), 0),
+        {", ".join(f"coalesce(sum({name}), 0), count({name})" for name in HEALTH_COLUMNS)},
         max(latency_p95_ms)
     FROM inserted GROUP BY 1, 2, 3, 4, 5, 6, 7 ORDER BY 1, 2, 3, 4, 5, 6, 7
     ON CONFLICT ({HOURLY_KEY}) DO UPDATE SET
@@ -914,6 +933,7 @@ class IngestBridge:
         if ts < now - self.max_age:
             raise Refused(CLOCK, f"ts {data['ts']} is older than {self.max_age}")
         window_start = ts - timedelta(seconds=window_s)
+        health = _health(data.get("health"))
         rows = []
         for model, entry in data["models"].items():
             latency = entry.get("latency_ms")
@@ -946,6 +966,7 @@ class IngestBridge:
                     _count(labeled),
                     _count(correct),
                     *_shadow(model, entry.get("shadow")),
+                    *health,
                 )
             )
         return rows

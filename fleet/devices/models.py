@@ -226,6 +226,11 @@ class TelemetryWindow(models.Model):
     shadow_skipped = models.PositiveBigIntegerField(default=0)
     shadow_mean_abs_diff = models.FloatField(null=True)
     shadow_latency_p95_ms = models.FloatField(null=True)
+    # The device's health at the end of the window (the message's "health"), repeated on
+    # each model's row; null when the device did not say (the device page's sparklines).
+    cpu_pct = models.FloatField(null=True)
+    rss_mb = models.FloatField(null=True)
+    temp_c = models.FloatField(null=True)
 
     class Meta:
         constraints = [
@@ -293,6 +298,14 @@ class TelemetryHourly(models.Model):
     shadow_latency_p95_weight = models.PositiveBigIntegerField(default=0)
     shadow_mean_abs_diff_weighted_sum = models.FloatField(default=0)
     shadow_mean_abs_diff_weight = models.PositiveBigIntegerField(default=0)
+    # Health: the sum over the windows that reported it and their number (mean = sum / n).
+    # Also database defaults, so that bulk loaders that insert with SQL need not know them.
+    cpu_pct_sum = models.FloatField(default=0, db_default=0.0)
+    cpu_pct_windows = models.PositiveBigIntegerField(default=0, db_default=0)
+    rss_mb_sum = models.FloatField(default=0, db_default=0.0)
+    rss_mb_windows = models.PositiveBigIntegerField(default=0, db_default=0)
+    temp_c_sum = models.FloatField(default=0, db_default=0.0)
+    temp_c_windows = models.PositiveBigIntegerField(default=0, db_default=0)
 
     class Meta:
         constraints = [

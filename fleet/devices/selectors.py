@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Count, F, FloatField, Q, QuerySet, Sum
 
 from fleet.core.errors import InvalidInput
 from fleet.devices.choices import DeviceStatus, GroupKind
-from fleet.devices.models import Device, DeviceGroup, TelemetryWindow
+from fleet.devices.models import Device, DeviceEvent, DeviceGroup, TelemetryHourly, TelemetryWindow
+from fleet.rollouts.models import Assignment
 
 # What a dynamic group's saved filter may say, and how each key filters devices.
 RULES = {
@@ -175,3 +176,80 @@ def telemetry_by_device(
         )
         for row in rows
     ]
+
+
+# --- the device page (admin, issue 10 section 1): health over time, events, rollout history
+
+HEALTH_HOURS = 24
+# (key, label, unit, decimals): the sparklines of the device page, in this order.
+HEALTH_SERIES = (
+    ("inferences", "Inferences", "per hour", 0),
+    ("latency_p95_ms", "p95 latency", "ms", 1),
+    ("errors", "Errors", "per hour", 0),
+    ("cpu_pct", "CPU", "%", 1),
+    ("rss_mb", "RSS", "MB", 1),
+    ("temp_c", "Temperature", "°C", 1),
+)
+
+
+def _ratio(total: float | None, n: int | None, decimals: int) -> float | None:
+    return round(total / n, decimals) if n else None
+
+
+def device_health_series(*, device: Device, now: datetime, hours: int = HEALTH_HOURS) -> dict[str, Any]:
+    """The device's telemetry hour by hour over the last ``hours`` hours (the current one
+    included) from the hourly rollups, all models together (one query): inferences and
+    errors summed, p95 latency weighted by inferences, health figures averaged over the
+    windows that reported them. An hour without telemetry is None (a gap), not 0."""
+    first = (now - timedelta(hours=hours - 1)).replace(minute=0, second=0, microsecond=0)
+    rows = {
+        row["hour"]: row
+        for row in TelemetryHourly.objects.filter(device=device, hour__gte=first, hour__lte=now)
+        .values("hour")
+        .annotate(
+            inferences=Sum("inferences"),
+            errors=Sum("errors"),
+            p95=Sum("latency_p95_weighted_sum"),
+            p95_n=Sum("latency_p95_weight"),
+            **{f"{name}_sum": Sum(f"{name}_sum") for name in ("cpu_pct", "rss_mb", "temp_c")},
+            **{f"{name}_n": Sum(f"{name}_windows") for name in ("cpu_pct", "rss_mb", "temp_c")},
+        )
+        .order_by("hour")
+    }
+    buckets = [first + timedelta(hours=n) for n in range(hours)]
+    points: dict[str, list] = {key: [] for key, *_ in HEALTH_SERIES}
+    for hour in buckets:
+        row = rows.get(hour)
+        if row is None:
+            for values in points.values():
+                values.append(None)
+            continue
+        points["inferences"].append(row["inferences"])
+        points["errors"].append(row["errors"])
+        points["latency_p95_ms"].append(_ratio(row["p95"], row["p95_n"], 2))
+        for name in ("cpu_pct", "rss_mb", "temp_c"):
+            points[name].append(_ratio(row[f"{name}_sum"], row[f"{name}_n"], 2))
+    return {
+        "hours": [int(hour.timestamp()) for hour in buckets],
+        "series": [
+            {"key": key, "label": label, "unit": unit, "decimals": decimals, "points": points[key]}
+            for key, label, unit, decimals in HEALTH_SERIES
+        ],
+    }
+
+
+DEVICE_PAGE_ROWS = 20
+
+
+def device_recent_events(*, device: Device, limit: int = DEVICE_PAGE_ROWS) -> list[DeviceEvent]:
+    """The device's latest events, newest first (one query)."""
+    return list(DeviceEvent.objects.filter(device=device).order_by("-received_at", "-pk")[:limit])
+
+
+def device_rollout_history(*, device: Device, limit: int = DEVICE_PAGE_ROWS) -> list[Assignment]:
+    """The device's assignments in rollouts, newest rollout first (one query)."""
+    return list(
+        Assignment.objects.filter(device=device)
+        .select_related("rollout__model", "rollout__target_version", "from_artifact", "to_artifact__version")
+        .order_by("-rollout__created_at", "-rollout_id")[:limit]
+    )

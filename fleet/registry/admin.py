@@ -5,21 +5,32 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import datetime
+from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.options import csrf_protect_m
+from django.core.exceptions import PermissionDenied
 from django.core.files.uploadedfile import TemporaryUploadedFile
+from django.db.models import Count
 from django.http import HttpResponseRedirect
+from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import filesizeformat
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from fleet.core.choices import Role
+from fleet.core.display import count, moment, percent, raw_details, short_hash, size, time_column
 from fleet.core.errors import ServiceError
 from fleet.core.permissions import has_role
-from fleet.registry import services, trust
-from fleet.registry.choices import ArtifactStatus, VersionStatus
+from fleet.devices.choices import DeviceStatus
+from fleet.registry import selectors, services, trust
+from fleet.registry.api import VERSION_ACTIONS  # the API's action -> status table: the same service
+from fleet.registry.choices import ArtifactFailure, ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, Keyring, MLModel, ModelVersion, SigningKey, TrustRoot
 
 STATUS_COLOURS = {
@@ -41,46 +52,167 @@ def status_badge(value: str, label: str, colours: dict[str, str] = STATUS_COLOUR
     )
 
 
-class VersionInline(admin.TabularInline):
-    model = ModelVersion
-    fields = ("version", "status", "notes", "created_at")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    show_change_link = True
+# --- the model and version pages: variants in units, where each version runs, its rollouts
 
-    def has_add_permission(self, request, obj=None):
-        return False
+
+def running_url(model: MLModel, version: str, variant: str) -> str:
+    """The device list filtered to the active devices that report running this variant."""
+    query = urlencode({"status__exact": DeviceStatus.ACTIVE, "running": f"{model.name}:{version}:{variant}"})
+    return f"{reverse('admin:devices_device_changelist')}?{query}"
+
+
+def variant_row(artifact: Artifact) -> dict:
+    """One variant in words and units: sizes, compression, golden accuracy, ops."""
+    signature = artifact.tflite_signature or {}
+    ops = signature.get("ops") or []
+    ratio = artifact.compression_ratio
+    samples = f" (n = {artifact.golden_samples:,})" if artifact.golden_samples else ""
+    return {
+        "artifact": artifact,
+        "url": reverse("admin:registry_artifact_change", args=[artifact.pk]),
+        "status": status_badge(artifact.status, artifact.get_status_display()),
+        "size": size(artifact.raw_size),
+        "compressed": size(artifact.blob_size) + (f" ({ratio:.2f}x smaller)" if ratio else ""),
+        "accuracy": percent(artifact.golden_accuracy) + samples
+        if artifact.golden_accuracy is not None
+        else "—",
+        "ops": f"{count(len(ops), 'op')}: {', '.join(ops)}" if ops else "—",
+        "quantization": signature.get("quantization") or "—",
+    }
+
+
+def version_section(version: ModelVersion, running: dict, rollouts: list) -> dict:
+    """What the model and version pages show of one version (no query: all prefetched)."""
+    model = version.model
+    artifacts = sorted(version.artifacts.all(), key=lambda a: (a.variant, a.status != ArtifactStatus.READY))
+    variants = [variant_row(artifact) for artifact in artifacts]
+    devices = [
+        {"variant": variant, "n": n, "url": running_url(model, version.version, variant)}
+        for (running_version, variant), n in sorted(running.items())
+        if running_version == version.version
+    ]
+    return {
+        "version": version,
+        "url": reverse("admin:registry_modelversion_change", args=[version.pk]),
+        "status": status_badge(version.status, version.get_status_display()),
+        "variants": variants,
+        "devices": devices,
+        "devices_total": sum(row["n"] for row in devices),
+        "rollouts": [
+            {
+                "rollout": outcome.rollout,
+                "url": reverse("admin:rollouts_rollout_change", args=[outcome.rollout.pk]),
+                "state": outcome.rollout.get_state_display(),
+                "stage": outcome.stage or "not started",
+                "devices": ", ".join(f"{n:,} {label.lower()}" for label, n in outcome.devices) or "none",
+                "started": moment(outcome.rollout.started_at),
+                "finished": moment(outcome.rollout.finished_at),
+                "why": outcome.why,
+            }
+            for outcome in rollouts
+        ],
+    }
+
+
+def deprecate_prompt(version: ModelVersion, rollouts: list, request) -> dict | None:
+    """Ask to deprecate a released version whose latest rollout was rolled back; the button
+    only for those who may (operators, as in the API)."""
+    failed = selectors.version_failed_canary(version=version, rollouts=rollouts)
+    if failed is None:
+        return None
+    why = next(outcome.why for outcome in rollouts if outcome.rollout == failed)
+    if why.startswith("by "):  # a person's rollback: who, when and their reason
+        what = f"was rolled back {why}"
+    else:  # the evaluator's: when, and its sentence
+        what = f"was rolled back at {moment(failed.finished_at)}" + (f". {why}" if why else ".")
+    return {
+        "rollout": failed,
+        "url": reverse("admin:rollouts_rollout_change", args=[failed.pk]),
+        "what": what,
+        "action": reverse("admin:registry_modelversion_deprecate", args=[version.pk])
+        if has_role(request.user, Role.OPERATOR)
+        else None,
+    }
+
+
+def version_sections(versions: list[ModelVersion], request=None) -> list[dict]:
+    """The sections of the given versions of one model, in a fixed number of queries."""
+    if not versions:
+        return []
+    running = selectors.devices_running(model=versions[0].model)
+    rollouts = selectors.version_rollouts(versions=versions)
+    sections = []
+    for version in versions:
+        section = version_section(version, running, rollouts[version.pk])
+        if request is not None:
+            section["prompt"] = deprecate_prompt(version, rollouts[version.pk], request)
+        sections.append(section)
+    return sections
+
+
+class MLModelForm(forms.ModelForm):
+    """Class labels one per line (a label may hold a comma), not a JSON list."""
+
+    labels = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 6}), required=False, help_text="One per line, in output order."
+    )
+
+    class Meta:
+        model = MLModel
+        fields = ("name", "task", "labels", "description")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["labels"] = "\n".join(self.instance.labels or [])
+
+    def clean_labels(self):
+        return [label.strip() for label in self.cleaned_data["labels"].splitlines() if label.strip()]
 
 
 @admin.register(MLModel)
 class MLModelAdmin(admin.ModelAdmin):
-    list_display = ("name", "task", "version_count", "created_by", "created_at")
+    form = MLModelForm
+    list_display = ("name", "task", "version_count", "created_by", "created_at_text")
     list_filter = ("task",)
     search_fields = ("name", "description")
-    readonly_fields = ("created_by", "created_at")
-    inlines = [VersionInline]
+    readonly_fields = ("created_by", "created_at_text", "labels_text")
+    change_form_template = "admin/registry/mlmodel/change_form.html"
+    created_at_text = time_column("created_at", "created at")
 
-    @admin.display(description="versions")
+    def get_fields(self, request, obj=None):
+        fields = ("name", "task", "labels", "description", "created_by", "created_at_text")
+        if obj is not None and not self.has_change_permission(request, obj):
+            return tuple("labels_text" if name == "labels" else name for name in fields)  # read only
+        return fields
+
+    @admin.display(description="labels")
+    def labels_text(self, obj):
+        labels = obj.labels or []
+        return f"{count(len(labels), 'label')}: {', '.join(labels)}" if labels else "none"
+
+    def get_queryset(self, request):
+        return (
+            super().get_queryset(request).select_related("created_by").annotate(n_versions=Count("versions"))
+        )
+
+    @admin.display(description="versions", ordering="n_versions")
     def version_count(self, obj):
-        return obj.versions.count()
+        return obj.n_versions
 
     def save_model(self, request, obj, form, change):
         if not change:
             obj.created_by = request.user
         super().save_model(request, obj, form, change)
 
-
-class ArtifactInline(admin.TabularInline):
-    model = Artifact
-    fields = ("variant", "status", "raw_size", "blob_size", "golden_accuracy", "created_at")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    show_change_link = True
-
-    def has_add_permission(self, request, obj=None):
-        return False
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        model = self.get_object(request, object_id)
+        if model is not None:
+            versions = list(
+                model.versions.select_related("model").prefetch_related("artifacts").order_by("-created_at")
+            )
+            extra_context = {**(extra_context or {}), "sections": version_sections(versions, request)}
+        return super().change_view(request, object_id, form_url, extra_context)
 
 
 @admin.register(ModelVersion)
@@ -92,23 +224,38 @@ class ModelVersionAdmin(admin.ModelAdmin):
         "variants",
         "golden_samples",
         "created_by",
-        "created_at",
+        "created_at_text",
     )
     list_filter = ("status", "model")
     search_fields = ("model__name", "version", "notes")
+    list_select_related = ("model", "created_by")
     readonly_fields = (
-        "status",
-        "golden_file",
-        "golden_sha256",
-        "golden_size",
-        "golden_samples",
-        "golden_input_shape",
+        "status_badge",
+        "golden_set",
         "created_by",
-        "created_at",
-        "status_changed_at",
+        "created_at_text",
+        "status_changed_text",
     )
-    inlines = [ArtifactInline]
+    fields = ("model", "version", "notes", *readonly_fields)
     actions = ["release", "deprecate", "revoke"]
+    change_form_template = "admin/registry/modelversion/change_form.html"
+    created_at_text = time_column("created_at", "created at")
+    status_changed_text = time_column("status_changed_at", "status changed at")
+
+    class Media:
+        js = ("fleet/copy.js",)  # the copy buttons beside hashes
+
+    def get_queryset(self, request):
+        return (
+            super().get_queryset(request).select_related("model", "created_by").prefetch_related("artifacts")
+        )
+
+    def get_fields(self, request, obj=None):
+        return ("model", "version", "notes") if obj is None else self.fields
+
+    def get_readonly_fields(self, request, obj=None):
+        # A version's model and number are what devices and manifests name: fixed once made.
+        return ("model", "version", *self.readonly_fields) if obj else ()
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj):
@@ -117,6 +264,64 @@ class ModelVersionAdmin(admin.ModelAdmin):
     @admin.display(description="variants")
     def variants(self, obj):
         return ", ".join(a.variant for a in obj.artifacts.all() if a.status == ArtifactStatus.READY) or "—"
+
+    @admin.display(description="golden set")
+    def golden_set(self, obj):
+        if not obj.has_golden_set:
+            return "none: variants are not checked for accuracy before release or on devices"
+        shape = str(list(obj.golden_input_shape or [])) if obj.golden_input_shape else "?"
+        return format_html(
+            "{} samples of shape {}, {}, sha256 {}",
+            f"{obj.golden_samples:,}" if obj.golden_samples is not None else "?",
+            shape,
+            size(obj.golden_size),
+            short_hash(obj.golden_sha256),
+        )
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        version = self.get_object(request, object_id)
+        if version is not None:
+            extra_context = {**(extra_context or {}), "section": version_sections([version], request)[0]}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    def get_urls(self):
+        view = self.admin_site.admin_view(self.deprecate_view)
+        return [
+            path("<int:pk>/deprecate/", view, name="registry_modelversion_deprecate"),
+            *super().get_urls(),
+        ]
+
+    def deprecate_view(self, request, pk: int):
+        """Confirm, then call the same service as ``POST …/versions/{version}/deprecate``."""
+        if not has_role(request.user, Role.OPERATOR):
+            raise PermissionDenied  # the API's ViewerReadsOperatorWrites
+        version = get_object_or_404(ModelVersion.objects.select_related("model"), pk=pk)
+        page = reverse("admin:registry_modelversion_change", args=[pk])
+        if request.method == "POST":
+            try:
+                services.version_set_status(version=version, status=VERSION_ACTIONS["deprecate"])
+            except ServiceError as exc:
+                self.message_user(request, exc.message, messages.ERROR)
+            else:
+                self.log_change(request, version, "Deprecated (after a rolled-back rollout).")
+                self.message_user(request, f"{version} is now deprecated.", messages.SUCCESS)
+            return HttpResponseRedirect(page)
+        running = sum(
+            n for (v, _), n in selectors.devices_running(model=version.model).items() if v == version.version
+        )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": version,
+            "title": f"Deprecate {version}?",
+            "impact": (
+                f"{version} is marked deprecated: a sign that it should not be rolled out again. "
+                f"The {count(running, 'device')} that run it keep it until a rollout moves them; "
+                "it can be released again later. (Revoke it instead to forbid it for good.)"
+            ),
+            "cancel_url": page,
+        }
+        return TemplateResponse(request, "admin/registry/modelversion/deprecate.html", context)
 
     def _transition(self, request, queryset, status: str):
         for version in queryset:
@@ -172,7 +377,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         "ratio",
         "accuracy",
         "created_by",
-        "created_at",
+        "created_at_text",
     )
     list_filter = ("status", "variant", "version__model")
     search_fields = ("version__model__name", "version__version", "variant", "raw_sha256", "blob_sha256")
@@ -180,27 +385,24 @@ class ArtifactAdmin(admin.ModelAdmin):
     readonly_fields = (
         "version",
         "variant",
-        "status",
-        "failure_code",
-        "failure_reason",
-        "raw_sha256",
-        "raw_size",
-        "blob_sha256",
-        "blob_size",
-        "compression",
-        "compression_level",
-        "signature_pretty",
-        "golden_accuracy",
-        "golden_samples",
-        "manifest_pretty",
-        "manifest_sha256",
-        "signing_key",
+        "status_badge",
+        "failure",
+        "sizes_text",
+        "hashes",
+        "tflite_text",
+        "accuracy_text",
+        "manifest_text",
         "created_by",
-        "created_at",
-        "processed_at",
-        "task_id",
+        "created_at_text",
+        "processed_at_text",
+        "raw",
     )
     exclude = ("raw_file", "blob_file", "tflite_signature", "manifest_envelope")
+    created_at_text = time_column("created_at", "created at")
+    processed_at_text = time_column("processed_at", "processed at")
+
+    class Media:
+        js = ("fleet/copy.js",)  # the copy buttons beside hashes
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
@@ -214,9 +416,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         return self.exclude if obj else ()
 
     def get_fields(self, request, obj=None):
-        if obj is None:
-            return ("version", "variant", "file")
-        return super().get_fields(request, obj)
+        return ("version", "variant", "file") if obj is None else self.readonly_fields
 
     def save_model(self, request, obj, form, change):
         if change:
@@ -267,21 +467,125 @@ class ArtifactAdmin(admin.ModelAdmin):
     def accuracy(self, obj):
         return f"{obj.golden_accuracy:.1%}" if obj.golden_accuracy is not None else "—"
 
-    @admin.display(description="TFLite signature")
-    def signature_pretty(self, obj):
-        return format_html("<pre>{}</pre>", json.dumps(obj.tflite_signature, indent=2))
+    # --- the artifact page: the signature and the signed manifest in words
 
-    @admin.display(description="signed manifest (DSSE envelope, read-only)")
-    def manifest_pretty(self, obj):
-        if not obj.manifest_envelope:
+    @admin.display(description="failure")
+    def failure(self, obj):
+        if not obj.failure_code:
             return "—"
-        envelope = json.loads(obj.manifest_envelope)
-        payload = json.loads(base64.b64decode(envelope["payload"]))
-        return format_html(
-            "<p><b>payload</b></p><pre>{}</pre><p><b>signatures</b></p><pre>{}</pre>",
-            json.dumps(payload, indent=2),
-            json.dumps(envelope["signatures"], indent=2),
+        label = ArtifactFailure(obj.failure_code).label if obj.failure_code in ArtifactFailure.values else ""
+        return f"{label or obj.failure_code}: {obj.failure_reason}"
+
+    @admin.display(description="sizes")
+    def sizes_text(self, obj):
+        if obj.blob_size is None:
+            return f"{size(obj.raw_size)} uploaded; not compressed yet"
+        level = f" level {obj.compression_level}" if obj.compression_level is not None else ""
+        ratio = f" ({obj.compression_ratio:.2f}x smaller)" if obj.compression_ratio else ""
+        blob = f"{size(obj.blob_size)} as {obj.compression or 'blob'}{level}{ratio}"
+        return f"{size(obj.raw_size)} .tflite, {blob}"
+
+    @admin.display(description="hashes (sha256)")
+    def hashes(self, obj):
+        rows = [
+            ("the .tflite", obj.raw_sha256),
+            ("the compressed blob", obj.blob_sha256),
+            ("the signed manifest (what desired states pin)", obj.manifest_sha256),
+        ]
+        return (
+            format_html_join(
+                mark_safe("<br>"), "{}: {}", ((what, short_hash(value)) for what, value in rows if value)
+            )
+            or "—"
         )
+
+    @admin.display(description="TFLite model")
+    def tflite_text(self, obj):
+        signature = obj.tflite_signature
+        if not signature:
+            return "not inspected yet"
+        ops = signature.get("ops") or []
+        lines = [
+            ("inputs", tensors_text(signature.get("inputs"))),
+            ("outputs", tensors_text(signature.get("outputs"))),
+            ("ops", f"{count(len(ops), 'op')}: {', '.join(ops)}" if ops else "none"),
+            ("quantization", signature.get("quantization") or "none"),
+        ]
+        if signature.get("description"):
+            lines.append(("description", signature["description"]))
+        return format_html_join(mark_safe("<br>"), "{}: {}", lines)
+
+    @admin.display(description="golden accuracy")
+    def accuracy_text(self, obj):
+        if obj.golden_accuracy is None:
+            return "not measured (the version has no golden set)" if obj.processed_at else "—"
+        samples = f" of {obj.golden_samples:,} samples" if obj.golden_samples else ""
+        return f"{percent(obj.golden_accuracy)}{samples}, measured on the server with LiteRT"
+
+    @admin.display(description="signed manifest")
+    def manifest_text(self, obj):
+        """What devices verify before they install, in words (ARCHITECTURE.md, "Artifact
+        manifest"): who signed it, which bytes it names, what it requires."""
+        if not obj.manifest_envelope:
+            return "not signed yet"
+        envelope, payload = manifest_parts(obj)
+        keyids = [signature.get("keyid", "") for signature in envelope.get("signatures", [])]
+        requires = payload.get("requires") or {}
+        labels = payload.get("labels") or []
+        lines = [
+            (
+                "signed",
+                format_html("{} by key {}", signed_at(payload), short_hash(keyids[0], "keyid"))
+                if keyids
+                else "no signature",
+            ),
+            ("names", f"{payload.get('model')} {payload.get('version')} [{payload.get('variant')}]"),
+            (
+                "requires",
+                f"hardware {', '.join(requires.get('hardware', []))}; runtime "
+                f"{', '.join(requires.get('runtime', []))}",
+            ),
+            (
+                "labels",
+                f"{count(len(labels), 'label')}"
+                + (f": {', '.join(labels[:12])}" if labels else "")
+                + ("…" if len(labels) > 12 else ""),
+            ),
+        ]
+        return format_html_join(mark_safe("<br>"), "{}: {}", lines)
+
+    @admin.display(description="raw")
+    def raw(self, obj):
+        """For experts only, folded: the inspection report and the manifest envelope decoded."""
+        document = {"tflite_signature": obj.tflite_signature, "task_id": obj.task_id}
+        if obj.manifest_envelope:
+            envelope, payload = manifest_parts(obj)
+            document["manifest"] = {**envelope, "payload": payload}
+        return raw_details(document)
+
+
+def tensors_text(tensors: list[dict] | None) -> str:
+    """[{"name": "x", "shape": [1, 64], "dtype": "float32"}] → "x: float32 [1, 64]"."""
+    return (
+        "; ".join(
+            f"{t.get('name', '?')}: {t.get('dtype', '?')} {list(t.get('shape') or [])}" for t in tensors or []
+        )
+        or "none"
+    )
+
+
+def signed_at(payload: dict) -> str:
+    """The manifest's created_at ("2026-11-30T17:15:23Z") to the second with its zone."""
+    try:
+        return moment(datetime.fromisoformat(payload["created_at"]))
+    except (KeyError, TypeError, ValueError):
+        return "at an unreadable time"
+
+
+def manifest_parts(artifact: Artifact) -> tuple[dict, dict]:
+    """The stored envelope and its payload, decoded (the payload is shown, never re-signed)."""
+    envelope = json.loads(artifact.manifest_envelope)
+    return envelope, json.loads(base64.b64decode(envelope["payload"]))
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -301,9 +605,11 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class SigningKeyAdmin(ReadOnlyAdmin):
     """Public halves only: the private key never enters the database."""
 
-    list_display = ("keyid", "status", "created_at", "retired_at")
+    list_display = ("keyid", "status", "created_at_text", "retired_at_text")
     list_filter = ("status",)
-    readonly_fields = ("keyid", "public_key", "status", "created_at", "retired_at")
+    readonly_fields = ("keyid", "public_key", "status", "created_at_text", "retired_at_text")
+    created_at_text = time_column("created_at", "created at")
+    retired_at_text = time_column("retired_at", "retired at")
 
 
 class TrustUploadForm(forms.ModelForm):
@@ -335,7 +641,15 @@ class KeyringAdmin(ReadOnlyAdmin):
     """The keys devices accept signatures from, newest first, with how many devices report
     each version. Read-only: new keyrings are uploaded, never edited."""
 
-    list_display = ("version", "expires", "signing_keys", "revoked", "root_version", "devices", "uploaded_at")
+    list_display = (
+        "version",
+        "expires",
+        "signing_keys",
+        "revoked",
+        "root_version",
+        "devices",
+        "uploaded_at_text",
+    )
     readonly_fields = (
         "version",
         "expires",
@@ -343,14 +657,15 @@ class KeyringAdmin(ReadOnlyAdmin):
         "revoked",
         "root_version",
         "devices",
-        "uploaded_at",
+        "uploaded_at_text",
     )
     fields = readonly_fields
+    uploaded_at_text = time_column("uploaded_at", "uploaded at")
 
     @admin.display(description="expires")
     def expires(self, obj):
         days = (obj.expires_at - timezone.now()).days
-        text = f"{obj.expires_at:%Y-%m-%d %H:%M} UTC"
+        text = moment(obj.expires_at)
         if days < 0:
             return format_html('<strong style="color:#cf222e">{} (expired)</strong>', text)
         if days < 30:
@@ -411,9 +726,11 @@ class TrustRootAdmin(ReadOnlyAdmin):
     """The root chain: each version signed offline by the previous root's keys and its own.
     Upload new ones on the keyring page (one form for both kinds)."""
 
-    list_display = ("version", "threshold_text", "root_keys", "expires_at", "uploaded_at")
-    readonly_fields = ("version", "threshold_text", "root_keys", "expires_at", "uploaded_at")
+    list_display = ("version", "threshold_text", "root_keys", "expires_at_text", "uploaded_at_text")
+    readonly_fields = ("version", "threshold_text", "root_keys", "expires_at_text", "uploaded_at_text")
     fields = readonly_fields
+    expires_at_text = time_column("expires_at", "expires at")
+    uploaded_at_text = time_column("uploaded_at", "uploaded at")
 
     @admin.display(description="threshold")
     def threshold_text(self, obj):

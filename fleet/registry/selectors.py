@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from collections import defaultdict
+from dataclasses import dataclass
+
+from django.db.models import Count, QuerySet
+from django.db.models.fields.json import KeyTextTransform, KeyTransform
 
 from fleet.core.choices import Role
+from fleet.core.display import moment
 from fleet.core.errors import Conflict, NotFound
 from fleet.core.permissions import has_role
-from fleet.registry.choices import ArtifactStatus
+from fleet.devices.choices import DeviceStatus
+from fleet.devices.models import Device
+from fleet.registry.choices import VERSION_TRANSITIONS, ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey
+from fleet.rollouts.choices import AssignmentState, RolloutState
+from fleet.rollouts.models import Assignment, AuditEntry, Rollout
 
 
 def model_get(*, name: str) -> MLModel:
@@ -58,3 +67,75 @@ def artifact_fetchable_by(*, principal, artifact: Artifact) -> bool:
 
 def signing_keys() -> QuerySet[SigningKey]:
     return SigningKey.objects.all()
+
+
+# --- the model and version pages (admin, issue 10 section 1): bounded queries per page
+
+
+def devices_running(*, model: MLModel) -> dict[tuple[str, str], int]:
+    """Active devices by the (version, variant) of ``model`` they report running (one query)."""
+    entry = KeyTransform(model.name, "reported_models")
+    rows = (
+        Device.objects.filter(status=DeviceStatus.ACTIVE, reported_models__has_key=model.name)
+        .annotate(running_version=KeyTextTransform("version", entry))
+        .annotate(running_variant=KeyTextTransform("variant", entry))
+        .values_list("running_version", "running_variant")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    return {(version or "?", variant or "?"): n for version, variant, n in rows}
+
+
+@dataclass
+class RolloutOutcome:
+    rollout: Rollout
+    stage: str  # "stage 1 of 2", or "" before its start
+    devices: list[tuple[str, int]]  # (assignment state label, count), skipped ones left out
+    why: str  # who brought it to its state, when and why; else the evaluator's last sentence
+
+
+def version_rollouts(*, versions: list[ModelVersion]) -> dict[int, list[RolloutOutcome]]:
+    """The rollouts of each version, newest first, with their devices by state and why they
+    are in their state (three queries)."""
+    rollouts = list(
+        Rollout.objects.filter(target_version__in=versions)
+        .select_related("policy", "model", "target_version")
+        .order_by("-created_at")
+    )
+    states: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for rollout_id, state, n in (
+        Assignment.objects.filter(rollout__in=rollouts)
+        .exclude(state=AssignmentState.SKIPPED)
+        .values_list("rollout_id", "state")
+        .annotate(n=Count("pk"))
+        .order_by("rollout_id", "state")
+    ):
+        states[rollout_id].append((AssignmentState(state).label, n))
+    # The latest audit entry of each rollout (DISTINCT ON): a person's action explains the
+    # state better than the evaluator's sentence when it is what brought the rollout there.
+    latest = {
+        entry.rollout_id: entry
+        for entry in AuditEntry.objects.filter(rollout__in=rollouts)
+        .select_related("actor")
+        .order_by("rollout_id", "-at", "-pk")
+        .distinct("rollout_id")
+    }
+    found: dict[int, list[RolloutOutcome]] = defaultdict(list)
+    for rollout in rollouts:
+        started = rollout.current_stage >= 0
+        stage = f"stage {rollout.current_stage + 1} of {len(rollout.stages)}" if started else ""
+        why = rollout.last_decision
+        entry = latest.get(rollout.pk)
+        if entry is not None and entry.actor is not None and entry.to_state == rollout.state:
+            why = f"by {entry.actor} at {moment(entry.at)}: {entry.reason or 'no reason given'}"
+        found[rollout.target_version_id].append(RolloutOutcome(rollout, stage, states[rollout.pk], why))
+    return found
+
+
+def version_failed_canary(*, version: ModelVersion, rollouts: list[RolloutOutcome]) -> Rollout | None:
+    """The rolled-back rollout that should prompt deprecating ``version``, or None: its latest
+    rollout was rolled back and the version may still become deprecated (it is released)."""
+    if VersionStatus.DEPRECATED not in VERSION_TRANSITIONS[version.status] or not rollouts:
+        return None
+    latest = rollouts[0].rollout  # newest first
+    return latest if latest.state == RolloutState.ROLLED_BACK else None

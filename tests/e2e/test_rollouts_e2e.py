@@ -11,13 +11,19 @@ that every canary device serves v2 again."""
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from collections import defaultdict
 
 import pytest
+from django.test import Client
 
+from fleet.core.choices import Role
+from fleet.core.services import user_ensure
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device
 from fleet.registry import services as registry
+from fleet.registry.choices import VersionStatus
 from fleet.rollouts import services as rollouts
 from fleet.rollouts.choices import AssignmentState, RolloutState
 from fleet.rollouts.models import AuditEntry, GateEvaluation, RolloutPolicy
@@ -134,6 +140,22 @@ def test_v2_promotes_through_its_stages_and_v3_is_rolled_back_by_the_accuracy_ga
         message="the canaries back on v2",
     )
     assert everyone_on(agents, "2.0.0")
+
+    # The control room says so (issue 10): 3.0.0, released, now prompts to be deprecated with
+    # the gate's sentence, and a canary's page charts the health its agent really reported.
+    version = registry.version_set_status(
+        version=artifacts[("3.0.0", "int8")].version, status=VersionStatus.RELEASED
+    )
+    ops = Client()
+    ops.force_login(user_ensure(username="olive", role=Role.OPERATOR))
+    page = ops.get(f"/admin/registry/modelversion/{version.pk}/change/").content.decode()
+    assert 'id="deprecate-button"' in page and "by the accuracy gate" in page
+    canary = Device.objects.get(device_id=sorted(canaries)[0])
+    page = ops.get(f"/admin/devices/device/{canary.pk}/change/").content.decode()
+    series = json.loads(re.search(r'id="health-data" type="application/json">(.*?)</script>', page).group(1))
+    points = {line["key"]: line["points"] for line in series["series"]}
+    assert any(value for value in points["rss_mb"]) and any(value for value in points["inferences"])
+    assert f'<tr data-rollout="{v3.pk}">' in page and f'<tr data-rollout="{v2.pk}">' in page
 
 
 def test_an_artifact_that_fails_its_golden_check_on_devices_pauses_at_stage_one(control_plane, agents):

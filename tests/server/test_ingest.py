@@ -206,6 +206,37 @@ def rows_of(device: FakeDevice):
     return TelemetryWindow.objects.filter(device__device_id=device.device_id)
 
 
+def test_it_keeps_each_windows_health_and_sums_it_per_hour(bridge, devices):
+    """CPU, RSS and temperature for the device page's sparklines: per window, and per hour
+    as a sum with its number of windows; a figure that is missing or not a number is left
+    out (None), never the window."""
+    cam = devices("cam")
+    cam.publish("telemetry", telemetry(health={"cpu_pct": 10.0, "rss_mb": 60.0, "temp_c": 50.5}))
+    cam.publish("telemetry", telemetry(health={"cpu_pct": 20.0, "rss_mb": 64.0}))
+    cam.publish("telemetry", telemetry(health={"cpu_pct": "hot", "rss_mb": True, "temp_c": 51.5}))
+    wait_until(lambda: rows_of(cam).count() == 3, timeout=10, message="three windows")
+    health = sorted(rows_of(cam).values_list("cpu_pct", "rss_mb", "temp_c"), key=str)
+    assert health == sorted([(10.0, 60.0, 50.5), (20.0, 64.0, None), (None, None, 51.5)], key=str)
+    hourly = TelemetryHourly.objects.filter(device__device_id=cam.device_id).aggregate(
+        cpu=Sum("cpu_pct_sum"),
+        cpu_n=Sum("cpu_pct_windows"),
+        rss=Sum("rss_mb_sum"),
+        rss_n=Sum("rss_mb_windows"),
+        temp=Sum("temp_c_sum"),
+        temp_n=Sum("temp_c_windows"),
+        windows=Sum("windows"),
+    )
+    assert hourly == {
+        "cpu": 30.0,
+        "cpu_n": 2,
+        "rss": 124.0,
+        "rss_n": 2,
+        "temp": 102.0,
+        "temp_n": 2,
+        "windows": 3,
+    }
+
+
 def test_it_writes_telemetry_events_and_reported_state_from_several_devices(bridge, devices):
     cam, gate = devices("cam"), devices("gate")
     for p95 in (2.0, 4.0):
