@@ -6,10 +6,14 @@ rollout. The `browser` fixture fails a test on any JavaScript console error."""
 from __future__ import annotations
 
 import pytest
+from django.utils import timezone
 from selenium.webdriver.common.by import By
 
-from fleet.rollouts.choices import RolloutState
+from fleet.devices.models import DeviceEvent
+from fleet.rollouts import services
+from fleet.rollouts.choices import AssignmentState, RolloutState
 from fleet.rollouts.models import AuditEntry
+from tests.conftest import wait_until
 from tests.server import admin_world
 
 pytestmark = pytest.mark.browser
@@ -96,3 +100,93 @@ def test_a_started_rollout_cannot_be_edited(browser, running, world):
     assert browser.all("input[name=_save]") == [] and browser.all("a.deletelink") == []
     assert "2.0.0" in form.text  # control: the rollout is shown, read-only
     browser.shot("rollout-read-only")
+
+
+# --- the rollout page's evidence: stages, charts, devices, timeline, live refresh
+
+
+@pytest.fixture
+def evidence(running):
+    return admin_world.evidence(running)
+
+
+def chart(browser, name: str) -> dict[str, list[list[float]]]:
+    """The series a chart draws: label -> [[x, y], …]."""
+    return browser.driver.execute_script(
+        "const chart = Chart.getChart(document.getElementById(arguments[0]));"
+        "return Object.fromEntries(chart.data.datasets.map(d => [d.label, d.data.map(p => [p.x, p.y])]));",
+        f"chart-{name}",
+    )
+
+
+def test_the_charts_carry_the_stored_evaluations_and_telemetry(browser, running, evidence):
+    browser.login("alice")
+    browser.open(rollout_url(running))
+    accuracy = chart(browser, "accuracy")
+    assert [y for _, y in accuracy["candidate 2.0.0 (float32)"]] == [91.2, 80.0, 72.0]
+    assert [y for _, y in accuracy["incumbent (float32)"]] == [97.5, 97.4, 97.5]
+    times = [x for x, _ in accuracy["candidate 2.0.0 (float32)"]]
+    assert times[-1] == int((evidence["at"]).timestamp()) - 10
+    drop = chart(browser, "drop")
+    assert [y for _, y in drop["drop (float32)"]][-1] == 25.5
+    assert [y for _, y in drop["confidence sequence, lower end (float32)"]] == [-3.1, 8.2, 18.2]
+    assert [y for _, y in drop["confidence sequence (float32)"]] == [12.7, 26.7, 32.9]
+    assert {y for _, y in drop["allowed drop (float32)"]} == {2}
+    assert [y for _, y in chart(browser, "labels")["candidate labels (float32)"]] == [100, 200, 300]
+    assert [y for _, y in chart(browser, "latency")["p95 2.0.0"]] == [1.4]
+    errors = chart(browser, "errors")
+    assert [y for _, y in errors["error rate 2.0.0"]] == [1.0]
+    assert [y for _, y in errors["ceiling"]] == [1.0, 1.0]  # across the chart
+    assert browser.sideways() <= 0  # at 1,440 px nothing scrolls sideways
+    assert browser.axe() == []
+    browser.shot("rollout-page")
+    browser.driver.execute_script("document.getElementById('rollout-charts').scrollIntoView()")
+    browser.shot("rollout-charts")
+    browser.driver.execute_script("document.getElementById('rollout-devices').scrollIntoView()")
+    browser.shot("rollout-devices")
+
+
+def test_the_device_table_shows_the_failed_devices_only(browser, running, evidence):
+    browser.login("bob")
+    browser.open(rollout_url(running))
+    assert len(browser.all("#rollout-devices-table tbody tr")) == 10
+    browser.click("a[data-filter=failed]")
+    rows = browser.all("#rollout-devices-table tbody tr")
+    assert [row.get_attribute("data-device") for row in rows] == [evidence["failed"].device.device_id]
+    assert "golden_failed" in rows[0].text and "1.0.0 → 2.0.0" in rows[0].text
+    browser.shot("rollout-failed-devices")
+
+
+def test_the_page_refreshes_itself_after_a_change_without_a_reload(browser, running, evidence):
+    browser.login("bob")
+    browser.open(rollout_url(running))
+    browser.driver.execute_script("window.notReloaded = true;")
+    stage = '#rollout-stages tr[data-stage="1"] li[data-state="active"] strong'
+    assert browser.text(stage) == "1"
+    # A second device of stage 1 reports the candidate active; the evaluator's sync moves it.
+    notified = running.assignments.get(stage=0, state=AssignmentState.NOTIFIED)
+    now = timezone.now()
+    DeviceEvent.objects.create(
+        device_id=notified.device_id,
+        message_id="active-2",
+        type="active",
+        generation=notified.generation,
+        model="digits",
+        version="2.0.0",
+        variant="float32",
+        ts=now,
+        received_at=now,
+    )
+    services.assignments_sync(rollout=running)
+    wait_until(lambda: browser.text(stage) == "2", timeout=20, message="the page to show 2 active devices")
+    assert browser.driver.execute_script("return window.notReloaded === true;")
+    assert "device event" in browser.text("#rollout-timeline")
+
+
+def test_the_rollout_page_fits_a_phone(browser, running, evidence):
+    browser.login("bob")
+    browser.driver.set_window_size(390, 844)
+    browser.open(rollout_url(running))
+    assert browser.sideways() <= 0
+    assert browser.axe() == []
+    browser.shot("rollout-phone")
