@@ -277,6 +277,8 @@ class RolloutAdmin(admin.ModelAdmin):
                 for action in (legal_actions(rollout) if can_act else [])
             ],
             "stage_rows": selectors.stage_progress(rollout) if rollout.current_stage >= 0 else [],
+            # A draft: where starting it would put each device, by the code that will.
+            "preview": selectors.rollout_preview(rollout) if rollout.state == RolloutState.DRAFT else None,
             "evaluated_at": moment(evaluated_at) if evaluated_at else None,
             "verdicts": verdicts,
             "device_state": state if state in AssignmentState.values else "",
@@ -362,28 +364,43 @@ class RolloutAdmin(admin.ModelAdmin):
         if not self.has_add_permission(request):
             raise PermissionDenied
         form = RolloutAddForm(request.POST or None)
+        preview = None
         if request.method == "POST" and form.is_valid():
-            version = form.cleaned_data["version"]
+            version, policy = form.cleaned_data["version"], form.cleaned_data["policy"]
             try:
-                rollout = services.rollout_create(
-                    model=version.model,
-                    version=version,
-                    targets=form.targets(),
-                    policy=form.cleaned_data["policy"],
-                    priority=form.cleaned_data["priority"],
-                    created_by=request.user,
-                )
+                if "_preview" in request.POST:
+                    # The same checks as creating, then what starting would do: nothing is written.
+                    services.rollout_check(model=version.model, version=version, targets=form.targets())
+                    preview = selectors.placement_preview(
+                        model=version.model,
+                        version=version,
+                        targets=form.targets(),
+                        stages=selectors.policy_stages(policy)[0],
+                    )
+                else:
+                    rollout = services.rollout_create(
+                        model=version.model,
+                        version=version,
+                        targets=form.targets(),
+                        policy=policy,
+                        priority=form.cleaned_data["priority"],
+                        created_by=request.user,
+                    )
+                    self.message_user(
+                        request, f"{rollout} created as a draft; start it here.", messages.SUCCESS
+                    )
+                    return HttpResponseRedirect(reverse("admin:rollouts_rollout_change", args=[rollout.pk]))
             except ServiceError as exc:
                 field = {"targets": "groups"}.get(exc.field, exc.field)
+                if exc.code in ("invalid_stages", "invalid_gates"):
+                    field = "policy"
                 form.add_error(field if field in form.fields else None, exc.message)
-            else:
-                self.message_user(request, f"{rollout} created as a draft; start it here.", messages.SUCCESS)
-                return HttpResponseRedirect(reverse("admin:rollouts_rollout_change", args=[rollout.pk]))
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
             "title": "Add rollout",
             "form": form,
+            "preview": preview,
         }
         return TemplateResponse(request, "admin/rollouts/rollout/add.html", context)
 

@@ -19,8 +19,10 @@ from django.utils import timezone
 
 from fleet.core.display import moment
 from fleet.devices.models import DeviceEvent, TelemetryHourly
-from fleet.rollouts.choices import AssignmentState, Decision, Metric, RolloutState
+from fleet.rollouts import services
+from fleet.rollouts.choices import AssignmentState, Decision, Metric, RolloutState, StageMode
 from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout
+from fleet.rollouts.policy import policy_validate
 
 CHART_POINTS = 300  # evaluations per chart at most, evenly spread over the rollout
 TIMELINE_ENTRIES = 100  # the latest entries of each kind, merged
@@ -358,8 +360,9 @@ def timeline(rollout: Rollout, limit: int = TIMELINE_ENTRIES) -> list[TimelineEn
             .order_by("-received_at", "-pk")[:limit]
         )
         entries += [
+            # The server's clock, as for the audit entries and decisions (a device's may drift).
             TimelineEntry(
-                at=event.ts,
+                at=event.received_at,
                 kind="event",
                 who=event.device.device_id,
                 what=f"{event.type} {event.version} {event.variant}".strip(),
@@ -402,6 +405,7 @@ def device_page(
         event.device_id: event
         for event in DeviceEvent.objects.filter(
             device_id__in=[row.assignment.device_id for row in rows],
+            model=rollout.model.name,
             received_at__gte=since - timedelta(seconds=1),
         )
         .order_by("device_id", "-received_at", "-pk")
@@ -412,6 +416,104 @@ def device_page(
         if event is not None:
             row.last_event = event
             row.last_event_text = (
-                " ".join(part for part in (event.type, event.reason) if part) + f", {moment(event.ts)}"
+                " ".join(part for part in (event.type, event.reason) if part)
+                + f", {moment(event.received_at)}"
             )
     return current, rows
+
+
+# --- before starting: where the rollout would put each device (the placement's own code)
+
+
+@dataclass
+class PreviewStage:
+    number: int
+    size: str
+    devices: int  # devices this stage adds
+    covered: int  # devices covered once it has started (with the earlier stages')
+    variants: list[tuple[str, int]]  # the added devices by variant; [] when not known yet
+    shadow: bool
+    # A shadow stage: how many of the added devices run the model now and so take part (a
+    # shadow needs a live model beside it); the others wait for the first live stage.
+    taking_part: int | None = None
+
+
+@dataclass
+class Preview:
+    targeted: int
+    stages: list[PreviewStage]
+    variants: list[tuple[str, int]]  # every placed device, by variant
+    skipped: list[tuple[str, int, list[str]]]  # reason, how many, the first few device ids
+    overlapping: list[str]  # devices in another active rollout of the model: start is refused
+    exact: bool  # the rollout exists, so its cohort order (hence each stage's variants) is known
+
+
+def placement_preview(
+    *, model, version, targets: dict, stages: list[dict], rollout: Rollout | None = None
+) -> Preview:
+    """What ``rollout_start`` would do now, by the same code: the targeted devices
+    (``target_devices``), each one's variant or why it is skipped (``device_placement``),
+    how many each stage covers (``stage_cover``) and the overlap it would refuse. The cohort
+    order hashes the rollout's id, so which devices (hence which variants) fall in which
+    stage is known only once the rollout exists (``exact``); the counts per stage are not."""
+    devices = list(services.target_devices(targets=targets))
+    available = services.ready_artifacts(version)
+    placed = [
+        services.device_placement(rollout_id=rollout.pk if rollout else 0, device=device, available=available)
+        for device in devices
+    ]
+    eligible = sorted((p for p in placed if p.variant), key=lambda p: p.cohort_key)
+    skipped: dict[str, list[str]] = {}
+    for p in placed:
+        if not p.variant:
+            skipped.setdefault(p.reason, []).append(p.device.device_id)
+    rows, before = [], 0
+    for number, spec in enumerate(stages):
+        covered = max(before, services.stage_cover(spec=spec, eligible=len(eligible)))
+        added = eligible[before:covered]
+        counts: dict[str, int] = {}
+        for p in added:
+            counts[p.variant] = counts.get(p.variant, 0) + 1
+        shadow = spec.get("mode") == StageMode.SHADOW
+        rows.append(
+            PreviewStage(
+                number=number + 1,
+                size=stage_label(spec),
+                devices=len(added),
+                covered=covered,
+                variants=sorted(counts.items()) if rollout is not None else [],
+                shadow=shadow,
+                taking_part=sum(1 for p in added if (p.device.desired_artifacts or {}).get(model.name))
+                if shadow
+                else None,
+            )
+        )
+        before = covered
+    totals: dict[str, int] = {}
+    for p in eligible:
+        totals[p.variant] = totals.get(p.variant, 0) + 1
+    return Preview(
+        targeted=len(devices),
+        stages=rows,
+        variants=sorted(totals.items()),
+        skipped=[(reason, len(ids), sorted(ids)[:5]) for reason, ids in sorted(skipped.items())],
+        overlapping=services.overlapping_devices(model=model, devices=devices, rollout=rollout),
+        exact=rollout is not None,
+    )
+
+
+def rollout_preview(rollout: Rollout) -> Preview:
+    """A draft's preview: its targets, version and policy as they are now."""
+    stages, _ = policy_stages(rollout.policy)
+    return placement_preview(
+        model=rollout.model,
+        version=rollout.target_version,
+        targets=rollout.targets,
+        stages=stages,
+        rollout=rollout,
+    )
+
+
+def policy_stages(policy) -> tuple[list[dict], dict]:
+    """The policy's stages and gates with every default spelled out, as a start copies them."""
+    return policy_validate(stages=policy.stages, gates=policy.gates)

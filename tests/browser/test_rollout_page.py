@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 from django.utils import timezone
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
 
 from fleet.devices.models import DeviceEvent
 from fleet.rollouts import services
 from fleet.rollouts.choices import AssignmentState, RolloutState
-from fleet.rollouts.models import AuditEntry
+from fleet.rollouts.models import AuditEntry, Rollout
 from tests.conftest import wait_until
 from tests.server import admin_world
 
@@ -190,3 +191,29 @@ def test_the_rollout_page_fits_a_phone(browser, running, evidence):
     assert browser.sideways() <= 0
     assert browser.axe() == []
     browser.shot("rollout-phone")
+
+
+def test_an_operator_previews_a_rollout_before_creating_it(browser, world):
+    browser.login("alice")
+    browser.open("/admin/rollouts/rollout/add/")
+    Select(browser.driver.find_element(By.NAME, "version")).select_by_visible_text("digits 2.0.0")
+    Select(browser.driver.find_element(By.NAME, "policy")).select_by_visible_text("canary")
+    browser.driver.find_element(By.NAME, "tags").send_keys("fleet")
+    browser.click("input[name=_preview]")
+    assert "10 active devices targeted: 10 get float32." in browser.text("#preview-summary")
+    added = [cell.text for cell in browser.all("#preview-stages td[data-added]")]
+    assert added == ["3", "7"]
+    assert not Rollout.objects.exists()  # a preview writes nothing
+    assert browser.axe() == []
+    browser.shot("rollout-add-preview")
+    browser.click("input[name=_save]")
+    draft = Rollout.objects.get()
+    assert draft.state == RolloutState.DRAFT
+    assert browser.all("#rollout-preview") and {
+        b.get_attribute("data-action") for b in browser.all("[data-action]")
+    } == {
+        "start",
+        "abort",
+    }
+    assert browser.axe() == []
+    browser.shot("rollout-draft-preview")

@@ -12,17 +12,21 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.db.models import Count
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from fleet.devices.models import DeviceEvent
+from fleet.devices.models import Device, DeviceEvent
+from fleet.registry import services as registry
 from fleet.rollouts import services
 from fleet.rollouts.choices import AssignmentState, Decision, Metric, Verdict
-from fleet.rollouts.models import Assignment, GateEvaluation
+from fleet.rollouts.models import Assignment, GateEvaluation, Rollout
 from tests.server import admin_world
+from tests.server.conftest import ready_artifact
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
+ROLLOUTS = "/admin/rollouts/rollout/"
 MOMENT = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
 
 
@@ -217,3 +221,95 @@ def test_the_page_costs_the_same_queries_however_big_the_rollout(rollout, bob, d
         client.get(page_of(rollout) + "?state=failed")
     with django_assert_max_num_queries(17):
         client.get(f"/admin/rollouts/rollout/{rollout.pk}/live/")
+
+
+# --- "Add rollout": the preview, by the code that places devices
+
+
+@pytest.fixture
+def mixed(digits_model, digits, django_capture_on_commit_callbacks):
+    """The admin world where 2.0.0 also has an int8 artifact and three devices do not
+    declare int8 (they get float32); 3.0.0 has only an int8 artifact (those three are skipped)."""
+    with django_capture_on_commit_callbacks(execute=True):
+        world = admin_world.build(digits_model, digits)
+    models = digits.build_digits_models(version="2.0.0")
+    ready_artifact(world["v2"], "int8", models["int8"])
+    world["v3"] = registry.version_create(model=digits_model, version="3.0.0")
+    ready_artifact(world["v3"], "int8", digits.build_digits_models(version="3.0.0")["int8"])
+    Device.objects.filter(device_id__in=["cam-01", "cam-04", "cam-07"]).update(supports_int8=False)
+    return world
+
+
+def add_form(world, version: str = "v2", **changes) -> dict:
+    form = {"version": world[version].pk, "policy": world["policy"].pk, "tags": "fleet", "priority": 0}
+    return {**form, **changes}
+
+
+def preview_numbers(page: str) -> dict:
+    table = re.search(r'<table id="preview-stages".*?</table>', page, re.S).group(0)
+    stages = {
+        int(number): (
+            int(added),
+            dict((v, int(n)) for n, v in re.findall(r'data-variant="[^"]+">(\d+) (\w+)<', row)),
+        )
+        for number, added, row in re.findall(
+            r'<tr data-stage="(\d+)">.*?data-added="(\d+)">(.*?)</tr>', table, re.S
+        )
+    }
+    skipped = sum(int(n) for n in re.findall(r'data-skipped="(\d+)"', page))
+    return {"stages": stages, "skipped": skipped}
+
+
+def test_the_preview_shows_devices_per_stage_and_variant_and_creates_nothing(mixed, alice):
+    page = web(alice).post(f"{ROLLOUTS}add/", add_form(mixed, _preview="Preview")).content.decode()
+    assert not Rollout.objects.exists()
+    shown = preview_numbers(page)
+    # 10 devices, stages of 30 % and 100 %: 3, then the other 7; the split by variant is drawn
+    # from the rollout's id, so it is known only once the draft exists (its page shows it).
+    assert {n: added for n, (added, _) in shown["stages"].items()} == {1: 3, 2: 7}
+    assert shown["skipped"] == 0
+    assert "10 active devices targeted: 3 get float32, 7 get int8." in visible(page)
+    assert "drawn when the draft is created" in page
+
+
+def test_the_preview_says_which_devices_are_skipped_and_why(mixed, alice):
+    page = web(alice).post(f"{ROLLOUTS}add/", add_form(mixed, "v3", _preview="Preview")).content.decode()
+    shown = preview_numbers(page)
+    assert shown["skipped"] == 3
+    assert "no variant this device can run (available: int8)" in page
+    assert "cam-01, cam-04, cam-07" in page
+    assert {n: added for n, (added, _) in shown["stages"].items()} == {1: 3, 2: 4}  # 30 % of 7 eligible
+
+
+def test_the_preview_refuses_what_creating_refuses(mixed, alice):
+    page = web(alice).post(f"{ROLLOUTS}add/", add_form(mixed, tags="nowhere", _preview="Preview"))
+    assert "The targets match no active device" in page.content.decode()
+    assert 'id="rollout-preview"' not in page.content.decode()
+
+
+def test_the_drafts_preview_is_what_starting_it_does(mixed, alice, django_capture_on_commit_callbacks):
+    response = web(alice).post(f"{ROLLOUTS}add/", add_form(mixed))
+    draft = Rollout.objects.get()
+    shown = preview_numbers(web(alice).get(response["Location"]).content.decode())
+    assert sum(sum(variants.values()) for _, variants in shown["stages"].values()) == 10  # exact now
+    with django_capture_on_commit_callbacks(execute=True):
+        rollout = services.rollout_start(rollout=draft, by=alice.user, reason="as previewed")
+        for number in (1, 2):
+            placed = dict(
+                rollout.assignments.filter(stage=number - 1)
+                .values_list("variant")
+                .annotate(n=Count("pk"))
+                .order_by()
+            )
+            assert placed == shown["stages"][number][1], number
+            if number == 1:
+                rollout = services.rollout_promote(rollout=rollout, by=alice.user, reason="next")
+
+
+def test_a_draft_targeting_devices_of_another_active_rollout_says_start_will_be_refused(mixed, alice):
+    admin_world.start(mixed, alice.user)
+    draft = services.rollout_create(
+        model=mixed["v3"].model, version=mixed["v3"], targets={"devices": ["cam-02"]}, policy=mixed["policy"]
+    )
+    page = web(alice).get(page_of(draft)).content.decode()
+    assert "in another active rollout of this model (cam-02)" in page
