@@ -38,6 +38,7 @@ from fleet.rollouts.choices import (
 )
 from fleet.rollouts.models import Assignment, Rollout, RolloutPolicy
 from fleet.rollouts.selectors import stage_label, state_label
+from fleet.rollouts.widgets import GatesWidget, StagesWidget
 
 STATE_COLOURS = {
     "draft": "#57606a",
@@ -409,6 +410,8 @@ class RolloutPolicyForm(forms.ModelForm):
     class Meta:
         model = RolloutPolicy
         fields = "__all__"
+        # Rows and fields with units, not JSON (the JSON document is still accepted as posted).
+        widgets = {"stages": StagesWidget, "gates": GatesWidget}
 
     def clean(self):
         """The same declared checks as the API (fleet/rollouts/policy.py), shown on the field."""
@@ -426,6 +429,7 @@ class RolloutPolicyForm(forms.ModelForm):
 @admin.register(RolloutPolicy)
 class RolloutPolicyAdmin(admin.ModelAdmin):
     form = RolloutPolicyForm
+    change_form_template = "admin/rollouts/rolloutpolicy/change_form.html"
     list_display = ("name", "stage_summary", "on_failure", "approval", "pickup_timeout_seconds")
 
     @admin.display(description="stages")

@@ -13,7 +13,7 @@ from selenium.webdriver.support.ui import Select
 from fleet.devices.models import DeviceEvent
 from fleet.rollouts import services
 from fleet.rollouts.choices import AssignmentState, RolloutState
-from fleet.rollouts.models import AuditEntry, Rollout
+from fleet.rollouts.models import AuditEntry, Rollout, RolloutPolicy
 from tests.conftest import wait_until
 from tests.server import admin_world
 
@@ -217,3 +217,35 @@ def test_an_operator_previews_a_rollout_before_creating_it(browser, world):
     }
     assert browser.axe() == []
     browser.shot("rollout-draft-preview")
+
+
+def test_an_operator_writes_a_policy_with_the_editor(browser, people):
+    browser.login("alice")
+    browser.open("/admin/rollouts/rolloutpolicy/add/")  # the defaults: 10 %, 50 %, 100 %
+    typed = {
+        "name": "careful",
+        "stages-1-value": "100",
+        "stages-1-soak_seconds": "0",
+        "stages-2-value": "",  # a stage removed
+        "gates-gates-max_error_rate": "0.5",
+        "gates-accuracy-max_drop_pp": "3",
+    }
+    for name, text in typed.items():
+        field = browser.driver.find_element(By.NAME, name)
+        field.clear()
+        field.send_keys(text)
+    assert browser.axe() == []
+    browser.click("input[name=_continue]")
+    assert browser.all(".errornote") == [], browser.text("#content-main")[:1500]
+    policy = RolloutPolicy.objects.get(name="careful")
+    assert [(s["value"], s["soak_seconds"]) for s in policy.stages] == [(10, 600), (100, 0)]
+    assert policy.gates["max_error_rate"] == 0.005 and policy.gates["accuracy"]["max_drop_pp"] == 3
+    boxes = [box.text.replace("\n", " ") for box in browser.all(".stage-diagram li")]
+    assert boxes == ["Stage 1 10 % soak 600 s", "Stage 2 100 %"]
+    assert browser.sideways() <= 0
+    browser.shot("policy-editor")
+    browser.driver.set_window_size(390, 844)
+    browser.open(f"/admin/rollouts/rolloutpolicy/{policy.pk}/change/")
+    assert browser.sideways() <= 0
+    assert browser.axe() == []
+    browser.shot("policy-editor-phone")
