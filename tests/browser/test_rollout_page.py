@@ -12,8 +12,8 @@ from selenium.webdriver.support.ui import Select
 
 from fleet.devices.models import DeviceEvent
 from fleet.rollouts import services
-from fleet.rollouts.choices import AssignmentState, RolloutState
-from fleet.rollouts.models import AuditEntry, Rollout, RolloutPolicy
+from fleet.rollouts.choices import AssignmentState, Decision, Metric, RolloutState, Verdict
+from fleet.rollouts.models import AuditEntry, GateEvaluation, Rollout, RolloutPolicy
 from tests.conftest import wait_until
 from tests.server import admin_world
 
@@ -179,7 +179,33 @@ def test_the_page_refreshes_itself_after_a_change_without_a_reload(browser, runn
         received_at=now,
     )
     services.assignments_sync(rollout=running)
+    # And the gates look again: a fourth accuracy evaluation.
+    GateEvaluation.objects.create(
+        rollout=running,
+        stage=0,
+        metric=Metric.ACCURACY,
+        variant="float32",
+        verdict=Verdict.FAIL,
+        candidate_value=0.6549,
+        incumbent_value=0.975,
+        candidate_n=400,
+        incumbent_n=4000,
+        lower=25.0,
+        upper=39.0,
+        threshold=2.0,
+        inputs={"drop_pp": 32.01},
+        decision=Decision.ROLLBACK,
+        evaluated_at=evidence["at"],  # after the fixture's three (a minute into the rollout)
+    )
     wait_until(lambda: browser.text(stage) == "2", timeout=20, message="the page to show 2 active devices")
+    wait_until(
+        lambda: (
+            [y for _, y in chart(browser, "accuracy")["candidate 2.0.0 (float32)"]]
+            == [91.2, 80.0, 72.0, 65.5]
+        ),
+        timeout=20,
+        message="the accuracy chart to gain the new evaluation",
+    )
     assert browser.driver.execute_script("return window.notReloaded === true;")
     assert "device event" in browser.text("#rollout-timeline")
 
