@@ -163,7 +163,16 @@ def test_the_page_refreshes_itself_after_a_change_without_a_reload(browser, runn
     browser.open(rollout_url(running))
     browser.driver.execute_script("window.notReloaded = true;")
     stage = '#rollout-stages tr[data-stage="1"] li[data-state="active"] strong'
-    assert browser.text(stage) == "1"
+    # Read in one script: the part may be replaced between finding an element and reading it.
+    figure = lambda: browser.driver.execute_script(  # noqa: E731
+        "const e = document.querySelector(arguments[0]); return e && e.textContent;", stage
+    )
+    assert figure() == "1"
+    # A poll with nothing new leaves the page's elements alone (nothing flickers, no
+    # element a reader holds goes stale).
+    browser.driver.execute_script("document.getElementById('rollout-headline').kept = true;")
+    wait_until(lambda: "last at" in browser.text("#rollout-refreshed"), timeout=20, message="a first poll")
+    assert browser.driver.execute_script("return document.getElementById('rollout-headline').kept === true;")
     # A second device of stage 1 reports the candidate active; the evaluator's sync moves it.
     notified = running.assignments.get(stage=0, state=AssignmentState.NOTIFIED)
     now = timezone.now()
@@ -197,7 +206,7 @@ def test_the_page_refreshes_itself_after_a_change_without_a_reload(browser, runn
         decision=Decision.ROLLBACK,
         evaluated_at=evidence["at"],  # after the fixture's three (a minute into the rollout)
     )
-    wait_until(lambda: browser.text(stage) == "2", timeout=20, message="the page to show 2 active devices")
+    wait_until(lambda: figure() == "2", timeout=20, message="the page to show 2 active devices")
     wait_until(
         lambda: (
             [y for _, y in chart(browser, "accuracy")["candidate 2.0.0 (float32)"]]

@@ -127,8 +127,11 @@
     }
     for (const [name, html] of Object.entries(answer.parts)) {
       const part = root.querySelector(`[data-part="${name}"]`);
-      // Leave alone a part someone is using (the device filter), and unchanged ones.
-      if (part && part.innerHTML !== html && !part.contains(document.activeElement)) part.innerHTML = html;
+      if (!part || part.contains(document.activeElement)) continue; // someone is using it (the filter)
+      // Parsed like the page was, so an unchanged part compares equal and is left alone.
+      const fresh = document.createElement("template");
+      fresh.innerHTML = html;
+      if (fresh.innerHTML !== part.innerHTML) part.replaceChildren(fresh.content);
     }
     data = answer.charts;
     draw();
