@@ -11,13 +11,14 @@ import re
 from datetime import timedelta
 
 import pytest
+from django.core.cache import cache
 from django.db import connection
 from django.db.models import Count
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from fleet.devices.models import Device, DeviceEvent
+from fleet.devices.models import Device, DeviceEvent, TelemetryHourly
 from fleet.registry import services as registry
 from fleet.rollouts import services
 from fleet.rollouts.choices import AssignmentState, Decision, Metric, Verdict
@@ -313,3 +314,40 @@ def test_a_draft_targeting_devices_of_another_active_rollout_says_start_will_be_
     )
     page = web(alice).get(page_of(draft)).content.decode()
     assert "in another active rollout of this model (cam-02)" in page
+
+
+def test_old_hours_of_telemetry_are_read_once_and_recent_ones_live(rollout, bob):
+    """A week of 10,000 devices is 1.7 million hourly rows: hours before the last two are
+    added up once an hour (cached), the last two at every look."""
+    started = timezone.now() - timedelta(hours=5)
+    Rollout.objects.filter(pk=rollout.pk).update(started_at=started)
+    device = rollout.assignments.first().device_id
+    old_hour = started.replace(minute=0, second=0, microsecond=0)
+    now_hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+
+    def hourly(hour, inferences):
+        TelemetryHourly.objects.update_or_create(
+            device_id=device,
+            hour=hour,
+            model="digits",
+            version="1.0.0",
+            variant="float32",
+            defaults={"inferences": inferences, "errors": 1},
+        )
+
+    def inferences() -> dict[int, int]:
+        data = chart_data(web(bob).get(page_of(rollout)).content.decode())
+        series = {s["version"]: s["points"] for s in data["telemetry"]}["1.0.0"]
+        return {point["t"]: point["inferences"] for point in series}
+
+    hourly(old_hour, 100)
+    hourly(now_hour, 10)
+    first = inferences()
+    assert first[int(old_hour.timestamp())] == 100 and first[int(now_hour.timestamp())] >= 10
+    hourly(old_hour, 200)  # a window that arrives hours late
+    hourly(now_hour, 20)
+    second = inferences()
+    assert second[int(old_hour.timestamp())] == 100  # from the cache until the hour turns
+    assert second[int(now_hour.timestamp())] == first[int(now_hour.timestamp())] + 10  # live
+    cache.clear()  # what the turn of the hour does to the key
+    assert inferences()[int(old_hour.timestamp())] == 200
