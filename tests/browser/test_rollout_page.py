@@ -42,6 +42,9 @@ def test_each_role_logs_in_and_sees_the_rollouts(browser, running, name, role):
 def test_a_viewer_sees_no_action_buttons_on_a_running_rollout(browser, running):
     browser.login("bob")
     browser.open(rollout_url(running))
+    # No evaluation yet: each chart says there is nothing to draw.
+    empty = [note.text for note in browser.all(".chart-empty") if note.is_displayed()]
+    assert empty == ["Nothing to draw yet."] * 5
     assert browser.text("#rollout-headline").startswith("Running by alice at ")
     assert browser.text("#rollout-headline").endswith(": canary for 2.0.0")
     assert browser.all("[data-action]") == []
@@ -138,6 +141,7 @@ def test_the_charts_carry_the_stored_evaluations_and_telemetry(browser, running,
     errors = chart(browser, "errors")
     assert [y for _, y in errors["error rate 2.0.0"]] == [1.0]
     assert [y for _, y in errors["ceiling"]] == [1.0, 1.0]  # across the chart
+    assert not [note for note in browser.all(".chart-empty") if note.is_displayed()]  # all drawn
     assert browser.sideways() <= 0  # at 1,440 px nothing scrolls sideways
     assert browser.axe() == []
     browser.shot("rollout-page")

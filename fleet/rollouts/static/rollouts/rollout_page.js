@@ -69,11 +69,26 @@
   };
   const units = { accuracy: "%", drop: "pp", labels: "labels", errors: "%", latency: "ms" };
 
+  // A chart with nothing to draw says so (a policy without that gate, a stage just begun).
+  function note(canvas, sets) {
+    const empty = sets.every((set) => set.data.length === 0);
+    const figure = canvas.closest("figure");
+    let text = figure.querySelector(".chart-empty");
+    if (empty && !text) {
+      text = document.createElement("p");
+      text.className = "chart-empty help";
+      text.textContent = "Nothing to draw yet.";
+      figure.appendChild(text);
+    }
+    if (text) text.hidden = !empty;
+  }
+
   function draw() {
     if (!data || typeof Chart === "undefined") return;
     for (const name of Object.keys(datasets)) {
       const canvas = document.getElementById(`chart-${name}`);
       if (!canvas) continue;
+      note(canvas, datasets[name](data));
       if (charts[name]) {
         charts[name].data.datasets = datasets[name](data);
         charts[name].update("none");
