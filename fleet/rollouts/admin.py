@@ -15,8 +15,9 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
-from django.http import HttpResponseRedirect
+from django.http import HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
+from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
@@ -27,7 +28,7 @@ from fleet.core.permissions import has_role
 from fleet.devices.models import DeviceGroup
 from fleet.registry.admin import status_badge
 from fleet.registry.models import ModelVersion
-from fleet.rollouts import services
+from fleet.rollouts import selectors, services
 from fleet.rollouts.api import ACTIONS  # the API's action -> service table: the same services
 from fleet.rollouts.choices import (
     IN_FLIGHT,
@@ -35,7 +36,9 @@ from fleet.rollouts.choices import (
     AssignmentState,
     RolloutState,
 )
-from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutPolicy
+from fleet.rollouts.models import Assignment, Rollout, RolloutPolicy
+from fleet.rollouts.selectors import stage_label, state_label
+from fleet.rollouts.widgets import GatesWidget, StagesWidget
 
 STATE_COLOURS = {
     "draft": "#57606a",
@@ -45,22 +48,15 @@ STATE_COLOURS = {
     "aborted": "#57606a",
     "rolled_back": "#cf222e",
 }
+# The rollout page polls its live parts this often (a small JSON view of the same templates).
+LIVE_REFRESH_SECONDS = 5
+LIVE_PARTS = ("status", "progress", "verdicts", "devices", "timeline")
 # Devices that run (or are installing) the candidate: what a rollback or an abort concerns.
 ON_CANDIDATE = (*IN_FLIGHT, AssignmentState.ACTIVE, AssignmentState.SHADOW)
 
 
-def state_label(value: str) -> str:
-    """The human name of a rollout state ("rolled_back" → "Rolled back")."""
-    return RolloutState(value).label if value in RolloutState.values else value
-
-
 def devices(n: int) -> str:
     return count(n, "device")
-
-
-def stage_label(spec: dict) -> str:
-    unit = " %" if spec["kind"] == "percent" else " devices"
-    return f"{spec['value']:g}{unit}" + (" (shadow)" if spec.get("mode") == "shadow" else "")
 
 
 # --- the actions: which are legal now, and what each would do
@@ -169,96 +165,6 @@ def headline(rollout: Rollout) -> str:
     return rollout.last_decision or f"{state_label(rollout.state)}."
 
 
-def stage_rows(rollout: Rollout) -> list[dict]:
-    """Per stage: its size, and its devices by assignment state (human labels)."""
-    counts = Counter(
-        (stage, state) for stage, state in rollout.assignments.values_list("stage", "state").order_by()
-    )
-    rows = []
-    for number, spec in enumerate(rollout.stages):
-        states = [
-            (AssignmentState(state).label, n)
-            for (stage, state), n in sorted(counts.items(), key=lambda item: item[0][1])
-            if stage == number
-        ]
-        rows.append(
-            {
-                "number": number + 1,
-                "size": stage_label(spec),
-                "current": number == rollout.current_stage,
-                "states": states,
-            }
-        )
-    waiting = [(AssignmentState(state).label, n) for (stage, state), n in counts.items() if stage is None]
-    if waiting:
-        rows.append({"number": None, "size": "not in a stage", "current": False, "states": sorted(waiting)})
-    return rows
-
-
-# --- inlines (read only)
-
-
-class EvaluationInline(admin.TabularInline):
-    """Each gate's verdict in one sentence with rounded figures (the numbers behind it are
-    in the API's ``evaluations``, with their inputs)."""
-
-    model = GateEvaluation
-    # No "decision" column: a passing gate beside "Roll back" reads as if the gate rolled back
-    # (the decision is in the page's first sentence and the audit log).
-    fields = ("when", "stage_number", "gate", "verdict", "summary", "looks")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    max_num = 0
-    ordering = ("-evaluated_at",)
-
-    @admin.display(description="evaluated at")
-    def when(self, obj):
-        return moment(obj.evaluated_at)
-
-    @admin.display(description="stage")
-    def stage_number(self, obj):
-        return obj.stage + 1
-
-    @admin.display(description="gate")
-    def gate(self, obj):
-        return obj.get_metric_display() + (f" ({obj.variant})" if obj.variant else "")
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-
-class AuditInline(admin.TabularInline):
-    model = AuditEntry
-    fields = ("when", "actor_name", "action", "change", "stage_number", "reason")
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-    max_num = 0
-    ordering = ("-at", "-pk")
-
-    @admin.display(description="at")
-    def when(self, obj):
-        return moment(obj.at)
-
-    @admin.display(description="who")
-    def actor_name(self, obj):
-        return obj.actor_name
-
-    @admin.display(description="state")
-    def change(self, obj):
-        if obj.from_state == obj.to_state:
-            return state_label(obj.to_state)
-        return f"{state_label(obj.from_state)} → {state_label(obj.to_state)}"
-
-    @admin.display(description="stage")
-    def stage_number(self, obj):
-        return obj.stage + 1 if obj.stage >= 0 else "—"
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-
 # --- "Add rollout": the API's service and checks
 
 
@@ -309,7 +215,6 @@ class RolloutAdmin(admin.ModelAdmin):
         "raw",
     )
     readonly_fields = fields
-    inlines = [AuditInline, EvaluationInline]
     change_form_template = "admin/rollouts/rollout/change_form.html"
 
     # Read only: a rollout's history is never rewritten (actions are the buttons below).
@@ -350,30 +255,74 @@ class RolloutAdmin(admin.ModelAdmin):
         """For experts only, folded: the targets and the policy as the rollout copied it."""
         return raw_details({"targets": obj.targets, "policy": obj.policy_snapshot})
 
-    # --- the page: headline, stages, action buttons
+    # --- the page: what happened and why, who is affected, what can be done now
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("model", "target_version", "policy", "created_by")
+
+    def page_context(self, request, rollout: Rollout) -> dict:
+        """Everything the page's live parts show: the same for the page and its refresh."""
+        can_act = has_role(request.user, Role.OPERATOR)
+        state = request.GET.get("state") or ""
+        page, device_rows = selectors.device_page(rollout, state=state, page=request.GET.get("page") or 1)
+        evaluated_at, verdicts = selectors.latest_verdicts(rollout)
+        return {
+            "original": rollout,
+            "headline": headline(rollout),
+            "actions": [
+                (
+                    action,
+                    ACTION_LABELS[action],
+                    reverse("admin:rollouts_rollout_act", args=[rollout.pk, action]),
+                )
+                for action in (legal_actions(rollout) if can_act else [])
+            ],
+            "stage_rows": selectors.stage_progress(rollout) if rollout.current_stage >= 0 else [],
+            # A draft: where starting it would put each device, by the code that will.
+            "preview": selectors.rollout_preview(rollout) if rollout.state == RolloutState.DRAFT else None,
+            "evaluated_at": moment(evaluated_at) if evaluated_at else None,
+            "verdicts": verdicts,
+            "device_state": state if state in AssignmentState.values else "",
+            "device_states": AssignmentState.choices,
+            "device_page": page,
+            "device_rows": device_rows,
+            "timeline": selectors.timeline(rollout),
+            "charts": selectors.chart_data(rollout),
+            "live_url": reverse("admin:rollouts_rollout_live", args=[rollout.pk]),
+            "refresh_seconds": LIVE_REFRESH_SECONDS,
+        }
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         rollout = self.get_object(request, object_id)
-        if rollout is not None:
-            can_act = has_role(request.user, Role.OPERATOR)
-            extra_context = {
-                **(extra_context or {}),
-                "headline": headline(rollout),
-                "stage_rows": stage_rows(rollout) if rollout.current_stage >= 0 else [],
-                "actions": [
-                    (
-                        action,
-                        ACTION_LABELS[action],
-                        reverse("admin:rollouts_rollout_act", args=[rollout.pk, action]),
-                    )
-                    for action in (legal_actions(rollout) if can_act else [])
-                ],
-            }
+        if rollout is not None and self.has_view_permission(request, rollout):
+            extra_context = {**(extra_context or {}), **self.page_context(request, rollout)}
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def live_view(self, request, pk: int):
+        """The page's live parts, for its refresh without a reload (rollout_page.js): the
+        same templates as the page, as HTML fragments, and the charts' data."""
+        rollout = get_object_or_404(self.get_queryset(request), pk=pk)
+        if not self.has_view_permission(request, rollout):
+            raise PermissionDenied
+        context = self.page_context(request, rollout)
+        return JsonResponse(
+            {
+                "parts": {
+                    part: render_to_string(f"admin/rollouts/rollout/{part}.html", context, request=request)
+                    for part in LIVE_PARTS
+                },
+                "charts": context["charts"],
+            }
+        )
 
     def get_urls(self):
         act = self.admin_site.admin_view(self.act_view)
-        return [path("<int:pk>/act/<slug:action>/", act, name="rollouts_rollout_act"), *super().get_urls()]
+        live = self.admin_site.admin_view(self.live_view)
+        return [
+            path("<int:pk>/act/<slug:action>/", act, name="rollouts_rollout_act"),
+            path("<int:pk>/live/", live, name="rollouts_rollout_live"),
+            *super().get_urls(),
+        ]
 
     def act_view(self, request, pk: int, action: str):
         """Confirm (impact, required reason), then call the same service as the API."""
@@ -416,28 +365,43 @@ class RolloutAdmin(admin.ModelAdmin):
         if not self.has_add_permission(request):
             raise PermissionDenied
         form = RolloutAddForm(request.POST or None)
+        preview = None
         if request.method == "POST" and form.is_valid():
-            version = form.cleaned_data["version"]
+            version, policy = form.cleaned_data["version"], form.cleaned_data["policy"]
             try:
-                rollout = services.rollout_create(
-                    model=version.model,
-                    version=version,
-                    targets=form.targets(),
-                    policy=form.cleaned_data["policy"],
-                    priority=form.cleaned_data["priority"],
-                    created_by=request.user,
-                )
+                if "_preview" in request.POST:
+                    # The same checks as creating, then what starting would do: nothing is written.
+                    services.rollout_check(model=version.model, version=version, targets=form.targets())
+                    preview = selectors.placement_preview(
+                        model=version.model,
+                        version=version,
+                        targets=form.targets(),
+                        stages=selectors.policy_stages(policy)[0],
+                    )
+                else:
+                    rollout = services.rollout_create(
+                        model=version.model,
+                        version=version,
+                        targets=form.targets(),
+                        policy=policy,
+                        priority=form.cleaned_data["priority"],
+                        created_by=request.user,
+                    )
+                    self.message_user(
+                        request, f"{rollout} created as a draft; start it here.", messages.SUCCESS
+                    )
+                    return HttpResponseRedirect(reverse("admin:rollouts_rollout_change", args=[rollout.pk]))
             except ServiceError as exc:
                 field = {"targets": "groups"}.get(exc.field, exc.field)
+                if exc.code in ("invalid_stages", "invalid_gates"):
+                    field = "policy"
                 form.add_error(field if field in form.fields else None, exc.message)
-            else:
-                self.message_user(request, f"{rollout} created as a draft; start it here.", messages.SUCCESS)
-                return HttpResponseRedirect(reverse("admin:rollouts_rollout_change", args=[rollout.pk]))
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
             "title": "Add rollout",
             "form": form,
+            "preview": preview,
         }
         return TemplateResponse(request, "admin/rollouts/rollout/add.html", context)
 
@@ -446,6 +410,8 @@ class RolloutPolicyForm(forms.ModelForm):
     class Meta:
         model = RolloutPolicy
         fields = "__all__"
+        # Rows and fields with units, not JSON (the JSON document is still accepted as posted).
+        widgets = {"stages": StagesWidget, "gates": GatesWidget}
 
     def clean(self):
         """The same declared checks as the API (fleet/rollouts/policy.py), shown on the field."""
@@ -463,6 +429,7 @@ class RolloutPolicyForm(forms.ModelForm):
 @admin.register(RolloutPolicy)
 class RolloutPolicyAdmin(admin.ModelAdmin):
     form = RolloutPolicyForm
+    change_form_template = "admin/rollouts/rolloutpolicy/change_form.html"
     list_display = ("name", "stage_summary", "on_failure", "approval", "pickup_timeout_seconds")
 
     @admin.display(description="stages")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -81,11 +81,30 @@ def target_devices(*, targets: dict[str, list[str]]) -> QuerySet[Device]:
     return Device.objects.filter(query, status=DeviceStatus.ACTIVE).distinct()
 
 
-def _ready_artifacts(version: ModelVersion) -> dict[str, Artifact]:
+def ready_artifacts(version: ModelVersion) -> dict[str, Artifact]:
+    """The version's ready artifacts by variant: what a rollout of it can give devices."""
     return {a.variant: a for a in version.artifacts.filter(status=ArtifactStatus.READY)}
 
 
 # --- create and start
+
+
+def rollout_check(*, model: MLModel, version: ModelVersion, targets: dict[str, list[str]]) -> None:
+    """What ``rollout_create`` refuses (the API's and the admin's form's checks, and the
+    admin's preview before anything is created)."""
+    if version.model_id != model.pk:
+        raise InvalidInput(f"{version} is not a version of {model}.", code="wrong_model", field="version")
+    if version.status == VersionStatus.REVOKED:
+        raise Conflict(f"{version} is revoked; it cannot be rolled out.", code="version_revoked")
+    if not ready_artifacts(version):
+        raise Conflict(f"{version} has no ready artifact.", code="no_artifacts")
+    unknown = sorted(set(targets) - set(TARGET_KEYS))
+    if unknown or not any(targets.get(key) for key in TARGET_KEYS):
+        raise InvalidInput(
+            "targets needs groups, tags or devices (lists).", code="invalid_targets", field="targets"
+        )
+    if not target_devices(targets=targets).exists():
+        raise InvalidInput("The targets match no active device.", code="no_devices", field="targets")
 
 
 def rollout_create(
@@ -97,19 +116,7 @@ def rollout_create(
     priority: int = 0,
     created_by: AbstractBaseUser | None = None,
 ) -> Rollout:
-    if version.model_id != model.pk:
-        raise InvalidInput(f"{version} is not a version of {model}.", code="wrong_model", field="version")
-    if version.status == VersionStatus.REVOKED:
-        raise Conflict(f"{version} is revoked; it cannot be rolled out.", code="version_revoked")
-    if not _ready_artifacts(version):
-        raise Conflict(f"{version} has no ready artifact.", code="no_artifacts")
-    unknown = sorted(set(targets) - set(TARGET_KEYS))
-    if unknown or not any(targets.get(key) for key in TARGET_KEYS):
-        raise InvalidInput(
-            "targets needs groups, tags or devices (lists).", code="invalid_targets", field="targets"
-        )
-    if not target_devices(targets=targets).exists():
-        raise InvalidInput("The targets match no active device.", code="no_devices", field="targets")
+    rollout_check(model=model, version=version, targets=targets)
     return Rollout.objects.create(
         model=model,
         target_version=version,
@@ -163,16 +170,21 @@ def _require(rollout: Rollout, state: str, action: str) -> None:
         )
 
 
-def _overlapping(rollout: Rollout, devices: list[Device]) -> list[str]:
-    """Devices already in another active rollout of the same model (one per model and device)."""
-    return sorted(
-        Assignment.objects.filter(
-            rollout__model=rollout.model, rollout__state__in=ACTIVE_STATES, device__in=devices
-        )
-        .exclude(rollout=rollout)
-        .exclude(state=AssignmentState.SKIPPED)
-        .values_list("device__device_id", flat=True)
+def overlapping_devices(
+    *, model: MLModel, devices: list[Device], rollout: Rollout | None = None
+) -> list[str]:
+    """Devices already in an active rollout of the model (other than ``rollout``): one
+    active rollout per model and device."""
+    clash = Assignment.objects.filter(
+        rollout__model=model, rollout__state__in=ACTIVE_STATES, device__in=devices
     )
+    if rollout is not None:
+        clash = clash.exclude(rollout=rollout)
+    return sorted(clash.exclude(state=AssignmentState.SKIPPED).values_list("device__device_id", flat=True))
+
+
+def _overlapping(rollout: Rollout, devices: list[Device]) -> list[str]:
+    return overlapping_devices(model=rollout.model, devices=devices, rollout=rollout)
 
 
 @transaction.atomic
@@ -213,23 +225,48 @@ def rollout_start(*, rollout: Rollout, by: AbstractBaseUser | None = None, reaso
     return _enter_stage(rollout, 0)
 
 
-def _placement(rollout: Rollout, device: Device, available: dict[str, Artifact]) -> Assignment:
+@dataclass(frozen=True)
+class Placement:
+    """Where a rollout puts a device: its place in the cohort order, and the variant it gets
+    (with why), or none (skipped, with why)."""
+
+    device: Device
+    cohort_key: int
+    variant: str  # "" when skipped
+    artifact: Artifact | None
+    reason: str
+
+
+def device_placement(*, rollout_id: int, device: Device, available: dict[str, Artifact]) -> Placement:
+    """The placement rule (docs/rollouts.md, "Who gets what"): the stable hash of (rollout,
+    device) and the variant rule. Starting a rollout and the admin's preview both use it."""
     variant, why = choose_variant(
         supports_int8=device.supports_int8, hardware=device.hardware, available=set(available)
     )
-    return Assignment(
-        rollout=rollout,
+    return Placement(
         device=device,
-        cohort_key=cohort_key(rollout.pk, device.device_id) >> 1,
+        cohort_key=cohort_key(rollout_id, device.device_id) >> 1,
         variant=variant or "",
-        to_artifact=available.get(variant) if variant else None,
-        state=AssignmentState.PENDING if variant else AssignmentState.SKIPPED,
+        artifact=available.get(variant) if variant else None,
         reason=why,
     )
 
 
+def _placement(rollout: Rollout, device: Device, available: dict[str, Artifact]) -> Assignment:
+    placed = device_placement(rollout_id=rollout.pk, device=device, available=available)
+    return Assignment(
+        rollout=rollout,
+        device=device,
+        cohort_key=placed.cohort_key,
+        variant=placed.variant,
+        to_artifact=placed.artifact,
+        state=AssignmentState.PENDING if placed.variant else AssignmentState.SKIPPED,
+        reason=placed.reason,
+    )
+
+
 def _place(rollout: Rollout, devices: list[Device]) -> None:
-    available = _ready_artifacts(rollout.target_version)
+    available = ready_artifacts(rollout.target_version)
     Assignment.objects.bulk_create(
         [_placement(rollout, device, available) for device in devices], batch_size=2000
     )
@@ -245,6 +282,14 @@ def place_new_devices(*, rollout: Rollout) -> int:
     return len(new)
 
 
+def stage_cover(*, spec: dict, eligible: int) -> int:
+    """How many of the eligible devices, in cohort order, a stage covers (with the earlier
+    stages' devices): entering a stage and the admin's preview both use it."""
+    return stage_size(
+        kind=spec["kind"], value=spec["value"], min_devices=spec.get("min_devices", 1), eligible=eligible
+    )
+
+
 def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
     """Cover the first stage_size(stage) eligible devices in cohort order and give those not
     yet there a new desired generation (published after commit).
@@ -256,12 +301,7 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
     spec = rollout.stages[stage]
     shadow = spec.get("mode") == StageMode.SHADOW
     eligible = rollout.assignments.exclude(state=AssignmentState.SKIPPED).order_by("cohort_key")
-    size = stage_size(
-        kind=spec["kind"],
-        value=spec["value"],
-        min_devices=spec.get("min_devices", 1),
-        eligible=eligible.count(),
-    )
+    size = stage_cover(spec=spec, eligible=eligible.count())
     covered = list(eligible.values_list("pk", "device_id", "to_artifact_id", "state", "stage")[:size])
     shadow_stages = _shadow_stages(rollout)
 

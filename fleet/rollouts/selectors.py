@@ -1,0 +1,555 @@
+"""Rollout reads for the admin's rollout page and its live refresh (issue 10, section 1).
+
+Each read costs a fixed number of queries whatever the fleet's size and however long the
+rollout ran: charts thin the evaluations evenly to at most CHART_POINTS times, the timeline
+and the device table are bounded pages. Numbers are rounded here, once, with the unit the
+page shows next to them; the charts' data are the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.core.cache import cache
+from django.core.paginator import Page, Paginator
+from django.db.models import Count, F, FloatField, Sum
+from django.db.models.expressions import RawSQL
+from django.db.models.fields.json import KT
+from django.utils import timezone
+
+from fleet.core.display import moment
+from fleet.devices.models import DeviceEvent, TelemetryHourly
+from fleet.rollouts import services
+from fleet.rollouts.choices import AssignmentState, Decision, Metric, RolloutState, StageMode
+from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout
+from fleet.rollouts.policy import policy_validate
+
+CHART_POINTS = 300  # evaluations per chart at most, evenly spread over the rollout
+TIMELINE_ENTRIES = 100  # the latest entries of each kind, merged
+DEVICES_PER_PAGE = 50
+
+# The progress bar's order (settled first) and colours; every colour also has its label
+# beside it, so nothing is told by colour alone.
+STATE_ORDER = (
+    AssignmentState.ACTIVE,
+    AssignmentState.SHADOW,
+    AssignmentState.VERIFYING,
+    AssignmentState.DOWNLOADING,
+    AssignmentState.NOTIFIED,
+    AssignmentState.PENDING,
+    AssignmentState.FAILED,
+    AssignmentState.REVERTED,
+    AssignmentState.ROLLED_BACK,
+    AssignmentState.SKIPPED,
+)
+STATE_COLOURS = {
+    AssignmentState.ACTIVE: "#1a7f37",
+    AssignmentState.SHADOW: "#8250df",
+    AssignmentState.VERIFYING: "#0550ae",
+    AssignmentState.DOWNLOADING: "#0969da",
+    AssignmentState.NOTIFIED: "#54aeff",
+    AssignmentState.PENDING: "#afb8c1",
+    AssignmentState.FAILED: "#cf222e",
+    AssignmentState.REVERTED: "#bc4c00",
+    AssignmentState.ROLLED_BACK: "#9a6700",
+    AssignmentState.SKIPPED: "#6e7781",
+}
+
+
+def state_label(value: str) -> str:
+    """The human name of a rollout state ("rolled_back" → "Rolled back")."""
+    return RolloutState(value).label if value in RolloutState.values else value
+
+
+def stage_label(spec: dict) -> str:
+    unit = " %" if spec["kind"] == "percent" else " devices"
+    return f"{spec['value']:g}{unit}" + (" (shadow)" if spec.get("mode") == "shadow" else "")
+
+
+def _round(value: float | None, digits: int, scale: float = 1.0) -> float | None:
+    return None if value is None else round(value * scale, digits)
+
+
+# --- devices per stage, by assignment state (one query)
+
+
+@dataclass
+class Segment:
+    state: str
+    label: str
+    count: int
+    percent: float  # of the stage's devices, for the bar's width
+    colour: str
+
+
+@dataclass
+class StageProgress:
+    number: int | None  # 1-based; None for devices no stage covered yet
+    size: str
+    current: bool
+    total: int
+    segments: list[Segment]
+
+    @property
+    def summary(self) -> str:
+        return ", ".join(f"{s.count:,} {s.label.lower()}" for s in self.segments) or "none yet"
+
+
+def stage_progress(rollout: Rollout) -> list[StageProgress]:
+    """Per stage: its devices by assignment state, in STATE_ORDER; then the devices that no
+    stage covered yet (pending for a later stage, or skipped)."""
+    counts: dict[int | None, dict[str, int]] = {}
+    for stage, state, n in (
+        Assignment.objects.filter(rollout=rollout)
+        .values_list("stage", "state")
+        .annotate(n=Count("pk"))
+        .order_by()
+    ):
+        counts.setdefault(stage, {})[state] = n
+
+    def row(number: int | None, size: str, current: bool) -> StageProgress:
+        by_state = counts.get(None if number is None else number - 1, {})
+        total = sum(by_state.values())
+        segments = [
+            Segment(
+                state, AssignmentState(state).label, by_state[state], 100 * by_state[state] / total, colour
+            )
+            for state, colour in STATE_COLOURS.items()
+            if by_state.get(state)
+        ]
+        segments.sort(key=lambda s: STATE_ORDER.index(s.state))
+        return StageProgress(number, size, current, total, segments)
+
+    rows = [
+        row(number + 1, stage_label(spec), number == rollout.current_stage)
+        for number, spec in enumerate(rollout.stages)
+    ]
+    if counts.get(None):
+        rows.append(row(None, "not in a stage yet", False))
+    return rows
+
+
+# --- the gates' latest verdicts and their history (charts)
+
+
+def _evaluation_times(rollout: Rollout) -> RawSQL:
+    """At most CHART_POINTS evaluation times, evenly spread, the latest always included."""
+    return RawSQL(
+        "SELECT evaluated_at FROM ("
+        " SELECT evaluated_at, row_number() OVER (ORDER BY evaluated_at) AS i, count(*) OVER () AS n"
+        " FROM (SELECT DISTINCT evaluated_at FROM rollouts_gateevaluation WHERE rollout_id = %s) AS times"
+        ") AS numbered WHERE (n - i) %% GREATEST(1, CEIL(n::float / %s)::int) = 0",
+        [rollout.pk, CHART_POINTS],
+    )
+
+
+@dataclass
+class GateRow:
+    gate: str
+    stage: int
+    verdict: str
+    verdict_code: str
+    summary: str
+    note: str
+
+
+def latest_verdicts(rollout: Rollout) -> tuple[datetime | None, list[GateRow]]:
+    """The gates of the latest evaluation, each with its verdict and sentence (one query)."""
+    rows = list(
+        GateEvaluation.objects.filter(
+            rollout=rollout,
+            evaluated_at=GateEvaluation.objects.filter(rollout=rollout)
+            .order_by("-evaluated_at")
+            .values("evaluated_at")[:1],
+        ).order_by("metric", "variant")
+    )
+    return (rows[0].evaluated_at if rows else None), [
+        GateRow(
+            gate=row.get_metric_display() + (f" ({row.variant})" if row.variant else ""),
+            stage=row.stage + 1,
+            verdict=row.get_verdict_display(),
+            verdict_code=row.verdict,
+            summary=row.summary,
+            note=row.note,
+        )
+        for row in rows
+    ]
+
+
+def _epoch(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+def gate_series(rollout: Rollout) -> dict:
+    """Accuracy (candidate and incumbent, %; the drop in points with its confidence sequence
+    and the allowed drop), labels per arm, and the candidate's error rate (% with its bound
+    and the ceiling), one series per variant, over at most CHART_POINTS evaluations (one query)."""
+    rows = (
+        GateEvaluation.objects.filter(
+            rollout=rollout,
+            metric__in=(Metric.ACCURACY, Metric.ERROR_RATE),
+            evaluated_at__in=_evaluation_times(rollout),
+        )
+        .exclude(candidate_value=None)
+        .annotate(drop_pp=KT("inputs__drop_pp"))
+        .order_by("evaluated_at", "metric", "variant")
+        .values_list(
+            "evaluated_at",
+            "metric",
+            "variant",
+            "candidate_value",
+            "incumbent_value",
+            "candidate_n",
+            "incumbent_n",
+            "lower",
+            "upper",
+            "threshold",
+            "drop_pp",
+        )
+    )
+    accuracy: dict[str, list[dict]] = {}
+    errors: list[dict] = []
+    for at, metric, variant, candidate, incumbent, cand_n, inc_n, lower, upper, threshold, drop in rows:
+        if metric == Metric.ACCURACY:
+            accuracy.setdefault(variant, []).append(
+                {
+                    "t": _epoch(at),
+                    "candidate_pct": _round(candidate, 1, 100),
+                    "incumbent_pct": _round(incumbent, 1, 100),
+                    "drop_pp": _round(float(drop), 1) if drop is not None else None,
+                    "lower_pp": _round(lower, 1),
+                    "upper_pp": _round(upper, 1),
+                    "allowed_pp": _round(threshold, 1),
+                    "candidate_labels": cand_n,
+                    "incumbent_labels": inc_n,
+                }
+            )
+        else:
+            errors.append(
+                {
+                    "t": _epoch(at),
+                    "rate_pct": _round(candidate, 2, 100),
+                    "lower_pct": _round(lower, 2, 100),
+                    "upper_pct": _round(upper, 2, 100),
+                    "ceiling_pct": _round(threshold, 2, 100),
+                    "inferences": cand_n,
+                }
+            )
+    return {
+        "accuracy": [{"variant": v, "points": points} for v, points in sorted(accuracy.items())],
+        "error_rate": errors,
+    }
+
+
+# Hourly sums older than this are read at most once an hour per rollout (cached): they
+# cover most of a long rollout's rows (10,000 devices for a week: 1.7 million, about 300 ms
+# to add up) and seldom change; the latest hours, where windows still arrive, are read live.
+TELEMETRY_LIVE_HOURS = timedelta(hours=2)
+
+
+def _hourly_sums(rollout: Rollout, since: datetime, until: datetime | None) -> list[dict]:
+    """Per version and hour of window start in [since, until): the sums of the rollout's
+    devices (one query)."""
+    rows = TelemetryHourly.objects.filter(
+        model=rollout.model.name,
+        hour__gte=since,
+        device_id__in=Assignment.objects.filter(rollout=rollout).values("device_id"),
+    )
+    if until is not None:
+        rows = rows.filter(hour__lt=until)
+    return list(
+        rows.values("version", "hour")
+        .annotate(
+            inferences_sum=Sum("inferences"),
+            errors_sum=Sum("errors"),
+            p95_weighted=Sum("latency_p95_weighted_sum", output_field=FloatField()),
+            p95_weight=Sum("latency_p95_weight"),
+        )
+        .order_by("version", "hour")
+    )
+
+
+def telemetry_series(rollout: Rollout) -> list[dict]:
+    """Per version the rollout's devices ran, per hour since the rollout started: inferences,
+    error rate (%) and the inference-weighted mean p95 latency (ms), from the hourly rollups
+    (TelemetryHourly). Hours before the last TELEMETRY_LIVE_HOURS come from the cache, read
+    again when the hour turns (a window that arrives that late shows within the hour)."""
+    if rollout.started_at is None:
+        return []
+    since = rollout.started_at.replace(minute=0, second=0, microsecond=0)
+    until = rollout.finished_at + timedelta(hours=1) if rollout.finished_at else None
+    settled = timezone.now().replace(minute=0, second=0, microsecond=0) - TELEMETRY_LIVE_HOURS
+    if until is not None:
+        settled = min(settled, until)
+    rows = []
+    if settled > since:
+        # created_at tells apart rollouts that share an id (test databases, restored backups).
+        key = ":".join(
+            f"{part:.0f}" if isinstance(part, float) else str(part)
+            for part in (
+                "rollout-telemetry",
+                rollout.pk,
+                rollout.created_at.timestamp() * 1e6,
+                since.timestamp(),
+                settled.timestamp(),
+            )
+        )
+        rows = cache.get(key)
+        if rows is None:
+            rows = _hourly_sums(rollout, since, settled)
+            cache.set(key, rows, timeout=3600)
+    rows = rows + _hourly_sums(rollout, max(since, settled), until)
+    by_version: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda row: (row["version"], row["hour"])):
+        inferences = row["inferences_sum"] or 0
+        by_version.setdefault(row["version"], []).append(
+            {
+                "t": _epoch(row["hour"]),
+                "inferences": inferences,
+                "error_pct": _round(row["errors_sum"] / inferences, 2, 100) if inferences else None,
+                "p95_ms": _round(row["p95_weighted"] / row["p95_weight"], 1) if row["p95_weight"] else None,
+            }
+        )
+    return [{"version": version, "points": points} for version, points in by_version.items()]
+
+
+def chart_data(rollout: Rollout) -> dict:
+    return {
+        **gate_series(rollout),
+        "telemetry": telemetry_series(rollout),
+        "target": rollout.target_version.version,
+        "tz": timezone.get_current_timezone_name(),
+    }
+
+
+# --- one timeline: audit entries, gate decisions, device events (three queries)
+
+
+@dataclass
+class TimelineEntry:
+    at: datetime
+    kind: str  # "audit", "decision", "event"
+    who: str
+    what: str
+    detail: str = ""
+    failed: bool = False
+
+    @property
+    def when(self) -> str:
+        return moment(self.at)
+
+
+def _rollout_device_pks(rollout: Rollout):
+    return Assignment.objects.filter(rollout=rollout).values("device_id")
+
+
+def timeline(rollout: Rollout, limit: int = TIMELINE_ENTRIES) -> list[TimelineEntry]:
+    """The latest ``limit`` entries, newest first. Decisions are the evaluations that acted
+    (promote, pause, roll back, complete, await approval) or failed; the many "wait" looks
+    are in the charts and the latest verdicts instead."""
+    entries = [
+        TimelineEntry(
+            at=entry.at,
+            kind="audit",
+            who=entry.actor_name,
+            what=entry.action
+            + (
+                f": {state_label(entry.from_state)} → {state_label(entry.to_state)}"
+                if entry.from_state != entry.to_state
+                else f" (stage {entry.stage + 1})"
+            ),
+            detail=entry.reason,
+        )
+        for entry in AuditEntry.objects.filter(rollout=rollout)
+        .select_related("actor")
+        .order_by("-at", "-pk")[:limit]
+    ]
+    decisions = (
+        GateEvaluation.objects.filter(rollout=rollout)
+        .exclude(decision=Decision.WAIT)
+        .order_by("-evaluated_at", "metric", "variant")
+        .values_list("evaluated_at", "stage", "decision", "verdict", "summary")[: limit * 4]
+    )
+    seen: dict[datetime, TimelineEntry] = {}
+    for at, stage, decision, verdict, summary in decisions:
+        entry = seen.get(at)
+        if entry is None:
+            entry = seen[at] = TimelineEntry(
+                at=at,
+                kind="decision",
+                who="gates",
+                what=f"{Decision(decision).label} (stage {stage + 1})",
+                failed=decision in (Decision.ROLLBACK, Decision.PAUSE, Decision.ERROR),
+            )
+        if verdict in ("fail", "error") or not entry.detail:
+            entry.detail = summary if verdict in ("fail", "error") else entry.detail or summary
+    entries += list(seen.values())[:limit]
+    if rollout.started_at is not None:
+        events = (
+            DeviceEvent.objects.filter(
+                device_id__in=_rollout_device_pks(rollout),
+                model=rollout.model.name,
+                received_at__gte=rollout.started_at,
+            )
+            .select_related("device")
+            .order_by("-received_at", "-pk")[:limit]
+        )
+        entries += [
+            # The server's clock, as for the audit entries and decisions (a device's may drift).
+            TimelineEntry(
+                at=event.received_at,
+                kind="event",
+                who=event.device.device_id,
+                what=f"{event.type} {event.version} {event.variant}".strip(),
+                detail=" ".join(part for part in (event.reason, event.message) if part),
+                failed=bool(event.reason),
+            )
+            for event in events
+        ]
+    entries.sort(key=lambda entry: entry.at, reverse=True)
+    return entries[:limit]
+
+
+# --- the devices of the rollout (three queries: count, page, their last events)
+
+
+@dataclass
+class DeviceRow:
+    assignment: Assignment
+    last_event: DeviceEvent | None = None
+    last_event_text: str = field(default="—")
+
+    @property
+    def state_label(self) -> str:
+        return AssignmentState(self.assignment.state).label
+
+
+def device_page(
+    rollout: Rollout, *, state: str | None = None, page: int | str = 1
+) -> tuple[Page, list[DeviceRow]]:
+    """One page of the rollout's devices (stage, then device id), filtered by assignment
+    state when ``state`` is one, each with its latest event since the rollout started."""
+    assignments = Assignment.objects.filter(rollout=rollout).select_related("device")
+    if state in AssignmentState.values:
+        assignments = assignments.filter(state=state)
+    assignments = assignments.order_by(F("stage").asc(nulls_last=True), "device__device_id")
+    current = Paginator(assignments, DEVICES_PER_PAGE).get_page(page)
+    rows = [DeviceRow(assignment) for assignment in current.object_list]
+    since = rollout.started_at or rollout.created_at
+    latest = {
+        event.device_id: event
+        for event in DeviceEvent.objects.filter(
+            device_id__in=[row.assignment.device_id for row in rows],
+            model=rollout.model.name,
+            received_at__gte=since - timedelta(seconds=1),
+        )
+        .order_by("device_id", "-received_at", "-pk")
+        .distinct("device_id")
+    }
+    for row in rows:
+        event = latest.get(row.assignment.device_id)
+        if event is not None:
+            row.last_event = event
+            row.last_event_text = (
+                " ".join(part for part in (event.type, event.reason) if part)
+                + f", {moment(event.received_at)}"
+            )
+    return current, rows
+
+
+# --- before starting: where the rollout would put each device (the placement's own code)
+
+
+@dataclass
+class PreviewStage:
+    number: int
+    size: str
+    devices: int  # devices this stage adds
+    covered: int  # devices covered once it has started (with the earlier stages')
+    variants: list[tuple[str, int]]  # the added devices by variant; [] when not known yet
+    shadow: bool
+    # A shadow stage: how many of the added devices run the model now and so take part (a
+    # shadow needs a live model beside it); the others wait for the first live stage.
+    taking_part: int | None = None
+
+
+@dataclass
+class Preview:
+    targeted: int
+    stages: list[PreviewStage]
+    variants: list[tuple[str, int]]  # every placed device, by variant
+    skipped: list[tuple[str, int, list[str]]]  # reason, how many, the first few device ids
+    overlapping: list[str]  # devices in another active rollout of the model: start is refused
+    exact: bool  # the rollout exists, so its cohort order (hence each stage's variants) is known
+
+
+def placement_preview(
+    *, model, version, targets: dict, stages: list[dict], rollout: Rollout | None = None
+) -> Preview:
+    """What ``rollout_start`` would do now, by the same code: the targeted devices
+    (``target_devices``), each one's variant or why it is skipped (``device_placement``),
+    how many each stage covers (``stage_cover``) and the overlap it would refuse. The cohort
+    order hashes the rollout's id, so which devices (hence which variants) fall in which
+    stage is known only once the rollout exists (``exact``); the counts per stage are not."""
+    devices = list(services.target_devices(targets=targets))
+    available = services.ready_artifacts(version)
+    placed = [
+        services.device_placement(rollout_id=rollout.pk if rollout else 0, device=device, available=available)
+        for device in devices
+    ]
+    eligible = sorted((p for p in placed if p.variant), key=lambda p: p.cohort_key)
+    skipped: dict[str, list[str]] = {}
+    for p in placed:
+        if not p.variant:
+            skipped.setdefault(p.reason, []).append(p.device.device_id)
+    rows, before = [], 0
+    for number, spec in enumerate(stages):
+        covered = max(before, services.stage_cover(spec=spec, eligible=len(eligible)))
+        added = eligible[before:covered]
+        counts: dict[str, int] = {}
+        for p in added:
+            counts[p.variant] = counts.get(p.variant, 0) + 1
+        shadow = spec.get("mode") == StageMode.SHADOW
+        rows.append(
+            PreviewStage(
+                number=number + 1,
+                size=stage_label(spec),
+                devices=len(added),
+                covered=covered,
+                variants=sorted(counts.items()) if rollout is not None else [],
+                shadow=shadow,
+                taking_part=sum(1 for p in added if (p.device.desired_artifacts or {}).get(model.name))
+                if shadow
+                else None,
+            )
+        )
+        before = covered
+    totals: dict[str, int] = {}
+    for p in eligible:
+        totals[p.variant] = totals.get(p.variant, 0) + 1
+    return Preview(
+        targeted=len(devices),
+        stages=rows,
+        variants=sorted(totals.items()),
+        skipped=[(reason, len(ids), sorted(ids)[:5]) for reason, ids in sorted(skipped.items())],
+        overlapping=services.overlapping_devices(model=model, devices=devices, rollout=rollout),
+        exact=rollout is not None,
+    )
+
+
+def rollout_preview(rollout: Rollout) -> Preview:
+    """A draft's preview: its targets, version and policy as they are now."""
+    stages, _ = policy_stages(rollout.policy)
+    return placement_preview(
+        model=rollout.model,
+        version=rollout.target_version,
+        targets=rollout.targets,
+        stages=stages,
+        rollout=rollout,
+    )
+
+
+def policy_stages(policy) -> tuple[list[dict], dict]:
+    """The policy's stages and gates with every default spelled out, as a start copies them."""
+    return policy_validate(stages=policy.stages, gates=policy.gates)
