@@ -38,6 +38,9 @@ from agent.protocol.topics import Topics
 log = logging.getLogger(__name__)
 
 REPLAY_ID_MAX = 64
+# Replayed windows go out at this pace, beside the device's own traffic: under the ingest
+# bridge's per-device rate (INGEST_DEVICE_RATE, 5/s), whose excess it drops.
+REPLAY_PER_SECOND = 2.0
 
 
 def parse_replay(payload: bytes) -> tuple[str, datetime] | None:
@@ -118,6 +121,9 @@ class MqttLink:
             maxlen=limits.replay_windows
         )
         self._replayed: str | None = None  # the last replay request handled
+        self._replay_pending: collections.deque[Outgoing] = collections.deque()
+        self._replay_wakeup = threading.Event()
+        self._replay_thread: threading.Thread | None = None
         self.replays = 0
         self.client = self._make_client()
         self.connects = 0
@@ -171,6 +177,7 @@ class MqttLink:
         self.connected.set()
         for item in self.queue.take_all():
             self._send(item)
+        self._replay_wakeup.set()  # resume a replay the disconnect interrupted
         log.info("mqtt connected to %s (session present: %s)", self.config.broker.url, flags.session_present)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -204,11 +211,25 @@ class MqttLink:
             if request_id == self._replayed:
                 return
             self._replayed = request_id
-            again = [item for ended, item in self._recent if ended >= since]
-            for item in again:
-                self._send(item)
+            # A newer request replaces what an older one had left to send.
+            self._replay_pending = collections.deque(item for ended, item in self._recent if ended >= since)
+            count = len(self._replay_pending)
         self.replays += 1
-        log.info("replay %s: sent %d telemetry window(s) again", request_id, len(again))
+        self._replay_wakeup.set()
+        log.info("replay %s: sending %d telemetry window(s) again", request_id, count)
+
+    def _replay_loop(self) -> None:
+        """Send pending replayed windows at REPLAY_PER_SECOND while connected."""
+        while not self._stop.is_set():
+            self._replay_wakeup.wait()
+            with self._publish_lock:
+                if not self._replay_pending or not self.connected.is_set():
+                    self._replay_wakeup.clear()  # set again by a request or a (re)connect
+                    if self._replay_pending and self.connected.is_set():
+                        self._replay_wakeup.set()  # connected meanwhile
+                    continue
+                self._send(self._replay_pending.popleft())
+            self._stop.wait(1 / REPLAY_PER_SECOND)
 
     # --- publishing
 
@@ -240,6 +261,10 @@ class MqttLink:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.device_id}", daemon=True)
         self._thread.start()
+        self._replay_thread = threading.Thread(
+            target=self._replay_loop, name=f"replay-{self.device_id}", daemon=True
+        )
+        self._replay_thread.start()
 
     def _connect_properties(self) -> Properties:
         properties = Properties(PacketTypes.CONNECT)
@@ -272,6 +297,7 @@ class MqttLink:
     def stop(self, timeout: float = 5.0) -> None:
         """Publish offline status (retained) and disconnect cleanly."""
         self._stop.set()
+        self._replay_wakeup.set()
         if self.connected.is_set():
             info = self.client.publish(
                 self.topics.device(self.device_id, "status"), self._status(False), qos=1, retain=True

@@ -79,6 +79,7 @@ class EventReason(models.TextChoices):
     KEYRING_EXPIRED = "keyring_expired", "Keyring expired"
     ROOT_EXPIRED = "root_expired", "Root of trust expired"
     NO_KEYRING = "no_keyring", "No keyring yet"
+    TRUST_NOT_SAVED = "trust_not_saved", "Trust state could not be saved"
 
 
 def reason_label(code: str) -> str:

@@ -279,6 +279,9 @@ def _services(tmp: Path, broker: BrokerProcess, web_url: str, web_port: int) -> 
         # The agents send a window every half second (production: 30 s).
         "INGEST_MIN_WINDOW_S": "0.2",
         "INGEST_FLUSH_MS": "50",
+        # Replays reach back this far before the bridge's last message: above the broker's
+        # autosave interval (10 s), what a crash can lose.
+        "INGEST_REPLAY_MARGIN_S": "20",
         # A rollout's device silent about its desired state gets it again after this long.
         "DESIRED_REPUBLISH_SECONDS": str(REPUBLISH_SECONDS),
         "PYTHONUNBUFFERED": "1",
@@ -345,7 +348,13 @@ def _start_agents(plane: Plane, tmp: Path, broker: BrokerProcess, enrollment_key
                 "trust": {"root_keys": [root_key_hex]},
                 "local_api": {"bind": "127.0.0.1:0"},
                 "device": {"int8": int8},
-                "limits": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "reconnect_initial_s": 0.1},
+                # A window every half second: 120 windows are the last minute.
+                "limits": {
+                    "backoff_initial_s": 0.05,
+                    "backoff_max_s": 0.5,
+                    "reconnect_initial_s": 0.1,
+                    "replay_windows": 120,
+                },
             }
         )
         agent = Agent(config)
