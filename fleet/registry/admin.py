@@ -650,15 +650,7 @@ class KeyringAdmin(ReadOnlyAdmin):
         "devices",
         "uploaded_at_text",
     )
-    readonly_fields = (
-        "version",
-        "expires",
-        "signing_keys",
-        "revoked",
-        "root_version",
-        "devices",
-        "uploaded_at_text",
-    )
+    readonly_fields = list_display
     fields = readonly_fields
     uploaded_at_text = time_column("uploaded_at", "uploaded at")
 
