@@ -44,7 +44,7 @@ class AssignmentState(models.TextChoices):
 
 IN_FLIGHT = (AssignmentState.NOTIFIED, AssignmentState.DOWNLOADING, AssignmentState.VERIFYING)
 # Device event types (agent) -> the assignment state they mean. ``retrying`` (a transient
-# failure the agent retries, docs/protocol.md addition 6) is left out on purpose: the device
+# failure the agent retries, docs/protocol.md addition 8) is left out on purpose: the device
 # is still installing, and only ``failed`` counts against the install-failure gate.
 EVENT_STATES = {
     "notified": AssignmentState.NOTIFIED,
