@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 LIMIT_MS = 300.0
+RUN = uuid.uuid4().hex[:8]  # the cold requests' cache key prefixes start with it
 SERVER_URL = "postgres://postgres@127.0.0.1:5432"
 DATABASE = "mf_bench"
 
@@ -60,6 +61,15 @@ def setup(var_dir: Path) -> None:
 
     django.setup()
     call_command("migrate", verbosity=0)
+
+
+def forget_cold_caches() -> None:
+    """Delete what the cold requests cached (their prefixes are this run's alone)."""
+    from django.core.cache import cache
+
+    client = cache._cache.get_client(write=True)
+    for key in client.scan_iter(match=f"bench-admin-{RUN}-*"):
+        client.delete(key)
 
 
 def drop_database() -> None:
@@ -226,7 +236,7 @@ def measure(client, url: str, repeat: int, *, cold: bool) -> dict:
     times, queries = [], []
     for _ in range(repeat):
         if cold:
-            cache.key_prefix = f"bench-admin-{uuid.uuid4().hex}"
+            cache.key_prefix = f"bench-admin-{RUN}-{uuid.uuid4().hex}"
         with CaptureQueriesContext(connection) as captured:
             started = time.perf_counter()
             response = client.get(url, secure=True)
@@ -247,7 +257,7 @@ def explain_slowest(client, url: str) -> str:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    cache.key_prefix = f"bench-admin-{uuid.uuid4().hex}"
+    cache.key_prefix = f"bench-admin-{RUN}-{uuid.uuid4().hex}"
     with CaptureQueriesContext(connection) as captured:
         client.get(url, secure=True)
     cache.key_prefix = ""
@@ -274,9 +284,11 @@ def main() -> int:
 
     console = Console()
     var_dir = Path(tempfile.mkdtemp(prefix="modelfleet-bench-admin-"))
+    configured = False
     try:
         console.print(f"Creating database {DATABASE}…")
         setup(var_dir)
+        configured = True
         from django.test import Client
 
         built = time.perf_counter()
@@ -332,6 +344,8 @@ def main() -> int:
         console.print(table)
         return 0 if ok else 1
     finally:
+        if configured:
+            forget_cold_caches()
         drop_database()
         shutil.rmtree(var_dir, ignore_errors=True)
 
