@@ -54,15 +54,17 @@ def free_port(preferred: int) -> int:
 DEMO_DATABASE = os.environ.get("DEMO_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/modelfleet_demo")
 
 
-def fresh_database(url: str) -> None:
+def fresh_database(url: str, *, create: bool = True) -> None:
     """The demo's own PostgreSQL database, created anew each run (the ingest bridge and
-    the JSON filters need PostgreSQL; SQLite stays fine for the registry alone)."""
+    the JSON filters need PostgreSQL; SQLite stays fine for the registry alone), and
+    dropped when the demo ends (``create=False``)."""
     import psycopg
 
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
+        if create:
+            connection.execute(f'CREATE DATABASE "{name}"')
 
 
 def demo_env(port: int, broker) -> dict[str, str]:
@@ -596,6 +598,8 @@ def main() -> int:
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
         ) as progress,
     ):
+        # Registered first, so it runs last: once every process that used it has stopped.
+        stack.callback(fresh_database, DEMO_DATABASE, create=False)
         stack.callback(broker.stop)
         step = progress.add_task("Migrating the database", total=None)
         manage(env, "migrate", "--noinput")
