@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Count, F, FloatField, Q, QuerySet, Sum
 
 from fleet.core.errors import InvalidInput
@@ -190,6 +191,36 @@ HEALTH_SERIES = (
     ("rss_mb", "RSS", "MB", 1),
     ("temp_c", "Temperature", "°C", 1),
 )
+
+
+def telemetry_final_hour(now: datetime) -> datetime:
+    """Hours of window start before the returned hour can no longer change: the ingest
+    refuses windows whose ts is older than INGEST_MAX_AGE_S, a window starts at most
+    INGEST_MAX_WINDOW_S before its ts, and an hour's margin covers a batch still on its way
+    to the database."""
+    oldest = now - timedelta(seconds=settings.INGEST_MAX_AGE_S + settings.INGEST_MAX_WINDOW_S + 3600)
+    return oldest.replace(minute=0, second=0, microsecond=0)
+
+
+def telemetry_hourly_sums(
+    *, model: str, devices: QuerySet, since: datetime, until: datetime | None
+) -> list[dict[str, Any]]:
+    """Per version and hour of window start in [since, until) (until None: no end), the
+    hourly rollups of ``devices`` (a queryset of device pks) for ``model`` summed: inferences,
+    errors and the inference-weighted p95 latency's sum and weight (one query)."""
+    rows = TelemetryHourly.objects.filter(model=model, hour__gte=since, device_id__in=devices)
+    if until is not None:
+        rows = rows.filter(hour__lt=until)
+    return list(
+        rows.values("version", "hour")
+        .annotate(
+            inferences_sum=Sum("inferences"),
+            errors_sum=Sum("errors"),
+            p95_weighted=Sum("latency_p95_weighted_sum", output_field=FloatField()),
+            p95_weight=Sum("latency_p95_weight"),
+        )
+        .order_by("version", "hour")
+    )
 
 
 def _ratio(total: float | None, n: int | None, decimals: int) -> float | None:

@@ -90,6 +90,8 @@ class Rollout(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Hours of window start before this are summed in RolloutHour (services.telemetry_summarize).
+    telemetry_summed_until = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at"]
@@ -191,3 +193,26 @@ class AuditEntry(models.Model):
     @property
     def actor_name(self) -> str:
         return str(self.actor) if self.actor else "system"
+
+
+class RolloutHour(models.Model):
+    """The telemetry of a rollout's devices summed per version and hour of window start, for
+    hours the ingest can no longer change (it refuses windows older than INGEST_MAX_AGE_S):
+    what the rollout page's telemetry charts read instead of adding up every device's hourly
+    rollups of the whole rollout on each look. Kept by services.telemetry_summarize (beat);
+    outlives the rollups' retention."""
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="+")
+    version = models.CharField(max_length=64)
+    hour = models.DateTimeField()
+    inferences = models.PositiveBigIntegerField()
+    errors = models.PositiveBigIntegerField()
+    # Inference-weighted p95 latency: mean p95 = sum / weight (as in TelemetryHourly).
+    latency_p95_weighted_sum = models.FloatField()
+    latency_p95_weight = models.PositiveBigIntegerField()
+
+    class Meta:
+        ordering = ["rollout", "version", "hour"]
+        constraints = [
+            models.UniqueConstraint(fields=["rollout", "version", "hour"], name="rollouts_hour_once")
+        ]

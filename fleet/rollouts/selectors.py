@@ -11,18 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from django.core.cache import cache
 from django.core.paginator import Page, Paginator
-from django.db.models import Count, F, FloatField, Sum
+from django.db.models import Count, F
 from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KT
 from django.utils import timezone
 
 from fleet.core.display import moment
-from fleet.devices.models import DeviceEvent, TelemetryHourly
+from fleet.devices.models import DeviceEvent
 from fleet.rollouts import services
 from fleet.rollouts.choices import AssignmentState, Decision, Metric, RolloutState, StageMode
-from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout
+from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutHour
 from fleet.rollouts.policy import policy_validate
 
 CHART_POINTS = 300  # evaluations per chart at most, evenly spread over the rollout
@@ -242,64 +241,31 @@ def gate_series(rollout: Rollout) -> dict:
     }
 
 
-# Hourly sums older than this are read at most once an hour per rollout (cached): they
-# cover most of a long rollout's rows (10,000 devices for a week: 1.7 million, about 300 ms
-# to add up) and seldom change; the latest hours, where windows still arrive, are read live.
-TELEMETRY_LIVE_HOURS = timedelta(hours=2)
-
-
-def _hourly_sums(rollout: Rollout, since: datetime, until: datetime | None) -> list[dict]:
-    """Per version and hour of window start in [since, until): the sums of the rollout's
-    devices (one query)."""
-    rows = TelemetryHourly.objects.filter(
-        model=rollout.model.name,
-        hour__gte=since,
-        device_id__in=Assignment.objects.filter(rollout=rollout).values("device_id"),
-    )
-    if until is not None:
-        rows = rows.filter(hour__lt=until)
-    return list(
-        rows.values("version", "hour")
-        .annotate(
-            inferences_sum=Sum("inferences"),
-            errors_sum=Sum("errors"),
-            p95_weighted=Sum("latency_p95_weighted_sum", output_field=FloatField()),
-            p95_weight=Sum("latency_p95_weight"),
-        )
-        .order_by("version", "hour")
-    )
-
-
 def telemetry_series(rollout: Rollout) -> list[dict]:
     """Per version the rollout's devices ran, per hour since the rollout started: inferences,
-    error rate (%) and the inference-weighted mean p95 latency (ms), from the hourly rollups
-    (TelemetryHourly). Hours before the last TELEMETRY_LIVE_HOURS come from the cache, read
-    again when the hour turns (a window that arrives that late shows within the hour)."""
+    error rate (%) and the inference-weighted mean p95 latency (ms). Hours the ingest can no
+    longer change come summed per rollout (RolloutHour, kept by a beat task); the rest are
+    added up from the devices' hourly rollups (TelemetryHourly) on each read: at most two
+    queries."""
     if rollout.started_at is None:
         return []
-    since = rollout.started_at.replace(minute=0, second=0, microsecond=0)
-    until = rollout.finished_at + timedelta(hours=1) if rollout.finished_at else None
-    settled = timezone.now().replace(minute=0, second=0, microsecond=0) - TELEMETRY_LIVE_HOURS
-    if until is not None:
-        settled = min(settled, until)
-    rows = []
-    if settled > since:
-        # created_at tells apart rollouts that share an id (test databases, restored backups).
-        key = ":".join(
-            f"{part:.0f}" if isinstance(part, float) else str(part)
-            for part in (
-                "rollout-telemetry",
-                rollout.pk,
-                rollout.created_at.timestamp() * 1e6,
-                since.timestamp(),
-                settled.timestamp(),
-            )
+    since, until = services.telemetry_span(rollout)
+    summed = rollout.telemetry_summed_until
+    rows = [
+        {
+            "version": row.version,
+            "hour": row.hour,
+            "inferences_sum": row.inferences,
+            "errors_sum": row.errors,
+            "p95_weighted": row.latency_p95_weighted_sum,
+            "p95_weight": row.latency_p95_weight,
+        }
+        for row in (RolloutHour.objects.filter(rollout=rollout) if summed else ())
+    ]
+    if until is None or summed is None or summed < until:
+        rows += services.rollout_telemetry_sums(
+            rollout=rollout, since=max(since, summed) if summed else since, until=until
         )
-        rows = cache.get(key)
-        if rows is None:
-            rows = _hourly_sums(rollout, since, settled)
-            cache.set(key, rows, timeout=3600)
-    rows = rows + _hourly_sums(rollout, max(since, settled), until)
     by_version: dict[str, list[dict]] = {}
     for row in sorted(rows, key=lambda row: (row["version"], row["hour"])):
         inferences = row["inferences_sum"] or 0

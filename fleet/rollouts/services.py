@@ -47,7 +47,7 @@ from fleet.rollouts.choices import (
     Verdict,
 )
 from fleet.rollouts.cohort import choose_variant, cohort_key, stage_size
-from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutPolicy
+from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutHour, RolloutPolicy
 
 if TYPE_CHECKING:
     from fleet.devices.selectors import DeviceTelemetry
@@ -1008,3 +1008,70 @@ def evaluate_running() -> dict[int, str]:
             except Exception:
                 log.exception("rollout %s: could not record the failed evaluation", rollout_id)
     return decisions
+
+
+def rollout_telemetry_sums(
+    *, rollout: Rollout, since: datetime, until: datetime | None
+) -> list[dict[str, Any]]:
+    """The rollout's devices' hourly telemetry per version and hour in [since, until)."""
+    return device_selectors.telemetry_hourly_sums(
+        model=rollout.model.name,
+        devices=Assignment.objects.filter(rollout=rollout).values("device_id"),
+        since=since,
+        until=until,
+    )
+
+
+def _hour(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def telemetry_span(rollout: Rollout) -> tuple[datetime, datetime | None]:
+    """The hours of window start the rollout's charts cover, [since, until): from the hour it
+    started through the hour it finished (until None while it runs). Started rollouts only."""
+    until = _hour(rollout.finished_at) + timedelta(hours=1) if rollout.finished_at else None
+    return _hour(rollout.started_at), until
+
+
+def telemetry_summarize(*, now: datetime | None = None) -> dict[int, int]:
+    """Beat task: for every started rollout, sum its devices' telemetry per version and hour
+    into RolloutHour for the hours that can no longer change (devices' selectors,
+    telemetry_final_hour) and are not summed yet, so that the rollout page adds up at most
+    about a day of per-device rollups whatever the rollout's length. Returns the rows written
+    per rollout. Each rollout commits alone, guarded by a compare-and-set on
+    telemetry_summed_until, so two runs at once cannot sum an hour twice."""
+    now = now or timezone.now()
+    final = device_selectors.telemetry_final_hour(now)
+    written = {}
+    rollouts = Rollout.objects.filter(started_at__isnull=False, started_at__lt=final).select_related("model")
+    pending = Q(telemetry_summed_until__isnull=True) | Q(
+        Q(finished_at__isnull=True) | Q(telemetry_summed_until__lte=F("finished_at")),
+        telemetry_summed_until__lt=final,
+    )
+    for rollout in rollouts.filter(pending):
+        since, end = telemetry_span(rollout)
+        since = rollout.telemetry_summed_until or since
+        until = final if end is None else min(final, end)
+        if until <= since:
+            continue
+        rows = [
+            RolloutHour(
+                rollout=rollout,
+                version=row["version"],
+                hour=row["hour"],
+                inferences=row["inferences_sum"] or 0,
+                errors=row["errors_sum"] or 0,
+                latency_p95_weighted_sum=row["p95_weighted"] or 0.0,
+                latency_p95_weight=row["p95_weight"] or 0,
+            )
+            for row in rollout_telemetry_sums(rollout=rollout, since=since, until=until)
+        ]
+        with transaction.atomic():
+            moved = Rollout.objects.filter(
+                pk=rollout.pk, telemetry_summed_until=rollout.telemetry_summed_until
+            ).update(telemetry_summed_until=until)
+            if not moved:
+                continue  # another run got there first; its rows stand
+            RolloutHour.objects.bulk_create(rows, batch_size=1000)
+        written[rollout.pk] = len(rows)
+    return written

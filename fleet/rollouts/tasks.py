@@ -7,3 +7,9 @@ from fleet.rollouts import services
 def rollouts_evaluate_running() -> dict[int, str]:
     """Beat task: evaluate every running rollout (thin; the logic is in services)."""
     return services.evaluate_running()
+
+
+@shared_task
+def rollouts_telemetry_summarize() -> dict[int, int]:
+    """Beat task: sum the settled hours of each rollout's telemetry (thin; see services)."""
+    return services.telemetry_summarize()

@@ -11,18 +11,19 @@ import re
 from datetime import timedelta
 
 import pytest
-from django.core.cache import cache
 from django.db import connection
 from django.db.models import Count
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from fleet.devices import selectors as device_selectors
+from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent, TelemetryHourly
 from fleet.registry import services as registry
 from fleet.rollouts import services
 from fleet.rollouts.choices import AssignmentState, Decision, Metric, Verdict
-from fleet.rollouts.models import Assignment, GateEvaluation, Rollout
+from fleet.rollouts.models import Assignment, GateEvaluation, Rollout, RolloutHour
 from tests.server import admin_world
 from tests.server.conftest import ready_artifact
 
@@ -218,9 +219,10 @@ def test_the_page_costs_the_same_queries_however_big_the_rollout(rollout, bob, d
     with CaptureQueriesContext(connection) as big:
         assert client.get(page_of(rollout)).status_code == 200
     assert len(big) == len(small), [q["sql"] for q in big.captured_queries]
-    with django_assert_max_num_queries(19):
+    # One more query once settled hours are summed (RolloutHour): the bounds allow it.
+    with django_assert_max_num_queries(20):
         client.get(page_of(rollout) + "?state=failed")
-    with django_assert_max_num_queries(17):
+    with django_assert_max_num_queries(18):
         client.get(f"/admin/rollouts/rollout/{rollout.pk}/live/")
 
 
@@ -316,38 +318,71 @@ def test_a_draft_targeting_devices_of_another_active_rollout_says_start_will_be_
     assert "in another active rollout of this model (cam-02)" in page
 
 
-def test_old_hours_of_telemetry_are_read_once_and_recent_ones_live(rollout, bob):
-    """A week of 10,000 devices is 1.7 million hourly rows: hours before the last two are
-    added up once an hour (cached), the last two at every look."""
-    started = timezone.now() - timedelta(hours=5)
+def test_settled_hours_are_summed_once_per_rollout_and_the_page_shows_the_same_numbers(rollout, bob):
+    """A week of 10,000 devices is 1.7 million hourly rollups: the hours the ingest can no
+    longer change are summed once per rollout by a beat task (RolloutHour), and the page
+    reads those sums plus the rollups of the latest hours, with the same numbers."""
+    now = timezone.now()
+    started = now - timedelta(days=3)
     Rollout.objects.filter(pk=rollout.pk).update(started_at=started)
-    device = rollout.assignments.first().device_id
-    old_hour = started.replace(minute=0, second=0, microsecond=0)
-    now_hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    rollout.refresh_from_db()
+    inside = list(rollout.assignments.values_list("device_id", flat=True)[:2])
+    outside = Device.objects.create(device_id="cam-elsewhere", status=DeviceStatus.ACTIVE).pk
+    first_hour = started.replace(minute=0, second=0, microsecond=0)
+    final = device_selectors.telemetry_final_hour(now)
+    hours = [first_hour + timedelta(hours=k) for k in (0, 10, 40)] + [final, now]
+    assert sum(hour < final for hour in hours) == 3  # control: summed and live hours both
+    for n, hour in enumerate(hours):
+        for device, version in ((inside[0], "1.0.0"), (inside[1], "2.0.0"), (outside, "1.0.0")):
+            TelemetryHourly.objects.update_or_create(
+                device_id=device,
+                hour=hour.replace(minute=0, second=0, microsecond=0),
+                model="digits",
+                version=version,
+                variant="float32",
+                defaults={
+                    "inferences": 100 + n,
+                    "errors": n,
+                    "latency_p95_weighted_sum": 1.5 * (100 + n),
+                    "latency_p95_weight": 100 + n,
+                },
+            )
 
-    def hourly(hour, inferences):
-        TelemetryHourly.objects.update_or_create(
-            device_id=device,
-            hour=hour,
-            model="digits",
-            version="1.0.0",
-            variant="float32",
-            defaults={"inferences": inferences, "errors": 1},
-        )
-
-    def inferences() -> dict[int, int]:
+    def series() -> dict:
         data = chart_data(web(bob).get(page_of(rollout)).content.decode())
-        series = {s["version"]: s["points"] for s in data["telemetry"]}["1.0.0"]
-        return {point["t"]: point["inferences"] for point in series}
+        return {s["version"]: s["points"] for s in data["telemetry"]}
 
-    hourly(old_hour, 100)
-    hourly(now_hour, 10)
-    first = inferences()
-    assert first[int(old_hour.timestamp())] == 100 and first[int(now_hour.timestamp())] >= 10
-    hourly(old_hour, 200)  # a window that arrives hours late
-    hourly(now_hour, 20)
-    second = inferences()
-    assert second[int(old_hour.timestamp())] == 100  # from the cache until the hour turns
-    assert second[int(now_hour.timestamp())] == first[int(now_hour.timestamp())] + 10  # live
-    cache.clear()  # what the turn of the hour does to the key
-    assert inferences()[int(old_hour.timestamp())] == 200
+    before = series()
+    written = services.telemetry_summarize(now=now)
+    assert written == {rollout.pk: 6}  # three settled hours, two versions; the outsider left out
+    summed = RolloutHour.objects.filter(rollout=rollout, version="1.0.0").order_by("hour")
+    assert [(row.hour, row.inferences, row.errors) for row in summed] == [
+        (hours[n].replace(minute=0, second=0, microsecond=0), 100 + n, n) for n in range(3)
+    ]
+    assert series() == before
+    # The summed hours are read from the sums alone: with their rollups gone (as retention
+    # deletes them) the page still shows them, and no hour is counted twice.
+    TelemetryHourly.objects.filter(hour__lt=final).delete()
+    assert series() == before
+    assert services.telemetry_summarize(now=now) == {}  # nothing new to sum
+    assert RolloutHour.objects.filter(rollout=rollout).count() == 6
+    # An hour later the next hour settles, and only it is summed.
+    assert services.telemetry_summarize(now=now + timedelta(hours=1)) == {rollout.pk: 2}
+    assert series() == before
+
+
+def test_a_finished_rollout_is_summed_to_its_last_hour_and_then_left_alone(rollout):
+    now = timezone.now()
+    Rollout.objects.filter(pk=rollout.pk).update(
+        started_at=now - timedelta(days=5), finished_at=now - timedelta(days=4)
+    )
+    device = rollout.assignments.values_list("device_id", flat=True).first()
+    finished_hour = (now - timedelta(days=4)).replace(minute=0, second=0, microsecond=0)
+    for hour in (finished_hour, finished_hour + timedelta(hours=1)):
+        TelemetryHourly.objects.create(
+            device_id=device, hour=hour, model="digits", version="2.0.0", variant="float32", inferences=7
+        )
+    assert services.telemetry_summarize(now=now) == {rollout.pk: 1}  # its finishing hour, not after
+    rollout.refresh_from_db()
+    assert rollout.telemetry_summed_until == finished_hour + timedelta(hours=1)
+    assert services.telemetry_summarize(now=now + timedelta(days=1)) == {}
