@@ -288,6 +288,7 @@ class RolloutAdmin(admin.ModelAdmin):
             "device_rows": device_rows,
             "timeline": selectors.timeline(rollout),
             "charts": selectors.chart_data(rollout),
+            "shadow_chart": bool(services.shadow_stages(rollout)),
             "live_url": reverse("admin:rollouts_rollout_live", args=[rollout.pk]),
             "refresh_seconds": LIVE_REFRESH_SECONDS,
         }

@@ -182,12 +182,14 @@ def _epoch(value: datetime) -> int:
 
 def gate_series(rollout: Rollout) -> dict:
     """Accuracy (candidate and incumbent, %; the drop in points with its confidence sequence
-    and the allowed drop), labels per arm, and the candidate's error rate (% with its bound
-    and the ceiling), one series per variant, over at most CHART_POINTS evaluations (one query)."""
+    and the allowed drop), labels per arm, the candidate's error rate (% with its bound and
+    the ceiling) and, in shadow stages, its agreement with the live model (% with its
+    confidence sequence and the required agreement), one series per variant, over at most
+    CHART_POINTS evaluations (one query)."""
     rows = (
         GateEvaluation.objects.filter(
             rollout=rollout,
-            metric__in=(Metric.ACCURACY, Metric.ERROR_RATE),
+            metric__in=(Metric.ACCURACY, Metric.ERROR_RATE, Metric.SHADOW_AGREEMENT),
             evaluated_at__in=_evaluation_times(rollout),
         )
         .exclude(candidate_value=None)
@@ -209,6 +211,7 @@ def gate_series(rollout: Rollout) -> dict:
     )
     accuracy: dict[str, list[dict]] = {}
     errors: list[dict] = []
+    agreement: list[dict] = []
     for at, metric, variant, candidate, incumbent, cand_n, inc_n, lower, upper, threshold, drop in rows:
         if metric == Metric.ACCURACY:
             accuracy.setdefault(variant, []).append(
@@ -222,6 +225,17 @@ def gate_series(rollout: Rollout) -> dict:
                     "allowed_pp": _round(threshold, 1),
                     "candidate_labels": cand_n,
                     "incumbent_labels": inc_n,
+                }
+            )
+        elif metric == Metric.SHADOW_AGREEMENT:
+            agreement.append(
+                {
+                    "t": _epoch(at),
+                    "agreement_pct": _round(candidate, 1, 100),
+                    "lower_pct": _round(lower, 1, 100),
+                    "upper_pct": _round(upper, 1, 100),
+                    "required_pct": _round(threshold, 1, 100),
+                    "compared": cand_n,
                 }
             )
         else:
@@ -238,6 +252,7 @@ def gate_series(rollout: Rollout) -> dict:
     return {
         "accuracy": [{"variant": v, "points": points} for v, points in sorted(accuracy.items())],
         "error_rate": errors,
+        "agreement": agreement,
     }
 
 

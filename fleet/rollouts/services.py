@@ -303,14 +303,14 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
     eligible = rollout.assignments.exclude(state=AssignmentState.SKIPPED).order_by("cohort_key")
     size = stage_cover(spec=spec, eligible=eligible.count())
     covered = list(eligible.values_list("pk", "device_id", "to_artifact_id", "state", "stage")[:size])
-    shadow_stages = _shadow_stages(rollout)
+    in_shadow = shadow_stages(rollout)
 
     def waits(state: str, covered_at: int | None) -> bool:
         if state == AssignmentState.PENDING:
             return True
         # A live stage also takes over every device of a shadow stage that is not serving
         # the candidate yet: shadowing, or still installing the shadow.
-        return not shadow and covered_at in shadow_stages and state in (AssignmentState.SHADOW, *IN_FLIGHT)
+        return not shadow and covered_at in in_shadow and state in (AssignmentState.SHADOW, *IN_FLIGHT)
 
     to_notify = [
         (pk, device_id, artifact_id)
@@ -362,14 +362,15 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
     return rollout
 
 
-def _shadow_stages(rollout: Rollout) -> set[int]:
+def shadow_stages(rollout: Rollout) -> set[int]:
+    """The numbers of the rollout's stages that run the candidate in shadow."""
     return {number for number, spec in enumerate(rollout.stages) if spec.get("mode") == StageMode.SHADOW}
 
 
 def _shadowing(rollout: Rollout) -> QuerySet[Assignment]:
     """Assignments whose device runs (or is installing) the candidate in shadow."""
     return rollout.assignments.filter(
-        Q(state=AssignmentState.SHADOW) | Q(state__in=IN_FLIGHT, stage__in=_shadow_stages(rollout))
+        Q(state=AssignmentState.SHADOW) | Q(state__in=IN_FLIGHT, stage__in=shadow_stages(rollout))
     )
 
 

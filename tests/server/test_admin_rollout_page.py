@@ -118,6 +118,44 @@ def test_the_chart_data_are_the_stored_evaluations_rounded(rollout, bob):
     assert telemetry["1.0.0"][0]["p95_ms"] == 0.9
 
 
+def test_a_shadow_stage_gets_the_agreement_chart_with_the_stored_evaluations(rollout, bob):
+    client = web(bob)
+    page = client.get(page_of(rollout)).content.decode()
+    assert 'id="chart-agreement"' not in page  # control: no shadow stage, no such chart
+    assert chart_data(page)["agreement"] == []
+    snapshot = rollout.policy_snapshot
+    snapshot["stages"][0] = {**snapshot["stages"][0], "mode": "shadow"}
+    Rollout.objects.filter(pk=rollout.pk).update(policy_snapshot=snapshot)
+    at = rollout.started_at + timedelta(seconds=50)
+    GateEvaluation.objects.create(
+        rollout=rollout,
+        stage=0,
+        metric=Metric.SHADOW_AGREEMENT,
+        variant="float32",
+        verdict=Verdict.WAIT,
+        candidate_value=0.934567,
+        candidate_n=412,
+        lower=0.88123,
+        upper=0.97777,
+        threshold=0.9,
+        summary="shadow agreement: waiting",
+        decision=Decision.WAIT,
+        evaluated_at=at,
+    )
+    page = client.get(page_of(rollout)).content.decode()
+    assert 'id="chart-agreement"' in page
+    assert chart_data(page)["agreement"] == [
+        {
+            "t": int(at.timestamp()),
+            "agreement_pct": 93.5,
+            "lower_pct": 88.1,
+            "upper_pct": 97.8,
+            "required_pct": 90.0,
+            "compared": 412,
+        }
+    ]
+
+
 def test_numbers_on_the_page_are_rounded_and_carry_units(rollout, bob):
     page = web(bob).get(page_of(rollout)).content.decode()
     text = visible(page)

@@ -63,11 +63,23 @@
       }
       return sets;
     },
+    agreement(d) {
+      const s = d.agreement || [];
+      const colour = colours[3];
+      return [
+        line("confidence sequence, lower end", points(s, "lower_pct"), colour, { borderWidth: 0, pointRadius: 0 }),
+        line("confidence sequence", points(s, "upper_pct"), colour, {
+          borderWidth: 0, pointRadius: 0, fill: "-1", backgroundColor: colour + "33",
+        }),
+        line(`agreement of ${d.target} with the live model`, points(s, "agreement_pct"), colour),
+        line("required agreement", points(s, "required_pct"), "#cf222e", { borderDash: [6, 4], pointRadius: 0 }),
+      ];
+    },
     latency(d) {
       return d.telemetry.map((s, i) => line(`p95 ${s.version}`, points(s.points, "p95_ms"), colours[i % 6]));
     },
   };
-  const units = { accuracy: "%", drop: "pp", labels: "labels", errors: "%", latency: "ms" };
+  const units = { accuracy: "%", drop: "pp", labels: "labels", errors: "%", agreement: "%", latency: "ms" };
 
   // A chart with nothing to draw says so (a policy without that gate, a stage just begun).
   function note(canvas, sets) {
