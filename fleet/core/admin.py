@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django_celery_beat import models as beat
 
 from fleet.core.models import ApiToken
 
@@ -6,6 +7,19 @@ admin.site.site_header = "Modelfleet control room"
 admin.site.site_title = "Modelfleet"
 admin.site.index_title = "Fleet"
 admin.site.index_template = "admin/fleet_index.html"  # the fleet dashboard (fleet/core/dashboard.py)
+
+# The beat schedules are code (each app's schedule migrations, fleet/core/beat.py), not
+# something to edit by hand: a disabled "evaluate running rollouts" would freeze every gate
+# unseen. django-celery-beat's pages (raw JSON arguments) are left out of the control room.
+for schedule_model in (
+    beat.PeriodicTask,
+    beat.IntervalSchedule,
+    beat.CrontabSchedule,
+    beat.SolarSchedule,
+    beat.ClockedSchedule,
+):
+    if admin.site.is_registered(schedule_model):
+        admin.site.unregister(schedule_model)
 
 
 @admin.register(ApiToken)
