@@ -425,6 +425,7 @@ class DeviceAdmin(admin.ModelAdmin):
 
 
 ANY_YES_NO = (("", "any"), ("yes", "yes"), ("no", "no"))
+YES_NO = {True: "yes", False: "no"}
 
 
 class DeviceGroupForm(forms.ModelForm):
@@ -453,7 +454,7 @@ class DeviceGroupForm(forms.ModelForm):
         rules = self.instance.rules if self.instance.pk and isinstance(self.instance.rules, dict) else {}
         for key, value in rules.items():
             if f"rule_{key}" in self.fields:
-                self.initial[f"rule_{key}"] = {True: "yes", False: "no"}.get(value, value)
+                self.initial[f"rule_{key}"] = YES_NO.get(value, value) if isinstance(value, bool) else value
 
     def rules(self) -> dict:
         """The saved filter the fields say (blank fields are not rules); none for a static group."""

@@ -24,6 +24,7 @@ from django.urls import path, reverse
 from fleet.core.choices import Role
 from fleet.core.display import count, moment, raw_details
 from fleet.core.errors import ServiceError
+from fleet.core.forms import WordsField
 from fleet.core.permissions import has_role
 from fleet.devices.models import DeviceGroup
 from fleet.registry.admin import status_badge
@@ -179,17 +180,16 @@ class RolloutAddForm(forms.Form):
     groups = forms.ModelMultipleChoiceField(
         queryset=DeviceGroup.objects.order_by("name"), required=False, to_field_name="name"
     )
-    tags = forms.CharField(required=False, help_text="Device tags, separated by commas.")
-    devices = forms.CharField(required=False, help_text="Device ids, separated by commas.")
+    tags = WordsField(help_text="Device tags, separated by commas.")
+    devices = WordsField(max_word_length=128, help_text="Device ids, separated by commas.")
     priority = forms.IntegerField(initial=0)
 
     def targets(self) -> dict[str, list[str]]:
         data = self.cleaned_data
-        split = lambda text: [item.strip() for item in (text or "").split(",") if item.strip()]  # noqa: E731
         targets = {
             "groups": [group.name for group in data.get("groups") or []],
-            "tags": split(data.get("tags")),
-            "devices": split(data.get("devices")),
+            "tags": data.get("tags") or [],
+            "devices": data.get("devices") or [],
         }
         return {key: value for key, value in targets.items() if value}
 
