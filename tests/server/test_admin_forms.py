@@ -9,7 +9,6 @@ import re
 from datetime import timedelta
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 
 from fleet.devices import selectors
@@ -17,16 +16,11 @@ from fleet.devices.admin import DeviceGroupForm
 from fleet.devices.choices import DeviceStatus, GroupKind
 from fleet.devices.models import Device, DeviceGroup, EnrollmentToken
 from tests.server.test_admin_no_raw_json import raw_json_shown
+from tests.server.test_admin_policy_editor import web
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
 GROUPS = "/admin/devices/devicegroup/"
 TOKENS = "/admin/devices/enrollmenttoken/"
-
-
-def web(persona) -> Client:
-    client = Client()
-    client.force_login(persona.user)
-    return client
 
 
 @pytest.fixture

@@ -123,6 +123,18 @@ def test_a_maintenance_window_may_cross_midnight_or_be_left_out(world, alice):
         assert RolloutPolicy.objects.get(name=name).maintenance_window == window
 
 
+def test_a_rollout_does_not_start_on_a_policy_whose_stored_window_is_bad(world, alice):
+    """A window stored before it was checked: refused at start, not a crash in the evaluator."""
+    RolloutPolicy.objects.update(maintenance_window={"start": "22:00"})
+    response = alice.client().post(f"/api/v1/rollouts/{world.pk}/start", {"reason": "go"}, format="json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_maintenance_window"
+    world.refresh_from_db()
+    assert world.state == "draft" and not world.assignments.exists()
+    RolloutPolicy.objects.update(maintenance_window={"start": "22:00", "end": "05:00"})  # control
+    response = alice.client().post(f"/api/v1/rollouts/{world.pk}/start", {"reason": "go"}, format="json")
+    assert response.status_code == 200 and response.json()["state"] == "running"
+
+
 @pytest.mark.parametrize("action", ACTIONS)
 def test_a_viewer_cannot_act(world, bob, action):
     response = bob.client().post(f"/api/v1/rollouts/{world.pk}/{action}")
