@@ -463,7 +463,7 @@ class DeviceGroupForm(forms.ModelForm):
         rules = {}
         for key in selectors.RULES:
             value = self.cleaned_data.get(f"rule_{key}")
-            if value in ("yes", "no"):
+            if key in selectors.YES_NO_RULES and value:
                 value = value == "yes"
             if value not in ("", None, []):
                 rules[key] = value

@@ -89,6 +89,11 @@ def test_yes_and_no_are_booleans_and_a_blank_rule_is_no_rule(alice, cameras):
     assert [d.device_id for d in selectors.group_devices(group=group)] == ["cam-5"]
 
 
+def test_text_rules_are_taken_as_typed(alice, cameras):
+    assert web(alice).post(f"{GROUPS}add/", group_form(rule_hardware="no", rule_online="")).status_code == 302
+    assert DeviceGroup.objects.get(name="outdoor").rules == {"tags": ["fleet", "cam"], "hardware": "no"}
+
+
 def test_a_static_group_keeps_its_chosen_devices_and_no_rules(alice, cameras):
     form = group_form(kind="static", members=[cameras[2].pk, cameras[3].pk])  # the rule fields are ignored
     assert web(alice).post(f"{GROUPS}add/", form).status_code == 302
