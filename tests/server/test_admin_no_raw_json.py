@@ -4,16 +4,21 @@ the collapsed ``<details class="raw">`` for experts. Django's test client, real 
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.contrib import admin
 from django.test import Client
+from django.utils import timezone
 
+from agent.trustctl import make_keyring, make_root
 from fleet.devices import services as device_services
-from fleet.devices.choices import GroupKind
-from fleet.devices.models import DeviceGroup
+from fleet.devices.choices import GroupKind, IngestRefusalReason
+from fleet.devices.models import DeviceGroup, IngestRefusal
+from fleet.registry import signing
 from fleet.rollouts.models import RolloutPolicy
 from tests.server import admin_world
 
@@ -77,9 +82,17 @@ def test_the_checker_finds_json_outside_the_raw_section_and_ignores_it_inside():
 
 
 @pytest.fixture
-def world(digits_model, digits, alice, django_capture_on_commit_callbacks):
+def world(digits_model, digits, alice, ada, key_file, django_capture_on_commit_callbacks):
     """One of everything: a running rollout with evidence, groups of both kinds, a token
-    with tags, a policy with a maintenance window."""
+    with tags, a policy with a maintenance window, a root and keyring of trust, an ingest
+    refusal."""
+    _, active = signing.signing_key_active()
+    root_key = Ed25519PrivateKey.generate()
+    for envelope in (
+        make_root(keys=[root_key]),
+        make_keyring(root_keys=[root_key], version=1, signing_keys=[active.public_key()]),
+    ):
+        assert ada.client().post("/api/v1/trust", json.loads(envelope), format="json").status_code == 201
     with django_capture_on_commit_callbacks(execute=True):
         world = admin_world.build(digits_model, digits)
         rollout = admin_world.start(world, alice.user)
@@ -90,22 +103,32 @@ def world(digits_model, digits, alice, django_capture_on_commit_callbacks):
         name="outdoor", kind=GroupKind.DYNAMIC, rules={"tags": ["fleet"], "online": True, "status": "active"}
     )
     device_services.enrollment_token_create(name="factory", tags=["fleet", "cam"])
+    now = timezone.now()
+    IngestRefusal.objects.create(
+        device=world["devices"][0], reason=IngestRefusalReason.CLOCK, count=3, first_at=now, last_at=now
+    )
+    world["rollout"] = rollout
     RolloutPolicy.objects.filter(pk=world["policy"].pk).update(
         maintenance_window={"start": "22:00", "end": "05:00"}
     )
     return world
 
 
-def admin_pages() -> list[str]:
-    """Every model's list, add page (when it has one) and the change page of its first row."""
-    urls = []
+def admin_pages(world) -> list[str]:
+    """The dashboard, every model's list, add page (when it has one), and the change and
+    history pages of its first row; the rollout's confirmations and a device's retirement."""
+    rollout = world["rollout"]
+    urls = [
+        "/admin/",
+        *(f"/admin/rollouts/rollout/{rollout.pk}/act/{action}/" for action in ("pause", "rollback")),
+        f"/admin/devices/device/{world['devices'][0].pk}/delete/",
+    ]
     for model in admin.site._registry:
         base = f"/admin/{model._meta.app_label}/{model._meta.model_name}/"
-        urls.append(base)
-        urls.append(f"{base}add/")
+        urls += [base, f"{base}add/"]
         first = model.objects.first()
         if first is not None:
-            urls.append(f"{base}{first.pk}/change/")
+            urls += [f"{base}{first.pk}/change/", f"{base}{first.pk}/history/"]
     return urls
 
 
@@ -113,12 +136,14 @@ def admin_pages() -> list[str]:
 def test_no_admin_page_shows_raw_json(world, persona, request):
     client = Client()
     client.force_login(request.getfixturevalue(persona).user)
-    shown = {}
-    for url in admin_pages():
+    shown, pages = {}, 0
+    for url in admin_pages(world):
         response = client.get(url)
         assert response.status_code in (200, 302, 403), f"{url}: {response.status_code}"
         if response.status_code == 200:
+            pages += 1
             found = raw_json_shown(response.content.decode())
             if found:
                 shown[url] = found
+    assert pages >= 30  # control: the pages were read, not refused
     assert not shown, "\n".join(f"{url}: {found[0]!r}" for url, found in shown.items())
