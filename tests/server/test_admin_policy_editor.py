@@ -11,6 +11,7 @@ import pytest
 from django.test import Client
 
 from fleet.rollouts.models import RolloutPolicy
+from tests.server.test_admin_no_raw_json import raw_json_shown
 
 pytestmark = pytest.mark.django_db
 POLICIES = "/admin/rollouts/rolloutpolicy/"
@@ -214,3 +215,18 @@ def test_the_window_is_shown_as_times_and_in_words(alice, bob):
     viewer_page = web(bob).get(f"{POLICIES}{nightly.pk}/change/").content.decode()
     assert "22:00\N{EN DASH}05:00 UTC" in viewer_page
     assert 'name="window_start"' not in viewer_page  # a viewer reads; there is nothing to type
+
+
+def test_a_viewer_reads_the_policy_in_words_with_the_document_folded(bob):
+    policy = RolloutPolicy.objects.create(
+        name="shown",
+        stages=[{"kind": "percent", "value": 10, "mode": "shadow"}, {"kind": "percent", "value": 100}],
+        gates={"max_error_rate": 0.07, "accuracy": {"max_drop_pp": 2.0, "confidence": 0.95}},
+    )
+    page = web(bob).get(f"{POLICIES}{policy.pk}/change/").content.decode()
+    assert "10 % (shadow) → 100 %" in page
+    assert "Inference errors at most 7 % of inferences" in page
+    assert "Accuracy drop at most 2 pp (percentage points), Confidence 95 %" in page
+    assert "any time" in page
+    assert not raw_json_shown(page) and '<details class="raw">' in page  # folded, for experts
+    assert 'name="stages-0-value"' not in page  # no editor for a viewer
