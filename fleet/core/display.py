@@ -39,7 +39,7 @@ def moment(value: datetime | None) -> str:
 def raw_details(document) -> SafeString:
     """The document as JSON, folded: closed unless someone opens it."""
     text = json.dumps(document, indent=2)
-    return format_html("<details><summary>raw</summary><pre>{}</pre></details>", text)
+    return format_html('<details class="raw"><summary>raw</summary><pre>{}</pre></details>', text)
 
 
 def size(n_bytes: int | None) -> str:

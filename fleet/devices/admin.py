@@ -19,10 +19,11 @@ from django.utils.html import format_html, format_html_join
 
 from fleet.core.choices import Role
 from fleet.core.display import count, duration, moment, raw_details, time_column
-from fleet.core.errors import ServiceError
+from fleet.core.errors import InvalidInput, ServiceError
+from fleet.core.forms import WordsField, words_text
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
-from fleet.devices.choices import DeviceStatus, reason_label
+from fleet.devices.choices import DeviceStatus, GroupKind, reason_label
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
 from fleet.registry.models import Artifact
@@ -43,19 +44,21 @@ class DeviceChangeForm(forms.ModelForm):
     """What people may change about a device (as ``PATCH /api/v1/devices/{id}/``); tags
     are words separated by commas, not a JSON list."""
 
-    tags = forms.CharField(required=False, help_text="Separated by commas.")
+    tags = WordsField()
 
     class Meta:
         model = Device
         fields = ("display_name", "tags")
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.instance.pk:
-            self.initial["tags"] = ", ".join(self.instance.tags or [])
 
-    def clean_tags(self):
-        return [tag.strip() for tag in self.cleaned_data["tags"].split(",") if tag.strip()]
+class DeviceAddForm(forms.ModelForm):
+    """Pre-authorizing an id: the model's own validators refuse bad and reserved ids."""
+
+    tags = WordsField()
+
+    class Meta:
+        model = Device
+        fields = ("device_id", "display_name", "tags")
 
 
 class RunningFilter(admin.SimpleListFilter):
@@ -91,6 +94,23 @@ class GenerationFilter(admin.SimpleListFilter):
         if self.value() == "current":
             return queryset.filter(applied_generation__gte=F("desired_generation"))
         return queryset
+
+
+class GroupFilter(admin.SimpleListFilter):
+    """Members of a group, static or dynamic (the dynamic ones by their saved filter now),
+    as the API's ``?group=``; the group pages link here."""
+
+    title = "group"
+    parameter_name = "group"
+
+    def lookups(self, request, model_admin):
+        return [(name, name) for name in DeviceGroup.objects.values_list("name", flat=True)]
+
+    def queryset(self, request, queryset):
+        if not self.value():
+            return queryset
+        group = DeviceGroup.objects.filter(name=self.value()).first()
+        return selectors.group_devices(group=group, queryset=queryset) if group else queryset.none()
 
 
 # --- the device page: health over time, events in words, rollout history
@@ -175,7 +195,7 @@ class DeviceAdmin(admin.ModelAdmin):
         "hardware",
         "supports_int8",
         "keyring_version",
-        "static_groups",
+        GroupFilter,
     )
     search_fields = ("device_id", "display_name", "tags")
     form = DeviceChangeForm
@@ -213,7 +233,7 @@ class DeviceAdmin(admin.ModelAdmin):
 
     @admin.display(description="tags")
     def tags_text(self, obj):
-        return ", ".join(obj.tags or []) or "—"
+        return words_text(obj.tags) or "—"
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         device = self.get_object(request, object_id)
@@ -226,7 +246,7 @@ class DeviceAdmin(admin.ModelAdmin):
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
-            kwargs["form"] = forms.ModelForm  # the model's own validators refuse bad ids
+            kwargs["form"] = DeviceAddForm
         return super().get_form(request, obj, **kwargs)
 
     def has_delete_permission(self, request, obj=None):
@@ -404,24 +424,126 @@ class DeviceAdmin(admin.ModelAdmin):
         self._bulk(request, queryset, services.device_retire, "Retired")
 
 
+ANY_YES_NO = (("", "any"), ("yes", "yes"), ("no", "no"))
+YES_NO = {True: "yes", False: "no"}
+
+
+class DeviceGroupForm(forms.ModelForm):
+    """A group as people say it: static (chosen devices) or dynamic, whose saved filter is
+    one field per rule key (fleet/devices/selectors.py RULES), not a JSON document. The
+    rules are checked by the API's own validate_group_rules; its refusal is a form error."""
+
+    rule_tags = WordsField(
+        label="tags", help_text="Devices with every one of these tags, separated by commas."
+    )
+    rule_hardware = forms.CharField(label="hardware", required=False, max_length=64, help_text="e.g. rpi4")
+    rule_status = forms.ChoiceField(
+        label="status", required=False, choices=[("", "any"), *DeviceStatus.choices]
+    )
+    rule_online = forms.ChoiceField(label="online", required=False, choices=ANY_YES_NO)
+    rule_runtime = forms.CharField(label="runtime", required=False, max_length=64, help_text="e.g. litert")
+    rule_agent_version = forms.CharField(label="agent version", required=False, max_length=32)
+    rule_supports_int8 = forms.ChoiceField(label="runs int8", required=False, choices=ANY_YES_NO)
+
+    class Meta:
+        model = DeviceGroup
+        fields = ("name", "description", "kind", "members")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        rules = self.instance.rules if self.instance.pk and isinstance(self.instance.rules, dict) else {}
+        for key, value in rules.items():
+            if f"rule_{key}" in self.fields:
+                self.initial[f"rule_{key}"] = YES_NO.get(value, value) if isinstance(value, bool) else value
+
+    def rules(self) -> dict:
+        """The saved filter the fields say (blank fields are not rules); none for a static group."""
+        if self.cleaned_data.get("kind") != GroupKind.DYNAMIC:
+            return {}
+        rules = {}
+        for key in selectors.RULES:
+            value = self.cleaned_data.get(f"rule_{key}")
+            if key in selectors.YES_NO_RULES and value:
+                value = value == "yes"
+            if value not in ("", None, []):
+                rules[key] = value
+        return rules
+
+    def clean(self):
+        cleaned = super().clean()
+        try:
+            selectors.validate_group_rules(self.rules())
+        except InvalidInput as exc:
+            raise forms.ValidationError(exc.message, code=exc.code) from exc
+        return cleaned
+
+
 @admin.register(DeviceGroup)
 class DeviceGroupAdmin(admin.ModelAdmin):
-    list_display = ("name", "kind", "device_count", "description")
+    form = DeviceGroupForm
+    list_display = ("name", "kind", "rule_text", "devices_link", "description")
     list_filter = ("kind",)
+    search_fields = ("name", "description")
     filter_horizontal = ("members",)
+    readonly_fields = ("rule_text", "devices_link", "raw")
+    RULE_FIELDS = tuple(f"rule_{key}" for key in selectors.RULES)
 
-    @admin.display(description="devices")
-    def device_count(self, obj):
-        return selectors.group_devices(group=obj).count()
+    def get_fieldsets(self, request, obj=None):
+        now = (("Now", {"fields": ("rule_text", "devices_link", "raw")}),) if obj is not None else ()
+        if obj is not None and not self.has_change_permission(request, obj):
+            return ((None, {"fields": ("name", "description", "kind")}), *now)  # read only, in words
+        return (
+            (None, {"fields": ("name", "description", "kind")}),
+            ("Static group: the chosen devices", {"fields": ("members",)}),
+            (
+                "Dynamic group: the saved filter",
+                {
+                    "fields": self.RULE_FIELDS,
+                    "description": "A device is a member while it matches every rule given; a blank "
+                    "rule matches any device. Devices that enroll or change later join by themselves.",
+                },
+            ),
+            *now,
+        )
+
+    @admin.display(description="members")
+    def rule_text(self, obj):
+        if obj.kind == GroupKind.STATIC:
+            return "the chosen devices"
+        return selectors.group_rules_sentence(obj.rules)
+
+    @admin.display(description="devices now")
+    def devices_link(self, obj):
+        url = reverse("admin:devices_device_changelist") + "?" + urlencode({"group": obj.name})
+        return format_html(
+            '<a href="{}">{}</a>', url, count(selectors.group_devices(group=obj).count(), "device")
+        )
+
+    @admin.display(description="raw")
+    def raw(self, obj):
+        return raw_details({"kind": obj.kind, "rules": obj.rules})
 
     def save_model(self, request, obj, form, change):
-        selectors.validate_group_rules(obj.rules or {})
-        super().save_model(request, obj, form, change)
+        """Through the same service as the API (the form has checked the rules already)."""
+        fields = {
+            "name": form.cleaned_data["name"],
+            "kind": form.cleaned_data["kind"],
+            "description": form.cleaned_data["description"],
+            "members": list(form.cleaned_data["members"]),
+            "rules": form.rules(),
+        }
+        group = services.group_update(group=obj, **fields) if change else services.group_create(**fields)
+        obj.pk = group.pk
+
+    def save_related(self, request, form, formsets, change):
+        pass  # the service has set the members
 
 
 class EnrollmentTokenForm(forms.ModelForm):
     """Every token made or edited here has an expiry and a use limit (the defaults are
     filled in), and the form refuses on the field what the service would refuse."""
+
+    tags = WordsField(help_text="Tags given to the devices it enrolls, separated by commas.")
 
     class Meta:
         model = EnrollmentToken
@@ -429,8 +551,9 @@ class EnrollmentTokenForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fields["expires_at"].required = True
-        self.fields["max_uses"].required = True
+        for name in ("expires_at", "max_uses"):
+            if name in self.fields:  # a viewer's form has no fields
+                self.fields[name].required = True
 
     def clean_expires_at(self):
         expires_at = self.cleaned_data.get("expires_at")
@@ -460,10 +583,21 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
         "created_at_text",
     )
     fields = ("name", "auto_approve", "expires_at", "max_uses", "tags")
+    readonly_fields = ("tags_text",)
     expires_at_text = time_column("expires_at", "expires at")
     revoked_at_text = time_column("revoked_at", "revoked at")
     created_at_text = time_column("created_at", "created at")
     actions = ["revoke"]
+
+    def get_fields(self, request, obj=None):
+        if obj is not None and not self.has_change_permission(request, obj):
+            # Read only (a viewer): the tags in words, not the JSON list Django would show.
+            return tuple("tags_text" if name == "tags" else name for name in self.fields)
+        return self.fields
+
+    @admin.display(description="tags")
+    def tags_text(self, obj):
+        return words_text(obj.tags) or "—"
 
     @admin.display(description="state")
     def state_label(self, obj):

@@ -343,6 +343,12 @@ class DeviceGroupSerializer(serializers.ModelSerializer):
         selectors.validate_group_rules(attrs.get("rules") or {})
         return attrs
 
+    def create(self, validated_data):
+        return services.group_create(**validated_data)
+
+    def update(self, instance, validated_data):
+        return services.group_update(group=instance, **validated_data)
+
 
 @extend_schema(responses={200: DeviceGroupSerializer, 201: DeviceGroupSerializer, **ERRORS})
 class DeviceGroupListCreate(generics.ListCreateAPIView):

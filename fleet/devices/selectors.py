@@ -27,24 +27,60 @@ RULES = {
 }
 
 
+TEXT_RULES = ("hardware", "runtime", "agent_version")
+YES_NO_RULES = ("online", "supports_int8")
+
+
+def _rules_error(message: str) -> InvalidInput:
+    return InvalidInput(message, code="invalid_rules", field="rules")
+
+
 def validate_group_rules(rules: dict[str, Any]) -> None:
+    """What a dynamic group's saved filter may say (the API's and the admin's check): known
+    keys only, tags a list of words, status a device state, yes/no rules true or false
+    (``"no"`` would filter as true), the rest text."""
     if not isinstance(rules, dict):
-        raise InvalidInput("rules must be an object.", code="invalid_rules", field="rules")
+        raise _rules_error("rules must be an object.")
     unknown = sorted(set(rules) - set(RULES))
     if unknown:
-        raise InvalidInput(
-            f"Unknown rule(s) {', '.join(unknown)}; use {', '.join(sorted(RULES))}.",
-            code="invalid_rules",
-            field="rules",
-        )
+        raise _rules_error(f"Unknown rule(s) {', '.join(unknown)}; use {', '.join(sorted(RULES))}.")
     if "tags" in rules and not (
         isinstance(rules["tags"], list) and all(isinstance(t, str) for t in rules["tags"])
     ):
-        raise InvalidInput("rules.tags must be a list of strings.", code="invalid_rules", field="rules")
+        raise _rules_error("rules.tags must be a list of strings.")
     if "status" in rules and rules["status"] not in DeviceStatus.values:
-        raise InvalidInput(
-            f"rules.status must be one of {DeviceStatus.values}.", code="invalid_rules", field="rules"
-        )
+        raise _rules_error(f"rules.status must be one of {DeviceStatus.values}.")
+    for key in TEXT_RULES:
+        if key in rules and not (isinstance(rules[key], str) and rules[key]):
+            raise _rules_error(f"rules.{key} must be a non-empty string.")
+    for key in YES_NO_RULES:
+        if key in rules and not isinstance(rules[key], bool):
+            raise _rules_error(f"rules.{key} must be true or false.")
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def group_rules_sentence(rules: dict[str, Any]) -> str:
+    """A dynamic group's filter in words: "tags fleet and cam, hardware rpi4, online"."""
+    rules = rules or {}
+    parts = []
+    for key in [*(key for key in RULES if key in rules), *(key for key in rules if key not in RULES)]:
+        value = rules[key]
+        if key == "tags" and isinstance(value, list) and value:
+            parts.append(f"{'tags' if len(value) > 1 else 'tag'} {_and([str(tag) for tag in value])}")
+        elif key == "status" and value in DeviceStatus.values:
+            parts.append(DeviceStatus(value).label.lower())
+        elif key == "online":
+            parts.append("online" if value else "offline")
+        elif key == "supports_int8":
+            parts.append("runs int8" if value else "no int8")
+        elif key == "agent_version":
+            parts.append(f"agent {value}")
+        elif key != "tags":
+            parts.append(f"{key} {value}")
+    return ", ".join(parts) or "every device"
 
 
 def group_devices(*, group: DeviceGroup, queryset: QuerySet[Device] | None = None) -> QuerySet[Device]:

@@ -28,8 +28,9 @@ from django.utils import timezone
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
 from fleet.core.errors import Conflict, InvalidInput, NotFound, ServiceError
-from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceErrorCode, DeviceStatus
-from fleet.devices.models import Device, DeviceToken, EnrollmentToken, is_reserved_device_id
+from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceErrorCode, DeviceStatus, GroupKind
+from fleet.devices.models import Device, DeviceGroup, DeviceToken, EnrollmentToken, is_reserved_device_id
+from fleet.devices.selectors import validate_group_rules
 from fleet.mqtt import services as broker
 from fleet.mqtt.broker import BrokerError, ClientNotOwned
 
@@ -407,6 +408,48 @@ def device_get(*, device_id: str) -> Device:
     if device is None:
         raise NotFound(f"No device {device_id!r}.", code="unknown_device")
     return device
+
+
+# --- groups
+
+
+@transaction.atomic
+def group_create(
+    *,
+    name: str,
+    kind: str = GroupKind.STATIC,
+    description: str = "",
+    members: list[Device] | None = None,
+    rules: dict[str, Any] | None = None,
+) -> DeviceGroup:
+    """A static group (chosen members) or a dynamic one (a saved filter, checked here)."""
+    validate_group_rules(rules or {})
+    group = DeviceGroup.objects.create(name=name, kind=kind, description=description, rules=rules or {})
+    group.members.set(members or [])
+    return group
+
+
+@transaction.atomic
+def group_update(
+    *,
+    group: DeviceGroup,
+    name: str | None = None,
+    kind: str | None = None,
+    description: str | None = None,
+    members: list[Device] | None = None,
+    rules: dict[str, Any] | None = None,
+) -> DeviceGroup:
+    """Change what is given (None leaves a field as it is); the rules are checked first."""
+    if rules is not None:
+        validate_group_rules(rules)
+        group.rules = rules
+    for field, value in (("name", name), ("kind", kind), ("description", description)):
+        if value is not None:
+            setattr(group, field, value)
+    group.save()
+    if members is not None:
+        group.members.set(members)
+    return group
 
 
 # --- assignment: what a device should run

@@ -24,6 +24,7 @@ from django.urls import path, reverse
 from fleet.core.choices import Role
 from fleet.core.display import count, moment, raw_details
 from fleet.core.errors import ServiceError
+from fleet.core.forms import WordsField
 from fleet.core.permissions import has_role
 from fleet.devices.models import DeviceGroup
 from fleet.registry.admin import status_badge
@@ -38,7 +39,7 @@ from fleet.rollouts.choices import (
 )
 from fleet.rollouts.models import Assignment, Rollout, RolloutPolicy
 from fleet.rollouts.selectors import stage_label, state_label
-from fleet.rollouts.widgets import GatesWidget, StagesWidget
+from fleet.rollouts.widgets import GatesWidget, StagesWidget, gates_text
 
 STATE_COLOURS = {
     "draft": "#57606a",
@@ -179,17 +180,16 @@ class RolloutAddForm(forms.Form):
     groups = forms.ModelMultipleChoiceField(
         queryset=DeviceGroup.objects.order_by("name"), required=False, to_field_name="name"
     )
-    tags = forms.CharField(required=False, help_text="Device tags, separated by commas.")
-    devices = forms.CharField(required=False, help_text="Device ids, separated by commas.")
+    tags = WordsField(help_text="Device tags, separated by commas.")
+    devices = WordsField(max_word_length=128, help_text="Device ids, separated by commas.")
     priority = forms.IntegerField(initial=0)
 
     def targets(self) -> dict[str, list[str]]:
         data = self.cleaned_data
-        split = lambda text: [item.strip() for item in (text or "").split(",") if item.strip()]  # noqa: E731
         targets = {
             "groups": [group.name for group in data.get("groups") or []],
-            "tags": split(data.get("tags")),
-            "devices": split(data.get("devices")),
+            "tags": data.get("tags") or [],
+            "devices": data.get("devices") or [],
         }
         return {key: value for key, value in targets.items() if value}
 
@@ -407,32 +407,128 @@ class RolloutAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/rollouts/rollout/add.html", context)
 
 
+def utc_time_field(label: str, help_text: str) -> forms.TimeField:
+    """A time of day typed as HH:MM (UTC), nothing else."""
+    widget = forms.TimeInput(format="%H:%M", attrs={"placeholder": "HH:MM", "size": 6})
+    return forms.TimeField(
+        label=label, required=False, input_formats=["%H:%M"], widget=widget, help_text=help_text
+    )
+
+
 class RolloutPolicyForm(forms.ModelForm):
+    """Stages and gates as rows and fields with units (fleet/rollouts/widgets.py), and the
+    maintenance window as two times; all checked by the API's own policy_validate."""
+
+    window_start = utc_time_field(
+        "maintenance window from",
+        "UTC. New stages start only inside the window; leave both times empty for any time.",
+    )
+    window_end = utc_time_field(
+        "maintenance window until", "UTC. Before the start, the window crosses midnight (22:00 until 05:00)."
+    )
+
     class Meta:
         model = RolloutPolicy
-        fields = "__all__"
+        exclude = ("maintenance_window",)  # the two times above say it
         # Rows and fields with units, not JSON (the JSON document is still accepted as posted).
         widgets = {"stages": StagesWidget, "gates": GatesWidget}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        window = self.instance.maintenance_window
+        if isinstance(window, dict):
+            self.initial.setdefault("window_start", window.get("start"))
+            self.initial.setdefault("window_end", window.get("end"))
+
+    def window(self) -> dict | None:
+        """The window the two times say: both or neither."""
+        start, end = self.cleaned_data.get("window_start"), self.cleaned_data.get("window_end")
+        if start is None and end is None:
+            return None
+        return {
+            "start": start.strftime("%H:%M") if start else "",
+            "end": end.strftime("%H:%M") if end else "",
+        }
 
     def clean(self):
         """The same declared checks as the API (fleet/rollouts/policy.py), shown on the field."""
         cleaned = super().clean()
+        if self.has_error("window_start") or self.has_error("window_end"):
+            return cleaned
+        window = self.window()
+        if window is not None and not (window["start"] and window["end"]):
+            missing = "window_end" if window["start"] else "window_start"
+            self.add_error(missing, "Give both times of the window, or neither for any time.")
+            return cleaned
         if "stages" in cleaned and "gates" in cleaned:
             try:
-                services.policy_validate(stages=cleaned["stages"], gates=cleaned["gates"])
+                services.policy_validate(
+                    stages=cleaned["stages"], gates=cleaned["gates"], maintenance_window=window
+                )
             except ServiceError as exc:
-                raise ValidationError(
-                    {"stages" if exc.code == "invalid_stages" else "gates": exc.message}
-                ) from exc
+                field = {"invalid_stages": "stages", "invalid_gates": "gates"}.get(exc.code)
+                if field is None:
+                    field = "window_start" if exc.field == "maintenance_window.start" else "window_end"
+                raise ValidationError({field: exc.message}) from exc
         return cleaned
+
+    def save(self, commit=True):
+        self.instance.maintenance_window = self.window()
+        return super().save(commit)
 
 
 @admin.register(RolloutPolicy)
 class RolloutPolicyAdmin(admin.ModelAdmin):
     form = RolloutPolicyForm
     change_form_template = "admin/rollouts/rolloutpolicy/change_form.html"
-    list_display = ("name", "stage_summary", "on_failure", "approval", "pickup_timeout_seconds")
+    list_display = (
+        "name",
+        "stage_summary",
+        "on_failure",
+        "approval",
+        "window_text",
+        "pickup_timeout_seconds",
+    )
+    fields = (
+        "name",
+        "description",
+        "stages",
+        "gates",
+        ("on_failure", "approval"),
+        ("window_start", "window_end"),
+        "pickup_timeout_seconds",
+    )
+    # What a viewer reads instead of the editor: the same policy in words, the document folded.
+    read_only_fields = (
+        "name",
+        "description",
+        "stage_summary",
+        "gate_summary",
+        "on_failure",
+        "approval",
+        "window_text",
+        "pickup_timeout_seconds",
+        "raw",
+    )
+    readonly_fields = ("stage_summary", "gate_summary", "window_text", "raw")
+
+    def get_fields(self, request, obj=None):
+        if obj is not None and not self.has_change_permission(request, obj):
+            return self.read_only_fields
+        return self.fields
 
     @admin.display(description="stages")
     def stage_summary(self, obj):
         return " → ".join(stage_label(spec) for spec in obj.stages)
+
+    @admin.display(description="gates")
+    def gate_summary(self, obj):
+        return gates_text(obj.gates)
+
+    @admin.display(description="maintenance window")
+    def window_text(self, obj):
+        return selectors.window_label(obj.maintenance_window)
+
+    @admin.display(description="raw")
+    def raw(self, obj):
+        return raw_details(obj.snapshot())

@@ -39,8 +39,9 @@ class PolicySerializer(serializers.ModelSerializer):
     def validate(self, attrs):
         stages = attrs.get("stages", self.instance.stages if self.instance else default_stages())
         gates = attrs.get("gates", self.instance.gates if self.instance else default_gates())
+        window = attrs.get("maintenance_window", self.instance.maintenance_window if self.instance else None)
         # Stored as given; defaults are spelled out in the snapshot a rollout takes at start.
-        services.policy_validate(stages=stages, gates=gates)
+        services.policy_validate(stages=stages, gates=gates, maintenance_window=window)
         return attrs
 
 

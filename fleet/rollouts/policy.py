@@ -83,6 +83,27 @@ class GatesSerializer(_Strict):
     shadow = ShadowGateSerializer(allow_null=True, required=False)
 
 
+HH_MM = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+class MaintenanceWindowSerializer(_Strict):
+    """When new stages may start, in UTC; ``end`` before ``start`` crosses midnight."""
+
+    start = serializers.RegexField(
+        HH_MM, help_text="HH:MM, UTC", error_messages={"invalid": "Use HH:MM (UTC)."}
+    )
+    end = serializers.RegexField(
+        HH_MM, help_text="HH:MM, UTC", error_messages={"invalid": "Use HH:MM (UTC)."}
+    )
+
+    def validate(self, attrs: dict) -> dict:
+        if attrs["start"] == attrs["end"]:
+            raise serializers.ValidationError(
+                {"end": ["A window that ends when it starts never opens; leave out the window for any time."]}
+            )
+        return attrs
+
+
 def _first_error(errors: Any, path: str) -> tuple[str, str]:
     """The path and message of the first error in DRF's nested error structure."""
     if isinstance(errors, dict):
@@ -101,9 +122,18 @@ def _first_error(errors: Any, path: str) -> tuple[str, str]:
     return path, str(errors)
 
 
-def policy_validate(*, stages: Any, gates: Any) -> tuple[list[dict], dict]:
-    """Check a policy's stages and gates; return them with every default filled in.
-    Raises InvalidInput (400, codes ``invalid_stages`` / ``invalid_gates``) naming the field."""
+def policy_validate(*, stages: Any, gates: Any, maintenance_window: Any = None) -> tuple[list[dict], dict]:
+    """Check a policy's stages, gates and maintenance window (None: any time); return the
+    stages and gates with every default filled in. Raises InvalidInput (400, codes
+    ``invalid_stages`` / ``invalid_gates`` / ``invalid_maintenance_window``) naming the field."""
+    if maintenance_window not in (None, {}):  # none (or empty): any time
+        checked_window = MaintenanceWindowSerializer(data=maintenance_window)
+        if not isinstance(maintenance_window, dict) or not checked_window.is_valid():
+            errors = (
+                checked_window.errors if isinstance(maintenance_window, dict) else ["Give start and end."]
+            )
+            field, message = _first_error(errors, "maintenance_window")
+            raise InvalidInput(f"{field}: {message}", code="invalid_maintenance_window", field=field)
     if not isinstance(stages, list) or not stages:
         raise InvalidInput(
             "A policy needs at least one stage (a list).", code="invalid_stages", field="stages"

@@ -66,6 +66,13 @@ def stage_label(spec: dict) -> str:
     return f"{spec['value']:g}{unit}" + (" (shadow)" if spec.get("mode") == "shadow" else "")
 
 
+def window_label(window: dict | None) -> str:
+    """A policy's maintenance window as people say it: "22:00\N{EN DASH}05:00 UTC" or "any time"."""
+    if not window:
+        return "any time"
+    return f"{window.get('start')}\N{EN DASH}{window.get('end')} UTC"
+
+
 def _round(value: float | None, digits: int, scale: float = 1.0) -> float | None:
     return None if value is None else round(value * scale, digits)
 

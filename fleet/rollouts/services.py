@@ -59,9 +59,9 @@ TARGET_KEYS = ("groups", "tags", "devices")
 # --- policies
 
 
-def policy_validate(*, stages: Any, gates: Any) -> tuple[list[dict], dict]:
+def policy_validate(*, stages: Any, gates: Any, maintenance_window: Any = None) -> tuple[list[dict], dict]:
     """Declared in fleet/rollouts/policy.py; returns stages and gates with defaults filled."""
-    return policy.policy_validate(stages=stages, gates=gates)
+    return policy.policy_validate(stages=stages, gates=gates, maintenance_window=maintenance_window)
 
 
 # --- targets and eligibility
@@ -210,7 +210,7 @@ def rollout_start(*, rollout: Rollout, by: AbstractBaseUser | None = None, reaso
     snapshot = rollout.policy.snapshot()
     # The snapshot holds every default spelled out: what the evaluator reads is what was checked.
     snapshot["stages"], snapshot["gates"] = policy_validate(
-        stages=snapshot["stages"], gates=snapshot["gates"]
+        stages=snapshot["stages"], gates=snapshot["gates"], maintenance_window=snapshot["maintenance_window"]
     )
     rollout = _transition(
         rollout,

@@ -87,6 +87,26 @@ def _typed(text: str, scale: float = 1) -> Any:
     return number / scale if scale != 1 else number
 
 
+def gates_text(gates: Any) -> str:
+    """The gates in words with units, as the editor labels them (a viewer's page)."""
+    gates = gates if isinstance(gates, dict) else {}
+    parts = []
+    for key, title, fields, _ in SECTIONS:
+        current = gates.get(key) if key else gates
+        if not isinstance(current, dict):
+            continue  # the gate is off
+        items = [
+            f"{label} {_shown(current[field], scale)} {unit}"
+            for field, label, unit, scale in fields
+            if current.get(field) is not None
+        ]
+        if key:
+            parts.append(f"{title}: {', '.join(items) or 'on, with its defaults'}")
+        else:
+            parts.extend(items)
+    return "; ".join(parts) or "only the defaults"
+
+
 def stage_diagram(stages: list) -> list[dict]:
     """One box per stage, in order: its size, mode and soak, for the diagram."""
     boxes = []

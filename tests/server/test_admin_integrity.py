@@ -230,7 +230,7 @@ def test_the_rollout_page_speaks_in_labels_not_codes(running, alice):
     page = web(alice).get(f"{ROLLOUTS}{running.pk}/change/").content.decode()
     assert "GateEvaluation object" not in page and "AuditEntry object" not in page
     assert "Draft → Running" in page
-    assert "<details><summary>raw</summary>" in page  # the policy's JSON, folded
+    assert '<details class="raw"><summary>raw</summary>' in page  # the policy's JSON, folded
     listing = web(alice).get(ROLLOUTS).content.decode()
     notified = running.assignments.filter(state=AssignmentState.NOTIFIED).count()
     assert f"{notified} notified" in listing and "pending (later stage)" in listing  # labels
@@ -275,7 +275,7 @@ def test_the_device_page_shows_health_with_units_and_folds_the_json(world, alice
     page = web(alice).get(f"/admin/devices/device/{device.pk}/change/").content.decode()
     assert "CPU 12.5 %, RSS 61.2 MB, 48.0 °C, disk free 812 MB, up 1 d 1 h" in page
     assert "2 TFLite ops" in page and "digits 1.0.0" in page
-    assert page.count("<details><summary>raw</summary>") == 1
+    assert page.count('<details class="raw"><summary>raw</summary>') == 1
     assert 'name="desired_shadows"' not in page and 'name="health"' not in page
 
 

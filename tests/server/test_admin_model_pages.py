@@ -201,7 +201,7 @@ def test_the_artifact_page_shows_the_signature_and_manifest_in_words(golden_arti
     # JSON only in the folded raw section.
     before_raw, raw = html.split("<summary>raw</summary>", 1)
     assert '"payloadType"' not in before_raw and "{&quot;" not in before_raw
-    assert "&quot;payloadType&quot;" in raw and "<details>" in before_raw[-200:]
+    assert "&quot;payloadType&quot;" in raw and '<details class="raw">' in before_raw[-200:]
     assert "/static/fleet/copy.js" in html
 
 

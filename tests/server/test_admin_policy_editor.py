@@ -11,6 +11,7 @@ import pytest
 from django.test import Client
 
 from fleet.rollouts.models import RolloutPolicy
+from tests.server.test_admin_no_raw_json import raw_json_shown
 
 pytestmark = pytest.mark.django_db
 POLICIES = "/admin/rollouts/rolloutpolicy/"
@@ -30,7 +31,8 @@ def editor(**changes) -> dict:
         "description": "",
         "on_failure": "rollback",
         "approval": "automatic",
-        "maintenance_window": "null",
+        "window_start": "",
+        "window_end": "",
         "pickup_timeout_seconds": "900",
         "stages-rows": "4",
         "stages-0-value": "10",
@@ -142,3 +144,89 @@ def test_the_json_document_is_still_accepted_as_the_api_takes_it(alice):
 def test_a_viewer_cannot_save_a_policy(bob):
     assert web(bob).post(f"{POLICIES}add/", editor()).status_code == 403
     assert not RolloutPolicy.objects.exists()
+
+
+# --- the maintenance window: two times (UTC), both or neither, checked by policy_validate
+
+
+def test_the_editor_saves_a_maintenance_window_that_crosses_midnight(alice):
+    response = web(alice).post(f"{POLICIES}add/", editor(window_start="22:00", window_end="05:00"))
+    assert response.status_code == 302, response.content.decode()[:2000]
+    assert RolloutPolicy.objects.get(name="careful").maintenance_window == {"start": "22:00", "end": "05:00"}
+
+
+def test_no_times_is_any_time(alice):
+    assert web(alice).post(f"{POLICIES}add/", editor()).status_code == 302
+    assert RolloutPolicy.objects.get(name="careful").maintenance_window is None
+
+
+def errors_of(page: str) -> dict[str, str]:
+    """Each field's first error, by the field's name (Django renders id_<name>_error)."""
+    return dict(re.findall(r'<ul class="errorlist" id="id_(\w+?)_error"><li>([^<]+)</li>', page))
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        ({"window_start": "22:00"}, "window_end", "Give both times"),
+        ({"window_end": "05:00"}, "window_start", "Give both times"),
+        ({"window_start": "25:00", "window_end": "05:00"}, "window_start", "Enter a valid time"),
+        ({"window_start": "22:00:30", "window_end": "05:00"}, "window_start", "Enter a valid time"),
+        ({"window_start": "22:00", "window_end": "22:00"}, "window_end", "maintenance_window.end: A window"),
+    ],
+)
+def test_a_bad_window_is_a_form_error_and_saves_nothing(alice, changes, field, message):
+    response = web(alice).post(f"{POLICIES}add/", editor(**changes))
+    assert response.status_code == 200  # the form again, not a 500
+    assert errors_of(response.content.decode())[field].startswith(message)
+    assert not RolloutPolicy.objects.exists()
+
+
+def test_a_bad_window_on_an_existing_policy_changes_nothing(alice):
+    policy = RolloutPolicy.objects.create(
+        name="careful", maintenance_window={"start": "01:00", "end": "03:00"}
+    )
+    response = web(alice).post(
+        f"{POLICIES}{policy.pk}/change/",
+        editor(window_start="04:00", window_end="04:00", description="changed"),
+    )
+    assert response.status_code == 200
+    policy.refresh_from_db()
+    assert (policy.maintenance_window, policy.description) == ({"start": "01:00", "end": "03:00"}, "")
+    # Control: a good window on the same page is saved.
+    response = web(alice).post(
+        f"{POLICIES}{policy.pk}/change/", editor(window_start="04:00", window_end="06:00")
+    )
+    assert response.status_code == 302
+    policy.refresh_from_db()
+    assert policy.maintenance_window == {"start": "04:00", "end": "06:00"}
+
+
+def test_the_window_is_shown_as_times_and_in_words(alice, bob):
+    nightly = RolloutPolicy.objects.create(
+        name="nightly", maintenance_window={"start": "22:00", "end": "05:00"}
+    )
+    RolloutPolicy.objects.create(name="anytime")
+    page = web(alice).get(f"{POLICIES}{nightly.pk}/change/").content.decode()
+    assert re.search(r'name="window_start" value="22:00"', page)
+    assert re.search(r'name="window_end" value="05:00"', page)
+    listing = web(bob).get(POLICIES).content.decode()
+    assert "22:00\N{EN DASH}05:00 UTC" in listing and "any time" in listing
+    viewer_page = web(bob).get(f"{POLICIES}{nightly.pk}/change/").content.decode()
+    assert "22:00\N{EN DASH}05:00 UTC" in viewer_page
+    assert 'name="window_start"' not in viewer_page  # a viewer reads; there is nothing to type
+
+
+def test_a_viewer_reads_the_policy_in_words_with_the_document_folded(bob):
+    policy = RolloutPolicy.objects.create(
+        name="shown",
+        stages=[{"kind": "percent", "value": 10, "mode": "shadow"}, {"kind": "percent", "value": 100}],
+        gates={"max_error_rate": 0.07, "accuracy": {"max_drop_pp": 2.0, "confidence": 0.95}},
+    )
+    page = web(bob).get(f"{POLICIES}{policy.pk}/change/").content.decode()
+    assert "10 % (shadow) → 100 %" in page
+    assert "Inference errors at most 7 % of inferences" in page
+    assert "Accuracy drop at most 2 pp (percentage points), Confidence 95 %" in page
+    assert "any time" in page
+    assert not raw_json_shown(page) and '<details class="raw">' in page  # folded, for experts
+    assert 'name="stages-0-value"' not in page  # no editor for a viewer

@@ -99,7 +99,18 @@ def test_a_dynamic_group_takes_in_devices_that_match_later(fleet_of_devices, ali
 
 
 @pytest.mark.parametrize(
-    "rules", [{"colour": "red"}, {"tags": "outdoor"}, {"status": "asleep"}, ["tags"]], ids=str
+    "rules",
+    [
+        {"colour": "red"},
+        {"tags": "outdoor"},
+        {"status": "asleep"},
+        ["tags"],
+        {"online": "no"},  # would filter as online (a non-empty string is true)
+        {"supports_int8": 0},
+        {"hardware": 4},
+        {"hardware": ""},
+    ],
+    ids=str,
 )
 def test_bad_group_rules_are_refused(fleet_of_devices, alice, rules):
     response = alice.client().post(
@@ -194,3 +205,21 @@ def test_lifecycle_actions_work_on_a_device_that_never_enrolled(alice, broker, a
     response = alice.client().post(f"/api/v1/devices/cam-never/{action}")
     assert response.status_code == 200, response.content
     assert broker.admin().get_client("cam-never") is None
+
+
+def test_a_groups_rules_are_checked_when_changed_too(fleet_of_devices, alice):
+    alice.client().post(
+        "/api/v1/device-groups/",
+        {"name": "lookout", "kind": "dynamic", "rules": {"online": True}},
+        format="json",
+    )
+    response = alice.client().patch(
+        "/api/v1/device-groups/lookout/", {"rules": {"online": "no"}}, format="json"
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_rules"
+    assert DeviceGroup.objects.get(name="lookout").rules == {"online": True}
+    # Control: a good change goes through (the same service as the admin's form).
+    response = alice.client().patch(
+        "/api/v1/device-groups/lookout/", {"rules": {"online": False}}, format="json"
+    )
+    assert response.status_code == 200 and DeviceGroup.objects.get(name="lookout").rules == {"online": False}

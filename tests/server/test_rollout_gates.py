@@ -404,7 +404,8 @@ def test_the_admin_refuses_a_bad_policy_on_its_field(ada):
         "gates": '{"accuracy": {"confidence": 2}}',
         "on_failure": "rollback",
         "approval": "automatic",
-        "maintenance_window": "null",
+        "window_start": "",
+        "window_end": "",
         "pickup_timeout_seconds": "900",
     }
     page = client.post("/admin/rollouts/rolloutpolicy/add/", form)

@@ -94,6 +94,47 @@ def test_a_policy_with_bad_stages_is_refused(world, alice):
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_stages"
 
 
+@pytest.mark.parametrize(
+    ("window", "field"),
+    [
+        ({"start": "22:00"}, "maintenance_window.end"),
+        ({"start": "24:00", "end": "05:00"}, "maintenance_window.start"),
+        ({"start": "10pm", "end": "05:00"}, "maintenance_window.start"),
+        ({"start": "22:00", "end": "22:00"}, "maintenance_window.end"),
+        ({"start": "22:00", "end": "05:00", "days": ["mon"]}, "maintenance_window.days"),
+        ("22:00-05:00", "maintenance_window"),
+    ],
+    ids=str,
+)
+def test_a_policy_with_a_bad_maintenance_window_is_refused(world, alice, window, field):
+    """Before, any JSON was stored and the evaluator failed on it when a stage passed."""
+    body = {"name": "nightly", "maintenance_window": window}
+    response = alice.client().post("/api/v1/rollout-policies/", body, format="json")
+    assert response.status_code == 400, response.json()
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("invalid_maintenance_window", field)
+    assert not RolloutPolicy.objects.filter(name="nightly").exists()
+
+
+def test_a_maintenance_window_may_cross_midnight_or_be_left_out(world, alice):
+    for name, window in (("nightly", {"start": "22:00", "end": "05:00"}), ("anytime", None)):
+        body = {"name": name, "maintenance_window": window}
+        assert alice.client().post("/api/v1/rollout-policies/", body, format="json").status_code == 201
+        assert RolloutPolicy.objects.get(name=name).maintenance_window == window
+
+
+def test_a_rollout_does_not_start_on_a_policy_whose_stored_window_is_bad(world, alice):
+    """A window stored before it was checked: refused at start, not a crash in the evaluator."""
+    RolloutPolicy.objects.update(maintenance_window={"start": "22:00"})
+    response = alice.client().post(f"/api/v1/rollouts/{world.pk}/start", {"reason": "go"}, format="json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_maintenance_window"
+    world.refresh_from_db()
+    assert world.state == "draft" and not world.assignments.exists()
+    RolloutPolicy.objects.update(maintenance_window={"start": "22:00", "end": "05:00"})  # control
+    response = alice.client().post(f"/api/v1/rollouts/{world.pk}/start", {"reason": "go"}, format="json")
+    assert response.status_code == 200 and response.json()["state"] == "running"
+
+
 @pytest.mark.parametrize("action", ACTIONS)
 def test_a_viewer_cannot_act(world, bob, action):
     response = bob.client().post(f"/api/v1/rollouts/{world.pk}/{action}")
