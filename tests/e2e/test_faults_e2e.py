@@ -48,7 +48,7 @@ from django.db.models import F
 
 from agent.config import parse_config
 from agent.core import Agent
-from fleet.mqtt.broker import INGEST_ROLE, PUBLISHER_ROLE, BrokerProcess, free_port, start_broker
+from fleet.mqtt.broker import BrokerProcess, free_port, start_broker
 from tests.conftest import wait_until
 
 # The test itself only reads (inside pytest-django's test transaction, which sees what the
@@ -385,12 +385,7 @@ def plane(django_db_setup, django_db_blocker, tmp_path_factory, digits):
     plane = None
     with django_db_blocker.unblock():
         try:
-            admin = broker.admin()
-            admin.set_default_deny()
-            broker.publisher_password = uuid.uuid4().hex
-            broker.ingest_password = uuid.uuid4().hex
-            admin.ensure_service_account("fleet-publisher", broker.publisher_password, role=PUBLISHER_ROLE)
-            admin.ensure_service_account("fleet-ingest", broker.ingest_password, role=INGEST_ROLE)
+            broker.provision()
             _schedule_evaluation()
             _artifacts(digits)
             RolloutPolicy.objects.create(
