@@ -117,6 +117,7 @@ class BrokerProcess:
     # The service accounts' passwords, once ``provision`` made them.
     publisher_password: str = ""
     ingest_password: str = ""
+    tls_dir: Path | None = None  # the listener's CA and certificate; data_dir/tls by default
 
     @property
     def url(self) -> str:
@@ -124,7 +125,7 @@ class BrokerProcess:
 
     @property
     def tls(self) -> LocalCA:
-        return LocalCA.at(self.data_dir / "tls")
+        return LocalCA.at(self.tls_dir or self.data_dir / "tls")
 
     @property
     def ca_file(self) -> Path:
@@ -204,37 +205,45 @@ def render_config(*, port: int, tls_port: int, tls_bind: str, tls: LocalCA, data
     return text
 
 
-def start_broker(
+def broker_prepare(
     data_dir: Path,
     *,
+    admin_password_file: Path | None = None,
     port: int = 0,
     tls_port: int = 0,
     tls_bind: str = PLAIN_HOST,
     tls_names: tuple[str, ...] = (),
+    tls_dir: Path | None = None,
 ) -> BrokerProcess:
-    """Start a Mosquitto with the project's config in ``data_dir`` (created if needed).
+    """Write a Mosquitto's files in ``data_dir`` (created if needed) without starting it:
+    ``mosquitto -c <data_dir>/mosquitto.conf`` then runs it (``make up``'s Procfile), or
+    the handle's ``start()``.
 
-    Port 0 picks a free port. The TLS listener's certificate comes from a CA made in
-    ``data_dir/tls`` on the first start (kept for restarts) and names the loopback
-    addresses plus ``tls_names``."""
+    Port 0 picks a free port. The dynamic security plugin starts with the admin account
+    whose password ``admin_password_file`` holds (``data_dir/admin-password``, made at
+    random, by default). The TLS listener uses the CA and certificate in ``tls_dir``
+    (``manage.py tls_local_ca``'s files); by default a CA made in ``data_dir/tls`` on first
+    use (kept for restarts) whose certificate names the loopback addresses and ``tls_names``."""
     if shutil.which("mosquitto") is None or shutil.which("mosquitto_ctrl") is None:
         raise BrokerError(
             "mosquitto and mosquitto_ctrl are needed: apt-get install mosquitto mosquitto-clients"
         )
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    password_file = data_dir / "admin-password"
-    dynsec_file = data_dir / "dynamic-security.json"
-    if not dynsec_file.exists():
+    password_file = Path(admin_password_file or data_dir / "admin-password")
+    if not password_file.exists():
         password_file.write_text(secrets.token_urlsafe(24))
         password_file.chmod(0o600)
+    admin_password = password_file.read_text().strip()
+    dynsec_file = data_dir / "dynamic-security.json"
+    if not dynsec_file.exists():
         subprocess.run(
-            ["mosquitto_ctrl", "dynsec", "init", str(dynsec_file), ADMIN_USER, password_file.read_text()],
+            ["mosquitto_ctrl", "dynsec", "init", str(dynsec_file), ADMIN_USER, admin_password],
             check=True,
             capture_output=True,
         )
     broker = BrokerProcess(
-        data_dir, port or free_port(), password_file.read_text(), tls_port or free_port(), tls_bind
+        data_dir, port or free_port(), admin_password, tls_port or free_port(), tls_bind, tls_dir=tls_dir
     )
     if not broker.ca_file.exists():
         local_ca_create(broker.tls.directory, names=tls_names)
@@ -243,6 +252,19 @@ def start_broker(
             port=broker.port, tls_port=broker.tls_port, tls_bind=tls_bind, tls=broker.tls, data_dir=data_dir
         )
     )
+    return broker
+
+
+def start_broker(
+    data_dir: Path,
+    *,
+    port: int = 0,
+    tls_port: int = 0,
+    tls_bind: str = PLAIN_HOST,
+    tls_names: tuple[str, ...] = (),
+) -> BrokerProcess:
+    """Start a Mosquitto with the project's config in ``data_dir`` (``broker_prepare``)."""
+    broker = broker_prepare(data_dir, port=port, tls_port=tls_port, tls_bind=tls_bind, tls_names=tls_names)
     broker.start()
     return broker
 

@@ -10,8 +10,8 @@ What the broker must hold before anything connects (docs/mqtt.md, "Provisioning"
 
 ``broker_plan`` builds that state as data; a ``BrokerProvisioner`` makes a broker match it,
 idempotently. Mosquitto's dynamic security plugin (``fleet.mqtt.broker.DynSec``) is the one
-implementation; an adapter for a clustered broker (EMQX, HiveMQ, VerneMQ: docs/operations.md,
-"Scaling out") implements the same one method against its own API. ``manage.py
+implementation; an adapter for a clustered broker (EMQX, HiveMQ, VerneMQ: docs/mqtt.md,
+"Another broker") implements the same one method against its own API. ``manage.py
 broker_provision``, the demo, the tests and the benchmarks all call ``broker_provision``.
 
 Imports no Django: the benchmarks and the agent's tests use it without settings.
