@@ -160,6 +160,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# whitenoise (MIDDLEWARE) reads STATIC_ROOT once at start in production. In development and
+# tests (DEBUG=1, even where the test runner turns DEBUG off) it looks at each request,
+# so that it needs no collectstatic and warns about no missing directory.
+WHITENOISE_AUTOREFRESH = DEBUG
 
 # --- artifact storage (Django storage API; docs/operations.md shows the S3 setup)
 ARTIFACT_ROOT = _path("ARTIFACT_ROOT", VAR_DIR / "artifacts")

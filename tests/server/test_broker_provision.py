@@ -219,3 +219,27 @@ def test_the_command_reads_password_files_and_never_prints_them(fresh, tmp_path)
     refused = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
     assert "refused 'fleet-admin'" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_an_unreadable_password_file_in_the_environment_is_one_line_and_changes_nothing(fresh, tmp_path):
+    before = state(fresh)
+    env = {
+        **os.environ,
+        "DEBUG": "1",
+        "MQTT_URL": fresh.url,
+        "MQTT_ADMIN_PASSWORD": fresh.admin_password,
+        "MQTT_PUBLISHER_PASSWORD": PUBLISHER,
+        "MQTT_INGEST_PASSWORD_FILE": str(tmp_path / "no-such-file"),
+    }
+    done = subprocess.run(
+        [sys.executable, "manage.py", "broker_provision"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: MQTT_INGEST_PASSWORD_FILE: cannot read ")
+    assert "Traceback" not in done.stderr and fresh.admin_password not in done.stderr
+    assert state(fresh) == before
