@@ -102,7 +102,8 @@ def production_env() -> dict[str, str]:
 
 
 def manage(env: dict[str, str], *args: str) -> None:
-    print(f"make up: manage.py {' '.join(args)}", flush=True)
+    shown = [arg.split("=", 1)[0] + "=…" if arg.startswith("--password=") else arg for arg in args]
+    print(f"make up: manage.py {' '.join(shown)}", flush=True)
     if subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env).returncode:
         fail(f"manage.py {args[0]} failed (above)")
 

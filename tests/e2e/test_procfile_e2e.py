@@ -178,8 +178,9 @@ def test_make_up_serves_an_upload_rollout_and_agent_then_stops_cleanly(up, tmp_p
 
     var, base = up["var"], up["url"]
     log = up["log"].read_text(errors="replace")
-    for account in ("admin", "publisher", "ingest"):  # the log names no secret
-        assert (var / "secrets" / f"mqtt-{account}").read_text() not in log
+    for secret in ("mqtt-admin", "mqtt-publisher", "mqtt-ingest", "admin-login"):  # the log names none
+        assert (var / "secrets" / secret).read_text() not in log
+    assert "--password=…" in log  # (the command that made the admin login is shown, masked)
     # Production settings: no debug page (positive control: the page is a 404 at all).
     missing = requests.get(f"{base}/no-such-page/", verify=up["ca"], timeout=10)
     assert missing.status_code == 404 and "DEBUG = True" not in missing.text
