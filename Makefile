@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 REQS := $(wildcard requirements/*.txt)
 STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 
-.PHONY: setup test demo lint format bench clean
+.PHONY: setup test demo up lint format bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 ## demo: set up, start the control plane and a Celery worker, upload the digits model
 demo: setup
 	scripts/with-services.sh $(PY) scripts/demo.py
+
+## up: the production processes (Procfile) with production settings until Ctrl-C; state in var/up
+up: setup
+	scripts/with-services.sh $(PY) scripts/up.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -425,11 +425,7 @@ def main() -> int:
     trust = trust_for(key)
     with tempfile.TemporaryDirectory(prefix="modelfleet-agent-bench-") as tmp:
         work = Path(tmp)
-        broker = start_broker(work / "broker")
-        admin = broker.admin()
-        admin.set_default_deny()
-        broker.publisher_password = secrets.token_urlsafe(12)
-        admin.ensure_service_account("fleet-publisher", broker.publisher_password, role="fleet-publisher")
+        broker = start_broker(work / "broker").provision()
         try:
             with ArtifactServer() as server:
                 agent = make_agent(broker, trust, work / "state", "bench-agent")

@@ -198,7 +198,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fleet.mqtt.broker import PUBLISHER_ROLE, start_broker
+    from fleet.mqtt.broker import start_broker
 
     console = Console()
     with tempfile.TemporaryDirectory(prefix="modelfleet-fanout-") as tmp:
@@ -206,10 +206,8 @@ def main() -> int:
         broker = start_broker(work / "broker")
         worker = None
         try:
+            broker.provision()
             admin = broker.admin()
-            admin.set_default_deny()
-            broker.publisher_password = secrets.token_urlsafe(12)
-            admin.ensure_service_account("fleet-publisher", broker.publisher_password, role=PUBLISHER_ROLE)
             bench_password = secrets.token_urlsafe(12)
             admin.command(
                 {"command": "createRole", "rolename": "fleet-bench"},

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fleet.mqtt.broker import INGEST_ROLE, start_broker  # noqa: E402
+from fleet.mqtt.broker import start_broker  # noqa: E402
 
 DATABASE = "modelfleet_bench"
 SERVER_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
@@ -308,11 +308,8 @@ def main() -> int:
     processes: list = []
     bridge = broker = None
     try:
-        broker = start_broker(var_dir / "mosquitto")
-        admin = broker.admin()
-        admin.set_default_deny()
-        ingest_password = secrets.token_urlsafe(16)
-        admin.ensure_service_account("fleet-ingest", ingest_password, role=INGEST_ROLE)
+        broker = start_broker(var_dir / "mosquitto").provision()
+        ingest_password = broker.ingest_password
         env = {
             **os.environ,
             "DEBUG": "0",

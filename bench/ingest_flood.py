@@ -43,7 +43,7 @@ from bench.ingest import (  # noqa: E402
     publisher,
     wait_for_line,
 )
-from fleet.mqtt.broker import INGEST_ROLE, start_broker  # noqa: E402
+from fleet.mqtt.broker import start_broker  # noqa: E402
 
 RATE, BURST = 5, 100  # the settings' defaults, passed explicitly
 LIMIT_RSS_GROWTH_MB = 30
@@ -112,11 +112,8 @@ def main() -> int:
     processes: list = []
     bridge = broker = None
     try:
-        broker = start_broker(var_dir / "mosquitto")
-        admin = broker.admin()
-        admin.set_default_deny()
-        ingest_password = secrets.token_urlsafe(16)
-        admin.ensure_service_account("fleet-ingest", ingest_password, role=INGEST_ROLE)
+        broker = start_broker(var_dir / "mosquitto").provision()
+        ingest_password = broker.ingest_password
         env = {
             **os.environ,
             "DEBUG": "0",

@@ -99,6 +99,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (admin, API docs) from STATIC_ROOT, filled by collectstatic: no web
+    # server of their own needed in front of gunicorn (docs/operations.md, "Processes").
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -157,6 +160,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# whitenoise (MIDDLEWARE) reads STATIC_ROOT once at start in production. In development and
+# tests (DEBUG=1, even where the test runner turns DEBUG off) it looks at each request,
+# so that it needs no collectstatic and warns about no missing directory.
+WHITENOISE_AUTOREFRESH = DEBUG
 
 # --- artifact storage (Django storage API; docs/operations.md shows the S3 setup)
 ARTIFACT_ROOT = _path("ARTIFACT_ROOT", VAR_DIR / "artifacts")

@@ -31,8 +31,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fleet.mqtt.broker import INGEST_ROLE, PUBLISHER_ROLE, start_broker  # noqa: E402
 from fleet.mqtt.broker import free_port as any_free_port  # noqa: E402
+from fleet.mqtt.broker import start_broker  # noqa: E402
 from samples import digits  # noqa: E402
 
 console = Console()
@@ -582,13 +582,7 @@ def main() -> int:
     (VAR / "logs").mkdir(parents=True)
     port = free_port(int(os.environ.get("DEMO_PORT", "8000")))
     base = f"http://127.0.0.1:{port}"
-    broker = start_broker(VAR / "mosquitto")
-    admin = broker.admin()
-    admin.set_default_deny()
-    broker.publisher_password = secrets.token_urlsafe(16)
-    admin.ensure_service_account("fleet-publisher", broker.publisher_password, role=PUBLISHER_ROLE)
-    broker.ingest_password = secrets.token_urlsafe(16)
-    admin.ensure_service_account("fleet-ingest", broker.ingest_password, role=INGEST_ROLE)
+    broker = start_broker(VAR / "mosquitto").provision()
     env = demo_env(port, broker)
     fresh_database(DEMO_DATABASE)
     admin_password = secrets.token_urlsafe(9)

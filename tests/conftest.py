@@ -4,7 +4,6 @@ process, LiteRT on the sample .tflite files the project builds itself."""
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.mqtt.broker import INGEST_ROLE, PUBLISHER_ROLE, start_broker
+from fleet.mqtt.broker import start_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,13 +100,7 @@ def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory, 
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
-    broker = start_broker(tmp_path_factory.mktemp("mosquitto"))
-    admin = broker.admin()
-    admin.set_default_deny()
-    broker.publisher_password = secrets.token_urlsafe(12)
-    broker.ingest_password = secrets.token_urlsafe(12)
-    admin.ensure_service_account("fleet-publisher", broker.publisher_password, role=PUBLISHER_ROLE)
-    admin.ensure_service_account("fleet-ingest", broker.ingest_password, role=INGEST_ROLE)
+    broker = start_broker(tmp_path_factory.mktemp("mosquitto")).provision()
     yield broker
     broker.stop()
 

@@ -8,8 +8,9 @@ Two halves:
   for the control plane's accounts; the dynamic security plugin is initialised with an
   admin account.
 * ``DynSec`` drives the dynamic security plugin over ``$CONTROL/dynamic-security/v1``:
-  per-device credentials and roles, service accounts, disabling clients. Changes are
-  live; the broker is never restarted or reloaded.
+  per-device credentials and roles, disabling clients, and the control plane's own roles
+  and service accounts (``DynSec.provision``, the ``BrokerProvisioner`` of
+  ``fleet.mqtt.provisioning``). Changes are live; the broker is never restarted or reloaded.
 
 This module imports no Django, so the agent's tests and the demo can use it too.
 """
@@ -35,8 +36,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.protocol.topics import DESIRED, DEVICE_TOPICS, INGEST_SHARE_GROUP, Topics
+from agent.protocol.topics import DEVICE_TOPICS, Topics
 from fleet.core.tls import LocalCA, local_ca_create
+from fleet.mqtt.provisioning import Acl, BrokerPlan, ServiceAccount, broker_provision
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 CONFIG_TEMPLATE = ROOT / "docker" / "mosquitto" / "mosquitto.conf"
@@ -49,13 +51,19 @@ PLUGIN_CANDIDATES = (
 )
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 ADMIN_USER = "fleet-admin"
-PUBLISHER_ROLE = "fleet-publisher"
-INGEST_ROLE = "fleet-ingest"
 # The plain listener's address in the shipped config: loopback only (docs/mqtt.md).
 PLAIN_HOST = "127.0.0.1"
 MQTT_PORT = 1883
 MQTTS_PORT = 8883
 
+
+# Anything not granted by a role is refused, including receiving messages.
+DEFAULT_DENY = (
+    ("publishClientSend", False),
+    ("publishClientReceive", False),
+    ("subscribe", False),
+    ("unsubscribe", True),
+)
 
 # Stamped (textdescription) on the clients the control plane creates for devices.
 DEVICE_CLIENT_MARKER = "modelfleet-device:"
@@ -106,6 +114,10 @@ class BrokerProcess:
     tls_port: int
     tls_bind: str = PLAIN_HOST
     process: subprocess.Popen | None = None
+    # The service accounts' passwords, once ``provision`` made them.
+    publisher_password: str = ""
+    ingest_password: str = ""
+    tls_dir: Path | None = None  # the listener's CA and certificate; data_dir/tls by default
 
     @property
     def url(self) -> str:
@@ -113,7 +125,7 @@ class BrokerProcess:
 
     @property
     def tls(self) -> LocalCA:
-        return LocalCA.at(self.data_dir / "tls")
+        return LocalCA.at(self.tls_dir or self.data_dir / "tls")
 
     @property
     def ca_file(self) -> Path:
@@ -160,6 +172,19 @@ class BrokerProcess:
     def admin(self) -> DynSec:
         return DynSec(self.url, ADMIN_USER, self.admin_password)
 
+    def provision(self) -> BrokerProcess:
+        """Default deny and the control plane's service accounts, with fresh passwords:
+        what ``manage.py broker_provision`` does on a production broker, by the same code."""
+        self.publisher_password = secrets.token_urlsafe(16)
+        self.ingest_password = secrets.token_urlsafe(16)
+        broker_provision(
+            self.admin(),
+            topics=Topics(),
+            publisher_password=self.publisher_password,
+            ingest_password=self.ingest_password,
+        )
+        return self
+
 
 def render_config(*, port: int, tls_port: int, tls_bind: str, tls: LocalCA, data_dir: Path) -> str:
     replacements = {
@@ -180,37 +205,45 @@ def render_config(*, port: int, tls_port: int, tls_bind: str, tls: LocalCA, data
     return text
 
 
-def start_broker(
+def broker_prepare(
     data_dir: Path,
     *,
+    admin_password_file: Path | None = None,
     port: int = 0,
     tls_port: int = 0,
     tls_bind: str = PLAIN_HOST,
     tls_names: tuple[str, ...] = (),
+    tls_dir: Path | None = None,
 ) -> BrokerProcess:
-    """Start a Mosquitto with the project's config in ``data_dir`` (created if needed).
+    """Write a Mosquitto's files in ``data_dir`` (created if needed) without starting it:
+    ``mosquitto -c <data_dir>/mosquitto.conf`` then runs it (``make up``'s Procfile), or
+    the handle's ``start()``.
 
-    Port 0 picks a free port. The TLS listener's certificate comes from a CA made in
-    ``data_dir/tls`` on the first start (kept for restarts) and names the loopback
-    addresses plus ``tls_names``."""
+    Port 0 picks a free port. The dynamic security plugin starts with the admin account
+    whose password ``admin_password_file`` holds (``data_dir/admin-password``, made at
+    random, by default). The TLS listener uses the CA and certificate in ``tls_dir``
+    (``manage.py tls_local_ca``'s files); by default a CA made in ``data_dir/tls`` on first
+    use (kept for restarts) whose certificate names the loopback addresses and ``tls_names``."""
     if shutil.which("mosquitto") is None or shutil.which("mosquitto_ctrl") is None:
         raise BrokerError(
             "mosquitto and mosquitto_ctrl are needed: apt-get install mosquitto mosquitto-clients"
         )
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    password_file = data_dir / "admin-password"
-    dynsec_file = data_dir / "dynamic-security.json"
-    if not dynsec_file.exists():
+    password_file = Path(admin_password_file or data_dir / "admin-password")
+    if not password_file.exists():
         password_file.write_text(secrets.token_urlsafe(24))
         password_file.chmod(0o600)
+    admin_password = password_file.read_text().strip()
+    dynsec_file = data_dir / "dynamic-security.json"
+    if not dynsec_file.exists():
         subprocess.run(
-            ["mosquitto_ctrl", "dynsec", "init", str(dynsec_file), ADMIN_USER, password_file.read_text()],
+            ["mosquitto_ctrl", "dynsec", "init", str(dynsec_file), ADMIN_USER, admin_password],
             check=True,
             capture_output=True,
         )
     broker = BrokerProcess(
-        data_dir, port or free_port(), password_file.read_text(), tls_port or free_port(), tls_bind
+        data_dir, port or free_port(), admin_password, tls_port or free_port(), tls_bind, tls_dir=tls_dir
     )
     if not broker.ca_file.exists():
         local_ca_create(broker.tls.directory, names=tls_names)
@@ -219,6 +252,19 @@ def start_broker(
             port=broker.port, tls_port=broker.tls_port, tls_bind=tls_bind, tls=broker.tls, data_dir=data_dir
         )
     )
+    return broker
+
+
+def start_broker(
+    data_dir: Path,
+    *,
+    port: int = 0,
+    tls_port: int = 0,
+    tls_bind: str = PLAIN_HOST,
+    tls_names: tuple[str, ...] = (),
+) -> BrokerProcess:
+    """Start a Mosquitto with the project's config in ``data_dir`` (``broker_prepare``)."""
+    broker = broker_prepare(data_dir, port=port, tls_port=tls_port, tls_bind=tls_bind, tls_names=tls_names)
     broker.start()
     return broker
 
@@ -353,20 +399,6 @@ class DynSec:
             with contextlib.suppress(BrokerError):
                 self.command(command)
 
-    def set_default_deny(self) -> None:
-        """Anything not granted by a role is refused, including receiving messages."""
-        self.command(
-            {
-                "command": "setDefaultACLAccess",
-                "acls": [
-                    {"acltype": "publishClientSend", "allow": False},
-                    {"acltype": "publishClientReceive", "allow": False},
-                    {"acltype": "subscribe", "allow": False},
-                    {"acltype": "unsubscribe", "allow": True},
-                ],
-            }
-        )
-
     def device_acls(self, device_id: str) -> list[tuple[str, str]]:
         """Exactly the contract: read own desired, the fleet's trust bundle and the ingest
         bridge's replay request, write own status/reported/events/telemetry."""
@@ -390,13 +422,7 @@ class DynSec:
     def get_client(self, username: str) -> dict[str, Any] | None:
         """The client's record (username, clientid, textname, textdescription, roles,
         groups, disabled), or None when there is no such client."""
-        try:
-            responses = self.command({"command": "getClient", "username": username})
-        except BrokerError as exc:
-            if "not found" in str(exc).lower():
-                return None
-            raise
-        return responses[0].get("data", {}).get("client") or {}
+        return self._get({"command": "getClient", "username": username}, "client")
 
     @staticmethod
     def device_role(device_id: str) -> str:
@@ -484,35 +510,123 @@ class DynSec:
         self._ignore_existing({"command": "deleteRole", "rolename": self.device_role(device_id)})
         return client is not None
 
-    def ensure_service_account(self, username: str, password: str, *, role: str) -> None:
-        prefix = self.topics.prefix
-        acls = {
-            PUBLISHER_ROLE: [
-                ("publishClientSend", f"{prefix}/devices/+/{DESIRED}"),
-                ("publishClientSend", self.topics.trust()),
-            ],
-            INGEST_ROLE: [
-                *[
-                    ("subscribePattern", f"$share/{INGEST_SHARE_GROUP}/{prefix}/devices/+/{kind}")
-                    for kind in DEVICE_TOPICS
-                ],
-                *[("subscribePattern", f"{prefix}/devices/+/{kind}") for kind in DEVICE_TOPICS],
-                *[("publishClientReceive", f"{prefix}/devices/+/{kind}") for kind in DEVICE_TOPICS],
-                ("publishClientSend", self.topics.replay()),
-            ],
-        }[role]
-        self._ignore_existing(
-            {"command": "deleteClient", "username": username}, {"command": "deleteRole", "rolename": role}
-        )
-        self.command(
-            *self._role_commands(role, acls),
-            {
-                "command": "createClient",
-                "username": username,
-                "password": password,
-                "roles": [{"rolename": role}],
-            },
-        )
+    # --- the control plane's own roles and accounts (BrokerProvisioner)
+
+    def _get(self, command: dict[str, Any], key: str) -> dict[str, Any] | None:
+        try:
+            responses = self.command(command)
+        except BrokerError as exc:
+            if "not found" in str(exc).lower():
+                return None
+            raise
+        return responses[0].get("data", {}).get(key) or {}
+
+    def login_works(self, username: str, password: str) -> bool:
+        try:
+            client = mqtt_client(
+                self.url,
+                client_id=f"fleet-check-{uuid.uuid4().hex[:8]}",
+                username=username,
+                password=password,
+                ca_file=self.ca_file,
+            )
+        except BrokerError:
+            return False
+        client.disconnect()
+        client.loop_stop()
+        return True
+
+    def _role_changes(self, role: str, acls: frozenset[Acl]) -> tuple[list[dict[str, Any]], str | None]:
+        current = self._get({"command": "getRole", "rolename": role}, "role")
+        if current is None:
+            return self._role_commands(role, sorted((acl.type.value, acl.topic) for acl in acls)), (
+                f"role {role} created with {len(acls)} ACL entries"
+            )
+        have = {
+            (entry["acltype"], entry["topic"])
+            for entry in current.get("acls") or []
+            if entry.get("allow", True)
+        }
+        denied = [(e["acltype"], e["topic"]) for e in current.get("acls") or [] if not e.get("allow", True)]
+        want = {(acl.type.value, acl.topic) for acl in acls}
+        remove = sorted((have - want) | set(denied))
+        add = sorted(want - have)
+        commands = [
+            {"command": "removeRoleACL", "rolename": role, "acltype": kind, "topic": topic}
+            for kind, topic in remove
+        ] + self._role_commands(role, add)[1:]
+        if not commands:
+            return [], None
+        return commands, f"role {role}: {len(add)} ACL entries added, {len(remove)} removed"
+
+    def _account_changes(self, account: ServiceAccount) -> tuple[list[dict[str, Any]], list[str]]:
+        client = self.get_client(account.username)
+        if client is None:
+            return [
+                {
+                    "command": "createClient",
+                    "username": account.username,
+                    "password": account.password,
+                    "textname": "Modelfleet service account",
+                    "roles": [{"rolename": account.role}],
+                }
+            ], [f"account {account.username} created with role {account.role}"]
+        if (client.get("textdescription") or "").startswith(DEVICE_CLIENT_MARKER):
+            raise ClientNotOwned(
+                f"the broker client {account.username!r} belongs to a device; it is left untouched "
+                "(choose another MQTT_*_USERNAME)"
+            )
+        commands: list[dict[str, Any]] = []
+        changes: list[str] = []
+        roles = {role.get("rolename") for role in client.get("roles") or []}
+        for role in sorted(roles - {account.role}):
+            commands.append({"command": "removeClientRole", "username": account.username, "rolename": role})
+            changes.append(f"account {account.username}: role {role} removed")
+        if account.role not in roles:
+            commands.append(
+                {"command": "addClientRole", "username": account.username, "rolename": account.role}
+            )
+            changes.append(f"account {account.username}: role {account.role} added")
+        password = {
+            "command": "setClientPassword",
+            "username": account.username,
+            "password": account.password,
+        }
+        if client.get("disabled"):  # a disabled account cannot prove its password: set it too
+            commands += [password, {"command": "enableClient", "username": account.username}]
+            changes.append(f"account {account.username} enabled, password set")
+        elif not self.login_works(account.username, account.password):
+            # Checked by logging in, since the broker keeps only a hash: an unchanged
+            # password is not set again (which would drop the account's connections).
+            commands.append(password)
+            changes.append(f"account {account.username}: password changed")
+        return commands, changes
+
+    def provision(self, plan: BrokerPlan) -> list[str]:
+        """``BrokerProvisioner`` for Mosquitto: reads the current state first, then sends
+        every change in one control message (the broker runs them in order)."""
+        commands: list[dict[str, Any]] = []
+        changes: list[str] = []
+        default = self._get({"command": "getDefaultACLAccess"}, "acls")
+        if {(entry["acltype"], entry["allow"]) for entry in default or []} != set(DEFAULT_DENY):
+            commands.append(
+                {
+                    "command": "setDefaultACLAccess",
+                    "acls": [{"acltype": kind, "allow": allow} for kind, allow in DEFAULT_DENY],
+                }
+            )
+            changes.append("default access set to deny")
+        for role, acls in plan.roles.items():
+            role_commands, change = self._role_changes(role, acls)
+            commands += role_commands
+            changes += [change] if change else []
+        for account in plan.accounts:
+            account_commands, account_changes = self._account_changes(account)
+            commands += account_commands
+            changes += account_changes
+        if commands:
+            self.command(*commands)
+        return changes
 
     def disable_client(self, username: str) -> None:
         """Refuse new connections and kick the current one (dynsec disconnects it)."""

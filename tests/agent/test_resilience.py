@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import requests
 
 from agent import runtime
 from agent.store import Store
-from fleet.mqtt.broker import INGEST_ROLE, free_port, mqtt_client, start_broker
+from fleet.mqtt.broker import free_port, mqtt_client, start_broker
 from tests.agent.conftest import Collector, desired_envelope, publish_artifact, publish_desired
 from tests.conftest import ROOT, wait_until
 
@@ -49,10 +48,7 @@ def test_after_a_broker_outage_it_reconnects_and_delivers_what_happened_meanwhil
 ):
     broker = start_broker(tmp_path / "own-broker")
     try:
-        admin = broker.admin()
-        admin.set_default_deny()
-        ingest_password = secrets.token_urlsafe(12)
-        admin.ensure_service_account("fleet-ingest", ingest_password, role=INGEST_ROLE)
+        broker.provision()
         found = Collector()
 
         def on_message(client, userdata, message):
@@ -64,7 +60,7 @@ def test_after_a_broker_outage_it_reconnects_and_delivers_what_happened_meanwhil
             broker.url,
             client_id=f"watcher-{uuid.uuid4().hex[:6]}",
             username="fleet-ingest",
-            password=ingest_password,
+            password=broker.ingest_password,
             clean_start=False,
             session_expiry_s=3600,
         )

@@ -4,6 +4,7 @@ with the project's config; the agents connect to its TLS listener and pin the ru
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 
@@ -24,6 +25,8 @@ from tests.conftest import wait_until
 from tests.server.conftest import ready_artifact
 
 DEVICES = 20
+EVALUATE_SCHEDULE = "rollouts: evaluate running rollouts"
+EVALUATE_TASK = "fleet.rollouts.tasks.rollouts_evaluate_running"
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0", "4.0.0")  # 3.0.0 and 4.0.0 are the bad retrains
 
 
@@ -208,3 +211,23 @@ def put_everywhere(agents, control_plane, version: str) -> None:
         timeout=30,
         message=f"the control plane to see {version} everywhere",
     )
+
+
+def schedule_evaluation(*, every_s: int) -> None:
+    """The rollout evaluation's beat schedule (migration rollouts 0002), at a test pace,
+    for the tests that run beat as a process. Made here too: a transactional test that ran
+    before flushed it away."""
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    every, _ = IntervalSchedule.objects.get_or_create(every=every_s, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.update_or_create(
+        name=EVALUATE_SCHEDULE,
+        defaults={"task": EVALUATE_TASK, "interval": every, "enabled": True},
+    )
+
+
+def processes_database_url() -> str:
+    """The test database, as the control plane's processes reach it."""
+    from django.db import connection
+
+    return os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + connection.settings_dict["NAME"]

@@ -48,8 +48,9 @@ from django.db.models import F
 
 from agent.config import parse_config
 from agent.core import Agent
-from fleet.mqtt.broker import INGEST_ROLE, PUBLISHER_ROLE, BrokerProcess, free_port, start_broker
+from fleet.mqtt.broker import BrokerProcess, free_port, start_broker
 from tests.conftest import wait_until
+from tests.e2e.conftest import processes_database_url, schedule_evaluation
 
 # The test itself only reads (inside pytest-django's test transaction, which sees what the
 # processes commit); every write goes through the API. The module fixture's data is
@@ -75,8 +76,6 @@ EVALUATE_EVERY_S = 1
 ROLLOUT_TIMEOUT = 60
 REPUBLISH_SECONDS = 3
 APP_REQUEST_EVERY_S = 0.2
-EVALUATE_SCHEDULE = "rollouts: evaluate running rollouts"
-EVALUATE_TASK = "fleet.rollouts.tasks.rollouts_evaluate_running"
 WEB_OPTIONS = ("-w", "2", "-k", "gthread", "--threads", "4", "--graceful-timeout", "5")
 WORKER_OPTIONS = ("-P", "solo", "-l", "info", "--without-gossip", "--without-mingle", "--without-heartbeat")
 
@@ -229,18 +228,6 @@ def _serve_requests(agent: Agent, sample: list, stop: threading.Event) -> None:
             session.post(url, json={"inputs": [sample]}, timeout=5)
 
 
-def _schedule_evaluation() -> None:
-    """The rollout evaluation's beat schedule (migration rollouts 0002), at a test pace.
-    Made here too: a transactional test that ran before this module flushed it away."""
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
-
-    every, _ = IntervalSchedule.objects.get_or_create(every=EVALUATE_EVERY_S, period=IntervalSchedule.SECONDS)
-    PeriodicTask.objects.update_or_create(
-        name=EVALUATE_SCHEDULE,
-        defaults={"task": EVALUATE_TASK, "interval": every, "enabled": True},
-    )
-
-
 def _artifacts(digits) -> None:
     from fleet.registry import services as registry
     from fleet.registry.models import MLModel
@@ -256,18 +243,13 @@ def _artifacts(digits) -> None:
             ready_artifact(row, variant, data)
 
 
-def _database_url() -> str:
-    """The test database, as the other processes reach it."""
-    return os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + connection.settings_dict["NAME"]
-
-
 def _services(tmp: Path, broker: BrokerProcess, web_url: str, web_port: int) -> dict[str, Service]:
     queue = f"faults-{uuid.uuid4().hex[:8]}"
     node = f"{queue}@localhost"
     env = {
         **os.environ,
         "DEBUG": "1",
-        "DATABASE_URL": _database_url(),
+        "DATABASE_URL": processes_database_url(),
         "CELERY_QUEUE": queue,
         "MQTT_URL": broker.url,
         "MQTT_PUBLIC_URL": broker.tls_url,  # devices over TLS, as in production
@@ -385,13 +367,8 @@ def plane(django_db_setup, django_db_blocker, tmp_path_factory, digits):
     plane = None
     with django_db_blocker.unblock():
         try:
-            admin = broker.admin()
-            admin.set_default_deny()
-            broker.publisher_password = uuid.uuid4().hex
-            broker.ingest_password = uuid.uuid4().hex
-            admin.ensure_service_account("fleet-publisher", broker.publisher_password, role=PUBLISHER_ROLE)
-            admin.ensure_service_account("fleet-ingest", broker.ingest_password, role=INGEST_ROLE)
-            _schedule_evaluation()
+            broker.provision()
+            schedule_evaluation(every_s=EVALUATE_EVERY_S)
             _artifacts(digits)
             RolloutPolicy.objects.create(
                 name="faults",
@@ -513,7 +490,7 @@ def _pin_worker_in_publish(plane: Plane, start: Callable[[], int]) -> int:
         worker.signal(signal.SIGCONT)
         raise
     table = SigningKey._meta.db_table
-    with psycopg.connect(_database_url()) as lock:
+    with psycopg.connect(processes_database_url()) as lock:
         lock.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
         worker.signal(signal.SIGCONT)
         wait_until(
