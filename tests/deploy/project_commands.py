@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import io
 import shlex
 import tomllib
 from pathlib import Path, PurePosixPath
+
+from dockerfile_parse import DockerfileParser
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 # Where the repository sits in the image (docker/Dockerfile's WORKDIR) and on a server
@@ -193,3 +196,8 @@ def signature(argv: list[str]) -> tuple[str, ...]:
 def shell_words(command: str | list[str]) -> list[str]:
     """A compose/Dockerfile command, list (exec form) or string (shell form)."""
     return list(command) if isinstance(command, list) else shlex.split(command)
+
+
+def parse_dockerfile(path: Path) -> DockerfileParser:
+    """dockerfile-parse on one file (given a path, it would look for path/Dockerfile)."""
+    return DockerfileParser(fileobj=io.BytesIO(path.read_bytes()))

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import jsonschema
-from dockerfile_parse import DockerfileParser
 
 from tests.deploy.conftest import read_env_file
-from tests.deploy.project_commands import ROOT, check_command, shell_words, split_shell
+from tests.deploy.project_commands import ROOT, check_command, parse_dockerfile, shell_words, split_shell
 
 SCHEMA = json.loads((Path(__file__).parent / "compose_spec" / "compose-spec.json").read_text())
 SETTINGS_SOURCE = (ROOT / "fleet" / "settings.py").read_text()
@@ -40,7 +39,7 @@ def project_services(compose: dict) -> dict[str, dict]:
 
 
 def image_env() -> dict[str, str]:
-    parser = DockerfileParser(str(ROOT / "docker" / "Dockerfile"))
+    parser = parse_dockerfile(ROOT / "docker" / "Dockerfile")
     return dict(parser.envs)
 
 
