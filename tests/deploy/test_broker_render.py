@@ -69,7 +69,7 @@ def test_a_wrong_admin_password_is_refused(rendered_broker):
 
 
 def test_rendering_again_keeps_the_accounts_the_broker_holds(rendered_broker, tmp_path, password_file):
-    rendered_broker.admin().ensure_service_account("fleet-ingest", "ingest-password", role="fleet-ingest")
+    rendered_broker.admin().ensure_device("cam-0001", "device-password")
     rendered_broker.stop()
     result = render(
         tmp_path,
@@ -80,7 +80,7 @@ def test_rendering_again_keeps_the_accounts_the_broker_holds(rendered_broker, tm
     assert result.returncode == 0, result.stderr
     assert "created" not in result.stdout
     rendered_broker.start()
-    assert rendered_broker.admin().get_client("fleet-ingest") is not None
+    assert rendered_broker.admin().get_client("cam-0001") is not None
 
 
 def test_missing_tls_files_or_password_stop_it_with_a_clear_error(tmp_path, password_file):
