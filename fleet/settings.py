@@ -423,7 +423,7 @@ LOGGING = {
     "filters": {"context": {"()": "fleet.core.logs.ContextFilter"}},
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-        "json": {"()": "fleet.core.logs.json_formatter"},
+        "json": {"()": "agent.metrics.json_formatter"},
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from django.http import HttpRequest, HttpResponse
-from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's request id is kept only if it is short and plain: it ends up in log lines.
@@ -50,16 +49,6 @@ class ContextFilter(logging.Filter):
             if value is not None and not hasattr(record, name):
                 setattr(record, name, value)
         return True
-
-
-def json_formatter() -> JsonFormatter:
-    """One JSON object a line: time (UTC, ISO 8601), level, logger, message, the context
-    fields that apply, any ``extra`` and the traceback."""
-    return JsonFormatter(
-        "%(levelname)s %(name)s %(message)s",
-        rename_fields={"levelname": "level", "name": "logger"},
-        timestamp="time",
-    )
 
 
 def _with_request_id(get_response, request: HttpRequest, value: str) -> HttpResponse:
