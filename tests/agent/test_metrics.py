@@ -2,11 +2,16 @@
 LiteRT, a real download (resumed after a dropped connection), a hot swap and a refused
 desired state, the named series say so."""
 
+import json
+import logging
+
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import cli
 from agent.localapi import unix_request
+from agent.metrics import log_setup
 from tests.agent.conftest import desired_envelope, publish_artifact
 
 
@@ -128,3 +133,24 @@ def test_metrics_on_a_unix_socket(make_agent, tmp_path):
     status, body = unix_request(str(socket_path), "GET", "/metrics")
     assert status == 200
     assert value(parse(body.decode()), "modelfleet_agent_download_resumes_total") == 0
+
+
+def test_the_json_log_format_names_the_device(capsys):
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        log_setup(level="INFO", log_format="json", device_id="cam-7")
+        logging.getLogger("agent.core").warning("event failed reason=%s", "hash_mismatch")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    (line,) = [json.loads(text) for text in capsys.readouterr().err.splitlines()]
+    assert line["device_id"] == "cam-7"
+    assert line["message"] == "event failed reason=hash_mismatch"
+    assert (line["level"], line["logger"]) == ("WARNING", "agent.core")
+
+
+def test_an_unknown_log_format_is_refused_at_start(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LOG_FORMAT", "xml")
+    assert cli.main(["run", "--config", str(tmp_path / "missing.toml")]) == cli.EXIT_CONFIG
+    assert "LOG_FORMAT" in capsys.readouterr().err
