@@ -13,6 +13,7 @@ from agent import cli
 from agent.localapi import unix_request
 from agent.metrics import log_setup
 from tests.agent.conftest import desired_envelope, publish_artifact
+from tests.grafana import missing
 
 
 def scrape(agent) -> dict[tuple[str, frozenset], float]:
@@ -154,3 +155,17 @@ def test_an_unknown_log_format_is_refused_at_start(monkeypatch, tmp_path, capsys
     monkeypatch.setenv("LOG_FORMAT", "xml")
     assert cli.main(["run", "--config", str(tmp_path / "missing.toml")]) == cli.EXIT_CONFIG
     assert "LOG_FORMAT" in capsys.readouterr().err
+
+
+def test_the_dashboards_agent_panels_read_series_the_agent_shows(
+    agent, digits, artifact_server, artifacts, signing_key
+):
+    x, _ = digits.golden_set()
+    predict(agent, x[0].tolist())
+    requests.post(f"{agent.api.address}/v1/models/digits:predict", json={"inputs": [[[0.0]]]}, timeout=5)
+    v1 = publish_artifact(artifact_server, artifacts[("1.0.0", "int8")])
+    agent.apply(desired_envelope(signing_key, "somebody-else", 2, {"digits": v1}))
+    scraped = {name for name, _ in scrape(agent)}
+    assert missing(scraped, agent=True) == {}
+    # Positive control: a name the agent does not have is reported.
+    assert missing(scraped - {"modelfleet_agent_swaps_total"}, agent=True)
