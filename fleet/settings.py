@@ -421,9 +421,11 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"context": {"()": "fleet.core.logs.ContextFilter"}},
+    # Only the format in use: dictConfig builds every formatter it is given.
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-        "json": {"()": "agent.metrics.json_formatter"},
+        LOG_FORMAT: {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+        if LOG_FORMAT == "plain"
+        else {"()": "agent.metrics.json_formatter"}
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}
