@@ -48,6 +48,11 @@ class ContextFilter(logging.Filter):
             value = var.get()
             if value is not None and not hasattr(record, name):
                 setattr(record, name, value)
+        # Django logs a 4xx/5xx answer ("Not Found: /api/…") after the middleware returned,
+        # outside the request's context, but with the request itself.
+        request_id = getattr(getattr(record, "request", None), "request_id", None)
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
         return True
 
 

@@ -20,19 +20,28 @@ world = test_rollouts_api.world
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
 
 
-@pytest.fixture
-def json_lines():
-    """The JSON lines the rollouts services log, as LOG_FORMAT=json writes them."""
+def capture(name: str):
+    """The JSON lines a logger writes, as LOG_FORMAT=json writes them."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(json_formatter())
     handler.addFilter(ContextFilter())
-    logger = logging.getLogger("fleet.rollouts.services")
+    logger = logging.getLogger(name)
     logger.addHandler(handler)
     level, logger.level = logger.level, logging.INFO
     yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+@pytest.fixture
+def json_lines():
+    yield from capture("fleet.rollouts.services")
+
+
+@pytest.fixture
+def request_lines():
+    yield from capture("django.request")
 
 
 def test_a_request_gets_an_id_of_its_own_and_keeps_a_plain_one_the_client_sent(bob):
@@ -67,3 +76,10 @@ def test_the_context_ends_with_the_request_and_with_the_block(json_lines):
     inside, outside = json_lines()
     assert (inside["rollout_id"], inside["device_id"]) == (3, "cam-9")
     assert "rollout_id" not in outside and "device_id" not in outside and "request_id" not in outside
+
+
+def test_djangos_line_for_a_refused_request_names_the_request_id(bob, request_lines):
+    assert bob.client().get("/api/v1/nothing-here", headers={REQUEST_ID_HEADER: "req-404"}).status_code == 404
+    (line,) = request_lines()
+    assert line["request_id"] == "req-404"
+    assert line["level"] == "WARNING" and "/api/v1/nothing-here" in line["message"]
