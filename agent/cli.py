@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
+import os
 import sys
 from pathlib import Path
 
 from agent import __version__, protocol
 
 EXIT_CONFIG = 2
+LOG_FORMATS = ("plain", "json")
 
 
 def _config(path: str):
@@ -28,9 +29,13 @@ def _config(path: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.core import Agent
+    from agent.metrics import log_setup
 
+    if args.log_format not in LOG_FORMATS:  # from $LOG_FORMAT, which argparse does not check
+        print(f"fleet-agent: LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}", file=sys.stderr)
+        return EXIT_CONFIG
     config = _config(args.config)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log_setup(level=args.log_level, log_format=args.log_format, device_id=config.device_id)
     Agent(config).run_forever()
     return 0
 
@@ -225,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the agent in the foreground (systemd Type=notify)")
     run.add_argument("--config", required=True, help="TOML config file, e.g. /etc/modelfleet/agent.toml")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument(
+        "--log-format",
+        default=os.environ.get("LOG_FORMAT", "plain"),
+        choices=LOG_FORMATS,
+        help="plain text or one JSON object a line (default: $LOG_FORMAT, else plain)",
+    )
     run.set_defaults(func=cmd_run)
 
     status = commands.add_parser("status", help="show the applied state and, if running, live health")

@@ -46,6 +46,7 @@ from agent.download import (
     read_golden_set,
 )
 from agent.localapi import LocalApi, as_inputs
+from agent.metrics import AgentMetrics
 from agent.mqtt import MqttLink
 from agent.serving import LoadedModel, Models
 from agent.shadow import Shadow, ShadowRunner
@@ -140,6 +141,11 @@ class Agent:
         self.last_serving_ms: float | None = None
         self.started_at = time.monotonic()
         self._process = psutil.Process()
+        self.metrics = AgentMetrics(
+            download_bytes=lambda: self.downloader.bytes_received,
+            download_resumes=lambda: self.downloader.resumes,
+            rss_bytes=lambda: self._process.memory_info().rss,
+        )
         self.crash_at = os.environ.get("FLEET_AGENT_CRASH_AT", "")
 
     # --- lifecycle
@@ -273,6 +279,7 @@ class Agent:
             if value is not None:
                 event[key] = value
         if reason:
+            self.metrics.refusals.labels(reason, kind).inc()
             log.warning(
                 "event %s reason=%s generation=%s model=%s: %s", kind, reason, generation, model, message
             )
@@ -353,8 +360,10 @@ class Agent:
             live = slot.live
             if live is not None:
                 self.window.record_inference(name, live.version, live.variant, 0.0, error=True)
+                self.metrics.inference(name, live.version, None)
             raise
         self.window.record_inference(name, prediction.version, prediction.variant, prediction.latency_ms)
+        self.metrics.inference(name, prediction.version, prediction.latency_ms / 1000)
         # The live answer is computed; mirroring it to a shadow costs the caller only this.
         self.shadows.offer(name, raw_inputs, prediction)
         first = prediction.outputs[0]
@@ -565,6 +574,7 @@ class Agent:
             raise
         self._crash_point("before_swap")
         previous = self.models.swap(candidate, drain_timeout=self.config.limits.drain_timeout_s)
+        self.metrics.swaps.labels(name).inc()
         self._crash_point("after_swap")
         # From the desired state's arrival to the new model answering requests.
         self.last_serving_ms = (time.perf_counter() - self._apply_started) * 1000

@@ -130,6 +130,7 @@ class Downloader:
         self.backoff_max_s = backoff_max_s
         self.stop = stop or threading.Event()
         self.bytes_received = 0
+        self.resumes = 0  # blob downloads continued from a partial file (HTTP 206)
 
     # --- retry loop
 
@@ -315,6 +316,7 @@ class Downloader:
                 offset = self._check_content_range(
                     response, url, expected_start=have, size=size, partial=partial
                 )
+                self.resumes += 1
             elif response.status == 200:
                 # The server ignored the range or its validator no longer matched: a full body.
                 self._check_total_size(_declared_length(response), url, size=size, partial=partial)

@@ -3,6 +3,7 @@
 ``POST /v1/models/{name}:predict``  ``{"inputs": [tensor, …]}`` → outputs, label, version…
 ``POST /v1/feedback``               ``{"prediction_id", "label"}`` → counted in telemetry
 ``GET  /v1/health``
+``GET  /metrics``                   Prometheus text format (agent/metrics.py)
 
 Bad requests get a 4xx JSON error and never take the server down. Listens on a TCP port
 on localhost or on a unix socket.
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agent.metrics import CONTENT_TYPE
 from agent.serving import BadInput, UnknownModel
 
 if TYPE_CHECKING:
@@ -53,9 +55,11 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("local api: " + format, *args)
 
     def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        self._reply_bytes(status, json.dumps(body).encode(), "application/json")
+
+    def _reply_bytes(self, status: HTTPStatus, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -107,11 +111,13 @@ class _Handler(BaseHTTPRequestHandler):
             path = self.path.split("?", 1)[0]
             if method == "GET" and path == "/v1/health":
                 return self._reply(HTTPStatus.OK, agent.health())
+            if method == "GET" and path == "/metrics":
+                return self._reply_bytes(HTTPStatus.OK, agent.metrics.exposition(), CONTENT_TYPE)
             if method == "POST" and (match := PREDICT.match(path)):
                 return self._reply(HTTPStatus.OK, self._predict(match.group(1), self._body()))
             if method == "POST" and path == "/v1/feedback":
                 return self._reply(HTTPStatus.OK, self._feedback(self._body()))
-            if path == "/v1/health" or PREDICT.match(path) or path == "/v1/feedback":
+            if path in ("/v1/health", "/metrics", "/v1/feedback") or PREDICT.match(path):
                 raise ApiError(
                     HTTPStatus.METHOD_NOT_ALLOWED, "method_not_allowed", f"{method} is not allowed here."
                 )

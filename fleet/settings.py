@@ -98,6 +98,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "fleet.core.metrics.metrics_middleware",  # first: it times everything below it
+    "fleet.core.logs.request_id_middleware",
     "django.middleware.security.SecurityMiddleware",
     # Static files (admin, API docs) from STATIC_ROOT, filled by collectstatic: no web
     # server of their own needed in front of gunicorn (docs/operations.md, "Processes").
@@ -401,10 +403,41 @@ MQTT_PUBLIC_URL = _read("MQTT_PUBLIC_URL", env.str, MQTT_URL)  # the broker as d
 CACHE_URL = _read("CACHE_URL", env.str, REDIS_URL)
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}}
 
+# --- metrics and logs (docs/operations.md, "Metrics and logs")
+# GET /metrics answers only "Authorization: Bearer <METRICS_TOKEN>"; unset, it is off.
+METRICS_TOKEN = _secret("METRICS_TOKEN", default="")
+# The ingest bridge serves its own metrics (it is its own process); 0: off.
+INGEST_METRICS_PORT = _read("INGEST_METRICS_PORT", env.int, 0)
+INGEST_METRICS_ADDR = _read("INGEST_METRICS_ADDR", env.str, "127.0.0.1")
+# A worker host without a web process may serve its workers' metrics itself; 0: off.
+WORKER_METRICS_PORT = _read("WORKER_METRICS_PORT", env.int, 0)
+WORKER_METRICS_ADDR = _read("WORKER_METRICS_ADDR", env.str, "127.0.0.1")
+for _name, _port in (
+    ("INGEST_METRICS_PORT", INGEST_METRICS_PORT),
+    ("WORKER_METRICS_PORT", WORKER_METRICS_PORT),
+):
+    if not 0 <= _port <= 65535:
+        raise ImproperlyConfigured(f"{_name}: must be a port number (0 for off), got {_port}")
+
+# "plain" (one line of text) or "json" (one JSON object a line, with request_id, device_id
+# and rollout_id where they apply) for every process: web, worker, beat, ingest.
+LOG_FORMAT = _read("LOG_FORMAT", env.str, "plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT: must be 'plain' or 'json', got {LOG_FORMAT!r}")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "fleet.core.logs.ContextFilter"}},
+    # Only the format in use: dictConfig builds every formatter it is given.
+    "formatters": {
+        LOG_FORMAT: {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+        if LOG_FORMAT == "plain"
+        else {"()": "agent.metrics.json_formatter"}
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context"]}
+    },
     "root": {"handlers": ["console"], "level": _read("LOG_LEVEL", env.str, "INFO")},
 }
+# Celery workers and beat log through the LOGGING above too, not a format of Celery's own.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False

@@ -3,6 +3,7 @@ process, LiteRT on the sample .tflite files the project builds itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -37,24 +38,12 @@ def wait_until(condition, *, timeout: float, interval: float = 0.05, message: st
         time.sleep(interval)
 
 
-@pytest.fixture(scope="session")
-def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory, broker):
-    """A real `celery worker` process on a queue of its own, against the test database."""
-    from django.db import connection
-
+@contextlib.contextmanager
+def celery_worker(*, env: dict[str, str], queue: str, log_path: Path, pool: tuple[str, ...] = ("-P", "solo")):
+    """A real `celery worker` process on ``queue``, stopped (then killed) at the end."""
     from fleet.celery import app
 
-    queue = f"test-{uuid.uuid4().hex[:10]}"
     node = f"{queue}@localhost"
-    app.conf.task_default_queue = queue
-    env = {
-        **os.environ,
-        "DATABASE_URL": os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + connection.settings_dict["NAME"],
-        "CELERY_QUEUE": queue,
-        "MQTT_URL": broker.url,
-        "MQTT_PUBLISHER_PASSWORD": broker.publisher_password,
-    }
-    log_path = tmp_path_factory.mktemp("celery") / "worker.log"
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(
             [
@@ -64,8 +53,7 @@ def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory, 
                 "-A",
                 "fleet",
                 "worker",
-                "-P",
-                "solo",
+                *pool,
                 "-Q",
                 queue,
                 "-n",
@@ -76,7 +64,7 @@ def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory, 
                 "info",
             ],
             cwd=ROOT,
-            env=env,
+            env={**os.environ, "CELERY_QUEUE": queue, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -96,6 +84,29 @@ def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory, 
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
+
+
+def worker_env(broker) -> dict[str, str]:
+    """What a worker process needs to reach the test database and broker."""
+    from django.db import connection
+
+    return {
+        "DATABASE_URL": os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + connection.settings_dict["NAME"],
+        "MQTT_URL": broker.url,
+        "MQTT_PUBLISHER_PASSWORD": broker.publisher_password,
+    }
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker, tmp_path_factory, broker):
+    """A real `celery worker` process on a queue of its own, against the test database."""
+    from fleet.celery import app
+
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    app.conf.task_default_queue = queue
+    log_path = tmp_path_factory.mktemp("celery") / "worker.log"
+    with celery_worker(env=worker_env(broker), queue=queue, log_path=log_path) as worker:
+        yield worker
 
 
 @pytest.fixture(scope="session")

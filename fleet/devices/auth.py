@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
+from fleet.core import logs
 from fleet.core.auth import bearer_key
 from fleet.devices.choices import DeviceStatus
 
@@ -55,6 +56,7 @@ class DeviceTokenAuthentication(authentication.BaseAuthentication):
         )
         if token is None or token.device.status != DeviceStatus.ACTIVE:
             raise exceptions.AuthenticationFailed("Invalid or revoked device token.")
+        logs.device_id.set(token.device.device_id)  # for this request's log lines only
         return DevicePrincipal(token.device), token
 
     def authenticate_header(self, request) -> str:

@@ -771,6 +771,17 @@ class IngestBridge:
     def pending_bytes(self) -> int:
         return self._bytes_in - self._bytes_out
 
+    def pending_messages(self) -> int:
+        return len(self._pending)
+
+    def lag_s(self) -> float:
+        """How long the oldest message not yet written has waited (0 when none waits)."""
+        try:
+            received_at = self._pending[0][0]
+        except IndexError:
+            return 0.0
+        return max(0.0, time.monotonic() - received_at)
+
     def save_refusals(self) -> int:
         """Save the per-device counts of what the network thread refused (rate limit,
         overflow) in a transaction of their own. On a database error they are kept for the

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Count, F, FloatField, Q, QuerySet, Sum
 
 from fleet.core.errors import InvalidInput
@@ -320,3 +321,33 @@ def device_rollout_history(*, device: Device, limit: int = DEVICE_PAGE_ROWS) -> 
         .select_related("rollout__model", "rollout__target_version", "from_artifact", "to_artifact__version")
         .order_by("-rollout__created_at", "-rollout_id")[:limit]
     )
+
+
+def devices_by_status() -> dict[tuple[str, bool], int]:
+    """(status, online) -> number of devices, in one query (the metrics endpoint)."""
+    rows = Device.objects.order_by().values_list("status", "online").annotate(n=Count("id"))
+    return {(status, online): n for status, online, n in rows}
+
+
+def online_devices_by_version() -> dict[tuple[str, str], int]:
+    """(model, version) -> active devices online that report serving it, in one query.
+
+    PostgreSQL expands each device's reported models in the database; another database
+    (the SQLite demo) counts them here."""
+    online = Device.objects.filter(status=DeviceStatus.ACTIVE, online=True)
+    if connection.vendor == "postgresql":
+        query, params = online.values("reported_models").query.sql_with_params()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT m.key, m.value ->> 'version', count(*) "
+                f"FROM ({query}) AS d, jsonb_each(d.reported_models) AS m "
+                "WHERE jsonb_typeof(d.reported_models) = 'object' GROUP BY 1, 2",
+                params,
+            )
+            return {(model, version or ""): n for model, version, n in cursor.fetchall()}
+    counts: dict[tuple[str, str], int] = {}
+    for reported in online.values_list("reported_models", flat=True):
+        for model, entry in (reported if isinstance(reported, dict) else {}).items():
+            key = (model, str(entry.get("version", "")) if isinstance(entry, dict) else "")
+            counts[key] = counts.get(key, 0) + 1
+    return counts

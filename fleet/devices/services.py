@@ -27,6 +27,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
+from fleet.core import metrics
 from fleet.core.errors import Conflict, InvalidInput, NotFound, ServiceError
 from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceErrorCode, DeviceStatus, GroupKind
 from fleet.devices.models import Device, DeviceGroup, DeviceToken, EnrollmentToken, is_reserved_device_id
@@ -522,7 +523,7 @@ def devices_assign(
                 )
         entries = _desired_entries(states)
         if states:
-            sign_desired_states(states=states[:1], entries=entries, rollout=rollout)  # refuses a bad shape
+            _sign(states=states[:1], entries=entries, rollout=rollout)  # refuses a bad shape
         transaction.on_commit(lambda: desired_publish(states, entries, rollout, now=publish == "now"))
     return [(device_id, generation) for device_id, generation, _, _ in states]
 
@@ -580,6 +581,15 @@ def sign_desired_states(
     states: list[DesiredState],
     entries: dict[int, dict],
     rollout: dict | None,
+) -> list[tuple[str, bytes]]:
+    """Sign desired states to publish them (counted in the metrics)."""
+    signed = _sign(states=states, entries=entries, rollout=rollout)
+    metrics.DESIRED_SIGNED.inc(len(signed))
+    return signed
+
+
+def _sign(
+    *, states: list[DesiredState], entries: dict[int, dict], rollout: dict | None
 ) -> list[tuple[str, bytes]]:
     """Sign desired states. The key is read once and the payload shape checked once: the
     states of one batch differ only in id and generation."""

@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 from django.conf import settings
 
 from agent.protocol import Topics
+from fleet.core import metrics
 from fleet.mqtt.broker import BrokerError, mqtt_client
 
 
@@ -49,9 +50,11 @@ def publish_desired(envelopes: Iterable[tuple[str, bytes]], *, timeout_s: float 
     """Publish ``(device_id, envelope)`` pairs retained. Re-publishing the same generation
     is harmless: the agent ignores a generation it has already applied."""
     with _publisher() as client:
-        return _retain_all(
+        published = _retain_all(
             client, ((topics().desired(device_id), envelope) for device_id, envelope in envelopes), timeout_s
         )
+    metrics.DESIRED_PUBLISHED.inc(published)
+    return published
 
 
 def publish_trust(bundle: bytes, *, timeout_s: float = 30.0) -> None:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -33,6 +34,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from agent import download, protocol, runtime
+from fleet.core import metrics
 from fleet.core.errors import Conflict, InvalidInput, TooLarge, Unprocessable
 from fleet.registry import sandbox, tflite
 from fleet.registry.choices import (
@@ -273,6 +275,8 @@ def artifact_upload(
     except BaseException:
         _delete_quietly(raw_name)
         raise
+    metrics.ARTIFACT_UPLOADS.inc()
+    metrics.ARTIFACT_UPLOAD_BYTES.inc(upload.size)
     return artifact
 
 
@@ -530,6 +534,17 @@ def artifact_process(*, artifact_id: int) -> Artifact:
     artifact = Artifact.objects.select_related("version__model").get(pk=artifact_id)
     if artifact.status != ArtifactStatus.PENDING:
         return artifact
+    started = time.perf_counter()
+    try:
+        artifact = _artifact_pipeline(artifact)
+    except BaseException:
+        metrics.ARTIFACT_PIPELINE_SECONDS.labels(ArtifactStatus.FAILED).observe(time.perf_counter() - started)
+        raise
+    metrics.ARTIFACT_PIPELINE_SECONDS.labels(artifact.status).observe(time.perf_counter() - started)
+    return artifact
+
+
+def _artifact_pipeline(artifact: Artifact) -> Artifact:
     blob_name = ""
     version = artifact.version
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.core.paginator import Page, Paginator
-from django.db.models import Count, F
+from django.db.models import Count, F, OuterRef, Subquery
 from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KT
 from django.utils import timezone
@@ -20,7 +20,7 @@ from django.utils import timezone
 from fleet.core.display import moment
 from fleet.devices.models import DeviceEvent
 from fleet.rollouts import services
-from fleet.rollouts.choices import AssignmentState, Decision, Metric, RolloutState, StageMode
+from fleet.rollouts.choices import ACTIVE_STATES, AssignmentState, Decision, Metric, RolloutState, StageMode
 from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutHour
 from fleet.rollouts.policy import policy_validate
 
@@ -541,3 +541,29 @@ def rollout_preview(rollout: Rollout) -> Preview:
 def policy_stages(policy) -> tuple[list[dict], dict]:
     """The policy's stages and gates with every default spelled out, as a start copies them."""
     return policy_validate(stages=policy.stages, gates=policy.gates)
+
+
+# --- counts for the metrics endpoint (fleet/core/metrics.py): one query each
+
+
+def rollouts_by_state() -> dict[str, int]:
+    """Rollout state -> number of rollouts."""
+    rows = Rollout.objects.order_by().values_list("state").annotate(n=Count("id"))
+    return dict(rows)
+
+
+def active_gate_verdicts() -> dict[tuple[str, str], int]:
+    """(gate metric, verdict) -> gates of the latest evaluation of every running or paused
+    rollout: what the gates say now, not the whole history of evaluations."""
+    latest = (
+        GateEvaluation.objects.filter(rollout=OuterRef("rollout"))
+        .order_by("-evaluated_at")
+        .values("evaluated_at")[:1]
+    )
+    rows = (
+        GateEvaluation.objects.filter(rollout__state__in=ACTIVE_STATES, evaluated_at=Subquery(latest))
+        .order_by()
+        .values_list("metric", "verdict")
+        .annotate(n=Count("id"))
+    )
+    return {(metric, verdict): n for metric, verdict, n in rows}

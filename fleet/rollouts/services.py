@@ -24,6 +24,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from fleet.core.errors import Conflict, InvalidInput
+from fleet.core.logs import log_context
 from fleet.devices import selectors as device_selectors
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup
@@ -157,6 +158,15 @@ def _transition(
         stage=changes.get("current_stage", rollout.current_stage),
         reason=reason,
     )
+    with log_context(rollout_id=rollout.pk):
+        log.info(
+            "rollout %s: %s, %s -> %s%s",
+            rollout.pk,
+            action,
+            rollout.state,
+            to_state,
+            f": {reason}" if reason else "",
+        )
     rollout.refresh_from_db()
     return rollout
 
@@ -999,15 +1009,16 @@ def evaluate_running() -> dict[int, str]:
     bug) is logged and recorded, and the others are still evaluated."""
     decisions = {}
     for rollout_id in Rollout.objects.filter(state=RolloutState.RUNNING).values_list("pk", flat=True):
-        try:
-            decisions[rollout_id] = rollout_evaluate(rollout_id=rollout_id)
-        except Exception as exc:
-            log.exception("rollout %s: evaluation failed", rollout_id)
-            decisions[rollout_id] = Decision.ERROR
+        with log_context(rollout_id=rollout_id):
             try:
-                _record_error(rollout_id, exc)
-            except Exception:
-                log.exception("rollout %s: could not record the failed evaluation", rollout_id)
+                decisions[rollout_id] = rollout_evaluate(rollout_id=rollout_id)
+            except Exception as exc:
+                log.exception("rollout %s: evaluation failed", rollout_id)
+                decisions[rollout_id] = Decision.ERROR
+                try:
+                    _record_error(rollout_id, exc)
+                except Exception:
+                    log.exception("rollout %s: could not record the failed evaluation", rollout_id)
     return decisions
 
 

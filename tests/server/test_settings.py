@@ -52,6 +52,10 @@ def test_it_starts_with_a_good_environment(tmp_path):
         ("SECRET_KEY_FILE", "/nonexistent"),
         ("ARTIFACT_MAX_UPLOAD_BYTES", "0"),
         ("ARTIFACT_MAX_UPLOAD_BYTES", "lots"),
+        ("LOG_FORMAT", "xml"),
+        ("INGEST_METRICS_PORT", "70000"),
+        ("WORKER_METRICS_PORT", "-1"),
+        ("METRICS_TOKEN_FILE", "/nonexistent"),
     ],
 )
 def test_a_bad_value_stops_the_start_naming_the_variable(tmp_path, variable, value):
