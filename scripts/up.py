@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -98,7 +99,17 @@ def production_env() -> dict[str, str]:
         "WEB_BIND": f"{HOST}:{WEB_PORT}",
         "GUNICORN_CMD_ARGS": f"--certfile={tls / 'server.pem'} --keyfile={tls / 'server-key.pem'}",
         "MOSQUITTO_CONFIG": str(VAR / "mosquitto" / "mosquitto.conf"),
+        # /metrics (Bearer token) adds up the web and worker processes (gunicorn.conf.py).
+        "METRICS_TOKEN_FILE": str(secret_file(VAR / "secrets" / "metrics-token")),
+        "PROMETHEUS_MULTIPROC_DIR": str(VAR / "metrics"),
     }
+
+
+def metrics_dir_empty(env: dict[str, str]) -> None:
+    """Every process writes its metrics there, from its first import: it must exist, and
+    an earlier run's files would count as this run's."""
+    shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True)
 
 
 def manage(env: dict[str, str], *args: str) -> None:
@@ -121,6 +132,7 @@ def main() -> None:
         port_free(port, variable)
     VAR.mkdir(parents=True, exist_ok=True)
     env = production_env()
+    metrics_dir_empty(env)
     database_ensure(DATABASE)
     tls = VAR / "tls"
     if not (tls / "ca.pem").exists():
@@ -152,9 +164,11 @@ def main() -> None:
     print(
         f"make up: admin and API at {env['PUBLIC_BASE_URL']}/admin/ (user admin, password in "
         f"{admin_password}; the certificate is signed by {tls / 'ca.pem'}); devices: "
-        f"{env['MQTT_PUBLIC_URL']}, pinning the same CA. Ctrl-C stops it all.",
+        f"{env['MQTT_PUBLIC_URL']}, pinning the same CA; metrics at {env['PUBLIC_BASE_URL']}/metrics "
+        f"with the bearer token in {env['METRICS_TOKEN_FILE']}. Ctrl-C stops it all.",
         flush=True,
     )
+    metrics_dir_empty(env)  # the set-up commands' counts are not the processes'
     argv = [sys.executable, "-m", "honcho", "start", "-f", str(ROOT / "Procfile"), "-d", str(ROOT)]
     print(f"make up: {shlex.join(argv[1:])}", flush=True)
     os.execve(sys.executable, argv, env)

@@ -238,6 +238,26 @@ def test_make_up_serves_an_upload_rollout_and_agent_then_stops_cleanly(up, tmp_p
     finally:
         agent.stop()
 
+    # /metrics through gunicorn adds up the host's processes (PROMETHEUS_MULTIPROC_DIR,
+    # gunicorn.conf.py): the upload counted in a web worker, the pipeline and the desired
+    # state in a Celery pool process. Refused without the token (positive control after).
+    assert requests.get(f"{base}/metrics", verify=up["ca"], timeout=10).status_code == 401
+    scraped = requests.get(
+        f"{base}/metrics",
+        headers={"Authorization": f"Bearer {(var / 'secrets' / 'metrics-token').read_text()}"},
+        verify=up["ca"],
+        timeout=10,
+    )
+    assert scraped.status_code == 200, scraped.text
+    series = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in scraped.text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert series["modelfleet_artifact_uploads_total"] == 1
+    assert series['modelfleet_artifact_pipeline_duration_seconds_count{outcome="ready"}'] == 1
+    assert series["modelfleet_desired_states_published_total"] >= 1
+
     # Positive control for the check below: the run's processes are found while it runs
     # (honcho, and under it gunicorn with its workers, Celery, the bridge, Mosquitto).
     assert len(processes_of_the_run(var)) > len(PROCESSES)
