@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.download import ZSTD_MAX_WINDOW_BYTES  # noqa: E402
-from agent.protocol.delta import apply_delta, make_delta  # noqa: E402
+from agent.protocol.delta import apply_delta, capped_compressor, make_delta  # noqa: E402
 from samples.digits import build_large_model  # noqa: E402
 from samples.retrained import delta_cases, fine_tune, head_retrain, run_once  # noqa: E402
 
@@ -51,14 +51,8 @@ REBUILD_RATIO_LIMIT = 1.2
 
 
 def full_blob(raw: bytes) -> bytes:
-    window_log = min(
-        zstandard.ZstdCompressionParameters.from_level(LEVEL, source_size=len(raw)).window_log,
-        ZSTD_MAX_WINDOW_BYTES.bit_length() - 1,
-    )
-    params = zstandard.ZstdCompressionParameters.from_level(
-        LEVEL, source_size=len(raw), window_log=window_log, write_checksum=1, write_content_size=1
-    )
-    return zstandard.ZstdCompressor(compression_params=params).compress(raw)
+    """The full blob as the registry makes it: zstd at its level, window capped for agents."""
+    return capped_compressor(LEVEL, len(raw)).compress(raw)
 
 
 def patch_from(base: bytes, target: bytes, *level_args: str) -> int:

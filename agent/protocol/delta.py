@@ -289,9 +289,9 @@ def make_delta(base: bytes, target: bytes, *, level: int = 19) -> bytes:
     )
     table_rows = [tuple(segment[:4]) for segment in segments]
     table = b"".join(_SEGMENT.pack(*row) for row in table_rows)
-    table_frame = _compressor(level, len(table), None).compress(table)
+    table_frame = capped_compressor(level, len(table), None).compress(table)
     dictionary = _dictionary(_unread(base, table_rows))
-    payload_frame = _compressor(level, len(payload), dictionary).compress(payload)
+    payload_frame = capped_compressor(level, len(payload), dictionary).compress(payload)
     header = _HEADER.pack(
         MAGIC,
         FORMAT_VERSION,
@@ -308,8 +308,11 @@ def make_delta(base: bytes, target: bytes, *, level: int = 19) -> bytes:
     return header + table_frame + payload_frame
 
 
-def _compressor(level: int, size: int, dictionary: Any) -> zstandard.ZstdCompressor:
-    # The agent decodes windows up to ZSTD_MAX_WINDOW_BYTES; cap it as the registry does.
+def capped_compressor(level: int, size: int, dictionary: Any = None) -> zstandard.ZstdCompressor:
+    """A zstd compressor for ``size`` bytes whose window agents accept (ZSTD_MAX_WINDOW_BYTES).
+
+    With checksum and content size in the frame, as the registry writes its blobs.
+    """
     params = zstandard.ZstdCompressionParameters.from_level(level, source_size=size)
     params = zstandard.ZstdCompressionParameters.from_level(
         level,
