@@ -78,13 +78,16 @@ def patch_from(base: bytes, target: bytes, *level_args: str) -> int:
         return (Path(tmp) / "p").stat().st_size
 
 
-def median_seconds(function, runs: int) -> float:
-    times = []
+def median_seconds(functions: list, runs: int) -> list[float]:
+    """Median time of each function, run in turn ``runs`` times: alternating them means a
+    change in the machine's load (other jobs on its 2 cores) weighs on all of them alike."""
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(runs):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for function, samples in zip(functions, times, strict=True):
+            started = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - started)
+    return [statistics.median(samples) for samples in times]
 
 
 def decompress_path(blob: bytes, raw_size: int, raw_sha256: str) -> None:
@@ -102,11 +105,14 @@ def measure(name: str, change: str, base: bytes, target: bytes, runs: int) -> di
     target_sha256, base_sha256 = hashlib.sha256(target).hexdigest(), hashlib.sha256(base).hexdigest()
     if apply_delta(base, delta, max_output=len(target)) != target:
         raise AssertionError(f"{name} {change}: the delta does not rebuild the target")
-    full_seconds = median_seconds(lambda: decompress_path(blob, len(target), target_sha256), runs)
-    rebuild_seconds = median_seconds(
-        lambda: apply_delta(base, delta, max_output=len(target), base_sha256=base_sha256), runs
+    full_seconds, rebuild_seconds, hashing_seconds = median_seconds(
+        [
+            lambda: decompress_path(blob, len(target), target_sha256),
+            lambda: apply_delta(base, delta, max_output=len(target), base_sha256=base_sha256),
+            lambda: apply_delta(base, delta, max_output=len(target)),
+        ],
+        runs,
     )
-    hashing_seconds = median_seconds(lambda: apply_delta(base, delta, max_output=len(target)), runs)
     return {
         "name": name,
         "change": change,

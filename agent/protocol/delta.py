@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,13 +352,28 @@ def read_header(delta: bytes | memoryview) -> DeltaHeader:
     return header
 
 
+_plain = threading.local()
+
+
+def _plain_decompressor() -> zstandard.ZstdDecompressor:
+    """One dictionary-less decompressor per thread: setting one up costs more than a small table."""
+    if not hasattr(_plain, "decompressor"):
+        _plain.decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW_BYTES)
+    return _plain.decompressor
+
+
 def _inflate(frame: memoryview, size: int, what: str, dictionary: Any = None) -> bytes:
     """Decompress one zstd frame that must hold exactly ``size`` bytes; never more."""
     try:
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared != size:
             raise DeltaError("corrupt", f"the {what} frame holds {declared} bytes, the header says {size}")
-        decompressor = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=ZSTD_MAX_WINDOW_BYTES)
+        if dictionary is None:
+            decompressor = _plain_decompressor()
+        else:
+            decompressor = zstandard.ZstdDecompressor(
+                dict_data=dictionary, max_window_size=ZSTD_MAX_WINDOW_BYTES
+            )
         data = decompressor.decompress(frame, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise DeltaError("corrupt", f"the {what} frame does not decompress: {exc}") from exc
