@@ -1,4 +1,4 @@
-"""Tensor-level delta between two TFLite models (issue 12 §1; docs/protocol.md "Delta format").
+"""Tensor-level delta between two TFLite models (issue 12 §1; docs/protocol.md, addition 9).
 
 Codec only: the registry does not publish deltas yet and desired states do not offer them.
 
@@ -15,8 +15,9 @@ everything else, the *skeleton*. The target is written as a list of segments:
   when zstd makes it smaller than the plain bytes;
 * ``LITERAL`` bytes stored whole: the skeleton between buffers, and changed buffers.
 
-The literal and XOR bytes travel in one zstd frame whose dictionary is the base's skeleton,
-so an unchanged skeleton costs a few bytes and a changed one is stored whole, compressed.
+The literal and XOR bytes travel in one zstd frame whose dictionary is the base bytes that
+no segment copies (the base's skeleton, mostly), so an unchanged skeleton costs a few bytes
+and a changed one is stored whole, compressed.
 :func:`apply_delta` needs no flatbuffer parser: segments name byte ranges of the base, and
 unchanged skeleton bytes next to copied buffers are copied with them, so an unchanged run of
 buffers is one segment. Every size is checked before anything is allocated, zstd never
@@ -25,7 +26,7 @@ so a corrupt or hostile delta fails with :class:`DeltaError`.
 
 Layout (little-endian)::
 
-    header   magic "MFDELTA1" · version u16 · flags u16 (0) · base size u64 · target size u64
+    header   (120 bytes) magic "MFDELTA1" · version u16 · flags u16 (0) · base size u64 · target size u64
              · base sha256 [32] · target sha256 [32] · segments u32 · table zstd size u64
              · payload size u64 · payload zstd size u64
     table    one zstd frame: segments (kind u8, element width u8, 2 pad bytes,
@@ -36,6 +37,7 @@ Layout (little-endian)::
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import struct
 import threading
@@ -62,17 +64,20 @@ _WINDOW_LOG = ZSTD_MAX_WINDOW_BYTES.bit_length() - 1
 _CHOICE_LEVEL = 3
 
 
+class DeltaFailure(enum.StrEnum):
+    """Why a delta cannot be applied; the agent falls back to the full blob on any of them."""
+
+    WRONG_BASE = "wrong_base"  # the base on the device is not the one the delta was made from
+    TOO_LARGE = "too_large"  # the target exceeds max_output
+    UNSUPPORTED = "unsupported"  # another format version or flags
+    CORRUPT = "corrupt"  # anything else: truncated, bit-flipped, inconsistent
+    TARGET_MISMATCH = "target_mismatch"  # the rebuilt bytes do not hash to the target's sha256
+
+
 class DeltaError(Exception):
-    """A delta that cannot be applied, with a reason code the agent reports.
+    """A delta that cannot be applied, with the reason the agent reports (:class:`DeltaFailure`)."""
 
-    ``wrong_base`` (the base on the device is not the one the delta was made from),
-    ``too_large`` (the target exceeds ``max_output``), ``unsupported`` (another format
-    version), ``corrupt`` (anything else: truncated, bit-flipped, inconsistent), and
-    ``target_mismatch`` (reconstructed bytes do not hash to the target's sha256).
-    The agent falls back to the full blob on any of them.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: DeltaFailure, message: str) -> None:
         super().__init__(message)
         self.code = code
 
@@ -328,21 +333,21 @@ def capped_compressor(level: int, size: int, dictionary: Any = None) -> zstandar
 def read_header(delta: bytes | memoryview) -> DeltaHeader:
     """Parse and sanity-check the fixed header; raise :class:`DeltaError` if it is not one."""
     if len(delta) < HEADER_SIZE:
-        raise DeltaError("corrupt", f"the delta is {len(delta)} bytes, shorter than its header")
+        raise DeltaError(DeltaFailure.CORRUPT, f"the delta is {len(delta)} bytes, shorter than its header")
     fields = _HEADER.unpack_from(delta, 0)
     if fields[0] != MAGIC:
-        raise DeltaError("corrupt", "not a Modelfleet delta (wrong magic)")
+        raise DeltaError(DeltaFailure.CORRUPT, "not a Modelfleet delta (wrong magic)")
     if fields[1] != FORMAT_VERSION:
         raise DeltaError(
             "unsupported", f"delta format version {fields[1]}; this agent reads {FORMAT_VERSION}"
         )
     header = DeltaHeader(fields[1], fields[3], fields[4], fields[5].hex(), fields[6].hex(), *fields[7:])
     if fields[2] != 0:
-        raise DeltaError("unsupported", f"delta flags {fields[2]:#x} are not understood")
+        raise DeltaError(DeltaFailure.UNSUPPORTED, f"delta flags {fields[2]:#x} are not understood")
     if header.segments > MAX_ENTRIES:
-        raise DeltaError("corrupt", "the delta declares more table entries than the format allows")
+        raise DeltaError(DeltaFailure.CORRUPT, "the delta declares more table entries than the format allows")
     if header.payload_size > header.target_size:
-        raise DeltaError("corrupt", "the delta's payload is larger than its target")
+        raise DeltaError(DeltaFailure.CORRUPT, "the delta's payload is larger than its target")
     if HEADER_SIZE + header.table_zsize + header.payload_zsize != len(delta):
         raise DeltaError(
             "corrupt",
@@ -367,7 +372,9 @@ def _inflate(frame: memoryview, size: int, what: str, dictionary: Any = None) ->
     try:
         declared = zstandard.get_frame_parameters(frame).content_size
         if declared != size:
-            raise DeltaError("corrupt", f"the {what} frame holds {declared} bytes, the header says {size}")
+            raise DeltaError(
+                DeltaFailure.CORRUPT, f"the {what} frame holds {declared} bytes, the header says {size}"
+            )
         if dictionary is None:
             decompressor = _plain_decompressor()
         else:
@@ -376,9 +383,11 @@ def _inflate(frame: memoryview, size: int, what: str, dictionary: Any = None) ->
             )
         data = decompressor.decompress(frame, max_output_size=size)
     except zstandard.ZstdError as exc:
-        raise DeltaError("corrupt", f"the {what} frame does not decompress: {exc}") from exc
+        raise DeltaError(DeltaFailure.CORRUPT, f"the {what} frame does not decompress: {exc}") from exc
     if len(data) != size:
-        raise DeltaError("corrupt", f"the {what} frame holds {len(data)} bytes, the header says {size}")
+        raise DeltaError(
+            DeltaFailure.CORRUPT, f"the {what} frame holds {len(data)} bytes, the header says {size}"
+        )
     return data
 
 
@@ -391,15 +400,15 @@ def _read_table(header: DeltaHeader, table: bytes) -> list[tuple[int, int, int, 
             carried += length
         elif kind in (COPY, XOR):
             if length == 0 or offset + length > header.base_size:
-                raise DeltaError("corrupt", "a delta segment reads past the end of the base")
+                raise DeltaError(DeltaFailure.CORRUPT, "a delta segment reads past the end of the base")
             if kind == XOR:
                 if width not in _WIDTHS or length % width:
-                    raise DeltaError("corrupt", f"a delta XOR segment has element width {width}")
+                    raise DeltaError(DeltaFailure.CORRUPT, f"a delta XOR segment has element width {width}")
                 carried += length
         else:
-            raise DeltaError("corrupt", f"unknown delta segment kind {kind}")
+            raise DeltaError(DeltaFailure.CORRUPT, f"unknown delta segment kind {kind}")
     if total != header.target_size or carried != header.payload_size:
-        raise DeltaError("corrupt", "the delta's segments do not add up to its target")
+        raise DeltaError(DeltaFailure.CORRUPT, "the delta's segments do not add up to its target")
     return segments
 
 
@@ -452,5 +461,7 @@ def apply_delta(
             taken += length
         position = end
     if hashlib.sha256(out).hexdigest() != header.target_sha256:
-        raise DeltaError("target_mismatch", f"the rebuilt model's sha256 is not {header.target_sha256}")
+        raise DeltaError(
+            DeltaFailure.TARGET_MISMATCH, f"the rebuilt model's sha256 is not {header.target_sha256}"
+        )
     return out
