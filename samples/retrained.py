@@ -111,7 +111,8 @@ def fine_tune(model_bytes: bytes, *, seed: int = 2) -> bytes:
     """Every float weight scaled by (1 + 1e-3 noise); int8 weights moved one step in 5 % of places."""
     rng = np.random.default_rng(seed)
     out = bytearray(model_bytes)
-    for weight in {w for layer in _layers(model_bytes) for w in layer}:
+    # dict.fromkeys, not a set: the same order (so the same noise) in every process.
+    for weight in dict.fromkeys(w for layer in _layers(model_bytes) for w in layer):
         old = _values(model_bytes, weight)
         if np.issubdtype(weight.dtype, np.floating):
             _write(out, weight, old * (1 + 1e-3 * rng.standard_normal(old.shape)))
