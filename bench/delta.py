@@ -1,0 +1,212 @@
+"""Tensor-level delta codec (issue 12 §1), each figure printed beside its target.
+
+For each base model (the digits sample, a 16 MiB digits-shaped model, and the four
+microWakeWord models that the ``pymicro-wakeword`` package ships) and two new versions of it
+(samples/retrained.py: "head retrain" = the last layer's weights redrawn, "fine-tune" = every
+weight nudged), it measures:
+
+* full blob: the target zstd-compressed at the registry's level (19, window capped as the
+  registry does);
+* zstd ``--patch-from``: the zstd CLI (not python-zstandard) with the base as the patch
+  source, at the CLI's default level (the issue's baseline) and at level 19 single-threaded
+  (the strongest setting, for the record);
+* the tensor delta (agent/protocol/delta.py, level 19) and its ratios;
+* time to rebuild on the device, median of N: ``apply_delta`` with the base's sha256 known
+  (the agent's store holds it from the base's verified manifest) against the full-blob
+  path, zstd decompression capped at the raw size plus the sha256 check of the result.
+  ``apply_delta`` hashing the base itself is printed too.
+
+Targets (head retrain): delta <= 0.15 x full blob and <= 0.5 x patch-from; every case:
+rebuild <= 1.2 x decompress. Fine-tune figures are reported, not judged. Exit 1 if a
+target fails.
+
+    .venv/bin/python bench/delta.py [--runs 31] [--size-mb 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zstandard
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.download import ZSTD_MAX_WINDOW_BYTES  # noqa: E402
+from agent.protocol.delta import apply_delta, capped_compressor, make_delta  # noqa: E402
+from samples.digits import build_large_model  # noqa: E402
+from samples.retrained import delta_cases, fine_tune, head_retrain, run_once  # noqa: E402
+
+LEVEL = 19
+HEAD_OF_FULL_LIMIT = 0.15
+HEAD_OF_PATCH_FROM_LIMIT = 0.5
+REBUILD_RATIO_LIMIT = 1.2
+
+
+def full_blob(raw: bytes) -> bytes:
+    """The full blob as the registry makes it: zstd at its level, window capped for agents."""
+    return capped_compressor(LEVEL, len(raw)).compress(raw)
+
+
+def patch_from(base: bytes, target: bytes, *level_args: str) -> int:
+    """Size of ``zstd --patch-from=base target`` with the zstd CLI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "base").write_bytes(base)
+        (Path(tmp) / "target").write_bytes(target)
+        subprocess.run(
+            [
+                "zstd",
+                "-q",
+                "-f",
+                *level_args,
+                "--patch-from",
+                f"{tmp}/base",
+                f"{tmp}/target",
+                "-o",
+                f"{tmp}/p",
+            ],
+            check=True,
+            stderr=subprocess.DEVNULL,
+        )
+        return (Path(tmp) / "p").stat().st_size
+
+
+def median_seconds(functions: list, runs: int) -> list[float]:
+    """Median time of each function, run in turn ``runs`` times: alternating them means a
+    change in the machine's load (other jobs on its 2 cores) weighs on all of them alike."""
+    times: list[list[float]] = [[] for _ in functions]
+    for _ in range(runs):
+        for function, samples in zip(functions, times, strict=True):
+            started = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - started)
+    return [statistics.median(samples) for samples in times]
+
+
+def decompress_path(blob: bytes, raw_size: int, raw_sha256: str) -> None:
+    """What the agent does with a full blob, in memory: capped decompression, then sha256."""
+    decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW_BYTES)
+    raw = decompressor.decompress(blob, max_output_size=raw_size)
+    if hashlib.sha256(raw).hexdigest() != raw_sha256:
+        raise AssertionError("full blob does not decompress to the target")
+
+
+def measure(name: str, change: str, base: bytes, target: bytes, runs: int) -> dict:
+    run_once(target)  # the new version is a model LiteRT runs
+    blob = full_blob(target)
+    delta = make_delta(base, target, level=LEVEL)
+    target_sha256, base_sha256 = hashlib.sha256(target).hexdigest(), hashlib.sha256(base).hexdigest()
+    if apply_delta(base, delta, max_output=len(target)) != target:
+        raise AssertionError(f"{name} {change}: the delta does not rebuild the target")
+    full_seconds, rebuild_seconds, hashing_seconds = median_seconds(
+        [
+            lambda: decompress_path(blob, len(target), target_sha256),
+            lambda: apply_delta(base, delta, max_output=len(target), base_sha256=base_sha256),
+            lambda: apply_delta(base, delta, max_output=len(target)),
+        ],
+        runs,
+    )
+    return {
+        "name": name,
+        "change": change,
+        "raw": len(target),
+        "full": len(blob),
+        "patch_default": patch_from(base, target),
+        "patch_19": patch_from(base, target, f"-{LEVEL}", "--single-thread"),
+        "delta": len(delta),
+        "full_ms": full_seconds * 1000,
+        "rebuild_ms": rebuild_seconds * 1000,
+        "hashing_ms": hashing_seconds * 1000,
+    }
+
+
+def size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=31, help="timing runs per case (median)")
+    parser.add_argument("--size-mb", type=float, default=16, help="size of the large digits-shaped model")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=200)
+    cases = delta_cases()
+    del cases["digits 4 MiB float32"]
+    cases[f"digits {args.size_mb:g} MiB float32"] = build_large_model(args.size_mb)
+    rows = []
+    for name, base in cases.items():
+        for change, function in (("head retrain", head_retrain), ("fine-tune", fine_tune)):
+            console.print(f"{name}, {change}…")
+            rows.append(measure(name, change, base, function(base), args.runs))
+
+    failures = []
+    table = Table(
+        title=f"Tensor delta vs full blob and zstd --patch-from (zstd {LEVEL}; timings median of {args.runs})"
+    )
+    for column in (
+        "model",
+        "new version",
+        "raw",
+        "full blob",
+        "patch-from (default / -19)",
+        "delta",
+        "delta / full",
+        "delta / patch-from (default / -19)",
+        "rebuild / decompress",
+    ):
+        table.add_column(column, justify="left" if column in ("model", "new version") else "right")
+    for row in rows:
+        of_full = row["delta"] / row["full"]
+        of_patch = row["delta"] / row["patch_default"]
+        of_patch_19 = row["delta"] / row["patch_19"]
+        time_ratio = row["rebuild_ms"] / row["full_ms"]
+        head = row["change"] == "head retrain"
+        checks = [(time_ratio <= REBUILD_RATIO_LIMIT, "rebuild time")]
+        if head:
+            checks += [
+                (of_full <= HEAD_OF_FULL_LIMIT, "delta/full"),
+                (of_patch <= HEAD_OF_PATCH_FROM_LIMIT, "delta/patch-from"),
+            ]
+        failures += [f"{row['name']} {row['change']}: {what}" for ok, what in checks if not ok]
+
+        def mark(value: float, limit: float, judged: bool) -> str:
+            text = f"{value:.3f}" + (f" (≤ {limit})" if judged else "")
+            return text if not judged or value <= limit else f"[red]{text}[/red]"
+
+        table.add_row(
+            row["name"],
+            row["change"],
+            size(row["raw"]),
+            size(row["full"]),
+            f"{size(row['patch_default'])} / {size(row['patch_19'])}",
+            size(row["delta"]),
+            mark(of_full, HEAD_OF_FULL_LIMIT, head),
+            f"{mark(of_patch, HEAD_OF_PATCH_FROM_LIMIT, head)} / {of_patch_19:.2f}",
+            f"{mark(time_ratio, REBUILD_RATIO_LIMIT, True)}  "
+            f"({row['rebuild_ms']:.3f} vs {row['full_ms']:.3f} ms; "
+            f"{row['hashing_ms']:.3f} ms hashing the base)",
+        )
+    console.print(table)
+    if failures:
+        console.print("[red]FAIL[/red]: " + "; ".join(failures))
+        return 1
+    console.print("[green]PASS[/green]: every target met")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
