@@ -63,6 +63,8 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = _read("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = _read("CSRF_TRUSTED_ORIGINS", env.list, [])
+# JSON under /api/, Django's page elsewhere (docs/api.md, "Errors everywhere under /api/").
+CSRF_FAILURE_VIEW = "fleet.core.errors.csrf_failure"
 
 # --- HTTPS (docs/operations.md, "HTTPS"): on by default without DEBUG, so that a production
 # start passes `manage.py check --deploy` with no warning. Behind a proxy that terminates
@@ -344,7 +346,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["fleet.core.permissions.IsViewer"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "fleet.core.listing.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "fleet.core.errors.api_exception_handler",

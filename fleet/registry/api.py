@@ -12,6 +12,7 @@ from celery.result import AsyncResult
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 from django.urls import reverse
+from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -28,10 +29,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fleet.celery import app as celery_app
+from fleet.core import listing
 from fleet.core.errors import InvalidInput, NotFound, error_body
 from fleet.core.permissions import IsAdmin, IsViewer, ViewerReadsOperatorWrites
 from fleet.registry import selectors, services, trust
-from fleet.registry.choices import ArtifactStatus, Task, VersionStatus
+from fleet.registry.choices import ArtifactStatus, SigningKeyStatus, Task, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey, TrustRoot
 
 # --- serializers
@@ -196,6 +198,40 @@ class FallbackContentNegotiation(DefaultContentNegotiation):
             return renderers[0], renderers[0].media_type
 
 
+# --- list filters and orderings (fleet/core/listing.py)
+
+
+class ModelFilter(listing.FilterSet):
+    task = filters.ChoiceFilter(choices=Task.choices)
+    ordering = listing.OrderingFilter(fields=["name", "created_at"])
+
+
+class VersionFilter(listing.FilterSet):
+    status = filters.ChoiceFilter(choices=VersionStatus.choices)
+    ordering = listing.OrderingFilter(fields=["created_at", "status"])
+
+
+class VersionArtifactFilter(listing.FilterSet):
+    variant = filters.CharFilter()
+    status = filters.ChoiceFilter(choices=ArtifactStatus.choices)
+    ordering = listing.OrderingFilter(
+        fields=["id", "variant", "status", "raw_size", "blob_size", "golden_accuracy", "created_at"]
+    )
+
+
+class ArtifactFilter(VersionArtifactFilter):
+    model = filters.CharFilter(field_name="version__model__name", label="model name")
+    version = filters.CharFilter(field_name="version__version", label="version (semver)")
+    # The first names docs/api.md gave these two filters; kept for existing clients.
+    version__model__name = filters.CharFilter(label="model name (the same as model)")
+    version__version = filters.CharFilter(label="version (the same as version)")
+
+
+class SigningKeyFilter(listing.FilterSet):
+    status = filters.ChoiceFilter(choices=SigningKeyStatus.choices)
+    ordering = listing.OrderingFilter(fields=["created_at", "status"])
+
+
 # --- models
 
 
@@ -204,7 +240,7 @@ class ModelListCreate(generics.ListCreateAPIView):
     queryset = MLModel.objects.select_related("created_by")
     serializer_class = ModelSerializer
     permission_classes = [ViewerReadsOperatorWrites]
-    filterset_fields = ["task"]
+    filterset_class = ModelFilter
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
@@ -230,7 +266,7 @@ class VersionListCreate(generics.ListCreateAPIView):
     serializer_class = VersionSerializer
     permission_classes = [ViewerReadsOperatorWrites]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
-    filterset_fields = ["status"]
+    filterset_class = VersionFilter
     queryset = ModelVersion.objects.none()
 
     def get_queryset(self):
@@ -319,6 +355,7 @@ class VersionArtifacts(generics.ListCreateAPIView):
     serializer_class = ArtifactSerializer
     permission_classes = [ViewerReadsOperatorWrites]
     parser_classes = [MultiPartParser]
+    filterset_class = VersionArtifactFilter
     queryset = Artifact.objects.none()
 
     def get_queryset(self):
@@ -364,12 +401,7 @@ class VersionArtifacts(generics.ListCreateAPIView):
 @extend_schema(responses={200: ArtifactSerializer, **ERRORS})
 class ArtifactList(generics.ListAPIView):
     serializer_class = ArtifactSerializer
-    filterset_fields = {
-        "version__model__name": ["exact"],
-        "version__version": ["exact"],
-        "variant": ["exact"],
-        "status": ["exact"],
-    }
+    filterset_class = ArtifactFilter
 
     def get_queryset(self):
         return selectors.artifact_list()
@@ -543,7 +575,7 @@ class SigningKeyList(generics.ListAPIView):
 
     serializer_class = SigningKeySerializer
     permission_classes = [IsViewer]
-    pagination_class = None
+    filterset_class = SigningKeyFilter
 
     def get_queryset(self):
         return selectors.signing_keys()
