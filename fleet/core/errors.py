@@ -189,9 +189,8 @@ def json_500(request: HttpRequest) -> HttpResponse:
 
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """CSRF_FAILURE_VIEW: Django's CSRF refusal (a session-authenticated unsafe request
-    without a valid token) in the error shape under /api/. DRF's views check CSRF
-    themselves and answer through the exception handler; this covers any other view."""
+    without a valid token) in the error shape under /api/, worded as DRF words its own
+    (DRF's views check CSRF themselves and answer through the exception handler)."""
     if not is_api_path(request):
         return csrf.csrf_failure(request, reason)
-    message = f"CSRF check failed: {reason} Send the csrftoken cookie's value in X-CSRFToken, or use a token."
-    return _json_error(403, "csrf_failed", message)
+    return _json_error(403, "permission_denied", f"CSRF Failed: {reason}")

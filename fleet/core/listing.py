@@ -13,6 +13,7 @@ from __future__ import annotations
 from django import forms
 from django.db.models import QuerySet
 from django_filters import rest_framework as filters
+from django_filters.widgets import BooleanWidget
 from rest_framework import pagination
 
 from fleet.core.errors import InvalidInput
@@ -79,10 +80,16 @@ class OrderingFilter(filters.OrderingFilter):
         return qs.order_by(*fields)
 
 
-class _StrictBooleanField(forms.Field):
-    """What is left after django-filter's BooleanWidget: True or False for true/false/1/0
-    (any case), the raw string for anything else, which is refused."""
+class _StrictBooleanWidget(BooleanWidget):
+    """django-filter's widget maps anything but true/false/1/0 to None ("no filter"); this
+    one hands the unknown value on, for the field to refuse."""
 
+    def value_from_datadict(self, data, files, name):
+        value = super().value_from_datadict(data, files, name)
+        return data.get(name) if value is None else value
+
+
+class _StrictBooleanField(forms.Field):
     def to_python(self, value):
         if value in (None, "") or isinstance(value, bool):
             return None if value == "" else value
@@ -92,9 +99,13 @@ class _StrictBooleanField(forms.Field):
 
 
 class BooleanFilter(filters.BooleanFilter):
-    """``true``/``false`` (or 1/0); django-filter's own takes anything else as "no filter"."""
+    """``true``/``false`` (or 1/0, any case); anything else is a 400."""
 
     field_class = _StrictBooleanField
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("widget", _StrictBooleanWidget)
+        super().__init__(*args, **kwargs)
 
 
 class FilterSet(filters.FilterSet):
