@@ -348,7 +348,7 @@ REST_FRAMEWORK = {
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "fleet.core.listing.LimitOffsetPagination",
     "PAGE_SIZE": 100,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "fleet.core.schema.AutoSchema",
     "EXCEPTION_HANDLER": "fleet.core.errors.api_exception_handler",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
@@ -365,6 +365,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "fleet.core.schema.ordering_enum_names",
+    ],
 }
 # How long an upload may wait for its pipeline to finish when the client asks to (?wait=).
 ARTIFACT_UPLOAD_MAX_WAIT_SECONDS = _read("ARTIFACT_UPLOAD_MAX_WAIT_SECONDS", env.int, 300)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from django import forms
 from django.db.models import QuerySet
 from django_filters import rest_framework as filters
-from django_filters.widgets import BooleanWidget
+from django_filters.widgets import BooleanWidget, CSVWidget
 from rest_framework import pagination
 
 from fleet.core.errors import InvalidInput
@@ -67,9 +67,24 @@ class LimitOffsetPagination(pagination.LimitOffsetPagination):
         return parameters
 
 
+class _RepeatableCSVWidget(CSVWidget):
+    """``?ordering=a,b`` and ``?ordering=a&ordering=b`` alike: generated clients send an
+    array parameter the second way, and django-filter would keep only its last value."""
+
+    def value_from_datadict(self, data, files, name):
+        values = data.getlist(name) if hasattr(data, "getlist") else []
+        if len(values) > 1:
+            return [part for value in values for part in value.split(",")]
+        return super().value_from_datadict(data, files, name)
+
+
 class OrderingFilter(filters.OrderingFilter):
     """``?ordering=field,-other`` over the endpoint's allow-list; the primary key breaks
     ties so that pages of a list ordered by a repeated value neither overlap nor skip."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("widget", _RepeatableCSVWidget)
+        super().__init__(*args, **kwargs)
 
     def filter(self, qs, value):
         if value in ([], (), {}, "", None):

@@ -18,7 +18,7 @@ from fleet.core.throttling import ClientAddressRateThrottle
 from fleet.devices import selectors, services
 from fleet.devices.choices import DeviceStatus, EnrollmentTokenState, GroupKind
 from fleet.devices.models import Device, DeviceGroup, EnrollmentToken
-from fleet.registry.api import ERRORS
+from fleet.registry.api import ERRORS, list_create_schema
 
 DEVICE_ID_PARAM = OpenApiParameter("device_id", str, OpenApiParameter.PATH, description="Device id")
 
@@ -307,7 +307,7 @@ class EnrollmentTokenFilter(listing.FilterSet):
     ordering = listing.OrderingFilter(fields=["name", "created_at", "expires_at", "uses"])
 
 
-@extend_schema(responses={200: EnrollmentTokenSerializer, 201: EnrollmentTokenCreatedSerializer, **ERRORS})
+@list_create_schema(EnrollmentTokenSerializer, EnrollmentTokenCreatedSerializer)
 class EnrollmentTokenListCreate(generics.ListCreateAPIView):
     serializer_class = EnrollmentTokenSerializer
     permission_classes = [IsAdmin]
@@ -364,7 +364,7 @@ class DeviceGroupFilter(listing.FilterSet):
     ordering = listing.OrderingFilter(fields=["name", "kind", "created_at"])
 
 
-@extend_schema(responses={200: DeviceGroupSerializer, 201: DeviceGroupSerializer, **ERRORS})
+@list_create_schema(DeviceGroupSerializer)
 class DeviceGroupListCreate(generics.ListCreateAPIView):
     serializer_class = DeviceGroupSerializer
     permission_classes = [ViewerReadsOperatorWrites]

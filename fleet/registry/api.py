@@ -19,6 +19,7 @@ from drf_spectacular.utils import (
     OpenApiResponse,
     extend_schema,
     extend_schema_field,
+    extend_schema_view,
     inline_serializer,
 )
 from rest_framework import generics, serializers, status
@@ -188,6 +189,17 @@ ID_PARAM = OpenApiParameter("id", int, OpenApiParameter.PATH, description="Artif
 ERRORS = {code: OpenApiResponse(ErrorSerializer) for code in (400, 401, 403, 404, 409, 413, 416, 422)}
 
 
+def list_create_schema(
+    listed: type[serializers.Serializer], created: type[serializers.Serializer] | None = None
+):
+    """A list-and-create endpoint's schema: GET answers 200 with a page of ``listed``,
+    POST 201 with ``created`` (a class-wide ``responses`` would give each both)."""
+    return extend_schema_view(
+        get=extend_schema(responses={200: listed, **ERRORS}),
+        post=extend_schema(responses={201: created or listed, **ERRORS}),
+    )
+
+
 class FallbackContentNegotiation(DefaultContentNegotiation):
     """Binary endpoints: a client that only accepts application/zstd still gets JSON errors."""
 
@@ -235,7 +247,7 @@ class SigningKeyFilter(listing.FilterSet):
 # --- models
 
 
-@extend_schema(responses={200: ModelSerializer, 201: ModelSerializer, **ERRORS})
+@list_create_schema(ModelSerializer)
 class ModelListCreate(generics.ListCreateAPIView):
     queryset = MLModel.objects.select_related("created_by")
     serializer_class = ModelSerializer

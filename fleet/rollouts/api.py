@@ -14,7 +14,7 @@ from rest_framework.views import APIView
 from fleet.core import listing
 from fleet.core.permissions import IsOperator, ViewerReadsOperatorWrites
 from fleet.registry import selectors as registry_selectors
-from fleet.registry.api import ERRORS
+from fleet.registry.api import ERRORS, list_create_schema
 from fleet.rollouts import services
 from fleet.rollouts.choices import Approval, AssignmentState, OnFailure, RolloutState
 from fleet.rollouts.models import GateEvaluation, Rollout, RolloutPolicy, default_gates, default_stages
@@ -52,7 +52,7 @@ class PolicyFilter(listing.FilterSet):
     ordering = listing.OrderingFilter(fields=["name", "created_at"])
 
 
-@extend_schema(responses={200: PolicySerializer, 201: PolicySerializer, **ERRORS})
+@list_create_schema(PolicySerializer)
 class PolicyListCreate(generics.ListCreateAPIView):
     serializer_class = PolicySerializer
     permission_classes = [ViewerReadsOperatorWrites]
@@ -174,7 +174,7 @@ class RolloutFilter(listing.FilterSet):
     )
 
 
-@extend_schema(responses={200: RolloutSerializer, 201: RolloutSerializer, **ERRORS})
+@list_create_schema(RolloutSerializer)
 class RolloutListCreate(generics.ListCreateAPIView):
     serializer_class = RolloutSerializer
     permission_classes = [ViewerReadsOperatorWrites]

@@ -53,6 +53,9 @@ def list_problems(schema: dict, path: str) -> list[str]:
     answer = _answer_schema(schema, operation)
     if not set(answer.get("properties", {})) >= ENVELOPE:
         problems.append(f"{path}: answers {answer.get('type', 'an object')}, not the page envelope")
+    created = sorted(set(operation.get("responses", {})) & {"201", "202"})
+    if created:
+        problems.append(f"{path}: a GET that says it answers {', '.join(created)}")
     parameters = {p["name"]: p for p in operation.get("parameters", []) if p["in"] == "query"}
     for name in ("limit", "offset", "ordering"):
         if name not in parameters:
@@ -121,7 +124,10 @@ def test_the_schema_check_reports_a_bare_list_and_a_list_without_ordering():
     """Positive control: what the walk above would catch."""
     array = {"type": "array", "items": {"$ref": "#/components/schemas/Thing"}}
     thing = {"type": "object", "properties": {"id": {"type": "integer"}}}
-    answer = {"200": {"content": {"application/json": {"schema": array}}}}
+    answer = {
+        "200": {"content": {"application/json": {"schema": array}}},
+        "201": {"content": {"application/json": {"schema": thing}}},
+    }
     schema = {
         "components": {"schemas": {"Thing": thing}},
         "paths": {"/things/": {"get": {"parameters": [], "responses": answer}}},
@@ -130,6 +136,7 @@ def test_the_schema_check_reports_a_bare_list_and_a_list_without_ordering():
     problems = list_problems(schema, "/things/")
     assert any("not the page envelope" in p for p in problems)
     assert any("no ordering parameter" in p for p in problems)
+    assert any("a GET that says it answers 201" in p for p in problems)
 
 
 def test_the_paging_parameters_carry_their_bounds_in_the_schema():
@@ -239,6 +246,16 @@ def test_the_next_link_is_absolute_and_keeps_the_filters(world, bob):
 def test_ordering_orders_and_a_minus_reverses(world, bob):
     ids = [d["device_id"] for d in bob.client().get("/api/v1/devices/?ordering=-device_id").json()["results"]]
     assert ids == ["cam-2", "cam-1", "cam-0"]
+
+
+def test_several_orderings_come_comma_separated_or_repeated(world, bob):
+    """The schema says comma-separated; generated clients repeat the parameter instead."""
+    Device.objects.filter(device_id="cam-2").update(status=DeviceStatus.ACTIVE)
+    for query in ("?ordering=status,-device_id", "?ordering=status&ordering=-device_id"):
+        ids = [d["device_id"] for d in bob.client().get(f"/api/v1/devices/{query}").json()["results"]]
+        assert ids == ["cam-2", "cam-1", "cam-0"], query
+    error = assert_json_error(bob.client().get("/api/v1/devices/?ordering=status&ordering=nope"), 400)
+    assert error["field"] == "ordering"
 
 
 def test_a_boolean_filter_takes_true_false_one_and_zero(world, bob):
