@@ -29,10 +29,7 @@ def _integer_parameter(request, name: str, *, default: int, minimum: int, maximu
     if raw is None:
         return default
     within = f"between {minimum} and {maximum}" if maximum is not None else f"{minimum} or more"
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
+    value = int(raw) if raw.isascii() and raw.isdigit() else None  # no sign, space or 1_000
     if value is None or value < minimum or (maximum is not None and value > maximum):
         raise InvalidInput(f"{name} must be a whole number {within}, got {raw!r}.", field=name)
     return value
@@ -87,7 +84,7 @@ class OrderingFilter(filters.OrderingFilter):
         super().__init__(*args, **kwargs)
 
     def filter(self, qs, value):
-        if value in ([], (), {}, "", None):
+        if not value:
             return qs
         fields = [self.get_ordering_value(param) for param in value]
         if not {"pk", "-pk", "id", "-id"} & set(fields):
