@@ -63,6 +63,8 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = _read("ALLOWED_HOSTS", env.list, ["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = _read("CSRF_TRUSTED_ORIGINS", env.list, [])
+# JSON under /api/, Django's page elsewhere (docs/api.md, "Errors everywhere under /api/").
+CSRF_FAILURE_VIEW = "fleet.core.errors.csrf_failure"
 
 # --- HTTPS (docs/operations.md, "HTTPS"): on by default without DEBUG, so that a production
 # start passes `manage.py check --deploy` with no warning. Behind a proxy that terminates
@@ -353,9 +355,9 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["fleet.core.permissions.IsViewer"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "fleet.core.listing.LimitOffsetPagination",
     "PAGE_SIZE": 100,
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "fleet.core.schema.AutoSchema",
     "EXCEPTION_HANDLER": "fleet.core.errors.api_exception_handler",
     "DEFAULT_RENDERER_CLASSES": [
         "rest_framework.renderers.JSONRenderer",
@@ -372,6 +374,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "fleet.core.schema.ordering_enum_names",
+    ],
 }
 # How long an upload may wait for its pipeline to finish when the client asks to (?wait=).
 ARTIFACT_UPLOAD_MAX_WAIT_SECONDS = _read("ARTIFACT_UPLOAD_MAX_WAIT_SECONDS", env.int, 300)

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from fleet.core import api as core_api
 from fleet.core import errors, metrics
 from fleet.devices import api as devices_api
 from fleet.registry import api as registry_api
@@ -12,6 +13,7 @@ NAME = r"(?P<name>[a-z0-9][a-z0-9_.-]*)"
 DEVICE = r"(?P<device_id>[A-Za-z0-9][A-Za-z0-9_.-]*)"
 
 api_v1 = [
+    path("", core_api.ApiRoot.as_view(), name="api-root"),
     path("models/", registry_api.ModelListCreate.as_view(), name="model-list"),
     re_path(rf"^models/{NAME}/$", registry_api.ModelDetail.as_view(), name="model-detail"),
     re_path(rf"^models/{NAME}/versions/$", registry_api.VersionListCreate.as_view(), name="version-list"),

@@ -16,7 +16,7 @@ from django.core.exceptions import BadRequest, RequestDataTooBig, SuspiciousOper
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponsePermanentRedirect, JsonResponse
 from django.urls import Resolver404, resolve
-from django.views import defaults
+from django.views import csrf, defaults
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 from rest_framework.renderers import JSONRenderer
@@ -185,3 +185,12 @@ def json_500(request: HttpRequest) -> HttpResponse:
     if not is_api_path(request):
         return defaults.server_error(request)
     return _json_error(500, "server_error", "The server failed; the error has been logged.")
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """CSRF_FAILURE_VIEW: Django's CSRF refusal (a session-authenticated unsafe request
+    without a valid token) in the error shape under /api/, worded as DRF words its own
+    (DRF's views check CSRF themselves and answer through the exception handler)."""
+    if not is_api_path(request):
+        return csrf.csrf_failure(request, reason)
+    return _json_error(403, "permission_denied", f"CSRF Failed: {reason}")

@@ -11,13 +11,14 @@ from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from fleet.core import listing
 from fleet.core.fields import refuse_nul_characters
 from fleet.core.permissions import IsAdmin, IsOperator, ViewerReadsOperatorWrites
 from fleet.core.throttling import ClientAddressRateThrottle
 from fleet.devices import selectors, services
-from fleet.devices.choices import DeviceStatus, EnrollmentTokenState
+from fleet.devices.choices import DeviceStatus, EnrollmentTokenState, GroupKind
 from fleet.devices.models import Device, DeviceGroup, EnrollmentToken
-from fleet.registry.api import ERRORS
+from fleet.registry.api import ERRORS, list_create_schema
 
 DEVICE_ID_PARAM = OpenApiParameter("device_id", str, OpenApiParameter.PATH, description="Device id")
 
@@ -60,18 +61,26 @@ class DeviceUpdateSerializer(serializers.Serializer):
     tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False)
 
 
-class DeviceFilter(filters.FilterSet):
+class DeviceFilter(listing.FilterSet):
     status = filters.ChoiceFilter(choices=DeviceStatus.choices)
-    online = filters.BooleanFilter()
+    online = listing.BooleanFilter()
     hardware = filters.CharFilter()
     tag = filters.CharFilter(method="filter_tag", label="has this tag")
     group = filters.CharFilter(method="filter_group", label="member of this group (static or dynamic)")
     model = filters.CharFilter(method="filter_model", label="reports this model")
     version = filters.CharFilter(method="filter_version", label="reports this model version (with model=)")
-
-    class Meta:
-        model = Device
-        fields = ["status", "online", "hardware"]
+    ordering = listing.OrderingFilter(
+        fields=[
+            "device_id",
+            "display_name",
+            "status",
+            "hardware",
+            "agent_version",
+            "last_seen_at",
+            "enrolled_at",
+            "created_at",
+        ]
+    )
 
     def filter_tag(self, queryset, name, value):
         return queryset.filter(tags__contains=[value])
@@ -293,10 +302,16 @@ class EnrollmentTokenCreatedSerializer(EnrollmentTokenSerializer):
         fields = [*EnrollmentTokenSerializer.Meta.fields, "key"]
 
 
-@extend_schema(responses={200: EnrollmentTokenSerializer, 201: EnrollmentTokenCreatedSerializer, **ERRORS})
+class EnrollmentTokenFilter(listing.FilterSet):
+    auto_approve = listing.BooleanFilter()
+    ordering = listing.OrderingFilter(fields=["name", "created_at", "expires_at", "uses"])
+
+
+@list_create_schema(EnrollmentTokenSerializer, EnrollmentTokenCreatedSerializer)
 class EnrollmentTokenListCreate(generics.ListCreateAPIView):
     serializer_class = EnrollmentTokenSerializer
     permission_classes = [IsAdmin]
+    filterset_class = EnrollmentTokenFilter
     queryset = EnrollmentToken.objects.order_by("-created_at")
 
     def create(self, request, *args, **kwargs):
@@ -350,10 +365,16 @@ class DeviceGroupSerializer(serializers.ModelSerializer):
         return services.group_update(group=instance, **validated_data)
 
 
-@extend_schema(responses={200: DeviceGroupSerializer, 201: DeviceGroupSerializer, **ERRORS})
+class DeviceGroupFilter(listing.FilterSet):
+    kind = filters.ChoiceFilter(choices=GroupKind.choices)
+    ordering = listing.OrderingFilter(fields=["name", "kind", "created_at"])
+
+
+@list_create_schema(DeviceGroupSerializer)
 class DeviceGroupListCreate(generics.ListCreateAPIView):
     serializer_class = DeviceGroupSerializer
     permission_classes = [ViewerReadsOperatorWrites]
+    filterset_class = DeviceGroupFilter
     queryset = DeviceGroup.objects.prefetch_related("members")
 
 

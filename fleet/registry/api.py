@@ -12,12 +12,14 @@ from celery.result import AsyncResult
 from django.conf import settings
 from django.http import HttpResponse, StreamingHttpResponse
 from django.urls import reverse
+from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
     extend_schema_field,
+    extend_schema_view,
     inline_serializer,
 )
 from rest_framework import generics, serializers, status
@@ -28,10 +30,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from fleet.celery import app as celery_app
+from fleet.core import listing
 from fleet.core.errors import InvalidInput, NotFound, error_body
 from fleet.core.permissions import IsAdmin, IsViewer, ViewerReadsOperatorWrites
 from fleet.registry import selectors, services, trust
-from fleet.registry.choices import ArtifactStatus, Task, VersionStatus
+from fleet.registry.choices import ArtifactStatus, SigningKeyStatus, Task, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey, TrustRoot
 
 # --- serializers
@@ -186,6 +189,17 @@ ID_PARAM = OpenApiParameter("id", int, OpenApiParameter.PATH, description="Artif
 ERRORS = {code: OpenApiResponse(ErrorSerializer) for code in (400, 401, 403, 404, 409, 413, 416, 422)}
 
 
+def list_create_schema(
+    listed: type[serializers.Serializer], created: type[serializers.Serializer] | None = None
+):
+    """A list-and-create endpoint's schema: GET answers 200 with a page of ``listed``,
+    POST 201 with ``created`` (a class-wide ``responses`` would give each both)."""
+    return extend_schema_view(
+        get=extend_schema(responses={200: listed, **ERRORS}),
+        post=extend_schema(responses={201: created or listed, **ERRORS}),
+    )
+
+
 class FallbackContentNegotiation(DefaultContentNegotiation):
     """Binary endpoints: a client that only accepts application/zstd still gets JSON errors."""
 
@@ -196,15 +210,49 @@ class FallbackContentNegotiation(DefaultContentNegotiation):
             return renderers[0], renderers[0].media_type
 
 
+# --- list filters and orderings (fleet/core/listing.py)
+
+
+class ModelFilter(listing.FilterSet):
+    task = filters.ChoiceFilter(choices=Task.choices)
+    ordering = listing.OrderingFilter(fields=["name", "created_at"])
+
+
+class VersionFilter(listing.FilterSet):
+    status = filters.ChoiceFilter(choices=VersionStatus.choices)
+    ordering = listing.OrderingFilter(fields=["created_at", "status"])
+
+
+class VersionArtifactFilter(listing.FilterSet):
+    variant = filters.CharFilter()
+    status = filters.ChoiceFilter(choices=ArtifactStatus.choices)
+    ordering = listing.OrderingFilter(
+        fields=["id", "variant", "status", "raw_size", "blob_size", "golden_accuracy", "created_at"]
+    )
+
+
+class ArtifactFilter(VersionArtifactFilter):
+    model = filters.CharFilter(field_name="version__model__name", label="model name")
+    version = filters.CharFilter(field_name="version__version", label="version (semver)")
+    # The first names docs/api.md gave these two filters; kept for existing clients.
+    version__model__name = filters.CharFilter(label="model name (the same as model)")
+    version__version = filters.CharFilter(label="version (the same as version)")
+
+
+class SigningKeyFilter(listing.FilterSet):
+    status = filters.ChoiceFilter(choices=SigningKeyStatus.choices)
+    ordering = listing.OrderingFilter(fields=["created_at", "status"])
+
+
 # --- models
 
 
-@extend_schema(responses={200: ModelSerializer, 201: ModelSerializer, **ERRORS})
+@list_create_schema(ModelSerializer)
 class ModelListCreate(generics.ListCreateAPIView):
     queryset = MLModel.objects.select_related("created_by")
     serializer_class = ModelSerializer
     permission_classes = [ViewerReadsOperatorWrites]
-    filterset_fields = ["task"]
+    filterset_class = ModelFilter
 
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
@@ -230,7 +278,7 @@ class VersionListCreate(generics.ListCreateAPIView):
     serializer_class = VersionSerializer
     permission_classes = [ViewerReadsOperatorWrites]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
-    filterset_fields = ["status"]
+    filterset_class = VersionFilter
     queryset = ModelVersion.objects.none()
 
     def get_queryset(self):
@@ -319,6 +367,7 @@ class VersionArtifacts(generics.ListCreateAPIView):
     serializer_class = ArtifactSerializer
     permission_classes = [ViewerReadsOperatorWrites]
     parser_classes = [MultiPartParser]
+    filterset_class = VersionArtifactFilter
     queryset = Artifact.objects.none()
 
     def get_queryset(self):
@@ -364,12 +413,7 @@ class VersionArtifacts(generics.ListCreateAPIView):
 @extend_schema(responses={200: ArtifactSerializer, **ERRORS})
 class ArtifactList(generics.ListAPIView):
     serializer_class = ArtifactSerializer
-    filterset_fields = {
-        "version__model__name": ["exact"],
-        "version__version": ["exact"],
-        "variant": ["exact"],
-        "status": ["exact"],
-    }
+    filterset_class = ArtifactFilter
 
     def get_queryset(self):
         return selectors.artifact_list()
@@ -543,7 +587,7 @@ class SigningKeyList(generics.ListAPIView):
 
     serializer_class = SigningKeySerializer
     permission_classes = [IsViewer]
-    pagination_class = None
+    filterset_class = SigningKeyFilter
 
     def get_queryset(self):
         return selectors.signing_keys()

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from collections import Counter
 
+from django_filters import rest_framework as filters
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import generics, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from fleet.core import listing
 from fleet.core.permissions import IsOperator, ViewerReadsOperatorWrites
 from fleet.registry import selectors as registry_selectors
-from fleet.registry.api import ERRORS
+from fleet.registry.api import ERRORS, list_create_schema
 from fleet.rollouts import services
-from fleet.rollouts.choices import AssignmentState
+from fleet.rollouts.choices import Approval, AssignmentState, OnFailure, RolloutState
 from fleet.rollouts.models import GateEvaluation, Rollout, RolloutPolicy, default_gates, default_stages
 
 ID_PARAM = OpenApiParameter("id", int, OpenApiParameter.PATH, description="Rollout id")
@@ -45,10 +47,17 @@ class PolicySerializer(serializers.ModelSerializer):
         return attrs
 
 
-@extend_schema(responses={200: PolicySerializer, 201: PolicySerializer, **ERRORS})
+class PolicyFilter(listing.FilterSet):
+    approval = filters.ChoiceFilter(choices=Approval.choices)
+    on_failure = filters.ChoiceFilter(choices=OnFailure.choices)
+    ordering = listing.OrderingFilter(fields=["name", "created_at"])
+
+
+@list_create_schema(PolicySerializer)
 class PolicyListCreate(generics.ListCreateAPIView):
     serializer_class = PolicySerializer
     permission_classes = [ViewerReadsOperatorWrites]
+    filterset_class = PolicyFilter
     queryset = RolloutPolicy.objects.order_by("name")
 
 
@@ -156,11 +165,21 @@ class RolloutCreateSerializer(serializers.Serializer):
     priority = serializers.IntegerField(required=False, default=0)
 
 
-@extend_schema(responses={200: RolloutSerializer, 201: RolloutSerializer, **ERRORS})
+class RolloutFilter(listing.FilterSet):
+    state = filters.ChoiceFilter(choices=RolloutState.choices)
+    model = filters.CharFilter(field_name="model__name", label="model name")
+    version = filters.CharFilter(field_name="target_version__version", label="target version")
+    policy = filters.CharFilter(field_name="policy__name", label="policy name")
+    ordering = listing.OrderingFilter(
+        fields=["id", "state", "priority", "created_at", "started_at", "finished_at"]
+    )
+
+
+@list_create_schema(RolloutSerializer)
 class RolloutListCreate(generics.ListCreateAPIView):
     serializer_class = RolloutSerializer
     permission_classes = [ViewerReadsOperatorWrites]
-    filterset_fields = ["state"]
+    filterset_class = RolloutFilter
 
     def get_queryset(self):
         return Rollout.objects.select_related("model", "target_version", "policy")

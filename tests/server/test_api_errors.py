@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.http import HttpResponse
 from django.test import Client, RequestFactory
 from rest_framework.test import APIClient
 
@@ -262,3 +263,73 @@ def test_the_enrollment_token_schema_says_only_the_post_answer_carries_the_key(a
     created = schema["paths"]["/api/v1/enrollment-tokens/"]["post"]["responses"]["201"]
     ref = created["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     assert "key" in schema["components"]["schemas"][ref]["required"]
+
+
+# --- an unhandled crash (500), end to end through the handlers (tests/server/planted_urls.py)
+
+
+@pytest.mark.urls("tests.server.planted_urls")
+@pytest.mark.parametrize("path", ["/api/v1/planted-crash", "/api/v1/planted-drf-crash"])
+def test_an_unhandled_crash_under_api_is_a_json_500(settings, path, caplog):
+    settings.DEBUG = False  # with DEBUG on, Django shows its traceback page (docs/api.md)
+    response = Client(raise_request_exception=False).get(path)
+    error = assert_json_error(response, 500, "server_error")
+    assert "planted bug" not in error["message"]  # the traceback goes to the log, not the client
+    assert "planted bug" in caplog.text
+
+
+@pytest.mark.urls("tests.server.planted_urls")
+def test_an_unhandled_crash_outside_api_keeps_djangos_html_500(settings):
+    """Positive control: the same crash outside /api/ is Django's page, so the JSON above
+    comes from the API's handler and not from some blanket rewrite."""
+    settings.DEBUG = False
+    response = Client(raise_request_exception=False).get("/planted-crash")
+    assert response.status_code == 500
+    assert response["Content-Type"].startswith("text/html")
+
+
+# --- CSRF: a session (the admin's login) must send the token on unsafe requests
+
+CSRF_SECRET = "a" * 32  # a well-formed csrftoken cookie value; the header must repeat it
+
+
+def _session_client(persona) -> Client:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(persona.user)
+    client.cookies["csrftoken"] = CSRF_SECRET
+    return client
+
+
+def test_a_session_post_without_the_csrf_token_is_a_json_403(alice):
+    response = _session_client(alice).post("/api/v1/models/", {"name": "letters"})
+    error = assert_json_error(response, 403, "permission_denied")
+    assert error["message"].startswith("CSRF Failed")
+
+
+def test_a_session_post_with_the_csrf_token_goes_through(alice):
+    """Positive control for the refusal above."""
+    response = _session_client(alice).post(
+        "/api/v1/models/", {"name": "letters"}, HTTP_X_CSRFTOKEN=CSRF_SECRET
+    )
+    assert response.status_code == 201, response.content
+
+
+def _csrf_refusal(path: str):
+    """Django's own CsrfViewMiddleware (the one in MIDDLEWARE) on a plain Django view that
+    is not CSRF-exempt: DRF's views are exempt and check CSRF themselves, so this is the
+    path a non-DRF view under /api/ would take."""
+    from django.middleware.csrf import CsrfViewMiddleware
+
+    def plain_view(request):
+        return HttpResponse("changed")
+
+    request = RequestFactory().post(path, {"a": "b"})
+    request.COOKIES["csrftoken"] = CSRF_SECRET
+    return CsrfViewMiddleware(plain_view).process_view(request, plain_view, (), {})
+
+
+def test_djangos_csrf_refusal_is_json_under_api_and_html_elsewhere():
+    error = assert_json_error(_csrf_refusal("/api/v1/anything"), 403, "permission_denied")
+    assert error["message"].startswith("CSRF Failed")
+    page = _csrf_refusal("/admin/anything/")
+    assert page.status_code == 403 and page["Content-Type"].startswith("text/html")

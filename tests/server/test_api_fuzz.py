@@ -55,7 +55,8 @@ EXAMPLES = {"ada": 18, "alice": 10, "bob": 6, "charlie": 3, "device": 6, "anonym
 SCALE = float(os.environ.get("API_FUZZ_SCALE", "1"))
 # The answer that shows the gate was reached (positive control below).
 GATE_STATUS = {"charlie": 403, "device": 403, "anonymous": 401}
-PUBLIC_OPERATIONS = {"POST /api/v1/enroll"}
+# The API root lists addresses only, like the schema (tests/server/test_api_root.py).
+PUBLIC_OPERATIONS = {"POST /api/v1/enroll", "GET /api/v1/"}
 # What a device's own token opens: its assigned artifact's files.
 DEVICE_MAY = {f"GET /api/v1/artifacts/{{id}}/{name}" for name in ("manifest", "blob", "golden")}
 # Operations that must have answered 2xx at least once for the people allowed to call them.

@@ -42,7 +42,7 @@ def ready_artifact(alice, version_v1, float32_model) -> Artifact:
 def verified_manifest(client, artifact: Artifact) -> tuple[bytes, dict]:
     keys = client.get("/api/v1/signing-keys/")
     assert keys.status_code == 200
-    trusted = protocol.trusted_keys([key["public_key"] for key in keys.json()])
+    trusted = protocol.trusted_keys([key["public_key"] for key in keys.json()["results"]])
     response = client.get(f"/api/v1/artifacts/{artifact.pk}/manifest")
     assert response.status_code == 200
     assert response["Content-Type"] == "application/json"
@@ -68,7 +68,7 @@ def test_it_serves_a_manifest_that_verifies_with_the_published_keys(bob, ready_a
 
 def test_a_manifest_does_not_verify_as_a_desired_state(bob, ready_artifact):
     trusted = protocol.trusted_keys(
-        [key["public_key"] for key in bob.client().get("/api/v1/signing-keys/").json()]
+        [key["public_key"] for key in bob.client().get("/api/v1/signing-keys/").json()["results"]]
     )
     response = bob.client().get(f"/api/v1/artifacts/{ready_artifact.pk}/manifest")
     with pytest.raises(protocol.PayloadTypeMismatch):

@@ -91,7 +91,8 @@ def test_the_matrices_cover_every_api_v1_endpoint():
     }  # tests/server/test_rollouts_api.py
     # Public by design, with their own tests: enroll (tests/server/test_enrollment*.py) and
     # the trust bundle, read by anyone and uploaded by admins (tests/server/test_trust.py).
-    public = {"enroll", "trust"}
+    # The API root lists addresses only, like the schema (tests/server/test_api_root.py).
+    public = {"enroll", "trust", "api-root"}
     covered = {e.name for e in ENDPOINTS} | {e.name for e in DEVICE_ENDPOINTS} | public | rollouts
     assert covered == {pattern.name for pattern in api_v1}
 

@@ -93,7 +93,7 @@ def test_replacing_the_key_file_rotates_and_keeps_the_old_key_listed(key_file, b
     old_row.refresh_from_db()
     assert old_row.status == SigningKeyStatus.RETIRED
     assert old_row.retired_at is not None
-    listed = {key["keyid"]: key for key in bob.client().get("/api/v1/signing-keys/").json()}
+    listed = {key["keyid"]: key for key in bob.client().get("/api/v1/signing-keys/").json()["results"]}
     assert listed[new_row.keyid]["status"] == "active"
     assert listed[new_row.keyid]["retired_at"] is None
     assert listed[old_row.keyid]["status"] == "retired"
@@ -112,7 +112,7 @@ def test_a_manifest_signed_before_rotation_still_verifies_with_the_listed_keys(
     assert before.signing_key_id != after.signing_key_id
 
     keys = protocol.trusted_keys(
-        [key["public_key"] for key in bob.client().get("/api/v1/signing-keys/").json()]
+        [key["public_key"] for key in bob.client().get("/api/v1/signing-keys/").json()["results"]]
     )
     for artifact in (before, after):
         envelope = bob.client().get(f"/api/v1/artifacts/{artifact.pk}/manifest").content
@@ -124,7 +124,7 @@ def test_the_signing_keys_endpoint_shows_public_material_only(key_file, bob):
     _, private_key = signing.signing_key_active()
     response = bob.client().get("/api/v1/signing-keys/")
     assert response.status_code == 200
-    keys = response.json()
+    keys = response.json()["results"]
     assert len(keys) >= 1
     for key in keys:
         assert set(key) == {"keyid", "public_key", "status", "created_at", "retired_at"}
