@@ -283,6 +283,13 @@ def enroll(
                     topic_prefix=broker["topic_prefix"],
                 ),
             )
+        if response.status >= 500:
+            log.warning(
+                "%s: enrollment answered %s: %s; retrying",
+                spec.device_id,
+                response.status,
+                response.data[:300],
+            )
         if response.status == 429 or response.status >= 500:
             retry_after = response.headers.get("Retry-After", "1")
             stop.wait(min(60.0, float(retry_after) if retry_after.replace(".", "", 1).isdigit() else 1.0))
