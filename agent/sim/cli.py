@@ -259,19 +259,23 @@ def summary(elapsed: float, snapshots: dict[int, dict[str, Any]], args: argparse
     all_online = [s["first_all_online_s"] for s in snapshots.values()]
     if all(value is not None for value in all_online) and all_online:
         lines.append(f"  every connecting device online {max(all_online):.1f} s after start")
-    lines.append("  process  devices  cpu (share of a core)  rss      loop lag p95")
+    lines.append(
+        f"  running (after enrollment), telemetry every {args.telemetry_interval:g} s:"
+        " process, devices, CPU share of a core, memory, event-loop lag p95"
+    )
+    per_core = []
     for number, s in sorted(snapshots.items()):
-        share = s["cpu_s"] / elapsed * 100 if elapsed else 0
+        busy_s = s["cpu_s"] - s["cpu_s_enrolled"]
+        share = busy_s / s["running_s"] if s["running_s"] else 0.0
+        if share:
+            per_core.append(s["devices"] / share)
         lines.append(
-            f"  {number:7d}  {s['devices']:7d}  {share:19.0f} %  {s['rss_mb']:5.0f} MB"
-            f"  {s['loop_lag_p95_ms']:8.1f} ms"
+            f"  {number:7d}  {s['devices']:7d}  {share * 100:5.1f} %  {s['rss_mb']:5.0f} MB"
+            f"  {s['loop_lag_p95_ms']:6.1f} ms"
         )
-    per_core = [s["devices"] / (s["cpu_s"] / elapsed) for s in snapshots.values() if s["cpu_s"] and elapsed]
+    lines.append(f"  devices per process: {args.devices / args.processes:.0f}")
     if per_core:
-        lines.append(
-            f"  devices per process: {args.devices / args.processes:.0f}; at this load one core "
-            f"carries about {min(per_core):,.0f} devices"
-        )
+        lines.append(f"  at this load one core would carry about {min(per_core):,.0f} devices")
     return "\n".join(lines)
 
 
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
             if time.monotonic() >= next_report and snapshots:
                 print(status_line(time.monotonic() - started, snapshots, args.devices), flush=True)
-                next_report += args.report_interval
+                next_report = time.monotonic() + args.report_interval
     finally:
         stop.set()
         for process in processes:

@@ -89,7 +89,9 @@ class Stats:
     telemetry: int = 0
     cache_fetches: int = 0
     active: dict[str, int] = field(default_factory=dict)
-    cpu_s: float = 0.0
+    cpu_s: float = 0.0  # the process's CPU time so far
+    cpu_s_enrolled: float = 0.0  # ... when enrollment ended and the devices started
+    running_s: float = 0.0  # seconds since the devices started
     rss_mb: float = 0.0
     loop_lag_p95_ms: float = 0.0
     done: bool = False
@@ -318,6 +320,8 @@ class Fleet:
         self._tls: ssl.SSLContext | None = None
         self._lags: collections.deque[float] = collections.deque(maxlen=600)
         self.started = time.monotonic()
+        self.running_since: float | None = None  # when the devices started, after enrolling
+        self._process = psutil.Process()
 
     def tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
@@ -343,6 +347,10 @@ class Fleet:
             await asyncio.sleep(0.1)
             self._lags.append(max(0.0, self.loop.time() - before - 0.1) * 1000)
 
+    def _cpu_s(self) -> float:
+        times = self._process.cpu_times()
+        return round(times.user + times.system, 2)
+
     def snapshot(self) -> dict[str, Any]:
         stats = self.stats
         online = [d for d in self.devices if d.connected]
@@ -355,10 +363,9 @@ class Fleet:
             for name, (version, variant) in device.active.items():
                 active[f"{name} {version} {variant}"] += 1
         stats.active = dict(active)
-        process = psutil.Process()
-        times = process.cpu_times()
-        stats.cpu_s = round(times.user + times.system, 2)
-        stats.rss_mb = round(process.memory_info().rss / 2**20, 1)
+        stats.cpu_s = self._cpu_s()
+        stats.running_s = round(time.monotonic() - self.running_since, 2) if self.running_since else 0.0
+        stats.rss_mb = round(self._process.memory_info().rss / 2**20, 1)
         lags = sorted(self._lags)
         stats.loop_lag_p95_ms = round(lags[int(len(lags) * 0.95)] if lags else 0.0, 1)
         return asdict(stats)
@@ -383,7 +390,13 @@ class Fleet:
         return sorted(enrolled, key=lambda pair: pair[0].index)
 
     async def run(self, stop: threading.Event, report) -> None:
-        enrolled = await self.loop.run_in_executor(None, self.enroll_all, stop)
+        enrolling = self.loop.run_in_executor(None, self.enroll_all, stop)
+        while not enrolling.done():
+            report(self.snapshot())
+            await asyncio.wait([enrolling], timeout=1)
+        enrolled = enrolling.result()
+        self.stats.cpu_s_enrolled = self._cpu_s()
+        self.running_since = time.monotonic()
         background = [
             self.loop.create_task(coro)
             for coro in (self.io.keepalive(), self._connector(), self._lag_probe())

@@ -16,7 +16,7 @@ import pytest
 
 from agent.sim.cli import device_specs, parser
 from agent.sim.device import Behaviour
-from fleet.devices.models import Device, TelemetryWindow
+from fleet.devices.models import Device, DeviceEvent, TelemetryWindow
 from fleet.rollouts import services as rollouts
 from fleet.rollouts.choices import AssignmentState, RolloutState
 from fleet.rollouts.models import RolloutPolicy
@@ -33,60 +33,73 @@ DEVICES = 20
 
 
 @pytest.fixture
-def simulator(control_plane, bridge, broker, enrollment, tmp_path):
-    """The simulator as an operator runs it, in its own processes; its output is kept."""
-    args = [
-        "--url",
-        control_plane["url"],
-        "--root-key",
-        control_plane["root_key_hex"],
-        "--ca-file",
-        str(broker.ca_file),
-        "--devices",
-        str(DEVICES),
-        "--processes",
-        "2",
-        "--id-prefix",
-        f"sim-{enrollment['run']}",
-        "--seed",
-        enrollment["run"],
-        "--flap-fraction",
-        "0.05",  # one device
-        "--flap-online-s",
-        "2",
-        "--flap-offline-s",
-        "1",
-        "--telemetry-interval",
-        "0.5",
-        "--install-seconds",
-        "0.05",
-        "--report-interval",
-        "2",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
-    env = {**os.environ, "FLEET_SIM_ENROLLMENT_TOKEN": enrollment["key"]}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent.sim", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
-    reader.start()
-    running = {"process": process, "output": output, "specs": device_specs(parser().parse_args(args))}
-    try:
-        yield running
-    finally:
+def run_simulator(control_plane, bridge, broker, enrollment, tmp_path):
+    """Start the simulator as an operator runs it, in its own processes; its output is
+    kept, and it is stopped (Ctrl-C) at the end of the test."""
+    started = []
+
+    def run(*extra: str, devices: int = DEVICES) -> dict:
+        args = [
+            "--url",
+            control_plane["url"],
+            "--root-key",
+            control_plane["root_key_hex"],
+            "--ca-file",
+            str(broker.ca_file),
+            "--devices",
+            str(devices),
+            "--processes",
+            "2",
+            "--id-prefix",
+            f"sim-{enrollment['run']}",
+            "--seed",
+            enrollment["run"],
+            "--telemetry-interval",
+            "0.5",
+            "--install-seconds",
+            "0.05",
+            "--report-interval",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *extra,
+        ]
+        env = {**os.environ, "FLEET_SIM_ENROLLMENT_TOKEN": enrollment["key"]}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agent.sim", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+        reader.start()
+        running = {
+            "process": process,
+            "output": output,
+            "reader": reader,
+            "specs": device_specs(parser().parse_args(args)),
+        }
+        started.append(running)
+        return running
+
+    yield run
+    for running in started:
+        process = running["process"]
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
                 process.wait(60)
             except subprocess.TimeoutExpired:
                 process.kill()
-        reader.join(10)
+        running["reader"].join(10)
+
+
+def all_online(simulator, ids: list[str], *, expected: int) -> bool:
+    assert simulator["process"].poll() is None, "".join(simulator["output"])
+    devices = Device.objects.filter(device_id__in=ids)
+    return devices.count() == len(ids) and devices.filter(online=True).count() >= expected
 
 
 def stopped(simulator) -> str:
@@ -97,21 +110,18 @@ def stopped(simulator) -> str:
 
 
 def test_a_simulated_fleet_enrolls_follows_a_staged_rollout_reports_telemetry_and_reconnects(
-    control_plane, simulator
+    control_plane, run_simulator
 ):
+    simulator = run_simulator("--flap-fraction", "0.05", "--flap-online-s", "2", "--flap-offline-s", "1")
     specs = simulator["specs"]
     ids = [spec.device_id for spec in specs]
     (flapper,) = [spec.device_id for spec in specs if spec.behaviour == Behaviour.FLAPPING]
 
-    def all_enrolled_and_online() -> bool:
-        assert simulator["process"].poll() is None, "".join(simulator["output"])
-        devices = Device.objects.filter(device_id__in=ids)
-        return (
-            devices.count() == DEVICES
-            and devices.filter(online=True).exclude(device_id=flapper).count() == 19
-        )
-
-    wait_until(all_enrolled_and_online, timeout=90, message="twenty enrolled devices online")
+    wait_until(
+        lambda: all_online(simulator, ids, expected=DEVICES - 1),  # the flapping one may be down
+        timeout=90,
+        message="twenty enrolled devices online",
+    )
     int8 = {d.device_id: d.supports_int8 for d in Device.objects.filter(device_id__in=ids)}
     assert int8 == {spec.device_id: spec.int8 for spec in specs}  # the identity each sent
 
@@ -178,3 +188,46 @@ def test_a_simulated_fleet_enrolls_follows_a_staged_rollout_reports_telemetry_an
     )
     assert f"enrollment: {DEVICES} devices in" in output, output
     assert "devices per process: 10" in output, output
+
+
+def test_simulated_install_failures_carry_their_reason_and_trip_the_failure_gate(
+    control_plane, run_simulator
+):
+    simulator = run_simulator(
+        "--offline-fraction", "0.1", "--fail-fraction", "0.3", "--fail-reason", "golden_failed", devices=10
+    )
+    specs = simulator["specs"]
+    ids = [spec.device_id for spec in specs]
+    (offline,) = [spec.device_id for spec in specs if spec.behaviour == Behaviour.OFFLINE]
+    failing = [spec.device_id for spec in specs if spec.behaviour == Behaviour.FAILING]
+    assert len(failing) == 3  # the gate forgives a single failure among few devices
+    wait_until(lambda: all_online(simulator, ids, expected=9), timeout=90, message="nine of ten online")
+    assert not Device.objects.get(device_id=offline).online  # enrolled, and never connected
+
+    connected = [device_id for device_id in ids if device_id != offline]
+    policy = RolloutPolicy.objects.create(
+        name="sim-all-at-once",
+        stages=[{"kind": "percent", "value": 100, "soak_seconds": 1}],
+        gates={"max_install_failure_rate": 0.0},
+        pickup_timeout_seconds=60,
+    )
+    rollout = rollouts.rollout_create(
+        model=control_plane["model"],
+        version=control_plane["artifacts"][("2.0.0", "int8")].version,
+        targets={"devices": connected},
+        policy=policy,
+    )
+    rollout = rollouts.rollout_start(rollout=rollout)
+    evaluate_until(
+        rollout, {RolloutState.COMPLETED, RolloutState.PAUSED, RolloutState.ROLLED_BACK}, timeout=60
+    )
+    assert rollout.state in (RolloutState.PAUSED, RolloutState.ROLLED_BACK), rollout.last_decision
+    assert "install failures" in rollout.last_decision, rollout.last_decision
+    events = DeviceEvent.objects.filter(device__device_id__in=failing, type="failed")
+    assert sorted(events.values_list("device__device_id", "reason", "model")) == [
+        (device_id, "golden_failed", "digits") for device_id in sorted(failing)
+    ]
+    # Positive control: the others installed it, as the same events say.
+    assert DeviceEvent.objects.filter(device__device_id__in=connected, type="active").count() >= 1
+    for device in Device.objects.filter(device_id__in=failing):
+        assert "digits" not in (device.reported_models or {})
