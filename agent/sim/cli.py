@@ -109,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--enrollment-token",
         default=os.environ.get(TOKEN_ENV),
-        help=f"fleet enrollment token (or ${TOKEN_ENV})",
+        help=f"fleet enrollment token; better ${TOKEN_ENV}, which keeps it off the process list",
     )
     where.add_argument(
         "--root-key", action="append", required=True, help="pinned root public key, hex (repeatable)"
