@@ -28,7 +28,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -36,6 +35,16 @@ import psutil
 import urllib3
 
 from agent import __version__, protocol, runtime
+from agent.apply import (
+    MANIFEST_MAX_BYTES,
+    Refusal,
+    check_fits,
+    check_freshness,
+    event_message,
+    reported_message,
+    verify_desired,
+    verify_manifest,
+)
 from agent.config import Config
 from agent.download import (
     GOLDEN_MAX_FILE_BYTES,
@@ -55,21 +64,10 @@ from agent.telemetry import TelemetryWindow, health_snapshot, telemetry_message
 from agent.trust import TrustStore
 
 log = logging.getLogger(__name__)
-MANIFEST_MAX_BYTES = 1024 * 1024
 # Where a crash-consistency test may ask the agent to SIGKILL itself (FLEET_AGENT_CRASH_AT).
 SWITCH_INTERVAL_S = 0.001
 APPLY_NICENESS = 10
 CRASH_POINTS = ("after_download", "after_install", "before_swap", "after_swap", "after_state")
-
-
-class Refusal(Exception):
-    """A desired state (or one model of it) is refused; ``reason`` is the published code."""
-
-    def __init__(
-        self, reason: str, message: str, *, permanent: bool = True, model: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.reason, self.message, self.permanent, self.model = reason, message, permanent, model
 
 
 @dataclass
@@ -79,10 +77,6 @@ class ApplyResult:
     reason: str | None = None
     message: str = ""
     permanent: bool = True
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Agent:
@@ -267,17 +261,6 @@ class Agent:
         reason: str | None = None,
         message: str | None = None,
     ) -> None:
-        event: dict[str, Any] = {"id": uuid.uuid4().hex, "ts": utc_now(), "type": kind}
-        for key, value in (
-            ("generation", generation),
-            ("model", model),
-            ("version", version),
-            ("variant", variant),
-            ("reason", reason),
-            ("message", message),
-        ):
-            if value is not None:
-                event[key] = value
         if reason:
             self.metrics.refusals.labels(reason, kind).inc()
             log.warning(
@@ -285,7 +268,18 @@ class Agent:
             )
         else:
             log.info("event %s generation=%s model=%s %s", kind, generation, model, version or "")
-        self.link.publish("events", protocol.validate("events", event))
+        self.link.publish(
+            "events",
+            event_message(
+                kind,
+                generation=generation,
+                model=model,
+                version=version,
+                variant=variant,
+                reason=reason,
+                message=message,
+            ),
+        )
 
     def _versions(self, name: str, version: str, variant: str) -> dict[str, Any]:
         """A model's version and variant, with its shadow's while one is loaded (addition 5)."""
@@ -296,19 +290,18 @@ class Agent:
         return entry
 
     def reported(self) -> dict[str, Any]:
-        return {
-            "generation": self.state.applied_generation,
-            "ts": utc_now(),
-            "models": {
+        return reported_message(
+            generation=self.state.applied_generation,
+            models={
                 name: self._versions(name, entry.active.version, entry.active.variant)
                 for name, entry in self.state.models.items()
                 if entry.active is not None
             },
-            "trust": self.trust.versions(),
-        }
+            trust_versions=self.trust.versions(),
+        )
 
     def _publish_reported(self) -> None:
-        self.link.publish("reported", protocol.validate("reported", self.reported()), retain=True)
+        self.link.publish("reported", self.reported(), retain=True)
 
     def _publish_telemetry(self) -> None:
         message = telemetry_message(
@@ -512,26 +505,10 @@ class Agent:
             return ApplyResult("applied", generation)
 
     def _verify_desired(self, envelope: bytes) -> dict[str, Any]:
-        try:
-            payload = self.trust.verify(envelope, payload_type=protocol.DESIRED_PAYLOAD_TYPE)
-            desired = protocol.parse("desired", payload)
-        except protocol.EnvelopeError as exc:
-            raise Refusal(exc.reason, str(exc)) from exc
-        except protocol.SchemaError as exc:
-            raise Refusal("payload_type", f"signed payload is not a desired state: {exc}") from exc
-        if desired["device_id"] != self.config.device_id:
-            raise Refusal("wrong_device", f"desired state is for {desired['device_id']!r}")
-        return desired
+        return verify_desired(self.trust.state, envelope, device_id=self.config.device_id)
 
     def _check_freshness(self, desired: dict[str, Any]) -> None:
-        if desired["generation"] < self.state.applied_generation:
-            raise Refusal(
-                "replay",
-                f"generation {desired['generation']} is older than the applied "
-                f"{self.state.applied_generation}",
-            )
-        if protocol.parse_time(desired["expires_at"]) <= datetime.now(UTC):
-            raise Refusal("expired", f"desired state expired at {desired['expires_at']}")
+        check_freshness(desired, applied_generation=self.state.applied_generation)
 
     # --- one model
 
@@ -657,45 +634,18 @@ class Agent:
             envelope = self.downloader.fetch_bytes(spec["manifest_url"], max_bytes=MANIFEST_MAX_BYTES)
         except TransferError as exc:
             raise self._transfer(exc) from exc
-        try:
-            payload = self.trust.verify(envelope, payload_type=protocol.MANIFEST_PAYLOAD_TYPE)
-            manifest = protocol.parse("manifest", payload)
-        except protocol.EnvelopeError as exc:
-            raise Refusal(exc.reason, f"manifest: {exc}") from exc
-        except protocol.SchemaError as exc:
-            raise Refusal("manifest_mismatch", f"manifest does not follow the contract: {exc}") from exc
-        if hashlib.sha256(payload).hexdigest() != spec["manifest_sha256"]:
-            raise Refusal("manifest_mismatch", "manifest sha256 differs from the one the desired state pins")
-        named = (manifest["model"], manifest["version"], manifest["variant"])
-        if named != (name, spec["version"], spec["variant"]):
-            raise Refusal(
-                "manifest_mismatch",
-                f"manifest is for {named}, desired state asks for {(name, spec['version'], spec['variant'])}",
-            )
-        return payload, manifest
+        return verify_manifest(self.trust.state, envelope, name=name, spec=spec)
 
     def _check_fits(self, manifest: dict[str, Any]) -> None:
-        limit = self.config.limits.max_artifact_bytes
-        for part in ("raw", "blob"):
-            if manifest[part]["size"] > limit:
-                raise Refusal(
-                    "too_large", f"{part} is {manifest[part]['size']} bytes; this device takes {limit}"
-                )
         device = self.config.device
-        requires = manifest.get("requires", {})
-        hardware = requires.get("hardware", ["any"])
-        if "any" not in hardware and device.hardware not in hardware:
-            raise Refusal("incompatible", f"needs hardware {hardware}, this device is {device.hardware!r}")
-        runtimes = requires.get("runtime", [])
-        if runtimes and not any(r.startswith(("litert", "tflite")) for r in runtimes):
-            raise Refusal(
-                "incompatible", f"needs runtime {runtimes}; this device runs {runtime.runtime().name}"
-            )
-        missing = sorted(set(manifest["tflite"]["ops"]) & set(device.unsupported_ops))
-        if missing:
-            raise Refusal("incompatible", f"uses ops this device's runtime lacks: {', '.join(missing)}")
-        if manifest["tflite"]["quantization"] == "int8" and not device.int8:
-            raise Refusal("incompatible", "int8 variant, and this device does not run int8 models")
+        check_fits(
+            manifest,
+            max_artifact_bytes=self.config.limits.max_artifact_bytes,
+            hardware=device.hardware,
+            int8=device.int8,
+            unsupported_ops=device.unsupported_ops,
+            runtime_name=runtime.runtime().name,
+        )
 
     def _fetch_artifact(self, name: str, spec: dict[str, Any], manifest: dict[str, Any]):
         blob, raw = manifest["blob"], manifest["raw"]

@@ -27,6 +27,27 @@ TRUST_FILE = "trust.json"
 MAX_BUNDLE_BYTES = 256 * 1024  # a root chain and a keyring are a few kB
 
 
+def bundle_applied(
+    state: trust.TrustState, bundle: bytes | Mapping[str, Any], *, now: datetime
+) -> trust.TrustState:
+    """``state`` with a trust bundle (bytes as received, or parsed) applied; ``state``
+    itself when the bundle changes nothing. Raises TrustError (or EnvelopeError) with the
+    reason code when the bundle is refused. Pure: the caller keeps (and saves) the result."""
+    if isinstance(bundle, (bytes, bytearray)):
+        if len(bundle) > MAX_BUNDLE_BYTES:
+            raise trust.MalformedTrust(f"trust bundle of {len(bundle)} bytes is over {MAX_BUNDLE_BYTES}")
+        try:
+            bundle = json.loads(bundle)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise trust.MalformedTrust("trust bundle is not JSON (or nested too deep)") from exc
+    try:
+        return state.with_bundle(bundle, now=now)
+    except EnvelopeError:
+        raise
+    except Exception as exc:  # whatever a bundle does, it is only refused
+        raise trust.MalformedTrust(f"trust bundle refused: {type(exc).__name__}: {exc}") from exc
+
+
 class TrustStore:
     def __init__(self, *, root_keys: tuple[str, ...], root_threshold: int, state_dir: Path) -> None:
         self.path = state_dir / TRUST_FILE
@@ -51,20 +72,8 @@ class TrustStore:
     def update(self, bundle: bytes | Mapping[str, Any], *, now: datetime | None = None) -> bool:
         """Apply a trust bundle; True when the trusted state changed. Raises TrustError (or
         EnvelopeError) with the reason code when the bundle is refused."""
-        if isinstance(bundle, (bytes, bytearray)):
-            if len(bundle) > MAX_BUNDLE_BYTES:
-                raise trust.MalformedTrust(f"trust bundle of {len(bundle)} bytes is over {MAX_BUNDLE_BYTES}")
-            try:
-                bundle = json.loads(bundle)
-            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-                raise trust.MalformedTrust("trust bundle is not JSON (or nested too deep)") from exc
         with self._lock:
-            try:
-                new = self._state.with_bundle(bundle, now=now or datetime.now(UTC))
-            except EnvelopeError:
-                raise
-            except Exception as exc:  # whatever a bundle does, it is only refused
-                raise trust.MalformedTrust(f"trust bundle refused: {type(exc).__name__}: {exc}") from exc
+            new = bundle_applied(self._state, bundle, now=now or datetime.now(UTC))
             if new is self._state:
                 return False
             try:

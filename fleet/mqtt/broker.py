@@ -343,7 +343,11 @@ class DynSec:
     ca_file: str | Path | None = None
 
     def command(self, *commands: dict[str, Any]) -> list[dict[str, Any]]:
-        """Send commands in one message; raise BrokerError naming the first that failed."""
+        """Send commands in one message; raise BrokerError naming the first that failed.
+
+        Every admin client hears every answer on the one response topic: a correlation id
+        per command picks ours out, or two enrollments at once (two web workers, a fleet
+        simulator) would each read the other's answer."""
         client = mqtt_client(
             self.url,
             client_id=f"fleet-dynsec-{uuid.uuid4().hex[:8]}",
@@ -351,12 +355,19 @@ class DynSec:
             password=self.password,
             ca_file=self.ca_file,
         )
+        ours = [f"{uuid.uuid4().hex}-{n}" for n in range(len(commands))]
+        commands = tuple(
+            {**command, "correlationData": tag} for command, tag in zip(commands, ours, strict=True)
+        )
         answered = threading.Event()
-        responses: list[dict[str, Any]] = []
+        by_tag: dict[str, dict[str, Any]] = {}
 
         def on_message(client, userdata, message):
-            responses.extend(json.loads(message.payload).get("responses", []))
-            answered.set()
+            for response in json.loads(message.payload).get("responses", []):
+                if response.get("correlationData") in ours:
+                    by_tag[response["correlationData"]] = response
+            if len(by_tag) == len(ours):
+                answered.set()
 
         try:
             subscribed = threading.Event()
@@ -371,6 +382,7 @@ class DynSec:
         finally:
             client.disconnect()
             client.loop_stop()
+        responses = [by_tag[tag] for tag in ours]
         for response in responses:
             if response.get("error"):
                 raise BrokerError(f"{response.get('command')}: {response['error']}")

@@ -183,3 +183,31 @@ def test_provisioning_a_device_again_changes_its_own_client_in_place(broker):
     assert not client.subscribe(f"fleet/v1/devices/{device_id}/desired").is_failure
     assert client.subscribe(f"fleet/v1/devices/{device_id}-other/desired").is_failure
     client.close()
+
+
+def test_devices_provisioned_at_the_same_time_each_get_their_own_client(broker):
+    """Every admin client hears every answer on the one response topic: enrollments at
+    once (web workers, the fleet simulator) must each read their own, not the other's
+    "client not found"."""
+    admin = broker.admin()
+    run = uuid.uuid4().hex[:6]
+    device_ids = [f"acl-together-{run}-{n}" for n in range(8)]
+    errors: list[Exception] = []
+
+    def provision(device_id: str) -> None:
+        try:
+            admin.ensure_device(device_id, f"pw-{device_id}")
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=provision, args=(device_id,)) for device_id in device_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    for device_id in device_ids:
+        assert admin.get_client(device_id)["textdescription"] == f"modelfleet-device:{device_id}"
+    # A refused command still reports its own error (the answer is matched, not lost).
+    with pytest.raises(BrokerError, match="not found"):
+        admin.command({"command": "getClient", "username": f"acl-nobody-{run}"})

@@ -1,0 +1,5 @@
+import sys
+
+from agent.sim.cli import main
+
+sys.exit(main())
