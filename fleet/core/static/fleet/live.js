@@ -56,7 +56,7 @@
       } else {
         const answer = await response.json();
         apply(answer);
-        clock.textContent = `Updated ${answer.updated}; refreshes every ${every / 1000} s.`;
+        if (!document.hidden) clock.textContent = `Updated ${answer.updated}; refreshes every ${every / 1000} s.`;
         delay = every;
         if (failing) alert.textContent = "Connection back.";
         failing = false;
@@ -78,6 +78,7 @@
     if (document.hidden) {
       window.clearTimeout(timer);
       timer = null;
+      clock.textContent = "Paused while the tab is hidden.";
     } else if (timer === null && !busy) {
       delay = every;
       refresh();
