@@ -12,8 +12,9 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import F
 from django.http import HttpResponseRedirect
+from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
@@ -21,6 +22,7 @@ from fleet.core.choices import Role
 from fleet.core.display import count, duration, moment, raw_details, time_column
 from fleet.core.errors import InvalidInput, ServiceError
 from fleet.core.forms import WordsField, words_text
+from fleet.core.live import live_response, render_fields
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
 from fleet.devices.choices import DeviceStatus, GroupKind, reason_label
@@ -164,6 +166,7 @@ def device_page(device: Device) -> dict:
     """What the device page shows below its fields (a fixed number of queries)."""
     series = selectors.device_health_series(device=device, now=timezone.now())
     return {
+        "live_url": reverse("admin:devices_device_live", args=[device.pk]),
         "health_series": series,
         "health_lines": health_summary(series),
         "events": [event_row(event) for event in selectors.device_recent_events(device=device)],
@@ -172,6 +175,30 @@ def device_page(device: Device) -> dict:
         + urlencode({"q": device.device_id}),
         "history": [assignment_row(row) for row in selectors.device_rollout_history(device=device)],
     }
+
+
+# The device page's live parts (fleet/core/live.py), each also on the page: the health
+# figures in words (one part per sparkline), the events, the rollout history; and the
+# read-only fields that change as the device reports (never the form's name and tags).
+DEVICE_PARTS = {"events": "admin/devices/device/events.html", "history": "admin/devices/device/history.html"}
+DEVICE_LIVE_FIELDS = (
+    "status_label",
+    "online_dot",
+    "last_seen",
+    "models",
+    "desired",
+    "generations",
+    "trust_versions",
+    "health_text",
+)
+
+
+def device_live_parts(page: dict) -> dict:
+    health = {
+        f"health-{line['key']}": ("admin/devices/device/health_line.html", {"line": line})
+        for line in page["health_lines"]
+    }
+    return {**health, **DEVICE_PARTS}
 
 
 @admin.register(Device)
@@ -243,6 +270,25 @@ class DeviceAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return () if obj is None else self.readonly_fields
+
+    def get_urls(self):
+        live = self.admin_site.admin_view(self.live_view)
+        return [path("<int:pk>/live/", live, name="devices_device_live"), *super().get_urls()]
+
+    def live_view(self, request, pk: int):
+        """The page's live parts and read-only fields, for its refresh without a reload
+        (fleet/core/live.py): the same templates and display methods as the page."""
+        device = get_object_or_404(self.get_queryset(request), pk=pk)
+        if not self.has_view_permission(request, device):
+            raise PermissionDenied
+        page = device_page(device)
+        return live_response(
+            request,
+            parts=device_live_parts(page),
+            context=page,
+            fields=render_fields(request, self, device, DEVICE_LIVE_FIELDS),
+            charts=page["health_series"],
+        )
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:

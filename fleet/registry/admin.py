@@ -26,6 +26,7 @@ from django.utils.safestring import mark_safe
 from fleet.core.choices import Role
 from fleet.core.display import count, moment, percent, raw_details, short_hash, size, time_column
 from fleet.core.errors import ServiceError
+from fleet.core.live import live_response, render_fields
 from fleet.core.permissions import has_role
 from fleet.devices.choices import DeviceStatus
 from fleet.registry import selectors, services, trust
@@ -150,6 +151,16 @@ def version_sections(versions: list[ModelVersion], request=None) -> list[dict]:
     return sections
 
 
+# The live parts of the model and version pages (fleet/core/live.py), each also on the page,
+# and the version's read-only fields that change (never the notes someone may be editing).
+MODEL_PARTS = {"versions": "admin/registry/mlmodel/versions.html"}
+VERSION_PARTS = {
+    "prompt": "admin/registry/modelversion/prompt.html",
+    "section": "admin/registry/includes/version_section.html",
+}
+VERSION_LIVE_FIELDS = ("status_badge", "status_changed_text")
+
+
 class MLModelForm(forms.ModelForm):
     """Class labels one per line (a label may hold a comma), not a JSON list."""
 
@@ -205,14 +216,32 @@ class MLModelAdmin(admin.ModelAdmin):
             obj.created_by = request.user
         super().save_model(request, obj, form, change)
 
+    def page_context(self, request, model: MLModel) -> dict:
+        """What the page shows below the model's fields: the same for the page and its refresh."""
+        versions = list(
+            model.versions.select_related("model").prefetch_related("artifacts").order_by("-created_at")
+        )
+        return {
+            "sections": version_sections(versions, request),
+            "live_url": reverse("admin:registry_mlmodel_live", args=[model.pk]),
+        }
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         model = self.get_object(request, object_id)
         if model is not None:
-            versions = list(
-                model.versions.select_related("model").prefetch_related("artifacts").order_by("-created_at")
-            )
-            extra_context = {**(extra_context or {}), "sections": version_sections(versions, request)}
+            extra_context = {**(extra_context or {}), **self.page_context(request, model)}
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def get_urls(self):
+        live = self.admin_site.admin_view(self.live_view)
+        return [path("<int:pk>/live/", live, name="registry_mlmodel_live"), *super().get_urls()]
+
+    def live_view(self, request, pk: int):
+        """The versions part again, for the page's refresh without a reload (fleet/core/live.py)."""
+        model = get_object_or_404(self.get_queryset(request), pk=pk)
+        if not self.has_view_permission(request, model):
+            raise PermissionDenied
+        return live_response(request, parts=MODEL_PARTS, context=self.page_context(request, model))
 
 
 @admin.register(ModelVersion)
@@ -278,16 +307,38 @@ class ModelVersionAdmin(admin.ModelAdmin):
             short_hash(obj.golden_sha256),
         )
 
+    def page_context(self, request, version: ModelVersion) -> dict:
+        return {
+            "original": version,
+            "section": version_sections([version], request)[0],
+            "live_url": reverse("admin:registry_modelversion_live", args=[version.pk]),
+        }
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         version = self.get_object(request, object_id)
         if version is not None:
-            extra_context = {**(extra_context or {}), "section": version_sections([version], request)[0]}
+            extra_context = {**(extra_context or {}), **self.page_context(request, version)}
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def live_view(self, request, pk: int):
+        """The prompt, the section and the status again, for the page's refresh without a
+        reload (fleet/core/live.py): the same templates and display methods as the page."""
+        version = get_object_or_404(self.get_queryset(request), pk=pk)
+        if not self.has_view_permission(request, version):
+            raise PermissionDenied
+        return live_response(
+            request,
+            parts=VERSION_PARTS,
+            context=self.page_context(request, version),
+            fields=render_fields(request, self, version, VERSION_LIVE_FIELDS),
+        )
 
     def get_urls(self):
         view = self.admin_site.admin_view(self.deprecate_view)
+        live = self.admin_site.admin_view(self.live_view)
         return [
             path("<int:pk>/deprecate/", view, name="registry_modelversion_deprecate"),
+            path("<int:pk>/live/", live, name="registry_modelversion_live"),
             *super().get_urls(),
         ]
 

@@ -14,10 +14,11 @@ from django.test import Client
 from django.utils import timezone
 
 from fleet.devices.choices import EventReason
-from fleet.devices.models import DeviceEvent, TelemetryHourly
+from fleet.devices.models import DeviceEvent
 from fleet.devices.selectors import HEALTH_HOURS
 from fleet.rollouts import services
 from tests.server import admin_world
+from tests.server.admin_world import hourly
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
 SECONDS_AND_ZONE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
@@ -31,13 +32,6 @@ def web(persona) -> Client:
 
 def device_url(device) -> str:
     return f"/admin/devices/device/{device.pk}/change/"
-
-
-def hourly(device, hour, variant: str = "float32", **figures):
-    """One hourly rollup row (what the ingest bridge sums from the windows)."""
-    return TelemetryHourly.objects.create(
-        device=device, hour=hour, model="digits", version="1.0.0", variant=variant, **figures
-    )
 
 
 @pytest.fixture
