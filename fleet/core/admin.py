@@ -1,4 +1,6 @@
 from django.contrib import admin
+from django.contrib.auth import admin as auth_admin
+from django.contrib.auth.models import Group, User
 from django.core.exceptions import PermissionDenied
 from django_celery_beat import models as beat
 
@@ -12,6 +14,23 @@ admin.site.site_header = "Modelfleet control room"
 admin.site.site_title = "Modelfleet"
 admin.site.index_title = "Fleet"
 admin.site.index_template = "admin/fleet_index.html"  # the fleet dashboard (fleet/core/dashboard.py)
+
+
+# People and roles: Django's pages, with plain multiple selects instead of the two-list
+# widget (whose search icons carry prohibited ARIA attributes), and the login times read-only
+# (the system writes them; their two-input widget has no labels).
+class UserAdmin(auth_admin.UserAdmin):
+    filter_horizontal = ()
+    readonly_fields = ("last_login", "date_joined")
+
+
+class GroupAdmin(auth_admin.GroupAdmin):
+    filter_horizontal = ()
+
+
+for person_model, person_admin in ((User, UserAdmin), (Group, GroupAdmin)):
+    admin.site.unregister(person_model)
+    admin.site.register(person_model, person_admin)
 
 # The beat schedules are code (each app's schedule migrations, fleet/core/beat.py), not
 # something to edit by hand: a disabled "evaluate running rollouts" would freeze every gate

@@ -21,7 +21,7 @@ from django.utils.html import format_html, format_html_join
 from fleet.core.choices import Role
 from fleet.core.display import count, duration, moment, raw_details, time_column
 from fleet.core.errors import InvalidInput, ServiceError
-from fleet.core.forms import WordsField, words_text
+from fleet.core.forms import WordsField, label_split_datetime, words_text
 from fleet.core.live import live_response, render_fields
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
@@ -479,6 +479,8 @@ class DeviceGroupForm(forms.ModelForm):
     one field per rule key (fleet/devices/selectors.py RULES), not a JSON document. The
     rules are checked by the API's own validate_group_rules; its refusal is a form error."""
 
+    # Device ids typed as words, not a list of every device: a fleet has thousands.
+    members = WordsField(label="devices", max_word_length=128, help_text="Device ids, separated by commas.")
     rule_tags = WordsField(
         label="tags", help_text="Devices with every one of these tags, separated by commas."
     )
@@ -497,10 +499,22 @@ class DeviceGroupForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["members"] = list(
+                self.instance.members.order_by("device_id").values_list("device_id", flat=True)
+            )
         rules = self.instance.rules if self.instance.pk and isinstance(self.instance.rules, dict) else {}
         for key, value in rules.items():
             if f"rule_{key}" in self.fields:
                 self.initial[f"rule_{key}"] = YES_NO.get(value, value) if isinstance(value, bool) else value
+
+    def clean_members(self) -> list[Device]:
+        ids = self.cleaned_data["members"]
+        found = {device.device_id: device for device in Device.objects.filter(device_id__in=ids)}
+        unknown = [device_id for device_id in ids if device_id not in found]
+        if unknown:
+            raise forms.ValidationError(f"No such device: {', '.join(unknown)}.")
+        return [found[device_id] for device_id in ids]
 
     def rules(self) -> dict:
         """The saved filter the fields say (blank fields are not rules); none for a static group."""
@@ -530,7 +544,6 @@ class DeviceGroupAdmin(admin.ModelAdmin):
     list_display = ("name", "kind", "rule_text", "devices_link", "description")
     list_filter = ("kind",)
     search_fields = ("name", "description")
-    filter_horizontal = ("members",)
     readonly_fields = ("rule_text", "devices_link", "raw")
     RULE_FIELDS = tuple(f"rule_{key}" for key in selectors.RULES)
 
@@ -600,6 +613,8 @@ class EnrollmentTokenForm(forms.ModelForm):
         for name in ("expires_at", "max_uses"):
             if name in self.fields:  # a viewer's form has no fields
                 self.fields[name].required = True
+        if "expires_at" in self.fields:
+            label_split_datetime(self.fields["expires_at"], "Expires")
 
     def clean_expires_at(self):
         expires_at = self.cleaned_data.get("expires_at")
@@ -681,6 +696,26 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
             services.enrollment_token_revoke(token=token)
 
 
+class ReasonFilter(admin.SimpleListFilter):
+    """Events by reason code, named in words; events without one are "no reason code"
+    (the stock filter showed them as a link without text)."""
+
+    title = "reason"
+    parameter_name = "reason"
+    NONE = "none"
+
+    def lookups(self, request, model_admin):
+        codes = (
+            model_admin.get_queryset(request).order_by("reason").values_list("reason", flat=True).distinct()
+        )
+        return [(code or self.NONE, reason_label(code) if code else "no reason code") for code in codes]
+
+    def queryset(self, request, queryset):
+        if self.value() is None:
+            return queryset
+        return queryset.filter(reason="" if self.value() == self.NONE else self.value())
+
+
 @admin.register(DeviceEvent)
 class DeviceEventAdmin(admin.ModelAdmin):
     list_display = (
@@ -693,7 +728,7 @@ class DeviceEventAdmin(admin.ModelAdmin):
         "variant",
         "reason_text",
     )
-    list_filter = ("type", "reason", "received_at")
+    list_filter = ("type", ReasonFilter, "received_at")
     search_fields = ("device__device_id", "message")
     list_select_related = ("device",)
     received_at_text = time_column("received_at", "received at")
