@@ -2,8 +2,8 @@
 list, add page and the change page of its first object, and the dashboard, as an admin,
 fit a phone (390 px) and a wide screen (1,440 px) without scrolling sideways, with no
 serious accessibility violation (axe-core) and no JavaScript console error (the browser
-fixture fails on one). A model added to the admin is
-walked without a change here."""
+fixture fails on one). Each is screenshot as ``every-<app>-<model>[-add|-change]-<width>.png``
+(named in docs/admin.md). A model added to the admin is walked without a change here."""
 
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ def admin_pages(user) -> list[str]:
     return pages
 
 
+def shot_name(page: str) -> str:
+    """/admin/devices/device/3/change/ -> devices-device-change; /admin/ -> dashboard."""
+    parts = [part for part in page.strip("/").split("/")[1:] if not part.isdigit()]
+    return "-".join(parts) if parts else "dashboard"
+
+
 def test_every_page_fits_a_phone_and_a_wide_screen(browser, everything, people):
     browser.login("ada")
     pages = admin_pages(people["ada"])
@@ -59,6 +65,7 @@ def test_every_page_fits_a_phone_and_a_wide_screen(browser, everything, people):
             browser.open(page)
             if browser.driver.find_elements("id", "login-form"):
                 raise AssertionError(f"{page}: sent to the login page")
+            browser.shot(f"every-{shot_name(page)}-{size[0]}")
             if browser.sideways() > 0:
                 wide_or_narrow.append(f"{page} at {size[0]} px: {browser.sideways()} px sideways")
             if size == WIDE:
