@@ -364,8 +364,9 @@ class DynSec:
 
         def on_message(client, userdata, message):
             for response in json.loads(message.payload).get("responses", []):
-                if response.get("correlationData") in ours:
-                    by_tag[response["correlationData"]] = response
+                tag = response.pop("correlationData", None)  # ours to match, not the caller's
+                if tag in ours:
+                    by_tag[tag] = response
             if len(by_tag) == len(ours):
                 answered.set()
 
