@@ -27,9 +27,9 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
-from fleet.core import metrics
 from fleet.core.errors import Conflict, InvalidInput, NotFound, ServiceError
 from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceErrorCode, DeviceStatus, GroupKind
+from fleet.devices.desired import desired_entries, desired_publish, desired_states_check, json_dict
 from fleet.devices.models import Device, DeviceGroup, DeviceToken, EnrollmentToken, is_reserved_device_id
 from fleet.devices.selectors import validate_group_rules
 from fleet.mqtt import services as broker
@@ -512,7 +512,7 @@ def devices_assign(
                 code="device_not_active",
             )
         states = [
-            (device_id, generation, _json_dict(wanted), _json_dict(shadowed))
+            (device_id, generation, json_dict(wanted), json_dict(shadowed))
             for device_id, generation, wanted, shadowed in rows
         ]
         for device_id, _, wanted, shadowed in states:
@@ -521,119 +521,7 @@ def devices_assign(
                 raise Conflict(
                     f"{device_id} runs no {', '.join(alone)} to run a shadow beside.", code="no_live_model"
                 )
-        entries = _desired_entries(states)
-        if states:
-            _sign(states=states[:1], entries=entries, rollout=rollout)  # refuses a bad shape
+        entries = desired_entries(states)
+        desired_states_check(states=states, entries=entries, rollout=rollout)  # refuses a bad shape
         transaction.on_commit(lambda: desired_publish(states, entries, rollout, now=publish == "now"))
     return [(device_id, generation) for device_id, generation, _, _ in states]
-
-
-def _json_dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else json.loads(value)
-
-
-def _desired_entries(states: list[DesiredState]) -> dict[int, dict]:
-    """The desired-state entry of every artifact the states name, made once per artifact."""
-    from fleet.registry.models import Artifact
-    from fleet.registry.services import desired_model_entry
-
-    wanted_ids = {pk for _, _, wanted, _ in states for pk in wanted.values()}
-    wanted_ids |= {entry["artifact"] for _, _, _, shadowed in states for entry in shadowed.values()}
-    named = Artifact.objects.select_related("version__model").filter(pk__in=wanted_ids)
-    return {artifact.pk: desired_model_entry(artifact) for artifact in named}
-
-
-def devices_republish_desired(*, devices: list[Device], rollout: dict | None = None) -> int:
-    """Publish the current desired state of ``devices`` again, at the generation they have
-    (after commit, in Celery tasks). For a state that may never have reached the broker:
-    the process that committed it died before it queued the publishing task, or a worker
-    died inside that task (Redis hands its message to another worker only after the
-    visibility timeout, an hour), or a broker that crashed lost the retained copy before
-    saving it. An agent applies a generation once: given one it applied, it reports again.
-    Returns how many states will be sent."""
-    states = [
-        (d.device_id, d.desired_generation, _json_dict(d.desired_artifacts), _json_dict(d.desired_shadows))
-        for d in devices
-        if d.status == DeviceStatus.ACTIVE and d.desired_generation
-    ]
-    if states:
-        entries = _desired_entries(states)
-        transaction.on_commit(lambda: desired_publish(states, entries, rollout))
-    return len(states)
-
-
-# (device id, generation, model -> live artifact id, model -> {"artifact", "sample_rate"})
-DesiredState = tuple[str, int, dict[str, int], dict[str, dict]]
-
-
-def _desired_models(wanted: dict[str, int], shadowed: dict[str, dict], entries: dict[int, dict]) -> dict:
-    models = {name: entries[pk] for name, pk in wanted.items()}
-    for name, shadow in shadowed.items():
-        models[name] = {
-            **models[name],
-            "shadow": {**entries[shadow["artifact"]], "sample_rate": shadow["sample_rate"]},
-        }
-    return models
-
-
-def sign_desired_states(
-    *,
-    states: list[DesiredState],
-    entries: dict[int, dict],
-    rollout: dict | None,
-) -> list[tuple[str, bytes]]:
-    """Sign desired states to publish them (counted in the metrics)."""
-    signed = _sign(states=states, entries=entries, rollout=rollout)
-    metrics.DESIRED_SIGNED.inc(len(signed))
-    return signed
-
-
-def _sign(
-    *, states: list[DesiredState], entries: dict[int, dict], rollout: dict | None
-) -> list[tuple[str, bytes]]:
-    """Sign desired states. The key is read once and the payload shape checked once: the
-    states of one batch differ only in id and generation."""
-    from fleet.registry.services import desired_state_envelope
-    from fleet.registry.signing import signing_key_active
-
-    _, private_key = signing_key_active()
-    return [
-        (
-            device_id,
-            desired_state_envelope(
-                device_id=device_id,
-                generation=generation,
-                entries=_desired_models(wanted, shadowed, entries),
-                rollout=rollout,
-                private_key=private_key,
-                check=number == 0,
-            ),
-        )
-        for number, (device_id, generation, wanted, shadowed) in enumerate(states)
-    ]
-
-
-def desired_publish(
-    states: list[DesiredState],
-    entries: dict[int, dict],
-    rollout: dict | None,
-    *,
-    now: bool = False,
-) -> None:
-    """Sign and publish desired states: here and now, or in Celery tasks of
-    DESIRED_PUBLISH_CHUNK states each (workers sign and publish in parallel; a failed chunk
-    is retried, and re-publishing a generation is harmless)."""
-    from django.conf import settings
-
-    from fleet.mqtt.publisher import publish_desired
-    from fleet.mqtt.tasks import publish_desired_task
-
-    if now:
-        publish_desired(sign_desired_states(states=states, entries=entries, rollout=rollout))
-        return
-    size = settings.DESIRED_PUBLISH_CHUNK
-    for start in range(0, len(states), size):
-        chunk = states[start : start + size]
-        used = {pk for _, _, wanted, _ in chunk for pk in wanted.values()}
-        used |= {entry["artifact"] for _, _, _, shadowed in chunk for entry in shadowed.values()}
-        publish_desired_task.delay(chunk, {str(pk): entries[pk] for pk in used}, rollout)
