@@ -101,6 +101,51 @@ def _refuse_existing(device: Device, *, code: str, message: str) -> None:
 # --- enrollment tokens and pre-authorization
 
 
+TAG_MAX_LENGTH = 64
+
+
+def _enrollment_token_check(
+    *, expires_at: datetime | None = None, max_uses: int | None = None, tags: Any = None
+) -> list[str] | None:
+    """What creation and edits of a token refuse: an expiry not in the future, fewer than
+    one use, tags that are not words (strings of 1 to 64 characters without a comma, the
+    separator of the admin's field). Answers the tags stripped, repeats dropped, in order."""
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidInput(
+            "Choose a time in the future for expires_at.", code="invalid_expiry", field="expires_at"
+        )
+    if max_uses is not None and max_uses < 1:
+        raise InvalidInput("max_uses must be at least 1.", code="invalid_max_uses", field="max_uses")
+    if tags is None:
+        return None
+    words = [tag.strip() for tag in tags if isinstance(tag, str)] if isinstance(tags, list | tuple) else None
+    if (
+        words is None
+        or len(words) != len(tags)
+        or any(not word or len(word) > TAG_MAX_LENGTH or "," in word for word in words)
+    ):
+        raise InvalidInput(
+            f"tags: give a list of words of 1 to {TAG_MAX_LENGTH} characters, without commas.",
+            code="invalid_tags",
+            field="tags",
+        )
+    return list(dict.fromkeys(words))
+
+
+def enrollment_token_check(
+    *,
+    token: EnrollmentToken | None = None,
+    expires_at: datetime | None = None,
+    max_uses: int | None = None,
+    tags: Any = None,
+) -> list[str] | None:
+    """The checks of ``enrollment_token_create`` (no ``token``) or ``enrollment_token_update``
+    (of ``token``), for a form that shows them as field errors before it saves."""
+    if token is not None and expires_at == token.expires_at:
+        expires_at = None  # an expiry left as it was is not checked again (see the update)
+    return _enrollment_token_check(expires_at=expires_at, max_uses=max_uses, tags=tags)
+
+
 def enrollment_token_create(
     *,
     name: str,
@@ -113,15 +158,11 @@ def enrollment_token_create(
     """A new token. Without an expiry or a use limit it gets the defaults
     (ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS, ENROLLMENT_TOKEN_DEFAULT_MAX_USES): a token baked
     into an image leaks sooner or later, and then it must stop working on its own."""
-    now = timezone.now()
     if expires_at is None:
-        expires_at = now + timedelta(days=settings.ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS)
+        expires_at = timezone.now() + timedelta(days=settings.ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS)
     if max_uses is None:
         max_uses = settings.ENROLLMENT_TOKEN_DEFAULT_MAX_USES
-    if expires_at <= now:
-        raise InvalidInput("expires_at must be in the future.", code="invalid_expiry", field="expires_at")
-    if max_uses < 1:
-        raise InvalidInput("max_uses must be at least 1.", code="invalid_max_uses", field="max_uses")
+    tags = enrollment_token_check(expires_at=expires_at, max_uses=max_uses, tags=tags or [])
     key = _secret(ENROLLMENT_PREFIX)
     token = EnrollmentToken.objects.create(
         name=name,
@@ -130,10 +171,43 @@ def enrollment_token_create(
         auto_approve=auto_approve,
         expires_at=expires_at,
         max_uses=max_uses,
-        tags=list(tags or []),
+        tags=tags,
         created_by=created_by,
     )
     return token, key
+
+
+def enrollment_token_update(
+    *,
+    token: EnrollmentToken,
+    name: str | None = None,
+    auto_approve: bool | None = None,
+    expires_at: datetime | None = None,
+    max_uses: int | None = None,
+    tags: list[str] | None = None,
+) -> EnrollmentToken:
+    """Change what is given (None leaves a field as it is), with the checks of creation.
+
+    An expiry left as it was is not checked again, so an expired token can still be renamed
+    (it stays expired). Only the edited fields are written: the use count and the
+    revocation, which enrollments and a revoke change meanwhile, are never overwritten by
+    an edit made from an older copy. A revoked token stays revoked whatever the edit."""
+    tags = enrollment_token_check(token=token, expires_at=expires_at, max_uses=max_uses, tags=tags)
+    changes = {
+        field: value
+        for field, value in (
+            ("name", name),
+            ("auto_approve", auto_approve),
+            ("expires_at", expires_at),
+            ("max_uses", max_uses),
+            ("tags", tags),
+        )
+        if value is not None
+    }
+    if changes:
+        EnrollmentToken.objects.filter(pk=token.pk).update(**changes)
+    token.refresh_from_db()
+    return token
 
 
 def enrollment_token_revoke(*, token: EnrollmentToken) -> EnrollmentToken:
