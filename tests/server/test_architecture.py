@@ -31,6 +31,8 @@ KNOWN_UPWARD = {
 }
 
 Edges = dict[tuple[str, str], list[str]]
+FACTORY = Path("fleet/mqtt/broker.py")  # the one place a paho client is made
+PAHO_CLIENT = "paho.mqtt.client"
 
 
 def _imported_modules(node: ast.AST, module: str) -> list[str]:
@@ -119,6 +121,36 @@ def new_upward(edges: Edges) -> Edges:
     return {edge: where for edge, where in upward(edges).items() if edge not in KNOWN_UPWARD}
 
 
+def paho_clients_made(root: Path) -> list[str]:
+    """ "path:line" of every paho ``Client(…)`` made in ``root``/fleet outside the one factory
+    (fleet/mqtt/broker.py), however paho's client module or class was imported."""
+    made = []
+    for path in sorted((root / "fleet").rglob("*.py")):
+        relative = path.relative_to(root)
+        if relative == FACTORY:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        modules, classes = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules |= {alias.asname or alias.name for alias in node.names if alias.name == PAHO_CLIENT}
+            elif isinstance(node, ast.ImportFrom) and node.module == "paho.mqtt":
+                modules |= {alias.asname or alias.name for alias in node.names if alias.name == "client"}
+            elif isinstance(node, ast.ImportFrom) and node.module == PAHO_CLIENT:
+                classes |= {alias.asname or alias.name for alias in node.names if alias.name == "Client"}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            if (isinstance(func, ast.Name) and func.id in classes) or (
+                isinstance(func, ast.Attribute)
+                and func.attr == "Client"
+                and ast.unparse(func.value) in modules
+            ):
+                made.append(f"{relative}:{node.lineno}")
+    return made
+
+
 def _report(edges: Edges) -> str:
     return "; ".join(f"{a} -> {b} ({', '.join(where[:3])})" for (a, b), where in sorted(edges.items()))
 
@@ -150,6 +182,10 @@ def test_every_known_debt_still_exists():
     """A debt paid off leaves the list, so that it cannot come back unnoticed."""
     gone = sorted(set(KNOWN_UPWARD) - set(app_edges(ROOT)))
     assert not gone, f"no longer imported, remove from KNOWN_UPWARD: {gone}"
+
+
+def test_only_the_broker_adapter_makes_paho_clients():
+    assert paho_clients_made(ROOT) == []
 
 
 def test_every_app_has_a_layer():
@@ -209,3 +245,19 @@ def test_a_planted_cycle_between_apps_is_found(tmp_path):
     edges = app_edges(root)
     assert cycles(edges) == [["devices", "registry", "rollouts"]]
     assert cycles({edge: where for edge, where in edges.items() if edge != ("rollouts", "devices")}) == []
+
+
+def test_a_paho_client_made_outside_the_factory_is_reported(tmp_path):
+    root = _plant(
+        tmp_path,
+        {
+            "fleet/devices/planted.py": (
+                "import paho.mqtt.client as mqtt\n"
+                "from paho.mqtt.client import Client as Made\n"
+                "def a() -> mqtt.Client:\n    return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)\n"
+                "def b():\n    return Made()\n"
+            ),
+            "fleet/mqtt/broker.py": "import paho.mqtt.client as mqtt\nclient = mqtt.Client()\n",
+        },
+    )
+    assert paho_clients_made(root) == ["fleet/devices/planted.py:4", "fleet/devices/planted.py:6"]
