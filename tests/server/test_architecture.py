@@ -261,3 +261,15 @@ def test_a_paho_client_made_outside_the_factory_is_reported(tmp_path):
         },
     )
     assert paho_clients_made(root) == ["fleet/devices/planted.py:4", "fleet/devices/planted.py:6"]
+
+
+def test_the_publishing_tasks_kept_the_names_queued_tasks_use():
+    """They moved out of fleet.mqtt (issue 11); tasks queued by an older release name them so."""
+    from fleet.celery import app
+    from fleet.devices.tasks import publish_desired_task
+    from fleet.registry.tasks import publish_trust_task
+
+    assert publish_desired_task.name == "fleet.mqtt.tasks.publish_desired_task"
+    assert publish_trust_task.name == "fleet.mqtt.tasks.publish_trust_task"
+    assert app.tasks[publish_desired_task.name].run.__module__ == "fleet.devices.tasks"
+    assert app.tasks[publish_trust_task.name].run.__module__ == "fleet.registry.tasks"
