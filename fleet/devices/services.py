@@ -112,10 +112,10 @@ def _enrollment_token_check(
     separator of the admin's field). Answers the tags stripped, repeats dropped, in order."""
     if expires_at is not None and expires_at <= timezone.now():
         raise InvalidInput(
-            "Choose a time in the future for expires_at.", code="invalid_expiry", field="expires_at"
+            "Choose a time in the future for the expiry.", code="invalid_expiry", field="expires_at"
         )
     if max_uses is not None and max_uses < 1:
-        raise InvalidInput("max_uses must be at least 1.", code="invalid_max_uses", field="max_uses")
+        raise InvalidInput("Allow at least 1 use.", code="invalid_max_uses", field="max_uses")
     if tags is None:
         return None
     words = [tag.strip() for tag in tags if isinstance(tag, str)] if isinstance(tags, list | tuple) else None
@@ -125,7 +125,7 @@ def _enrollment_token_check(
         or any(not word or len(word) > TAG_MAX_LENGTH or "," in word for word in words)
     ):
         raise InvalidInput(
-            f"tags: give a list of words of 1 to {TAG_MAX_LENGTH} characters, without commas.",
+            f"Tags are a list of words of 1 to {TAG_MAX_LENGTH} characters, without commas.",
             code="invalid_tags",
             field="tags",
         )

@@ -106,7 +106,7 @@ def test_the_admin_edit_saves_through_the_service(ada, token):
     ("changes", "message"),
     [
         ({"expires_at_0": "2001-01-01", "expires_at_1": "00:00:00"}, "Choose a time in the future"),
-        ({"max_uses": "0"}, "max_uses must be at least 1."),
+        ({"max_uses": "0"}, "Allow at least 1 use."),
     ],
 )
 def test_bad_input_on_the_admin_edit_is_a_form_error_that_changes_nothing(ada, token, changes, message):
