@@ -616,17 +616,19 @@ class EnrollmentTokenForm(forms.ModelForm):
         if "expires_at" in self.fields:
             label_split_datetime(self.fields["expires_at"], "Expires")
 
-    def clean_expires_at(self):
-        expires_at = self.cleaned_data.get("expires_at")
-        if expires_at is not None and expires_at <= timezone.now():
-            raise forms.ValidationError("Choose a time in the future.")
-        return expires_at
-
-    def clean_max_uses(self):
-        max_uses = self.cleaned_data.get("max_uses")
-        if max_uses is not None and max_uses < 1:
-            raise forms.ValidationError("At least 1.")
-        return max_uses
+    def clean(self):
+        """The service's own checks (creation's, or an edit's), shown on their fields."""
+        cleaned = super().clean()
+        try:
+            services.enrollment_token_check(
+                token=self.instance if self.instance.pk else None,
+                expires_at=cleaned.get("expires_at"),
+                max_uses=cleaned.get("max_uses"),
+                tags=cleaned.get("tags"),
+            )
+        except InvalidInput as exc:
+            self.add_error(exc.field if exc.field in self.fields else None, exc.message)
+        return cleaned
 
 
 @admin.register(EnrollmentToken)
@@ -676,7 +678,13 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            return super().save_model(request, obj, form, change)
+            # From the row as it is now: the form has already put its values on ``obj``.
+            services.enrollment_token_update(
+                token=EnrollmentToken.objects.get(pk=obj.pk),
+                **{name: form.cleaned_data[name] for name in self.fields},
+            )
+            obj.refresh_from_db()
+            return
         token, key = services.enrollment_token_create(
             name=obj.name,
             auto_approve=obj.auto_approve,

@@ -20,7 +20,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.files import File
 from django.core.files.storage import Storage, storages
 from django.db import IntegrityError, transaction
-from django.urls import reverse
 from django.utils import timezone
 
 from agent import download, protocol, runtime
@@ -602,64 +600,3 @@ def _artifact_pipeline(artifact: Artifact) -> Artifact:
             _delete_quietly(blob_name)
     artifact.refresh_from_db()
     return artifact
-
-
-# --- desired states (what a device should run), signed for the device to verify
-
-
-def _public_url(name: str, artifact: Artifact) -> str:
-    return settings.PUBLIC_BASE_URL + reverse(name, args=[artifact.pk])
-
-
-def desired_model_entry(artifact: Artifact) -> dict[str, Any]:
-    """One model's entry of a desired state. Refuses artifacts that are not ready and
-    versions that are revoked: a revoked version can never be assigned again."""
-    if artifact.status != ArtifactStatus.READY:
-        raise Conflict(f"Artifact {artifact.pk} is {artifact.status}, not ready.", code="artifact_not_ready")
-    if artifact.version.status == VersionStatus.REVOKED:
-        raise Conflict(f"{artifact.version} is revoked; it cannot be assigned.", code="version_revoked")
-    return {
-        "version": artifact.version.version,
-        "variant": artifact.variant,
-        "manifest_url": _public_url("artifact-manifest", artifact),
-        "blob_url": _public_url("artifact-blob", artifact),
-        "golden_url": _public_url("artifact-golden", artifact) if artifact.version.has_golden_set else None,
-        "manifest_sha256": artifact.manifest_sha256,
-    }
-
-
-def desired_state_envelope(
-    *,
-    device_id: str,
-    generation: int,
-    artifacts: dict[str, Artifact] | None = None,
-    entries: dict[str, dict[str, Any]] | None = None,
-    rollout: dict[str, Any] | None = None,
-    private_key: Any = None,
-    check: bool = True,
-) -> bytes:
-    """Sign a device's desired state naming ``artifacts`` (model name -> ready artifact), or
-    ready-made ``entries`` (desired_model_entry), which callers signing thousands of states
-    build once per artifact. ``check=False`` skips the schema check for states of a batch
-    whose first member was checked (they differ only in device id and generation)."""
-    models = (
-        entries
-        if entries is not None
-        else {name: desired_model_entry(artifact) for name, artifact in (artifacts or {}).items()}
-    )
-    now = timezone.now()
-    payload = protocol.build_desired(
-        device_id=device_id,
-        generation=generation,
-        models=models,
-        issued_at=protocol.format_time(now),
-        expires_at=protocol.format_time(now + timedelta(seconds=settings.DESIRED_STATE_TTL_SECONDS)),
-        rollout=rollout,
-        check=check,
-    )
-    if private_key is None:  # callers signing many states fetch the key once and pass it
-        _, private_key = signing_key_active()
-    envelope = protocol.sign(
-        protocol.canonical_json(payload), payload_type=protocol.DESIRED_PAYLOAD_TYPE, private_key=private_key
-    )
-    return protocol.envelope_bytes(envelope)

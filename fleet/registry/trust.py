@@ -259,7 +259,7 @@ def _refuse_unsafe_keyring(state: trust.TrustState, new: trust.TrustState) -> No
 def trust_publish(*, now: bool = False) -> None:
     """Publish the trust bundle retained: here (``now``) or from a retried Celery task."""
     from fleet.mqtt.publisher import publish_trust
-    from fleet.mqtt.tasks import publish_trust_task
+    from fleet.registry.tasks import publish_trust_task  # the task module imports this one
 
     if not now:
         publish_trust_task.delay()

@@ -27,9 +27,10 @@ from fleet.core.errors import Conflict, InvalidInput
 from fleet.core.logs import log_context
 from fleet.devices import selectors as device_selectors
 from fleet.devices.choices import DeviceStatus
+from fleet.devices.desired import devices_republish_desired
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup
 from fleet.devices.selectors import group_devices
-from fleet.devices.services import devices_assign, devices_republish_desired
+from fleet.devices.services import devices_assign
 from fleet.registry.choices import ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion
 from fleet.rollouts import policy, stats
