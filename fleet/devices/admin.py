@@ -23,7 +23,7 @@ from fleet.core.errors import InvalidInput, ServiceError
 from fleet.core.forms import WordsField, words_text
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
-from fleet.devices.choices import DeviceStatus, GroupKind, reason_label
+from fleet.devices.choices import DeviceStatus, GroupKind, event_type_label, reason_label
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
 from fleet.registry.models import Artifact
@@ -138,6 +138,7 @@ def event_row(event: DeviceEvent) -> dict:
         "event": event,
         "at": moment(event.received_at),
         "device_at": moment(event.ts),
+        "type": event_type_label(event.type),
         "model": f"{model} [{event.variant}]" if event.variant else model or "—",
         "reason": reason_label(event.reason) or "—",
     }
