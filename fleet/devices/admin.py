@@ -641,7 +641,7 @@ class DeviceEventAdmin(admin.ModelAdmin):
     list_display = (
         "received_at_text",
         "device",
-        "type",
+        "type_text",
         "generation",
         "model",
         "version",
@@ -652,6 +652,10 @@ class DeviceEventAdmin(admin.ModelAdmin):
     search_fields = ("device__device_id", "message")
     list_select_related = ("device",)
     received_at_text = time_column("received_at", "received at")
+
+    @admin.display(description="type", ordering="type")
+    def type_text(self, obj):
+        return event_type_label(obj.type)
 
     @admin.display(description="reason", ordering="reason")
     def reason_text(self, obj):

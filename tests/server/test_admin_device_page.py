@@ -206,6 +206,8 @@ def test_device_lists_show_times_to_the_second_with_their_zone(camera, ada):
         html = web(ada).get(url).content.decode()
         assert re.search(rf">{SECONDS_AND_ZONE}<", html), url
         assert " p.m." not in html and " a.m." not in html, url
+        if url == "/admin/devices/deviceevent/":
+            assert DeviceEventType.ACTIVE.label in html  # the event type in words
 
 
 def test_a_viewer_reads_the_tags_in_words_and_an_operator_edits_them(world, alice, bob):
