@@ -25,7 +25,7 @@ from fleet.core.forms import WordsField, label_split_datetime, words_text
 from fleet.core.live import live_response, render_fields
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
-from fleet.devices.choices import DeviceStatus, GroupKind, reason_label
+from fleet.devices.choices import DeviceStatus, GroupKind, event_type_label, reason_label
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
 from fleet.registry.models import Artifact
@@ -140,6 +140,7 @@ def event_row(event: DeviceEvent) -> dict:
         "event": event,
         "at": moment(event.received_at),
         "device_at": moment(event.ts),
+        "type": event_type_label(event.type),
         "model": f"{model} [{event.variant}]" if event.variant else model or "—",
         "reason": reason_label(event.reason) or "—",
     }
@@ -729,7 +730,7 @@ class DeviceEventAdmin(admin.ModelAdmin):
     list_display = (
         "received_at_text",
         "device",
-        "type",
+        "type_text",
         "generation",
         "model",
         "version",
@@ -740,6 +741,10 @@ class DeviceEventAdmin(admin.ModelAdmin):
     search_fields = ("device__device_id", "message")
     list_select_related = ("device",)
     received_at_text = time_column("received_at", "received at")
+
+    @admin.display(description="type", ordering="type")
+    def type_text(self, obj):
+        return event_type_label(obj.type)
 
     @admin.display(description="reason", ordering="reason")
     def reason_text(self, obj):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
 from urllib.parse import urlencode
 
 from django import forms
@@ -23,6 +22,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
+from agent import protocol
 from fleet.core.choices import Role
 from fleet.core.display import count, moment, percent, raw_details, short_hash, size, time_column
 from fleet.core.errors import ServiceError
@@ -628,7 +628,7 @@ def tensors_text(tensors: list[dict] | None) -> str:
 def signed_at(payload: dict) -> str:
     """The manifest's created_at ("2026-11-30T17:15:23Z") to the second with its zone."""
     try:
-        return moment(datetime.fromisoformat(payload["created_at"]))
+        return moment(protocol.parse_time(payload["created_at"]))
     except (KeyError, TypeError, ValueError):
         return "at an unreadable time"
 
