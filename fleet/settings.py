@@ -247,7 +247,9 @@ GOLDEN_SET_MAX_ARRAY_BYTES = _positive(
 # variant may show before it is rejected (a model's own limit overrides it).
 QUANT_MAX_ACCURACY_DROP_PP = _read("QUANT_MAX_ACCURACY_DROP_PP", env.float, 2.0)
 if QUANT_MAX_ACCURACY_DROP_PP < 0:
-    raise ImproperlyConfigured(f"QUANT_MAX_ACCURACY_DROP_PP: must be 0 or more, got {QUANT_MAX_ACCURACY_DROP_PP}")
+    raise ImproperlyConfigured(
+        f"QUANT_MAX_ACCURACY_DROP_PP: must be 0 or more, got {QUANT_MAX_ACCURACY_DROP_PP}"
+    )
 # Inferences timed (on zeros, in the sandbox) for each artifact's latency median.
 LATENCY_RUNS = _positive("LATENCY_RUNS", _read("LATENCY_RUNS", env.int, 20))
 # Calibration samples taken from the golden set for full-integer int8.

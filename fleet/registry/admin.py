@@ -37,6 +37,7 @@ STATUS_COLOURS = {
     ArtifactStatus.READY: "#1a7f37",
     ArtifactStatus.PENDING: "#9a6700",
     ArtifactStatus.FAILED: "#cf222e",
+    ArtifactStatus.REJECTED: "#bc4c00",
     VersionStatus.RELEASED: "#1a7f37",
     VersionStatus.DRAFT: "#57606a",
     VersionStatus.DEPRECATED: "#9a6700",
@@ -61,8 +62,18 @@ def running_url(model: MLModel, version: str, variant: str) -> str:
     return f"{reverse('admin:devices_device_changelist')}?{query}"
 
 
-def variant_row(artifact: Artifact) -> dict:
-    """One variant in words and units: sizes, compression, golden accuracy, ops."""
+def _drop(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if abs(value) < 0.05:
+        return "no change"
+    return f"{value:.1f} pp lower" if value > 0 else f"{-value:.1f} pp higher"
+
+
+def variant_row(artifact: Artifact, reference: Artifact | None = None) -> dict:
+    """One variant in words and units: sizes, compression, golden accuracy and its drop
+    against float32 (``reference``: the version's float32; a produced variant's parent wins),
+    median CPU latency, ops and where it came from."""
     signature = artifact.tflite_signature or {}
     ops = signature.get("ops") or []
     ratio = artifact.compression_ratio
@@ -78,6 +89,14 @@ def variant_row(artifact: Artifact) -> dict:
         else "—",
         "ops": f"{count(len(ops), 'op')}: {', '.join(ops)}" if ops else "—",
         "quantization": signature.get("quantization") or "—",
+        "drop": _drop(selectors.accuracy_drop_pp(artifact, artifact.parent or reference))
+        if artifact.variant != "float32"
+        else "—",
+        "latency": f"{artifact.latency_ms:.2f} ms" if artifact.latency_ms is not None else "—",
+        "origin": f"{artifact.get_recipe_display()} by {artifact.tool} {artifact.tool_version}"
+        if artifact.recipe
+        else "uploaded",
+        "reason": artifact.failure_reason if artifact.status == ArtifactStatus.REJECTED else "",
     }
 
 
@@ -85,7 +104,10 @@ def version_section(version: ModelVersion, running: dict, rollouts: list) -> dic
     """What the model and version pages show of one version (no query: all prefetched)."""
     model = version.model
     artifacts = sorted(version.artifacts.all(), key=lambda a: (a.variant, a.status != ArtifactStatus.READY))
-    variants = [variant_row(artifact) for artifact in artifacts]
+    reference = next(
+        (a for a in artifacts if a.variant == "float32" and a.status == ArtifactStatus.READY), None
+    )
+    variants = [variant_row(artifact, reference) for artifact in artifacts]
     devices = [
         {"variant": variant, "n": n, "url": running_url(model, version.version, variant)}
         for (running_version, variant), n in sorted(running.items())

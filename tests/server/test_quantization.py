@@ -3,15 +3,21 @@ yields int8 and float16 variants through the same pipeline as an upload, each re
 it came from, the version's comparison reports size, accuracy, drop and latency, and a
 variant that loses more accuracy than the model allows is rejected, never served."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
 
 from agent import runtime
 from fleet.core.errors import Conflict, InvalidInput
 from fleet.registry import quantize, selectors, services
 from fleet.registry.choices import ArtifactFailure, ArtifactStatus, QuantRecipe
 from fleet.registry.models import Artifact
+from tests.conftest import wait_until
 from tests.server.conftest import pending_artifact
 
 pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer is in requirements/base.txt")
@@ -170,3 +176,130 @@ def test_produced_int8_full_takes_float_samples_through_the_agent_runtime(versio
     assert interpreter.get_input_details()[0]["dtype"] == np.int8
     x, y = digits.golden_set()
     assert runtime.golden_accuracy(interpreter, x, y) == pytest.approx(children["int8-full"].golden_accuracy)
+
+
+# --- a real published model: Spotify's Basic Pitch (tests/data/basic_pitch/README.md)
+
+BASIC_PITCH = Path(__file__).resolve().parent.parent / "data" / "basic_pitch" / "nmp.tflite"
+
+
+def basic_pitch_outputs(tflite: bytes) -> list[np.ndarray]:
+    """The model's three outputs (onsets, notes, contours: probabilities) for two seconds of
+    a 440 Hz tone with a 660 Hz overtone, straight from LiteRT."""
+    interpreter = Interpreter(model_content=tflite)
+    interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]
+    t = np.arange(source["shape"][1]) / 22050
+    audio = 0.5 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 660 * t)
+    interpreter.set_tensor(source["index"], audio.astype(np.float32).reshape(source["shape"]))
+    interpreter.invoke()
+    return [interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()]
+
+
+def test_a_real_published_float32_model_yields_int8_and_float16_variants(digits_model, alice):
+    """No labelled golden set exists for Basic Pitch, so the variants are compared with the
+    float32 outputs directly; full-integer int8 has nothing to calibrate on and says so."""
+    version = services.version_create(model=digits_model, version="2.0.0", created_by=alice.user)
+    float32 = BASIC_PITCH.read_bytes()
+    parent, children = produce(version, float32, ALL_RECIPES)
+    assert parent.tflite_signature["quantization"] == "none" and parent.latency_ms > 0
+
+    # Outputs, in LiteRT's order: onsets, notes, contours (probabilities). On a steady tone
+    # the notes carry the signal (the onsets barely move: their spread is 0.02).
+    reference = basic_pitch_outputs(float32)
+    assert int((reference[1] > 0.5).sum()) > 100, "the tone must switch notes on, or the check is void"
+    for variant, quantization in (("int8-dynamic", "int8"), ("float16", "float16")):
+        child = children[variant]
+        assert child.status == ArtifactStatus.READY, child.failure_reason
+        assert child.tflite_signature["quantization"] == quantization
+        assert child.raw_size < 0.7 * parent.raw_size and child.latency_ms > 0
+        assert {"CONV_2D", "MIRROR_PAD", "LOG"} <= set(child.tflite_signature["ops"])
+        with services.artifact_storage().open(child.raw_file, "rb") as raw:
+            outputs = basic_pitch_outputs(raw.read())
+        for expected, got in zip(reference, outputs, strict=True):
+            assert np.abs(expected - got).mean() < 0.03
+        notes = np.corrcoef(reference[1].ravel(), outputs[1].ravel())[0, 1]
+        contours = np.corrcoef(reference[2].ravel(), outputs[2].ravel())[0, 1]
+        assert notes > 0.95 and contours > 0.85, (variant, notes, contours)
+    assert children["int8-full"].status == ArtifactStatus.FAILED
+    assert "golden set" in children["int8-full"].failure_reason
+
+
+# --- the admin's version page and the API
+
+
+def test_the_version_page_compares_variants_in_rounded_units(version_v1, digits, settings, bob):
+    settings.QUANT_MAX_ACCURACY_DROP_PP = 1.0
+    parent, children = produce(
+        version_v1, outlier_float_model(digits), [QuantRecipe.DYNAMIC_INT8, QuantRecipe.FLOAT16]
+    )
+    client = Client()
+    client.force_login(bob.user)
+    response = client.get(f"/admin/registry/modelversion/{version_v1.pk}/change/")
+    assert response.status_code == 200
+    html = response.content.decode()
+
+    def cells(variant: str) -> tuple[str, dict[str, str]]:
+        row = re.search(rf'<tr data-variant="{variant}">(.*?)</tr>', html, re.S).group(1)
+        return row, dict(re.findall(r'data-figure="([a-z]+)">([^<]*)<', row))
+
+    rejected_row, rejected = cells("int8-dynamic")
+    drop = (parent.golden_accuracy - children["int8-dynamic"].golden_accuracy) * 100
+    assert rejected["drop"] == f"{drop:.1f} pp lower"
+    assert rejected["latency"] == f"{children['int8-dynamic'].latency_ms:.2f} ms"
+    assert rejected["origin"] == f"Dynamic-range int8 weights by ai-edge-quantizer {quantize.tool_version()}"
+    assert "Rejected (accuracy)" in rejected_row and rejected["reason"].startswith(
+        "Rejected: golden accuracy"
+    )
+    _, kept = cells("float16")
+    assert kept["drop"] == "no change" and kept["origin"].startswith("float16 weights by ")
+    _, uploaded = cells("float32")
+    assert (uploaded["drop"], uploaded["origin"]) == ("—", "uploaded")
+    for row in (rejected_row,):
+        assert not re.search(r"\d\.\d{3,}", re.sub(r"<[^>]+>", "", row))  # no unrounded number
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_api_takes_recipes_per_upload_and_shows_the_comparison(
+    version_v1, digits, alice, celery_worker_process
+):
+    client = alice.client()
+    response = client.post(
+        "/api/v1/models/digits/versions/1.0.0/artifacts/?wait=60",
+        {
+            "variant": "float32",
+            "file": SimpleUploadedFile("float32.tflite", digits.build_digits_models()["float32"]),
+            "quantize": ["float16", "int8-dynamic"],
+        },
+        format="multipart",
+    )
+    assert response.status_code == 201, response.json()
+    assert response.json()["requested_recipes"] == ["float16", "int8-dynamic"]
+
+    def produced_ready() -> bool:
+        statuses = Artifact.objects.filter(parent_id=response.json()["id"]).values_list("status", flat=True)
+        return sorted(statuses) == [ArtifactStatus.READY] * 2
+
+    wait_until(produced_ready, timeout=120, message="the produced variants to be ready")
+    body = client.get("/api/v1/models/digits/versions/1.0.0/").json()
+    rows = {row["variant"]: row for row in body["comparison"]}
+    assert sorted(rows) == ["float16", "float32", "int8-dynamic"]
+    assert rows["float16"]["recipe"] == "float16" and rows["float16"]["parent_id"] == response.json()["id"]
+    assert rows["int8-dynamic"]["latency_ms"] > 0 and rows["int8-dynamic"]["blob_size"] > 0
+    produced = {a["variant"]: a for a in body["artifacts"]}
+    assert produced["float16"]["tool"] == "ai-edge-quantizer" and produced["float16"]["parent"]
+
+
+def test_the_api_refuses_an_unknown_recipe_with_a_clear_error(version_v1, digits, alice):
+    response = alice.client().post(
+        "/api/v1/models/digits/versions/1.0.0/artifacts/",
+        {
+            "variant": "float32",
+            "file": SimpleUploadedFile("float32.tflite", digits.build_digits_models()["float32"]),
+            "quantize": ["int3"],
+        },
+        format="multipart",
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "quantize"
+    assert not Artifact.objects.exists()
