@@ -30,7 +30,7 @@ from fleet.core.permissions import has_role
 from fleet.devices.choices import DeviceStatus
 from fleet.registry import selectors, services, trust
 from fleet.registry.api import VERSION_ACTIONS  # the API's action -> status table: the same service
-from fleet.registry.choices import ArtifactFailure, ArtifactStatus, VersionStatus
+from fleet.registry.choices import ArtifactFailure, ArtifactStatus, QuantRecipe, VersionStatus
 from fleet.registry.models import Artifact, Keyring, MLModel, ModelVersion, SigningKey, TrustRoot
 
 STATUS_COLOURS = {
@@ -179,9 +179,25 @@ class MLModelForm(forms.ModelForm):
         widget=forms.Textarea(attrs={"rows": 6}), required=False, help_text="One per line, in output order."
     )
 
+    quantize_recipes = forms.MultipleChoiceField(
+        choices=QuantRecipe.choices,
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+        label="Produce variants",
+        help_text="Made by the registry from every float32 upload (docs/quantization.md).",
+    )
+    max_accuracy_drop_pp = forms.FloatField(
+        required=False,
+        min_value=0,
+        max_value=100,
+        label="Accuracy drop limit (percentage points)",
+        help_text="A produced variant losing more golden accuracy than this against float32 is "
+        "rejected. Empty: the server's QUANT_MAX_ACCURACY_DROP_PP.",
+    )
+
     class Meta:
         model = MLModel
-        fields = ("name", "task", "labels", "description")
+        fields = ("name", "task", "labels", "description", "quantize_recipes", "max_accuracy_drop_pp")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -198,15 +214,40 @@ class MLModelAdmin(admin.ModelAdmin):
     list_display = ("name", "task", "version_count", "created_by", "created_at_text")
     list_filter = ("task",)
     search_fields = ("name", "description")
-    readonly_fields = ("created_by", "created_at_text", "labels_text")
+    readonly_fields = ("created_by", "created_at_text", "labels_text", "quantize_text", "limit_text")
     change_form_template = "admin/registry/mlmodel/change_form.html"
     created_at_text = time_column("created_at", "created at")
 
     def get_fields(self, request, obj=None):
-        fields = ("name", "task", "labels", "description", "created_by", "created_at_text")
+        fields = (
+            "name",
+            "task",
+            "labels",
+            "description",
+            "quantize_recipes",
+            "max_accuracy_drop_pp",
+            "created_by",
+            "created_at_text",
+        )
         if obj is not None and not self.has_change_permission(request, obj):
-            return tuple("labels_text" if name == "labels" else name for name in fields)  # read only
+            words = {
+                "labels": "labels_text",
+                "quantize_recipes": "quantize_text",
+                "max_accuracy_drop_pp": "limit_text",
+            }
+            return tuple(words.get(name, name) for name in fields)  # read only
         return fields
+
+    @admin.display(description="produce variants")
+    def quantize_text(self, obj):
+        names = dict(QuantRecipe.choices)
+        return ", ".join(names.get(recipe, recipe) for recipe in obj.quantize_recipes or []) or "none"
+
+    @admin.display(description="accuracy drop limit")
+    def limit_text(self, obj):
+        limit = selectors.max_accuracy_drop_pp(obj)
+        source = "" if obj.max_accuracy_drop_pp is not None else " (the server's default)"
+        return f"{limit:.1f} percentage points{source}"
 
     @admin.display(description="labels")
     def labels_text(self, obj):
@@ -413,6 +454,8 @@ class ArtifactAdmin(admin.ModelAdmin):
         "hashes",
         "tflite_text",
         "accuracy_text",
+        "latency_text",
+        "origin",
         "manifest_text",
         "created_by",
         "created_at_text",
@@ -474,6 +517,25 @@ class ArtifactAdmin(admin.ModelAdmin):
         if obj.failure_code:
             label = f"{label}: {obj.failure_code}"
         return status_badge(obj.status, label)
+
+    @admin.display(description="latency (server CPU, median)")
+    def latency_text(self, obj):
+        return f"{obj.latency_ms:.2f} ms" if obj.latency_ms is not None else "not measured"
+
+    @admin.display(description="made by")
+    def origin(self, obj):
+        if not obj.recipe:
+            return "uploaded"
+        parent = obj.parent
+        link = format_html(
+            '<a href="{}">{}</a>', reverse("admin:registry_artifact_change", args=[parent.pk]), parent
+        )
+        calibrated = (
+            f", calibrated on {count(obj.calibration_samples, 'sample')}" if obj.calibration_samples else ""
+        )
+        return format_html(
+            "{} of {} by {} {}{}", obj.get_recipe_display(), link, obj.tool, obj.tool_version, calibrated
+        )
 
     @admin.display(description="raw → blob")
     def sizes(self, obj):

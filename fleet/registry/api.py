@@ -95,6 +95,10 @@ class ArtifactSerializer(serializers.ModelSerializer):
     )
     created_by = serializers.StringRelatedField()
     urls = serializers.SerializerMethodField()
+    recipe = serializers.CharField(
+        read_only=True,
+        help_text="The quantization recipe that produced it (docs/quantization.md); empty: uploaded",
+    )
 
     class Meta:
         model = Artifact
@@ -151,7 +155,7 @@ class ComparisonRowSerializer(serializers.Serializer):
 
     artifact_id = serializers.IntegerField()
     variant = serializers.CharField()
-    status = serializers.ChoiceField(choices=ArtifactStatus.choices)
+    status = serializers.CharField(help_text="The artifact's status (pending, ready, failed, rejected)")
     reason = serializers.CharField(help_text="Why it failed or was rejected")
     recipe = serializers.CharField(help_text="The quantization recipe that produced it; empty: uploaded")
     parent_id = serializers.IntegerField(allow_null=True)

@@ -255,8 +255,17 @@ def test_the_version_page_compares_variants_in_rounded_units(version_v1, digits,
     assert kept["drop"] == "no change" and kept["origin"].startswith("float16 weights by ")
     _, uploaded = cells("float32")
     assert (uploaded["drop"], uploaded["origin"]) == ("—", "uploaded")
-    for row in (rejected_row,):
-        assert not re.search(r"\d\.\d{3,}", re.sub(r"<[^>]+>", "", row))  # no unrounded number
+    assert not re.search(r"\d\.\d{3,}", re.sub(r"<[^>]+>", "", rejected_row))  # no unrounded number
+
+    child = children["int8-dynamic"]
+    artifact_page = client.get(f"/admin/registry/artifact/{child.pk}/change/").content.decode()
+    assert (
+        f'Dynamic-range int8 weights of <a href="/admin/registry/artifact/{parent.pk}/change/">'
+        in artifact_page
+    )
+    assert f"{child.latency_ms:.2f} ms" in artifact_page
+    model_page = client.get(f"/admin/registry/mlmodel/{version_v1.model.pk}/change/").content.decode()
+    assert "1.0 percentage points (the server&#x27;s default)" in model_page
 
 
 @pytest.mark.django_db(transaction=True)
