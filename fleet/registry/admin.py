@@ -219,16 +219,7 @@ class MLModelAdmin(admin.ModelAdmin):
     created_at_text = time_column("created_at", "created at")
 
     def get_fields(self, request, obj=None):
-        fields = (
-            "name",
-            "task",
-            "labels",
-            "description",
-            "quantize_recipes",
-            "max_accuracy_drop_pp",
-            "created_by",
-            "created_at_text",
-        )
+        fields = (*MLModelForm.Meta.fields, "created_by", "created_at_text")
         if obj is not None and not self.has_change_permission(request, obj):
             words = {
                 "labels": "labels_text",
