@@ -28,9 +28,9 @@ ALL_RECIPES = [QuantRecipe.DYNAMIC_INT8, QuantRecipe.FLOAT16, QuantRecipe.FULL_I
 
 def produce(version, data: bytes, recipes) -> tuple[Artifact, dict[str, Artifact]]:
     """Upload a float32 model asking for ``recipes`` and run every pipeline in-process (a
-    `db` test never fires on_commit, so the produced artifacts are processed here)."""
-    parent = pending_artifact(version, "float32", data)
-    Artifact.objects.filter(pk=parent.pk).update(requested_recipes=list(recipes))
+    `db` test never fires on_commit, so the produced artifacts are processed here; with
+    eager Celery in a transactional test they already ran, and this changes nothing)."""
+    parent = pending_artifact(version, "float32", data, quantize_recipes=list(recipes))
     parent = services.artifact_process(artifact_id=parent.pk)
     assert parent.status == ArtifactStatus.READY, parent.failure_reason
     children = {}
