@@ -31,13 +31,14 @@ from fleet.core.permissions import has_role
 from fleet.devices.choices import DeviceStatus
 from fleet.registry import selectors, services, trust
 from fleet.registry.api import VERSION_ACTIONS  # the API's action -> status table: the same service
-from fleet.registry.choices import ArtifactFailure, ArtifactStatus, VersionStatus
+from fleet.registry.choices import ArtifactFailure, ArtifactStatus, QuantRecipe, VersionStatus
 from fleet.registry.models import Artifact, Keyring, MLModel, ModelVersion, SigningKey, TrustRoot
 
 STATUS_COLOURS = {
     ArtifactStatus.READY: "#1a7f37",
     ArtifactStatus.PENDING: "#9a6700",
     ArtifactStatus.FAILED: "#cf222e",
+    ArtifactStatus.REJECTED: "#bc4c00",
     VersionStatus.RELEASED: "#1a7f37",
     VersionStatus.DRAFT: "#57606a",
     VersionStatus.DEPRECATED: "#9a6700",
@@ -62,8 +63,18 @@ def running_url(model: MLModel, version: str, variant: str) -> str:
     return f"{reverse('admin:devices_device_changelist')}?{query}"
 
 
-def variant_row(artifact: Artifact) -> dict:
-    """One variant in words and units: sizes, compression, golden accuracy, ops."""
+def _drop(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if abs(value) < 0.05:
+        return "no change"
+    return f"{value:.1f} pp lower" if value > 0 else f"{-value:.1f} pp higher"
+
+
+def variant_row(artifact: Artifact, reference: Artifact | None = None) -> dict:
+    """One variant in words and units: sizes, compression, golden accuracy and its drop
+    against float32 (``reference``: the version's float32; a produced variant's parent wins),
+    median CPU latency, ops and where it came from."""
     signature = artifact.tflite_signature or {}
     ops = signature.get("ops") or []
     ratio = artifact.compression_ratio
@@ -79,6 +90,14 @@ def variant_row(artifact: Artifact) -> dict:
         else "—",
         "ops": f"{count(len(ops), 'op')}: {', '.join(ops)}" if ops else "—",
         "quantization": signature.get("quantization") or "—",
+        "drop": _drop(selectors.accuracy_drop_pp(artifact, artifact.parent or reference))
+        if artifact.variant != "float32"
+        else "—",
+        "latency": f"{artifact.latency_ms:.2f} ms" if artifact.latency_ms is not None else "—",
+        "origin": f"{artifact.get_recipe_display()} by {artifact.tool} {artifact.tool_version}"
+        if artifact.recipe
+        else "uploaded",
+        "reason": artifact.failure_reason if artifact.status == ArtifactStatus.REJECTED else "",
     }
 
 
@@ -86,7 +105,10 @@ def version_section(version: ModelVersion, running: dict, rollouts: list) -> dic
     """What the model and version pages show of one version (no query: all prefetched)."""
     model = version.model
     artifacts = sorted(version.artifacts.all(), key=lambda a: (a.variant, a.status != ArtifactStatus.READY))
-    variants = [variant_row(artifact) for artifact in artifacts]
+    reference = next(
+        (a for a in artifacts if a.variant == "float32" and a.status == ArtifactStatus.READY), None
+    )
+    variants = [variant_row(artifact, reference) for artifact in artifacts]
     devices = [
         {"variant": variant, "n": n, "url": running_url(model, version.version, variant)}
         for (running_version, variant), n in sorted(running.items())
@@ -168,9 +190,25 @@ class MLModelForm(forms.ModelForm):
         widget=forms.Textarea(attrs={"rows": 6}), required=False, help_text="One per line, in output order."
     )
 
+    quantize_recipes = forms.MultipleChoiceField(
+        choices=QuantRecipe.choices,
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+        label="Produce variants",
+        help_text="Made by the registry from every float32 upload (docs/quantization.md).",
+    )
+    max_accuracy_drop_pp = forms.FloatField(
+        required=False,
+        min_value=0,
+        max_value=100,
+        label="Accuracy drop limit (percentage points)",
+        help_text="A produced variant losing more golden accuracy than this against float32 is "
+        "rejected. Empty: the server's QUANT_MAX_ACCURACY_DROP_PP.",
+    )
+
     class Meta:
         model = MLModel
-        fields = ("name", "task", "labels", "description")
+        fields = ("name", "task", "labels", "description", "quantize_recipes", "max_accuracy_drop_pp")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -187,15 +225,31 @@ class MLModelAdmin(admin.ModelAdmin):
     list_display = ("name", "task", "version_count", "created_by", "created_at_text")
     list_filter = ("task",)
     search_fields = ("name", "description")
-    readonly_fields = ("created_by", "created_at_text", "labels_text")
+    readonly_fields = ("created_by", "created_at_text", "labels_text", "quantize_text", "limit_text")
     change_form_template = "admin/registry/mlmodel/change_form.html"
     created_at_text = time_column("created_at", "created at")
 
     def get_fields(self, request, obj=None):
-        fields = ("name", "task", "labels", "description", "created_by", "created_at_text")
+        fields = (*MLModelForm.Meta.fields, "created_by", "created_at_text")
         if obj is not None and not self.has_change_permission(request, obj):
-            return tuple("labels_text" if name == "labels" else name for name in fields)  # read only
+            words = {
+                "labels": "labels_text",
+                "quantize_recipes": "quantize_text",
+                "max_accuracy_drop_pp": "limit_text",
+            }
+            return tuple(words.get(name, name) for name in fields)  # read only
         return fields
+
+    @admin.display(description="produce variants")
+    def quantize_text(self, obj):
+        names = dict(QuantRecipe.choices)
+        return ", ".join(names.get(recipe, recipe) for recipe in obj.quantize_recipes or []) or "none"
+
+    @admin.display(description="accuracy drop limit")
+    def limit_text(self, obj):
+        limit = selectors.max_accuracy_drop_pp(obj)
+        source = "" if obj.max_accuracy_drop_pp is not None else " (the server's default)"
+        return f"{limit:.1f} percentage points{source}"
 
     @admin.display(description="labels")
     def labels_text(self, obj):
@@ -442,6 +496,8 @@ class ArtifactAdmin(admin.ModelAdmin):
         "hashes",
         "tflite_text",
         "accuracy_text",
+        "latency_text",
+        "origin",
         "manifest_text",
         "created_by",
         "created_at_text",
@@ -503,6 +559,25 @@ class ArtifactAdmin(admin.ModelAdmin):
         if obj.failure_code:
             label = f"{label}: {obj.failure_code}"
         return status_badge(obj.status, label)
+
+    @admin.display(description="latency (server CPU, median)")
+    def latency_text(self, obj):
+        return f"{obj.latency_ms:.2f} ms" if obj.latency_ms is not None else "not measured"
+
+    @admin.display(description="made by")
+    def origin(self, obj):
+        if not obj.recipe:
+            return "uploaded"
+        parent = obj.parent
+        link = format_html(
+            '<a href="{}">{}</a>', reverse("admin:registry_artifact_change", args=[parent.pk]), parent
+        )
+        calibrated = (
+            f", calibrated on {count(obj.calibration_samples, 'sample')}" if obj.calibration_samples else ""
+        )
+        return format_html(
+            "{} of {} by {} {}{}", obj.get_recipe_display(), link, obj.tool, obj.tool_version, calibrated
+        )
 
     @admin.display(description="raw → blob")
     def sizes(self, obj):
