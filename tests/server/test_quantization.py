@@ -14,13 +14,12 @@ from django.test import Client
 
 from agent import runtime
 from fleet.core.errors import Conflict, InvalidInput
+from fleet.devices import desired
 from fleet.registry import quantize, selectors, services
 from fleet.registry.choices import ArtifactFailure, ArtifactStatus, QuantRecipe
 from fleet.registry.models import Artifact
 from tests.conftest import wait_until
 from tests.server.conftest import pending_artifact
-
-pytest.importorskip("ai_edge_quantizer", reason="ai-edge-quantizer is in requirements/base.txt")
 
 pytestmark = pytest.mark.django_db
 ALL_RECIPES = [QuantRecipe.DYNAMIC_INT8, QuantRecipe.FLOAT16, QuantRecipe.FULL_INT8]
@@ -126,7 +125,7 @@ def test_a_variant_over_the_accuracy_limit_is_rejected_and_never_served(version_
     with pytest.raises(Conflict):
         selectors.artifact_ready(rejected)
     with pytest.raises(Exception, match="not ready"):
-        services.desired_model_entry(rejected)
+        desired.desired_model_entry(rejected)
 
 
 def test_a_models_own_limit_overrides_the_servers(version_v1, digits, settings):
