@@ -35,6 +35,7 @@ from django.utils import timezone
 
 from agent import download, protocol, runtime
 from fleet.core import metrics
+from fleet.core.capabilities import HARDWARE_CLASS
 from fleet.core.errors import Conflict, InvalidInput, TooLarge, Unprocessable
 from fleet.registry import sandbox, tflite
 from fleet.registry.choices import (
@@ -233,7 +234,12 @@ def _check_header(path: Path) -> None:
 
 
 def artifact_upload(
-    *, version: ModelVersion, variant: str, upload: Any, created_by: AbstractBaseUser | None = None
+    *,
+    version: ModelVersion,
+    variant: str,
+    upload: Any,
+    created_by: AbstractBaseUser | None = None,
+    requires_hardware: list[str] | None = None,
 ) -> Artifact:
     """Store an uploaded .tflite as a pending variant and queue its pipeline.
 
@@ -241,6 +247,7 @@ def artifact_upload(
     consumed: local storage moves it into place instead of copying it.
     """
     _require_name(variant, "variant")
+    hardware = _hardware_classes(requires_hardware)
     if version.status == VersionStatus.REVOKED:
         raise Conflict(f"{version} is revoked; it takes no new artifacts.", code="version_revoked")
     if version.artifacts.filter(variant=variant).exclude(status=ArtifactStatus.FAILED).exists():
@@ -263,6 +270,7 @@ def artifact_upload(
                 variant=variant,
                 raw_file=raw_name,
                 raw_size=upload.size,
+                requires_hardware=hardware,
                 created_by=created_by,
                 task_id=task_id,
             )
@@ -278,6 +286,26 @@ def artifact_upload(
     metrics.ARTIFACT_UPLOADS.inc()
     metrics.ARTIFACT_UPLOAD_BYTES.inc(upload.size)
     return artifact
+
+
+def _hardware_classes(classes: list[str] | None) -> list[str]:
+    """The hardware classes a variant targets: names like device hardware classes, "any"
+    alone meaning every device (the default)."""
+    classes = sorted({c.strip() for c in classes or [] if c.strip()}) or ["any"]
+    if len(classes) > 32:
+        raise InvalidInput("At most 32 hardware classes.", code="invalid", field="requires_hardware")
+    for name in classes:
+        if not HARDWARE_CLASS.fullmatch(name):
+            raise InvalidInput(
+                f"{name!r} is not a hardware class (letters, digits, '.', '_', '-'; up to 64).",
+                code="invalid",
+                field="requires_hardware",
+            )
+    if "any" in classes and len(classes) > 1:
+        raise InvalidInput(
+            '"any" means every device; list it alone.', code="invalid", field="requires_hardware"
+        )
+    return classes
 
 
 def _queue_processing(artifact_id: int, task_id: str) -> None:
@@ -468,6 +496,10 @@ def manifest_payload(*, artifact: Artifact, created_at: str) -> dict[str, Any]:
         tflite=artifact.tflite_signature,
         labels=list(version.model.labels),
         golden=golden,
+        hardware=list(artifact.requires_hardware or ["any"]),
+        runtime=[f"tflite>={min_runtime}"]
+        if (min_runtime := artifact.tflite_signature.get("min_runtime"))
+        else None,
     )
 
 

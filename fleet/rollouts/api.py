@@ -142,10 +142,10 @@ class RolloutSerializer(serializers.ModelSerializer):
     @extend_schema_field({"type": "array", "items": {"type": "object"}})
     def get_skipped(self, rollout: Rollout) -> list[dict]:
         return [
-            {"device_id": device_id, "reason": reason}
-            for device_id, reason in rollout.assignments.filter(state=AssignmentState.SKIPPED).values_list(
-                "device__device_id", "reason"
-            )
+            {"device_id": device_id, "code": code or None, "reason": reason}
+            for device_id, code, reason in rollout.assignments.filter(
+                state=AssignmentState.SKIPPED
+            ).values_list("device__device_id", "skip_code", "reason")
         ]
 
     @extend_schema_field(EvaluationSerializer(many=True))
