@@ -251,10 +251,30 @@ KEYRING = {
     },
 }
 
+# docs/protocol.md, addition 10: what the device can run, optional (older agents omit it).
+HARDWARE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+RUNTIME_VERSION_PATTERN = r"^[0-9]{1,4}(\.[0-9]{1,4}){0,3}([a-z]+[0-9]{0,4})?$"
+CAPABILITIES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "hardware": {"type": "string", "pattern": HARDWARE_PATTERN},
+        "runtime": {"type": "string", "maxLength": 64},
+        "runtime_version": {"type": "string", "pattern": RUNTIME_VERSION_PATTERN},
+        "int8": {"type": "boolean"},
+        "unsupported_ops": {"type": "array", "maxItems": 500, "items": {"type": "string", "maxLength": 64}},
+    },
+}
+
 STATUS = {
     "type": "object",
     "required": ["online"],
-    "properties": {"online": {"type": "boolean"}, "agent_version": _str, "ts": _str},
+    "properties": {
+        "online": {"type": "boolean"},
+        "agent_version": _str,
+        "ts": _str,
+        "capabilities": CAPABILITIES,
+    },
 }
 
 REPORTED = {

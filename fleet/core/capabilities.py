@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from functools import cache
 
+from agent.protocol.schemas import HARDWARE_PATTERN
 from fleet.registry.tflite import RUNTIME_VERSION
 
 # A hardware class as devices and uploads name it ("rpi4", "jetson-nano"); "any" is every device.
-HARDWARE_CLASS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+HARDWARE_CLASS = re.compile(HARDWARE_PATTERN)
 MAX_OPS = 500
 # LiteRT (ai_edge_litert) 1.0 was cut from TensorFlow 2.18, so every LiteRT release runs
 # every op TensorFlow Lite 2.18 ran; its own version numbers restart and cannot be

@@ -18,9 +18,11 @@ from typing import Any
 
 from ai_edge_litert import schema_py_generated as schema
 
+from agent.protocol.schemas import RUNTIME_VERSION_PATTERN
+
 FILE_IDENTIFIER = b"TFL3"
 # A runtime version as devices and converters write it: "2.18.0", "2.3", "1.0.1rc1".
-RUNTIME_VERSION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,4}){0,3}([a-z]+[0-9]{0,4})?")
+RUNTIME_VERSION = re.compile(RUNTIME_VERSION_PATTERN)
 
 
 @dataclass
