@@ -403,6 +403,18 @@ def _checked_report(report: dict[str, Any], version: ModelVersion) -> dict[str, 
         type(signature.get(key, 0)) is int for key in ("schema_version", "subgraphs", "tensors", "operators")
     ):
         raise _bad_report("description or counts")
+    op_versions = signature.get("op_versions", {})
+    if not (
+        isinstance(op_versions, dict)
+        and set(op_versions) <= set(ops)
+        and all(type(v) is int and 0 <= v < 1000 for v in op_versions.values())
+    ):
+        raise _bad_report("op_versions")
+    min_runtime = signature.get("min_runtime")
+    if min_runtime is not None and not (
+        _short_str(min_runtime, 32) and tflite.RUNTIME_VERSION.fullmatch(min_runtime)
+    ):
+        raise _bad_report("min_runtime")
     accuracy, samples = report.get("golden_accuracy"), report.get("golden_samples")
     if version.has_golden_set:
         if not (isinstance(accuracy, float | int) and 0 <= accuracy <= 1):
@@ -411,7 +423,8 @@ def _checked_report(report: dict[str, Any], version: ModelVersion) -> dict[str, 
             raise _bad_report(f"golden_samples {samples!r} for a golden set of {version.golden_samples}")
     elif accuracy is not None or samples is not None:
         raise _bad_report("a golden accuracy for a version without a golden set")
-    keys = ("inputs", "outputs", "ops", "quantization", "schema_version", "description", "subgraphs")
+    keys = ("inputs", "outputs", "ops", "op_versions", "min_runtime", "quantization", "schema_version")
+    keys += ("description", "subgraphs")
     return {
         "raw_sha256": report["raw_sha256"],
         "raw_size": report["raw_size"],
@@ -498,7 +511,7 @@ def manifest_payload(*, artifact: Artifact, created_at: str) -> dict[str, Any]:
         golden=golden,
         hardware=list(artifact.requires_hardware or ["any"]),
         runtime=[f"tflite>={min_runtime}"]
-        if (min_runtime := artifact.tflite_signature.get("min_runtime"))
+        if (min_runtime := (artifact.tflite_signature or {}).get("min_runtime"))
         else None,
     )
 

@@ -71,7 +71,12 @@ def _min_runtime(model: Any) -> str | None:
         entry = model.Metadata(i)
         if entry.Name() != b"min_runtime_version" or entry.Buffer() >= model.BuffersLength():
             continue
-        data = bytes(model.Buffers(entry.Buffer()).DataAsNumpy() or b"")
+        buffer = model.Buffers(entry.Buffer())
+        offset = buffer._tab.Offset(4)  # Buffer.data; slices of the mmap copy (no view kept open)
+        if not offset:
+            return None
+        start = buffer._tab.Vector(offset)
+        data = bytes(buffer._tab.Bytes[start : start + buffer._tab.VectorLen(offset)])
         text = data.split(b"\0", 1)[0].decode("ascii", "replace").strip()
         return text if RUNTIME_VERSION.fullmatch(text) else None
     return None
