@@ -61,6 +61,53 @@ def running_url(model: MLModel, version: str, variant: str) -> str:
     return f"{reverse('admin:devices_device_changelist')}?{query}"
 
 
+def hardware_url(hardware: str, group: str | None) -> str:
+    """The device list filtered to the active devices of a hardware class (and group)."""
+    query = {"status__exact": DeviceStatus.ACTIVE, "hardware": hardware}
+    if group:
+        query["group"] = group
+    return f"{reverse('admin:devices_device_changelist')}?{urlencode(query)}"
+
+
+def compatibility_table(version: ModelVersion) -> dict:
+    """The compatibility matrix (docs/rollouts.md) in words: per group and hardware class,
+    how many devices can run each ready variant and how many a rollout would give it."""
+    from fleet.rollouts.selectors import version_compatibility  # rollouts reads the registry
+
+    matrix = version_compatibility(version=version)
+    variants = [
+        {
+            "name": n.variant,
+            "needs": ", ".join(
+                part
+                for part in (
+                    "any hardware" if "any" in n.hardware else f"{'/'.join(sorted(n.hardware))} only",
+                    "int8 support" if n.quantization in ("int8", "uint8", "int4") else "",
+                    f"TFLite runtime ≥ {'.'.join(map(str, n.min_runtime))}" if n.min_runtime else "",
+                )
+                if part
+            ),
+        }
+        for n in matrix.variants
+    ]
+    rows = [
+        {
+            "group": row.group or "All devices",
+            "hardware": row.hardware,
+            "devices": f"{row.devices:,}",
+            "url": hardware_url(row.hardware, row.group),
+            "cells": [
+                {"runs": f"{row.runs.get(v['name'], 0):,}", "gets": f"{row.gets.get(v['name'], 0):,}"}
+                for v in variants
+            ],
+            "skipped": f"{row.skipped:,}",
+            "why": "; ".join(f"{count(n, 'device')}: {why}" for why, n in row.skipped_reasons.items()),
+        }
+        for row in matrix.rows
+    ]
+    return {"variants": variants, "rows": rows}
+
+
 def variant_row(artifact: Artifact) -> dict:
     """One variant in words and units: sizes, compression, golden accuracy, ops."""
     signature = artifact.tflite_signature or {}
@@ -281,7 +328,11 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def change_view(self, request, object_id, form_url="", extra_context=None):
         version = self.get_object(request, object_id)
         if version is not None:
-            extra_context = {**(extra_context or {}), "section": version_sections([version], request)[0]}
+            extra_context = {
+                **(extra_context or {}),
+                "section": version_sections([version], request)[0],
+                "compatibility": compatibility_table(version),
+            }
         return super().change_view(request, object_id, form_url, extra_context)
 
     def get_urls(self):

@@ -5,12 +5,15 @@ flatbuffer's ops and minimum runtime on the artifact, the checks on what devices
 from __future__ import annotations
 
 import base64
+import html
 import json
+import re
 
 import flatbuffers
 import pytest
 from ai_edge_litert import schema_py_generated as schema
 from django.core.files.uploadedfile import SimpleUploadedFile, TemporaryUploadedFile
+from django.test import Client
 from rest_framework.test import APIClient
 
 from agent import protocol
@@ -252,3 +255,19 @@ def test_enrollment_keeps_what_the_device_can_run(enrollment_key, broker_setting
     saved = Device.objects.get(device_id="cam-1")
     assert (saved.hardware, saved.runtime_version, saved.supports_int8) == ("rpi4", "2.14.0", False)
     assert saved.unsupported_ops == ["CUSTOM:MyOp", "SOFTMAX"]
+
+
+def test_the_version_page_shows_the_matrix_with_counts_that_link_to_the_device_list(fleet, bob):
+    client = Client()
+    client.force_login(bob.user)
+    page = client.get(f"/admin/registry/modelversion/{fleet['version'].pk}/change/").content.decode()
+    table = re.search(r'<div class="registry-table" id="compatibility".*?</table>', page, re.S).group(0)
+    row = re.search(r'<tr data-group="pilot" data-hardware="rpi4">(.*?)</tr>', table, re.S).group(1)
+    link = re.search(r'<a href="([^"]+)" data-devices="2">', row).group(1)
+    assert html.unescape(link) == "/admin/devices/device/?status__exact=active&hardware=rpi4&group=pilot"
+    assert re.findall(r"(\d+) can run", row) == ["1", "1"]  # int8, float32
+    assert 'data-skipped="1"' in row and f"1 device: {BOTH_NEED_SOFTMAX}" in html.unescape(row)
+    assert "rpi4 only, int8 support" in table
+    # The link opens the list of exactly those devices.
+    listed = client.get(html.unescape(link)).content.decode()
+    assert "rpi-int8" in listed and "no-softmax" in listed and "rpi-float" not in listed
