@@ -434,7 +434,7 @@ def _check(schema: dict[str, Any], value: Any, path: tuple[str, ...]) -> tuple[t
     """The first violation of ``schema`` by ``value`` as (path, message), or None.
 
     Supports the keywords the contract's schemas use: type, const, enum, required,
-    properties, additionalProperties, propertyNames, items, minItems, pattern, minLength,
+    properties, additionalProperties, propertyNames, items, minItems, maxItems, pattern, minLength,
     maxLength, minimum, maximum, exclusiveMinimum ("format" is annotation only, as in
     JSON Schema 2020-12 by default).
     """
@@ -462,6 +462,8 @@ def _check(schema: dict[str, Any], value: Any, path: tuple[str, ...]) -> tuple[t
             return path, f"{value!r} is not greater than {schema['exclusiveMinimum']!r}"
     if isinstance(value, list) and len(value) < schema.get("minItems", 0):
         return path, f"{value!r} should have at least {schema['minItems']} item(s)"
+    if isinstance(value, list) and "maxItems" in schema and len(value) > schema["maxItems"]:
+        return path, f"{len(value)} items; at most {schema['maxItems']}"
     if isinstance(value, list) and "items" in schema:
         for index, item in enumerate(value):
             if found := _check(schema["items"], item, (*path, str(index))):
