@@ -243,12 +243,12 @@ def test_enrollment_refuses_capabilities_that_break_the_rules(enrollment_key, id
 
 
 def test_enrollment_keeps_what_the_device_can_run(enrollment_key, broker_settings):
+    ops = ["softmax", "CUSTOM:MyOp"]
     identity = {
         "hardware": "rpi4",
-        "runtime": "tflite_runtime",
         "runtime_version": "2.14.0",
         "supports_int8": False,
-        "unsupported_ops": ["softmax", "CUSTOM:MyOp"],
+        "unsupported_ops": ops,
     }
     response = enroll(APIClient(), "cam-1", enrollment_token=enrollment_key, identity=identity)
     assert response.status_code == 201, response.content
