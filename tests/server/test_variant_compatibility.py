@@ -271,3 +271,13 @@ def test_the_version_page_shows_the_matrix_with_counts_that_link_to_the_device_l
     # The link opens the list of exactly those devices.
     listed = client.get(html.unescape(link)).content.decode()
     assert "rpi-int8" in listed and "no-softmax" in listed and "rpi-float" not in listed
+
+
+def test_the_rollout_page_shows_the_skip_code_and_why_in_the_device_table(fleet, bob):
+    rollout = start(fleet)
+    client = Client()
+    client.force_login(bob.user)
+    page = client.get(f"/admin/rollouts/rollout/{rollout.pk}/change/?state=skipped").content.decode()
+    row = re.search(r'<tr data-device="no-softmax" data-state="skipped">(.*?)</tr>', page, re.S).group(1)
+    assert 'data-skip-code="no_variant_fits"' in row
+    assert f"No variant fits the device: {BOTH_NEED_SOFTMAX}" in html.unescape(row)
