@@ -402,6 +402,13 @@ class ArtifactUploadForm(forms.ModelForm):
     """The admin's upload door; it calls the same service as the API."""
 
     file = forms.FileField(help_text="A .tflite model. It is inspected now and processed in the background.")
+    hardware = forms.CharField(
+        label="For hardware",
+        initial="any",
+        required=False,
+        help_text='The hardware classes this variant is for, comma-separated (e.g. "rpi4, rpi5"); '
+        '"any" for every device. A rollout gives it only to devices of these classes.',
+    )
 
     class Meta:
         model = Artifact
@@ -441,6 +448,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         "sizes_text",
         "hashes",
         "tflite_text",
+        "hardware_text",
         "accuracy_text",
         "manifest_text",
         "created_by",
@@ -451,6 +459,11 @@ class ArtifactAdmin(admin.ModelAdmin):
     exclude = ("raw_file", "blob_file", "tflite_signature", "manifest_envelope")
     created_at_text = time_column("created_at", "created at")
     processed_at_text = time_column("processed_at", "processed at")
+
+    @admin.display(description="for hardware")
+    def hardware_text(self, obj):
+        classes = obj.requires_hardware or ["any"]
+        return "any device" if "any" in classes else ", ".join(classes) + " only"
 
     class Media:
         js = ("fleet/copy.js",)  # the copy buttons beside hashes
@@ -467,7 +480,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         return self.exclude if obj else ()
 
     def get_fields(self, request, obj=None):
-        return ("version", "variant", "file") if obj is None else self.readonly_fields
+        return ("version", "variant", "file", "hardware") if obj is None else self.readonly_fields
 
     def save_model(self, request, obj, form, change):
         if change:
@@ -478,6 +491,7 @@ class ArtifactAdmin(admin.ModelAdmin):
                 variant=form.cleaned_data["variant"],
                 upload=form.cleaned_data["file"],
                 created_by=request.user,
+                requires_hardware=form.cleaned_data.get("hardware", "").split(","),
             )
         except ServiceError as exc:
             # ModelAdmin is shared by all requests: keep the error on the request.

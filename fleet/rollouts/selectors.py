@@ -18,7 +18,7 @@ from django.db.models.fields.json import KT
 from django.utils import timezone
 
 from fleet.core.display import moment
-from fleet.devices.choices import DeviceStatus
+from fleet.devices.choices import DeviceStatus, GroupKind
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup
 from fleet.devices.selectors import group_devices
 from fleet.registry.models import ModelVersion
@@ -640,7 +640,14 @@ def version_compatibility(*, version: ModelVersion) -> Compatibility:
             verdict_of[capabilities] = (capabilities.hardware, runnable, chosen, why)
         verdicts[device.pk] = verdict_of[capabilities]
     rows = _compatibility_rows(None, list(verdicts.values()))
+    # Static groups' members in one query; a dynamic group is its saved filter, one query each.
+    static: dict[int, list[int]] = {}
+    for group_pk, device_pk in DeviceGroup.members.through.objects.values_list("devicegroup_id", "device_id"):
+        static.setdefault(group_pk, []).append(device_pk)
     for group in DeviceGroup.objects.order_by("name"):
-        members = group_devices(group=group, queryset=active).values_list("pk", flat=True)
+        if group.kind == GroupKind.STATIC:
+            members = static.get(group.pk, [])
+        else:
+            members = group_devices(group=group, queryset=active).values_list("pk", flat=True)
         rows.extend(_compatibility_rows(group.name, [verdicts[pk] for pk in members if pk in verdicts]))
     return Compatibility(variants=needs, rows=rows)
