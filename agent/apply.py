@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent import protocol
+from agent.protocol.codes import EventType, Reason
 from agent.protocol.trust import TrustState
 
 MANIFEST_MAX_BYTES = 1024 * 1024  # a signed manifest is a few kB
@@ -22,14 +23,14 @@ class Refusal(Exception):
     """A desired state (or one model of it) is refused; ``reason`` is the published code."""
 
     def __init__(
-        self, reason: str, message: str, *, permanent: bool = True, model: str | None = None
+        self, reason: Reason, message: str, *, permanent: bool = True, model: str | None = None
     ) -> None:
         super().__init__(message)
         self.reason, self.message, self.permanent, self.model = reason, message, permanent, model
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return protocol.format_time(datetime.now(UTC), fraction=True)
 
 
 def verify_desired(trust: TrustState, envelope: bytes, *, device_id: str) -> dict[str, Any]:
@@ -41,9 +42,9 @@ def verify_desired(trust: TrustState, envelope: bytes, *, device_id: str) -> dic
     except protocol.EnvelopeError as exc:
         raise Refusal(exc.reason, str(exc)) from exc
     except protocol.SchemaError as exc:
-        raise Refusal("payload_type", f"signed payload is not a desired state: {exc}") from exc
+        raise Refusal(Reason.PAYLOAD_TYPE, f"signed payload is not a desired state: {exc}") from exc
     if desired["device_id"] != device_id:
-        raise Refusal("wrong_device", f"desired state is for {desired['device_id']!r}")
+        raise Refusal(Reason.WRONG_DEVICE, f"desired state is for {desired['device_id']!r}")
     return desired
 
 
@@ -51,10 +52,11 @@ def check_freshness(desired: dict[str, Any], *, applied_generation: int) -> None
     """Refuse a replayed (older) generation and an expired desired state."""
     if desired["generation"] < applied_generation:
         raise Refusal(
-            "replay", f"generation {desired['generation']} is older than the applied {applied_generation}"
+            Reason.REPLAY,
+            f"generation {desired['generation']} is older than the applied {applied_generation}",
         )
     if protocol.parse_time(desired["expires_at"]) <= datetime.now(UTC):
-        raise Refusal("expired", f"desired state expired at {desired['expires_at']}")
+        raise Refusal(Reason.EXPIRED, f"desired state expired at {desired['expires_at']}")
 
 
 def verify_manifest(
@@ -68,13 +70,13 @@ def verify_manifest(
     except protocol.EnvelopeError as exc:
         raise Refusal(exc.reason, f"manifest: {exc}") from exc
     except protocol.SchemaError as exc:
-        raise Refusal("manifest_mismatch", f"manifest does not follow the contract: {exc}") from exc
+        raise Refusal(Reason.MANIFEST_MISMATCH, f"manifest does not follow the contract: {exc}") from exc
     if hashlib.sha256(payload).hexdigest() != spec["manifest_sha256"]:
-        raise Refusal("manifest_mismatch", "manifest sha256 differs from the one the desired state pins")
+        raise Refusal(Reason.MANIFEST_MISMATCH, "manifest sha256 differs from the one the desired state pins")
     named = (manifest["model"], manifest["version"], manifest["variant"])
     if named != (name, spec["version"], spec["variant"]):
         raise Refusal(
-            "manifest_mismatch",
+            Reason.MANIFEST_MISMATCH,
             f"manifest is for {named}, desired state asks for {(name, spec['version'], spec['variant'])}",
         )
     return payload, manifest
@@ -93,29 +95,29 @@ def check_fits(
     for part in ("raw", "blob"):
         if manifest[part]["size"] > max_artifact_bytes:
             size = manifest[part]["size"]
-            raise Refusal("too_large", f"{part} is {size} bytes; this device takes {max_artifact_bytes}")
+            raise Refusal(Reason.TOO_LARGE, f"{part} is {size} bytes; this device takes {max_artifact_bytes}")
     requires = manifest.get("requires", {})
     wanted_hardware = requires.get("hardware", ["any"])
     if "any" not in wanted_hardware and hardware not in wanted_hardware:
-        raise Refusal("incompatible", f"needs hardware {wanted_hardware}, this device is {hardware!r}")
+        raise Refusal(Reason.INCOMPATIBLE, f"needs hardware {wanted_hardware}, this device is {hardware!r}")
     runtimes = requires.get("runtime", [])
     if runtimes and not any(r.startswith(("litert", "tflite")) for r in runtimes):
-        raise Refusal("incompatible", f"needs runtime {runtimes}; this device runs {runtime_name}")
+        raise Refusal(Reason.INCOMPATIBLE, f"needs runtime {runtimes}; this device runs {runtime_name}")
     missing = sorted(set(manifest["tflite"]["ops"]) & set(unsupported_ops))
     if missing:
-        raise Refusal("incompatible", f"uses ops this device's runtime lacks: {', '.join(missing)}")
+        raise Refusal(Reason.INCOMPATIBLE, f"uses ops this device's runtime lacks: {', '.join(missing)}")
     if manifest["tflite"]["quantization"] == "int8" and not int8:
-        raise Refusal("incompatible", "int8 variant, and this device does not run int8 models")
+        raise Refusal(Reason.INCOMPATIBLE, "int8 variant, and this device does not run int8 models")
 
 
 def event_message(
-    kind: str,
+    kind: EventType,
     *,
     generation: int | None = None,
     model: str | None = None,
     version: str | None = None,
     variant: str | None = None,
-    reason: str | None = None,
+    reason: Reason | None = None,
     message: str | None = None,
 ) -> dict[str, Any]:
     """An ``events`` message (install/verify/swap/revert with generation and reason code),

@@ -57,6 +57,7 @@ from agent.download import (
 from agent.localapi import LocalApi, as_inputs
 from agent.metrics import AgentMetrics
 from agent.mqtt import MqttLink
+from agent.protocol.codes import EventType, Reason
 from agent.serving import LoadedModel, Models
 from agent.shadow import Shadow, ShadowRunner
 from agent.store import Installed, ModelState, Store
@@ -74,7 +75,7 @@ CRASH_POINTS = ("after_download", "after_install", "before_swap", "after_swap", 
 class ApplyResult:
     status: str  # applied | unchanged | refused
     generation: int | None = None
-    reason: str | None = None
+    reason: Reason | None = None
     message: str = ""
     permanent: bool = True
 
@@ -252,13 +253,13 @@ class Agent:
 
     def _event(
         self,
-        kind: str,
+        kind: EventType,
         *,
         generation: int | None = None,
         model: str | None = None,
         version: str | None = None,
         variant: str | None = None,
-        reason: str | None = None,
+        reason: Reason | None = None,
         message: str | None = None,
     ) -> None:
         if reason:
@@ -410,7 +411,7 @@ class Agent:
         try:
             changed = self.trust.update(bundle)
         except protocol.EnvelopeError as exc:
-            self._event("failed", reason=exc.reason, message=f"trust bundle refused: {exc}")
+            self._event(EventType.FAILED, reason=exc.reason, message=f"trust bundle refused: {exc}")
             return
         if not changed:
             return
@@ -419,7 +420,7 @@ class Agent:
         versions = self.trust.versions()
         log.info("trust updated: %s", versions)
         self._event(
-            "trust",
+            EventType.TRUST,
             message=f"now trusting keyring version {versions['keyring_version']}"
             f" under root version {versions['root_version']}",
         )
@@ -468,7 +469,7 @@ class Agent:
             try:
                 desired = self._verify_desired(envelope)
             except Refusal as refusal:
-                self._event("failed", reason=refusal.reason, message=refusal.message)
+                self._event(EventType.FAILED, reason=refusal.reason, message=refusal.message)
                 return ApplyResult("refused", None, refusal.reason, refusal.message)
             generation = desired["generation"]
             if generation == self.state.applied_generation:
@@ -481,7 +482,7 @@ class Agent:
                 return ApplyResult("unchanged", generation)
             try:
                 self._check_freshness(desired)
-                self._event("notified", generation=generation)
+                self._event(EventType.NOTIFIED, generation=generation)
                 for name, spec in sorted(desired["models"].items()):
                     self._apply_model(name, spec, generation)
             except Refusal as refusal:
@@ -491,7 +492,7 @@ class Agent:
                 # retried until it works: "retrying", not "failed", or the rollout's
                 # install-failure gate would count a device that is about to succeed.
                 self._event(
-                    "failed" if refusal.permanent else "retrying",
+                    EventType.FAILED if refusal.permanent else EventType.RETRYING,
                     generation=generation,
                     model=refusal.model,
                     reason=refusal.reason,
@@ -522,7 +523,7 @@ class Agent:
         """Everything a candidate goes through before it may serve (or shadow): the
         manifest's signature and pin, the size and hardware fit, the blob and raw hashes,
         the golden set; then a loaded, smoke-run interpreter beside the live one."""
-        self._event("downloading", **common)
+        self._event(EventType.DOWNLOADING, **common)
         manifest_payload, manifest = self._fetch_manifest(name, spec)
         self._check_fits(manifest)
         if not self.store.is_complete(name, wanted):
@@ -530,7 +531,7 @@ class Agent:
             self._crash_point("after_download")
             self.store.install(name, wanted, tflite_temp=raw_temp, manifest=manifest_payload, golden=golden)
             self._crash_point("after_install")
-        self._event("verifying", **common)
+        self._event(EventType.VERIFYING, **common)
         return self._load_and_check(name, wanted, manifest), manifest
 
     def _apply_live(self, name: str, spec: dict[str, Any], generation: int) -> None:
@@ -563,7 +564,9 @@ class Agent:
         self.store.save_state(self.state)
         self.store.prune(name, self.state.models[name].kept())
         self._event(
-            "active", **common, message=f"serving {self.last_serving_ms:.0f} ms after the desired state"
+            EventType.ACTIVE,
+            **common,
+            message=f"serving {self.last_serving_ms:.0f} ms after the desired state",
         )
 
     # --- one model's shadow (docs/protocol.md addition 5)
@@ -599,14 +602,14 @@ class Agent:
                 reason, message = exc.reason, exc.message
             else:
                 log.exception("shadow %s %s failed unexpectedly", name, wanted.key)
-                reason, message = "load_failed", f"unexpected error: {exc}"
-            self._event("failed", **common, reason=reason, message=f"shadow: {message}")
+                reason, message = Reason.LOAD_FAILED, f"unexpected error: {exc}"
+            self._event(EventType.FAILED, **common, reason=reason, message=f"shadow: {message}")
             # The desired state no longer names the shadow that ran so far: stop it too.
             self._unload_shadow(name)
             return
         self.shadows.install(Shadow(candidate, rate))
         self._set_shadow_state(name, wanted, rate)
-        self._event("shadow", **common, message=f"running in shadow on {rate * 100:g} % of requests")
+        self._event(EventType.SHADOW, **common, message=f"running in shadow on {rate * 100:g} % of requests")
 
     def _set_shadow_state(self, name: str, shadow: Installed | None, rate: float | None) -> None:
         entry = self.state.models.get(name, ModelState())
@@ -672,13 +675,13 @@ class Agent:
                 golden_url = spec.get("golden_url") or spec["manifest_url"].rsplit("/", 1)[0] + "/golden"
                 if manifest["golden"]["size"] > GOLDEN_MAX_FILE_BYTES:
                     raise Refusal(
-                        "too_large",
+                        Reason.TOO_LARGE,
                         f"golden set is {manifest['golden']['size']} bytes; "
                         f"this agent takes at most {GOLDEN_MAX_FILE_BYTES}",
                     )
                 golden = self.downloader.fetch_bytes(golden_url, max_bytes=manifest["golden"]["size"])
                 if hashlib.sha256(golden).hexdigest() != manifest["golden"]["sha256"]:
-                    raise Refusal("hash_mismatch", "golden set sha256 differs from the manifest")
+                    raise Refusal(Reason.HASH_MISMATCH, "golden set sha256 differs from the manifest")
         except TransferError as exc:
             raise self._transfer(exc) from exc
         return raw_temp, golden
@@ -688,7 +691,7 @@ class Agent:
         try:
             candidate = LoadedModel.load(name, wanted.version, wanted.variant, path)
         except runtime.RuntimeLoadError as exc:
-            raise Refusal("load_failed", str(exc)) from exc
+            raise Refusal(Reason.LOAD_FAILED, str(exc)) from exc
         golden = manifest.get("golden")
         if golden:
             golden_path = self.store.model_dir(name, wanted) / "golden.npz"
@@ -696,8 +699,8 @@ class Agent:
                 x, y = read_golden_set(golden_path)  # without pickles, within the agent's limits
                 accuracy = runtime.golden_accuracy(candidate.interpreter, x, y)
             except (runtime.GoldenSetError, ValueError, OSError) as exc:
-                raise Refusal("golden_failed", f"golden set could not run: {exc}") from exc
+                raise Refusal(Reason.GOLDEN_FAILED, f"golden set could not run: {exc}") from exc
             floor = (golden.get("accuracy") or 0.0) - self.config.device.golden_tolerance
             if accuracy < floor:
-                raise Refusal("golden_failed", f"golden accuracy {accuracy:.3f} is below {floor:.3f}")
+                raise Refusal(Reason.GOLDEN_FAILED, f"golden accuracy {accuracy:.3f} is below {floor:.3f}")
         return candidate

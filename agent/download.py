@@ -10,7 +10,7 @@ either.
 
 Failures raise :class:`TransferError` with the reason code the agent publishes
 (``download_failed``, ``tls_failed``, ``too_large``, ``hash_mismatch``; see
-``REFUSAL_REASONS`` in ``agent/protocol/schemas.py``) and whether retrying could help.
+``Reason`` in ``agent/protocol/codes.py``) and whether retrying could help.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import urllib3
 import zstandard
 
 from agent import runtime
+from agent.protocol.codes import Reason
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class TransferError(Exception):
     trouble, a stopping agent) may succeed on a later attempt.
     """
 
-    def __init__(self, reason: str, message: str, *, permanent: bool) -> None:
+    def __init__(self, reason: Reason, message: str, *, permanent: bool) -> None:
         super().__init__(message)
         self.reason = reason
         self.permanent = permanent
@@ -86,7 +87,7 @@ def _transient_or_permanent(response: urllib3.BaseHTTPResponse, url: str) -> NoR
     status = response.status
     if status >= 500 or status in TRANSIENT_STATUSES:
         raise _Transient(f"HTTP {status} from {url}")
-    raise TransferError("download_failed", f"HTTP {status} from {url}", permanent=True)
+    raise TransferError(Reason.DOWNLOAD_FAILED, f"HTTP {status} from {url}", permanent=True)
 
 
 def _certificate_refused(exc: BaseException) -> bool:
@@ -136,7 +137,7 @@ class Downloader:
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
-            raise TransferError("download_failed", "stopped", permanent=False)
+            raise TransferError(Reason.DOWNLOAD_FAILED, "stopped", permanent=False)
 
     def _backoff_s(self, failures: int) -> float:
         # Exponential backoff with full jitter (AWS Architecture Blog, "Exponential Backoff
@@ -166,7 +167,7 @@ class Downloader:
                     # changes that, so say so now. Not permanent: the desired state is tried
                     # again later, as for download_failed, in case the server is fixed.
                     raise TransferError(
-                        "tls_failed",
+                        Reason.TLS_FAILED,
                         f"{url}: the server's TLS certificate was refused: {exc}",
                         permanent=False,
                     ) from exc
@@ -186,7 +187,9 @@ class Downloader:
             if self.stop.wait(delay_s):
                 self._check_stop()
         raise TransferError(
-            "download_failed", f"{url}: gave up after {self.attempts} attempts: {last_error}", permanent=False
+            Reason.DOWNLOAD_FAILED,
+            f"{url}: gave up after {self.attempts} attempts: {last_error}",
+            permanent=False,
         )
 
     @contextlib.contextmanager
@@ -242,7 +245,7 @@ class Downloader:
             declared = _declared_length(response)
             if declared is not None and declared > max_bytes:
                 raise TransferError(
-                    "too_large",
+                    Reason.TOO_LARGE,
                     f"{url} is {declared} bytes, more than the {max_bytes} allowed",
                     permanent=True,
                 )
@@ -251,7 +254,9 @@ class Downloader:
                 body += chunk
                 if len(body) > max_bytes:
                     raise TransferError(
-                        "too_large", f"{url} sent more than the {max_bytes} bytes allowed", permanent=True
+                        Reason.TOO_LARGE,
+                        f"{url} sent more than the {max_bytes} bytes allowed",
+                        permanent=True,
                     )
         if declared is not None and len(body) < declared:
             raise _Transient(f"{url}: connection closed after {len(body)} of {declared} bytes")
@@ -288,7 +293,7 @@ class Downloader:
         if not matches:
             _delete(partial)
             raise TransferError(
-                "hash_mismatch", f"{url}: the downloaded blob's sha256 is not {sha256}", permanent=True
+                Reason.HASH_MISMATCH, f"{url}: the downloaded blob's sha256 is not {sha256}", permanent=True
             )
         return partial
 
@@ -336,10 +341,10 @@ class Downloader:
         _delete(partial)
         if total > size:
             raise TransferError(
-                "too_large", f"{url} is {total} bytes; the manifest says {size}", permanent=True
+                Reason.TOO_LARGE, f"{url} is {total} bytes; the manifest says {size}", permanent=True
             )
         raise TransferError(
-            "hash_mismatch", f"{url} is {total} bytes; the manifest says {size}", permanent=True
+            Reason.HASH_MISMATCH, f"{url} is {total} bytes; the manifest says {size}", permanent=True
         )
 
     def _check_content_range(
@@ -369,7 +374,7 @@ class Downloader:
         if declared is not None and declared > allowed:
             _delete(partial)
             raise TransferError(
-                "too_large",
+                Reason.TOO_LARGE,
                 f"{url} announces {declared} bytes from byte {offset}; the blob is {size} bytes",
                 permanent=True,
             )
@@ -384,7 +389,9 @@ class Downloader:
                 for chunk in self._body(response, allowed):
                     if written + len(chunk) > allowed:
                         raise TransferError(
-                            "too_large", f"{url} sent more than the {size} bytes of the blob", permanent=True
+                            Reason.TOO_LARGE,
+                            f"{url} sent more than the {size} bytes of the blob",
+                            permanent=True,
                         )
                     handle.write(chunk)
                     stream.update(chunk)
@@ -517,7 +524,7 @@ class StreamingUnpacker:
             self.error = exc
             self._drain()  # keep the producer from blocking on a full queue
         except BaseException as exc:  # report anything else as a corrupt blob, never hang
-            self.error = TransferError("hash_mismatch", f"unpacking failed: {exc}", permanent=True)
+            self.error = TransferError(Reason.HASH_MISMATCH, f"unpacking failed: {exc}", permanent=True)
             self._drain()
 
 
@@ -558,7 +565,7 @@ def _unpack(
                 written += len(chunk)
                 if written > raw_size:
                     raise TransferError(
-                        "too_large",
+                        Reason.TOO_LARGE,
                         f"{name} inflates past the manifest's {raw_size} bytes",
                         permanent=True,
                     )
@@ -568,22 +575,22 @@ def _unpack(
             os.fsync(target.fileno())
         if written < raw_size:
             raise TransferError(
-                "hash_mismatch", f"{name} inflates to {written} bytes, not {raw_size}", permanent=True
+                Reason.HASH_MISMATCH, f"{name} inflates to {written} bytes, not {raw_size}", permanent=True
             )
         if digest.hexdigest() != raw_sha256:
             raise TransferError(
-                "hash_mismatch", f"{name}: the model's sha256 is not {raw_sha256}", permanent=True
+                Reason.HASH_MISMATCH, f"{name}: the model's sha256 is not {raw_sha256}", permanent=True
             )
     except zstandard.ZstdError as exc:
         _delete(out)
         if "memory" in str(exc):  # the frame asks for a window over ZSTD_MAX_WINDOW_BYTES
             raise TransferError(
-                "too_large",
+                Reason.TOO_LARGE,
                 f"{name} needs a zstd window over the {ZSTD_MAX_WINDOW_BYTES >> 20} MiB this agent decodes",
                 permanent=True,
             ) from exc
         raise TransferError(
-            "hash_mismatch", f"{name} is not a valid zstd frame: {exc}", permanent=True
+            Reason.HASH_MISMATCH, f"{name} is not a valid zstd frame: {exc}", permanent=True
         ) from exc
     except BaseException:
         _delete(out)

@@ -4,7 +4,7 @@
 One registry per :class:`~agent.core.Agent` (no module-level state: several agents may
 share a process, as the tests' do). Counted where they happen: inferences and their
 latency per model, swaps, refusals by reason code (the codes of
-``agent.protocol.REFUSAL_REASONS``). Read when Prometheus scrapes: download bytes and
+``agent.protocol.Reason``). Read when Prometheus scrapes: download bytes and
 resumes (the downloader's own counters) and the process's resident memory.
 """
 

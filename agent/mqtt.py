@@ -293,6 +293,12 @@ class MqttLink:
         return properties
 
     def _run(self) -> None:
+        # paho writes a publish made in another thread to the socket on the spot unless it
+        # knows that a loop thread runs (loop_start records it); this thread runs paho's loop
+        # itself, so record it: other threads' publishes are then queued for this thread,
+        # and the TLS socket is never written from two threads at once (OpenSSL objects are
+        # not thread-safe; it showed as an agent that hung in publish under load).
+        self.client._thread = threading.current_thread()
         broker, limits = self.config.broker, self.config.limits
         delay = limits.reconnect_initial_s
         while not self._stop.is_set():

@@ -175,7 +175,7 @@ def bare_publish(broker, size: int, count: int, counter: Counter) -> tuple[float
 
 
 def signing_cost(version, samples: int = 2000) -> float:
-    from fleet.registry.services import desired_state_envelope
+    from fleet.devices.desired import desired_state_envelope
     from fleet.registry.signing import signing_key_active
 
     _, key = signing_key_active()
@@ -255,7 +255,7 @@ def main() -> int:
             committed = time.perf_counter()
             delivered = counter.wait("fan", args.devices, timeout=600)
             fanout_s = delivered - started
-            from fleet.registry.services import desired_state_envelope
+            from fleet.devices.desired import desired_state_envelope
 
             size = len(
                 desired_state_envelope(

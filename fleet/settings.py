@@ -242,6 +242,21 @@ GOLDEN_SET_MAX_ARRAY_BYTES = _positive(
     "GOLDEN_SET_MAX_ARRAY_BYTES", _read("GOLDEN_SET_MAX_ARRAY_BYTES", env.int, 64 * 1024 * 1024)
 )
 
+# --- quantization factory (docs/quantization.md)
+# Largest golden-accuracy drop, in percentage points against the float32 parent, a produced
+# variant may show before it is rejected (a model's own limit overrides it).
+QUANT_MAX_ACCURACY_DROP_PP = _read("QUANT_MAX_ACCURACY_DROP_PP", env.float, 2.0)
+if QUANT_MAX_ACCURACY_DROP_PP < 0:
+    raise ImproperlyConfigured(
+        f"QUANT_MAX_ACCURACY_DROP_PP: must be 0 or more, got {QUANT_MAX_ACCURACY_DROP_PP}"
+    )
+# Inferences timed (on zeros, in the sandbox) for each artifact's latency median.
+LATENCY_RUNS = _positive("LATENCY_RUNS", _read("LATENCY_RUNS", env.int, 20))
+# Calibration samples taken from the golden set for full-integer int8.
+QUANT_CALIBRATION_SAMPLES = _positive(
+    "QUANT_CALIBRATION_SAMPLES", _read("QUANT_CALIBRATION_SAMPLES", env.int, 500)
+)
+
 # --- Redis, Celery, MQTT
 REDIS_URL = _read("REDIS_URL", env.str, "redis://127.0.0.1:6379/0")
 MQTT_URL = _read("MQTT_URL", env.str, "mqtt://127.0.0.1:1883")
@@ -374,6 +389,7 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"QuantRecipeEnum": "fleet.registry.choices.QuantRecipe"},
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "fleet.core.schema.ordering_enum_names",

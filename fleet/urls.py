@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
+from fleet.core import admin as core_admin
 from fleet.core import api as core_api
 from fleet.core import errors, metrics
 from fleet.devices import api as devices_api
@@ -85,6 +86,10 @@ api_v1 = [
 ]
 
 urlpatterns = [
+    # The dashboard (admin index) refreshing itself; the admin's login and staff check first.
+    path(
+        "admin/dashboard/live/", admin.site.admin_view(core_admin.dashboard_live), name="fleet-dashboard-live"
+    ),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("metrics", metrics.metrics_view, name="metrics"),

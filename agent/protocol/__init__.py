@@ -3,6 +3,7 @@
 See ARCHITECTURE.md, "Wire contract v1", and docs/protocol.md.
 """
 
+from agent.protocol.codes import EventType, Reason
 from agent.protocol.dsse import (
     DESIRED_PAYLOAD_TYPE,
     KEYRING_PAYLOAD_TYPE,
@@ -42,8 +43,10 @@ __all__ = [
     "ROOT_PAYLOAD_TYPE",
     "EnvelopeError",
     "EnvelopeMalformed",
+    "EventType",
     "InvariantError",
     "PayloadTypeMismatch",
+    "Reason",
     "SchemaError",
     "SignatureInvalid",
     "Topics",

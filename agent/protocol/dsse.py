@@ -18,6 +18,8 @@ from typing import Any
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from agent.protocol.codes import Reason
+
 MANIFEST_PAYLOAD_TYPE = "application/vnd.modelfleet.manifest+json"
 DESIRED_PAYLOAD_TYPE = "application/vnd.modelfleet.desired+json"
 # docs/protocol.md, addition 6: the root of trust and the keyring it signs.
@@ -28,7 +30,7 @@ KEYRING_PAYLOAD_TYPE = "application/vnd.modelfleet.keyring+json"
 class EnvelopeError(Exception):
     """Base class; ``reason`` is the reason code the agent publishes in its events."""
 
-    reason = "signature_invalid"
+    reason = Reason.SIGNATURE_INVALID
 
 
 class EnvelopeMalformed(EnvelopeError):
@@ -36,7 +38,7 @@ class EnvelopeMalformed(EnvelopeError):
 
 
 class PayloadTypeMismatch(EnvelopeError):
-    reason = "payload_type"
+    reason = Reason.PAYLOAD_TYPE
 
 
 class SignatureInvalid(EnvelopeError):

@@ -32,30 +32,7 @@ SEMVER_PATTERN = (
 )
 SEMVER_RE = re.compile(SEMVER_PATTERN)
 
-# Reason codes the agent publishes when it refuses a desired state (agent issue).
-REFUSAL_REASONS = (
-    "signature_invalid",
-    "payload_type",
-    "replay",
-    "expired",
-    "wrong_device",
-    "manifest_mismatch",
-    "too_large",
-    "hash_mismatch",
-    "incompatible",
-    "load_failed",
-    "golden_failed",
-    "download_failed",
-    "tls_failed",
-    # addition 6: the keyring
-    "key_revoked",
-    "key_expired",
-    "keyring_rollback",
-    "keyring_expired",
-    "root_expired",
-    "no_keyring",
-    "trust_not_saved",
-)
+# The event types and reason codes of ``events`` messages are agent/protocol/codes.py.
 
 _str = {"type": "string"}
 _count = {"type": "integer", "minimum": 0}
@@ -520,9 +497,11 @@ def parse_time(value: str) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def format_time(value: datetime) -> str:
-    """The contract's timestamp format: UTC, whole seconds, ``Z``."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def format_time(value: datetime, *, fraction: bool = False) -> str:
+    """The contract's timestamp format: UTC, whole seconds, ``Z``; with ``fraction``, the
+    microseconds too (``2026-11-28T07:00:00.123456Z``: the ``ts`` of events and reports,
+    which order what one device did within a second)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ" if fraction else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def canonical_json(data: Any) -> bytes:

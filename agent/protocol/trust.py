@@ -30,6 +30,7 @@ from typing import Any
 from nacl.signing import VerifyKey
 
 from agent.protocol import dsse, schemas
+from agent.protocol.codes import Reason
 from agent.protocol.dsse import KEYRING_PAYLOAD_TYPE, ROOT_PAYLOAD_TYPE, EnvelopeError, SignatureInvalid
 from agent.protocol.schemas import format_time, parse_time
 
@@ -40,39 +41,39 @@ class TrustError(EnvelopeError):
 
 
 class KeyRevoked(TrustError):
-    reason = "key_revoked"
+    reason = Reason.KEY_REVOKED
 
 
 class KeyExpired(TrustError):
-    reason = "key_expired"
+    reason = Reason.KEY_EXPIRED
 
 
 class KeyringRollback(TrustError):
-    reason = "keyring_rollback"
+    reason = Reason.KEYRING_ROLLBACK
 
 
 class KeyringExpired(TrustError):
-    reason = "keyring_expired"
+    reason = Reason.KEYRING_EXPIRED
 
 
 class RootExpired(TrustError):
-    reason = "root_expired"
+    reason = Reason.ROOT_EXPIRED
 
 
 class NoKeyring(TrustError):
-    reason = "no_keyring"
+    reason = Reason.NO_KEYRING
 
 
 class TrustNotSaved(TrustError):
     """A newer keyring or root verified but could not be saved (disk full): not used."""
 
-    reason = "trust_not_saved"
+    reason = Reason.TRUST_NOT_SAVED
 
 
 class MalformedTrust(TrustError):
     """A root or keyring payload breaks the contract (schema or its own invariants)."""
 
-    reason = "payload_type"
+    reason = Reason.PAYLOAD_TYPE
 
 
 def _key_entries(entries: Iterable[Mapping[str, Any]], what: str) -> dict[str, VerifyKey]:

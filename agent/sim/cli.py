@@ -16,7 +16,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from agent.protocol.schemas import REFUSAL_REASONS
+from agent.protocol.codes import Reason
 from agent.sim.device import Behaviour, DeviceSpec, VersionProfile
 from agent.sim.fleet import SimConfig, run_process
 
@@ -139,8 +139,9 @@ def parser() -> argparse.ArgumentParser:
     behaviour.add_argument("--fail-fraction", type=fraction, default=0.0, help="every install fails")
     behaviour.add_argument(
         "--fail-reason",
-        choices=REFUSAL_REASONS,
-        default="load_failed",
+        type=Reason,
+        choices=list(Reason),
+        default=Reason.LOAD_FAILED,
         help="their reason (default load_failed)",
     )
     telemetry = p.add_argument_group("telemetry")

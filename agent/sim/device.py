@@ -38,6 +38,7 @@ from agent.apply import (
 from agent.config import BrokerConfig
 from agent.download import TransferError
 from agent.mqtt import OfflineQueue, Outgoing
+from agent.protocol.codes import EventType, Reason
 from agent.protocol.topics import Topics
 from agent.protocol.trust import TrustState
 from agent.telemetry import telemetry_message
@@ -255,7 +256,7 @@ class VirtualDevice:
 
     # --- reporting
 
-    def _event(self, kind: str, **fields: Any) -> None:
+    def _event(self, kind: EventType, **fields: Any) -> None:
         if fields.get("reason"):
             log.info(
                 "%s: event %s reason=%s: %s", self.device_id, kind, fields["reason"], fields.get("message")
@@ -280,14 +281,14 @@ class VirtualDevice:
         try:
             new = bundle_applied(self.trust, bytes(message.payload), now=datetime.now(UTC))
         except protocol.EnvelopeError as exc:
-            self._event("failed", reason=exc.reason, message=f"trust bundle refused: {exc}")
+            self._event(EventType.FAILED, reason=exc.reason, message=f"trust bundle refused: {exc}")
             return
         if new is self.trust:
             return
         self.trust = new
         self.refused.clear()  # refusals of earlier generations may have been about keys
         self._event(
-            "trust",
+            EventType.TRUST,
             message=f"now trusting keyring version {new.keyring_version}"
             f" under root version {new.root_version}",
         )
@@ -331,7 +332,7 @@ class VirtualDevice:
         try:
             desired = verify_desired(self.trust, envelope, device_id=self.device_id)
         except Refusal as refusal:
-            self._event("failed", reason=refusal.reason, message=refusal.message)
+            self._event(EventType.FAILED, reason=refusal.reason, message=refusal.message)
             return False
         generation = desired["generation"]
         if generation == self.applied_generation:
@@ -341,7 +342,7 @@ class VirtualDevice:
             return False
         try:
             check_freshness(desired, applied_generation=self.applied_generation)
-            self._event("notified", generation=generation)
+            self._event(EventType.NOTIFIED, generation=generation)
             for name, spec in sorted(desired["models"].items()):
                 await self._apply_model(name, spec, generation)
         except Refusal as refusal:
@@ -349,7 +350,7 @@ class VirtualDevice:
                 self.refused.add(generation)
                 self.fleet.stats.failed += 1
             self._event(
-                "failed" if refusal.permanent else "retrying",
+                EventType.FAILED if refusal.permanent else EventType.RETRYING,
                 generation=generation,
                 model=refusal.model,
                 reason=refusal.reason,
@@ -366,7 +367,7 @@ class VirtualDevice:
             return
         common = {"generation": generation, "model": name, "version": wanted[0], "variant": wanted[1]}
         try:
-            self._event("downloading", **common)
+            self._event(EventType.DOWNLOADING, **common)
             envelope = await self.fleet.cache.manifest(spec, token=self.credentials.token)
             try:
                 _payload, manifest = verify_manifest(self.trust, envelope, name=name, spec=spec)
@@ -386,9 +387,9 @@ class VirtualDevice:
             # Shared bytes, but this device's own check of them.
             if await self.fleet.cache.sha256_of(path) != blob["sha256"]:
                 raise Refusal(
-                    "hash_mismatch", f"{spec['blob_url']}: the blob's sha256 is not {blob['sha256']}"
+                    Reason.HASH_MISMATCH, f"{spec['blob_url']}: the blob's sha256 is not {blob['sha256']}"
                 )
-            self._event("verifying", **common)
+            self._event(EventType.VERIFYING, **common)
             await asyncio.sleep(self.fleet.config.install_s * self.rng.uniform(0.5, 1.5))
             if self.spec.behaviour == Behaviour.FAILING:
                 reason = self.fleet.config.fail_reason
@@ -400,7 +401,7 @@ class VirtualDevice:
             raise
         self.active[name] = wanted
         self.fleet.stats.installs += 1
-        self._event("active", **common, message="simulated install")
+        self._event(EventType.ACTIVE, **common, message="simulated install")
 
     # --- telemetry
 

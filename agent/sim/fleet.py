@@ -35,6 +35,7 @@ from agent import __version__
 from agent.apply import MANIFEST_MAX_BYTES
 from agent.config import BrokerConfig
 from agent.download import Downloader
+from agent.protocol.codes import Reason
 from agent.sim.device import Behaviour, Credentials, DeviceSpec, VersionProfile, VirtualDevice
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class SimConfig:
     label_rate: float = 0.1
     telemetry_interval_s: float = 30.0
     install_s: float = 0.2
-    fail_reason: str = "load_failed"
+    fail_reason: Reason = Reason.LOAD_FAILED
     flap_online_s: float = 20.0
     flap_offline_s: float = 5.0
     keepalive_s: int = 30

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import urlencode
 
-from django.db import connection
 from django.db.models import Count, F, Q
 from django.urls import reverse
 from django.utils import timezone
 
+from fleet.devices import selectors as device_selectors
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceEvent
 from fleet.rollouts.choices import ACTIVE_STATES, IN_FLIGHT, AssignmentState
@@ -85,15 +85,7 @@ def device_figures() -> list[Figure]:
 def version_counts() -> dict:
     """Active devices by the model, version and variant they report (one query): the series
     of a stacked bar, one bar per model version and one stack per variant."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT m.key, m.value ->> 'version', m.value ->> 'variant', count(*)"
-            " FROM devices_device AS d, jsonb_each(d.reported_models) AS m"
-            " WHERE d.status = %s AND jsonb_typeof(m.value) = 'object'"
-            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-            [DeviceStatus.ACTIVE],
-        )
-        rows = cursor.fetchall()
+    rows = device_selectors.active_devices_by_variant()
     bars = sorted({(model, version or "?") for model, version, _, _ in rows})
     variants = sorted({variant or "?" for _, _, variant, _ in rows})
     counts: dict[str, list[int]] = defaultdict(lambda: [0] * len(bars))
@@ -171,16 +163,11 @@ def failures(now) -> list[Figure]:
 def ingest_lag(now) -> dict:
     """How late telemetry arrives: the delay from a window's end (the device's clock) to
     its arrival, median and 95th percentile over the last five minutes (one query)."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*),"
-            " percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - ts)),"
-            " percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - ts))"
-            " FROM devices_telemetrywindow WHERE window_start >= %s AND received_at >= %s",
-            # window_start lets PostgreSQL read only today's partitions.
-            [now - INGEST_WINDOW - timedelta(hours=1), now - INGEST_WINDOW],
-        )
-        windows, p50, p95 = cursor.fetchone()
+    windows, p50, p95 = device_selectors.telemetry_arrival_delay(
+        # The window bound lets PostgreSQL read only today's partitions.
+        since=now - INGEST_WINDOW,
+        window_start_after=now - INGEST_WINDOW - timedelta(hours=1),
+    )
     return {"windows": windows, "p50": p50, "p95": p95}
 
 

@@ -47,3 +47,12 @@ class WordsField(forms.CharField):
     def run_validators(self, value: list[str]) -> None:
         for word in value:
             super().run_validators(word)  # CharField's own: no NUL character
+
+
+def label_split_datetime(field: forms.Field, what: str) -> None:
+    """The admin's date-and-time widget is two inputs under one label, which leaves both
+    unnamed for screen readers (axe: "label"): name each, with the zone."""
+    widgets = getattr(field.widget, "widgets", None)
+    if widgets and len(widgets) == 2:
+        widgets[0].attrs["aria-label"] = f"{what}: date (UTC)"
+        widgets[1].attrs["aria-label"] = f"{what}: time (UTC)"

@@ -84,6 +84,7 @@ class OrderingFilter(filters.OrderingFilter):
         super().__init__(*args, **kwargs)
 
     def filter(self, qs, value):
+        value = [param for param in value or () if param]  # "?ordering=,," says nothing
         if not value:
             return qs
         fields = [self.get_ordering_value(param) for param in value]

@@ -12,18 +12,20 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db.models import F
 from django.http import HttpResponseRedirect
+from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from fleet.core.choices import Role
 from fleet.core.display import count, duration, moment, raw_details, time_column
 from fleet.core.errors import InvalidInput, ServiceError
-from fleet.core.forms import WordsField, words_text
+from fleet.core.forms import WordsField, label_split_datetime, words_text
+from fleet.core.live import live_response, render_fields
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
-from fleet.devices.choices import DeviceStatus, GroupKind, reason_label
+from fleet.devices.choices import DeviceStatus, GroupKind, event_type_label, reason_label
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
 from fleet.registry.models import Artifact
@@ -138,6 +140,7 @@ def event_row(event: DeviceEvent) -> dict:
         "event": event,
         "at": moment(event.received_at),
         "device_at": moment(event.ts),
+        "type": event_type_label(event.type),
         "model": f"{model} [{event.variant}]" if event.variant else model or "—",
         "reason": reason_label(event.reason) or "—",
     }
@@ -164,6 +167,7 @@ def device_page(device: Device) -> dict:
     """What the device page shows below its fields (a fixed number of queries)."""
     series = selectors.device_health_series(device=device, now=timezone.now())
     return {
+        "live_url": reverse("admin:devices_device_live", args=[device.pk]),
         "health_series": series,
         "health_lines": health_summary(series),
         "events": [event_row(event) for event in selectors.device_recent_events(device=device)],
@@ -172,6 +176,30 @@ def device_page(device: Device) -> dict:
         + urlencode({"q": device.device_id}),
         "history": [assignment_row(row) for row in selectors.device_rollout_history(device=device)],
     }
+
+
+# The device page's live parts (fleet/core/live.py), each also on the page: the health
+# figures in words (one part per sparkline), the events, the rollout history; and the
+# read-only fields that change as the device reports (never the form's name and tags).
+DEVICE_PARTS = {"events": "admin/devices/device/events.html", "history": "admin/devices/device/history.html"}
+DEVICE_LIVE_FIELDS = (
+    "status_label",
+    "online_dot",
+    "last_seen",
+    "models",
+    "desired",
+    "generations",
+    "trust_versions",
+    "health_text",
+)
+
+
+def device_live_parts(page: dict) -> dict:
+    health = {
+        f"health-{line['key']}": ("admin/devices/device/health_line.html", {"line": line})
+        for line in page["health_lines"]
+    }
+    return {**health, **DEVICE_PARTS}
 
 
 @admin.register(Device)
@@ -243,6 +271,25 @@ class DeviceAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return () if obj is None else self.readonly_fields
+
+    def get_urls(self):
+        live = self.admin_site.admin_view(self.live_view)
+        return [path("<int:pk>/live/", live, name="devices_device_live"), *super().get_urls()]
+
+    def live_view(self, request, pk: int):
+        """The page's live parts and read-only fields, for its refresh without a reload
+        (fleet/core/live.py): the same templates and display methods as the page."""
+        device = get_object_or_404(self.get_queryset(request), pk=pk)
+        if not self.has_view_permission(request, device):
+            raise PermissionDenied
+        page = device_page(device)
+        return live_response(
+            request,
+            parts=device_live_parts(page),
+            context=page,
+            fields=render_fields(request, self, device, DEVICE_LIVE_FIELDS),
+            charts=page["health_series"],
+        )
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
@@ -433,6 +480,8 @@ class DeviceGroupForm(forms.ModelForm):
     one field per rule key (fleet/devices/selectors.py RULES), not a JSON document. The
     rules are checked by the API's own validate_group_rules; its refusal is a form error."""
 
+    # Device ids typed as words, not a list of every device: a fleet has thousands.
+    members = WordsField(label="devices", max_word_length=128, help_text="Device ids, separated by commas.")
     rule_tags = WordsField(
         label="tags", help_text="Devices with every one of these tags, separated by commas."
     )
@@ -451,10 +500,22 @@ class DeviceGroupForm(forms.ModelForm):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.initial["members"] = list(
+                self.instance.members.order_by("device_id").values_list("device_id", flat=True)
+            )
         rules = self.instance.rules if self.instance.pk and isinstance(self.instance.rules, dict) else {}
         for key, value in rules.items():
             if f"rule_{key}" in self.fields:
                 self.initial[f"rule_{key}"] = YES_NO.get(value, value) if isinstance(value, bool) else value
+
+    def clean_members(self) -> list[Device]:
+        ids = self.cleaned_data["members"]
+        found = {device.device_id: device for device in Device.objects.filter(device_id__in=ids)}
+        unknown = [device_id for device_id in ids if device_id not in found]
+        if unknown:
+            raise forms.ValidationError(f"No such device: {', '.join(unknown)}.")
+        return [found[device_id] for device_id in ids]
 
     def rules(self) -> dict:
         """The saved filter the fields say (blank fields are not rules); none for a static group."""
@@ -484,7 +545,6 @@ class DeviceGroupAdmin(admin.ModelAdmin):
     list_display = ("name", "kind", "rule_text", "devices_link", "description")
     list_filter = ("kind",)
     search_fields = ("name", "description")
-    filter_horizontal = ("members",)
     readonly_fields = ("rule_text", "devices_link", "raw")
     RULE_FIELDS = tuple(f"rule_{key}" for key in selectors.RULES)
 
@@ -554,18 +614,22 @@ class EnrollmentTokenForm(forms.ModelForm):
         for name in ("expires_at", "max_uses"):
             if name in self.fields:  # a viewer's form has no fields
                 self.fields[name].required = True
+        if "expires_at" in self.fields:
+            label_split_datetime(self.fields["expires_at"], "Expires")
 
-    def clean_expires_at(self):
-        expires_at = self.cleaned_data.get("expires_at")
-        if expires_at is not None and expires_at <= timezone.now():
-            raise forms.ValidationError("Choose a time in the future.")
-        return expires_at
-
-    def clean_max_uses(self):
-        max_uses = self.cleaned_data.get("max_uses")
-        if max_uses is not None and max_uses < 1:
-            raise forms.ValidationError("At least 1.")
-        return max_uses
+    def clean(self):
+        """The service's own checks (creation's, or an edit's), shown on their fields."""
+        cleaned = super().clean()
+        try:
+            services.enrollment_token_check(
+                token=self.instance if self.instance.pk else None,
+                expires_at=cleaned.get("expires_at"),
+                max_uses=cleaned.get("max_uses"),
+                tags=cleaned.get("tags"),
+            )
+        except InvalidInput as exc:
+            self.add_error(exc.field if exc.field in self.fields else None, exc.message)
+        return cleaned
 
 
 @admin.register(EnrollmentToken)
@@ -615,7 +679,13 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
-            return super().save_model(request, obj, form, change)
+            # From the row as it is now: the form has already put its values on ``obj``.
+            services.enrollment_token_update(
+                token=EnrollmentToken.objects.get(pk=obj.pk),
+                **{name: form.cleaned_data[name] for name in self.fields},
+            )
+            obj.refresh_from_db()
+            return
         token, key = services.enrollment_token_create(
             name=obj.name,
             auto_approve=obj.auto_approve,
@@ -635,22 +705,46 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
             services.enrollment_token_revoke(token=token)
 
 
+class ReasonFilter(admin.SimpleListFilter):
+    """Events by reason code, named in words; events without one are "no reason code"
+    (the stock filter showed them as a link without text)."""
+
+    title = "reason"
+    parameter_name = "reason"
+    NONE = "none"
+
+    def lookups(self, request, model_admin):
+        codes = (
+            model_admin.get_queryset(request).order_by("reason").values_list("reason", flat=True).distinct()
+        )
+        return [(code or self.NONE, reason_label(code) if code else "no reason code") for code in codes]
+
+    def queryset(self, request, queryset):
+        if self.value() is None:
+            return queryset
+        return queryset.filter(reason="" if self.value() == self.NONE else self.value())
+
+
 @admin.register(DeviceEvent)
 class DeviceEventAdmin(admin.ModelAdmin):
     list_display = (
         "received_at_text",
         "device",
-        "type",
+        "type_text",
         "generation",
         "model",
         "version",
         "variant",
         "reason_text",
     )
-    list_filter = ("type", "reason", "received_at")
+    list_filter = ("type", ReasonFilter, "received_at")
     search_fields = ("device__device_id", "message")
     list_select_related = ("device",)
     received_at_text = time_column("received_at", "received at")
+
+    @admin.display(description="type", ordering="type")
+    def type_text(self, obj):
+        return event_type_label(obj.type)
 
     @admin.display(description="reason", ordering="reason")
     def reason_text(self, obj):

@@ -2,6 +2,8 @@
 
 from django.db import models
 
+from agent.protocol import EventType, Reason
+
 
 class DeviceStatus(models.TextChoices):
     PENDING = "pending", "Pending approval"
@@ -56,30 +58,44 @@ class DeviceErrorCode(models.TextChoices):
     DEVICE_RETIRED = "device_retired", "Retired devices never come back"
 
 
-class EventReason(models.TextChoices):
-    """What a device's reason codes mean (agent/protocol/schemas.py REFUSAL_REASONS), for
-    people: the admin shows the label and the code."""
+class DeviceEventType(models.TextChoices):
+    """The event types devices publish (``agent.protocol.EventType``), with human labels."""
 
-    SIGNATURE_INVALID = "signature_invalid", "Signature did not verify"
-    PAYLOAD_TYPE = "payload_type", "Wrong kind of signed document"
-    REPLAY = "replay", "Old generation replayed"
-    EXPIRED = "expired", "Desired state expired"
-    WRONG_DEVICE = "wrong_device", "Addressed to another device"
-    MANIFEST_MISMATCH = "manifest_mismatch", "Manifest differs from the desired state"
-    TOO_LARGE = "too_large", "Artifact over the size limit"
-    HASH_MISMATCH = "hash_mismatch", "Download's sha256 did not match"
-    INCOMPATIBLE = "incompatible", "Not compatible with this device"
-    LOAD_FAILED = "load_failed", "LiteRT could not load the model"
-    GOLDEN_FAILED = "golden_failed", "Failed its golden-set check"
-    DOWNLOAD_FAILED = "download_failed", "Download failed"
-    TLS_FAILED = "tls_failed", "Server certificate refused"
-    KEY_REVOKED = "key_revoked", "Signed with a revoked key"
-    KEY_EXPIRED = "key_expired", "Signed with an expired key"
-    KEYRING_ROLLBACK = "keyring_rollback", "Older keyring refused"
-    KEYRING_EXPIRED = "keyring_expired", "Keyring expired"
-    ROOT_EXPIRED = "root_expired", "Root of trust expired"
-    NO_KEYRING = "no_keyring", "No keyring yet"
-    TRUST_NOT_SAVED = "trust_not_saved", "Trust state could not be saved"
+    NOTIFIED = EventType.NOTIFIED, "Notified of a new desired state"
+    DOWNLOADING = EventType.DOWNLOADING, "Downloading"
+    VERIFYING = EventType.VERIFYING, "Verifying"
+    ACTIVE = EventType.ACTIVE, "Serving the new version"
+    SHADOW = EventType.SHADOW, "Running in shadow"
+    FAILED = EventType.FAILED, "Failed"
+    RETRYING = EventType.RETRYING, "Retrying"
+    TRUST = EventType.TRUST, "Trust updated"
+
+
+class EventReason(models.TextChoices):
+    """What a device's reason codes mean, for people: the admin shows the label and the code.
+    The codes are the protocol's (``agent.protocol.Reason``, their one home); only the labels
+    live here, and tests/server/test_contract_codes.py checks that both lists agree."""
+
+    SIGNATURE_INVALID = Reason.SIGNATURE_INVALID, "Signature did not verify"
+    PAYLOAD_TYPE = Reason.PAYLOAD_TYPE, "Wrong kind of signed document"
+    REPLAY = Reason.REPLAY, "Old generation replayed"
+    EXPIRED = Reason.EXPIRED, "Desired state expired"
+    WRONG_DEVICE = Reason.WRONG_DEVICE, "Addressed to another device"
+    MANIFEST_MISMATCH = Reason.MANIFEST_MISMATCH, "Manifest differs from the desired state"
+    TOO_LARGE = Reason.TOO_LARGE, "Artifact over the size limit"
+    HASH_MISMATCH = Reason.HASH_MISMATCH, "Download's sha256 did not match"
+    INCOMPATIBLE = Reason.INCOMPATIBLE, "Not compatible with this device"
+    LOAD_FAILED = Reason.LOAD_FAILED, "LiteRT could not load the model"
+    GOLDEN_FAILED = Reason.GOLDEN_FAILED, "Failed its golden-set check"
+    DOWNLOAD_FAILED = Reason.DOWNLOAD_FAILED, "Download failed"
+    TLS_FAILED = Reason.TLS_FAILED, "Server certificate refused"
+    KEY_REVOKED = Reason.KEY_REVOKED, "Signed with a revoked key"
+    KEY_EXPIRED = Reason.KEY_EXPIRED, "Signed with an expired key"
+    KEYRING_ROLLBACK = Reason.KEYRING_ROLLBACK, "Older keyring refused"
+    KEYRING_EXPIRED = Reason.KEYRING_EXPIRED, "Keyring expired"
+    ROOT_EXPIRED = Reason.ROOT_EXPIRED, "Root of trust expired"
+    NO_KEYRING = Reason.NO_KEYRING, "No keyring yet"
+    TRUST_NOT_SAVED = Reason.TRUST_NOT_SAVED, "Trust state could not be saved"
 
 
 def reason_label(code: str) -> str:
@@ -87,3 +103,8 @@ def reason_label(code: str) -> str:
     if not code:
         return ""
     return f"{EventReason(code).label} ({code})" if code in EventReason.values else code
+
+
+def event_type_label(code: str) -> str:
+    """ "active" → "Serving the new version"; an unknown type (a newer agent's) as is."""
+    return DeviceEventType(code).label if code in DeviceEventType.values else code

@@ -85,7 +85,7 @@ from fleet.devices.models import (
     TelemetryHourly,
     TelemetryWindow,
 )
-from fleet.mqtt.broker import host_port, tls_configure
+from fleet.mqtt.broker import host_port, mqtt_client_unconnected
 
 log = logging.getLogger(__name__)
 
@@ -550,14 +550,14 @@ class IngestBridge:
     # --- MQTT (paho network thread)
 
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+        client = mqtt_client_unconnected(
+            self.url,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            username=self.username,
+            password=self.password,
+            ca_file=self.ca_file,
             manual_ack=True,
         )
-        client.username_pw_set(self.username, self.password)
-        tls_configure(client, self.url, self.ca_file)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         # An exception in a callback must be logged, not end the network thread (the
         # bridge would stop receiving without anyone noticing).

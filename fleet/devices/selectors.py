@@ -9,7 +9,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, F, FloatField, Q, QuerySet, Sum
+from django.db.models import BigIntegerField, Count, F, FloatField, Q, QuerySet, Sum
+from django.db.models.fields.json import KeyTextTransform, KeyTransform
+from django.db.models.functions import Cast
 
 from fleet.core.errors import InvalidInput
 from fleet.devices.choices import DeviceStatus, GroupKind
@@ -351,3 +353,53 @@ def online_devices_by_version() -> dict[tuple[str, str], int]:
             key = (model, str(entry.get("version", "")) if isinstance(entry, dict) else "")
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+# --- for other apps: what a device reports and was last sent (docs/architecture.md, "App
+# boundaries"). A queryset, so that an app can join it in its own single statement (the
+# rollouts update thousands of assignments in one UPDATE … FROM) without naming this app's
+# tables or columns.
+
+
+def device_model_states(*, model: str) -> QuerySet[Device]:
+    """One row per device: ``id``; ``reported_version``, the version of ``model`` it reports
+    serving (NULL when none); ``desired_artifact_id``, the artifact of ``model`` its latest
+    desired state names (NULL when none); ``generation``, that desired state's generation."""
+    return Device.objects.order_by().values(
+        "id",
+        reported_version=KeyTextTransform("version", KeyTransform(model, "reported_models")),
+        desired_artifact_id=Cast(KeyTextTransform(model, "desired_artifacts"), BigIntegerField()),
+        generation=F("desired_generation"),
+    )
+
+
+# --- the fleet dashboard (fleet/core/dashboard.py): the devices' own tables, read here
+
+
+def active_devices_by_variant() -> list[tuple[str, str | None, str | None, int]]:
+    """(model, version, variant, active devices reporting it), sorted, in one query."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT m.key, m.value ->> 'version', m.value ->> 'variant', count(*)"
+            " FROM devices_device AS d, jsonb_each(d.reported_models) AS m"
+            " WHERE d.status = %s AND jsonb_typeof(m.value) = 'object'"
+            " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+            [DeviceStatus.ACTIVE],
+        )
+        return cursor.fetchall()
+
+
+def telemetry_arrival_delay(*, since: datetime, window_start_after: datetime) -> tuple[int, Any, Any]:
+    """(windows, median, 95th percentile) of the seconds from a telemetry window's end (the
+    device's clock) to its arrival, over the windows received since ``since``, in one query.
+    ``window_start_after`` bounds the windows' start, so that PostgreSQL reads only the
+    partitions that can hold them."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*),"
+            " percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - ts)),"
+            " percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM received_at - ts))"
+            " FROM devices_telemetrywindow WHERE window_start >= %s AND received_at >= %s",
+            [window_start_after, since],
+        )
+        return cursor.fetchone()

@@ -27,10 +27,10 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
-from fleet.core import metrics
 from fleet.core.capabilities import HARDWARE_CLASS, check_ops, version_tuple
 from fleet.core.errors import Conflict, InvalidInput, NotFound, ServiceError
 from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceErrorCode, DeviceStatus, GroupKind
+from fleet.devices.desired import desired_entries, desired_publish, desired_states_check, json_dict
 from fleet.devices.models import Device, DeviceGroup, DeviceToken, EnrollmentToken, is_reserved_device_id
 from fleet.devices.selectors import validate_group_rules
 from fleet.mqtt import services as broker
@@ -102,6 +102,51 @@ def _refuse_existing(device: Device, *, code: str, message: str) -> None:
 # --- enrollment tokens and pre-authorization
 
 
+TAG_MAX_LENGTH = 64
+
+
+def _enrollment_token_check(
+    *, expires_at: datetime | None = None, max_uses: int | None = None, tags: Any = None
+) -> list[str] | None:
+    """What creation and edits of a token refuse: an expiry not in the future, fewer than
+    one use, tags that are not words (strings of 1 to 64 characters without a comma, the
+    separator of the admin's field). Answers the tags stripped, repeats dropped, in order."""
+    if expires_at is not None and expires_at <= timezone.now():
+        raise InvalidInput(
+            "Choose a time in the future for the expiry.", code="invalid_expiry", field="expires_at"
+        )
+    if max_uses is not None and max_uses < 1:
+        raise InvalidInput("Allow at least 1 use.", code="invalid_max_uses", field="max_uses")
+    if tags is None:
+        return None
+    words = [tag.strip() for tag in tags if isinstance(tag, str)] if isinstance(tags, list | tuple) else None
+    if (
+        words is None
+        or len(words) != len(tags)
+        or any(not word or len(word) > TAG_MAX_LENGTH or "," in word for word in words)
+    ):
+        raise InvalidInput(
+            f"Tags are a list of words of 1 to {TAG_MAX_LENGTH} characters, without commas.",
+            code="invalid_tags",
+            field="tags",
+        )
+    return list(dict.fromkeys(words))
+
+
+def enrollment_token_check(
+    *,
+    token: EnrollmentToken | None = None,
+    expires_at: datetime | None = None,
+    max_uses: int | None = None,
+    tags: Any = None,
+) -> list[str] | None:
+    """The checks of ``enrollment_token_create`` (no ``token``) or ``enrollment_token_update``
+    (of ``token``), for a form that shows them as field errors before it saves."""
+    if token is not None and expires_at == token.expires_at:
+        expires_at = None  # an expiry left as it was is not checked again (see the update)
+    return _enrollment_token_check(expires_at=expires_at, max_uses=max_uses, tags=tags)
+
+
 def enrollment_token_create(
     *,
     name: str,
@@ -114,15 +159,11 @@ def enrollment_token_create(
     """A new token. Without an expiry or a use limit it gets the defaults
     (ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS, ENROLLMENT_TOKEN_DEFAULT_MAX_USES): a token baked
     into an image leaks sooner or later, and then it must stop working on its own."""
-    now = timezone.now()
     if expires_at is None:
-        expires_at = now + timedelta(days=settings.ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS)
+        expires_at = timezone.now() + timedelta(days=settings.ENROLLMENT_TOKEN_DEFAULT_TTL_DAYS)
     if max_uses is None:
         max_uses = settings.ENROLLMENT_TOKEN_DEFAULT_MAX_USES
-    if expires_at <= now:
-        raise InvalidInput("expires_at must be in the future.", code="invalid_expiry", field="expires_at")
-    if max_uses < 1:
-        raise InvalidInput("max_uses must be at least 1.", code="invalid_max_uses", field="max_uses")
+    tags = enrollment_token_check(expires_at=expires_at, max_uses=max_uses, tags=tags or [])
     key = _secret(ENROLLMENT_PREFIX)
     token = EnrollmentToken.objects.create(
         name=name,
@@ -131,10 +172,43 @@ def enrollment_token_create(
         auto_approve=auto_approve,
         expires_at=expires_at,
         max_uses=max_uses,
-        tags=list(tags or []),
+        tags=tags,
         created_by=created_by,
     )
     return token, key
+
+
+def enrollment_token_update(
+    *,
+    token: EnrollmentToken,
+    name: str | None = None,
+    auto_approve: bool | None = None,
+    expires_at: datetime | None = None,
+    max_uses: int | None = None,
+    tags: list[str] | None = None,
+) -> EnrollmentToken:
+    """Change what is given (None leaves a field as it is), with the checks of creation.
+
+    An expiry left as it was is not checked again, so an expired token can still be renamed
+    (it stays expired). Only the edited fields are written: the use count and the
+    revocation, which enrollments and a revoke change meanwhile, are never overwritten by
+    an edit made from an older copy. A revoked token stays revoked whatever the edit."""
+    tags = enrollment_token_check(token=token, expires_at=expires_at, max_uses=max_uses, tags=tags)
+    changes = {
+        field: value
+        for field, value in (
+            ("name", name),
+            ("auto_approve", auto_approve),
+            ("expires_at", expires_at),
+            ("max_uses", max_uses),
+            ("tags", tags),
+        )
+        if value is not None
+    }
+    if changes:
+        EnrollmentToken.objects.filter(pk=token.pk).update(**changes)
+    token.refresh_from_db()
+    return token
 
 
 def enrollment_token_revoke(*, token: EnrollmentToken) -> EnrollmentToken:
@@ -530,7 +604,7 @@ def devices_assign(
                 code="device_not_active",
             )
         states = [
-            (device_id, generation, _json_dict(wanted), _json_dict(shadowed))
+            (device_id, generation, json_dict(wanted), json_dict(shadowed))
             for device_id, generation, wanted, shadowed in rows
         ]
         for device_id, _, wanted, shadowed in states:
@@ -539,119 +613,7 @@ def devices_assign(
                 raise Conflict(
                     f"{device_id} runs no {', '.join(alone)} to run a shadow beside.", code="no_live_model"
                 )
-        entries = _desired_entries(states)
-        if states:
-            _sign(states=states[:1], entries=entries, rollout=rollout)  # refuses a bad shape
+        entries = desired_entries(states)
+        desired_states_check(states=states, entries=entries, rollout=rollout)  # refuses a bad shape
         transaction.on_commit(lambda: desired_publish(states, entries, rollout, now=publish == "now"))
     return [(device_id, generation) for device_id, generation, _, _ in states]
-
-
-def _json_dict(value: Any) -> dict:
-    return value if isinstance(value, dict) else json.loads(value)
-
-
-def _desired_entries(states: list[DesiredState]) -> dict[int, dict]:
-    """The desired-state entry of every artifact the states name, made once per artifact."""
-    from fleet.registry.models import Artifact
-    from fleet.registry.services import desired_model_entry
-
-    wanted_ids = {pk for _, _, wanted, _ in states for pk in wanted.values()}
-    wanted_ids |= {entry["artifact"] for _, _, _, shadowed in states for entry in shadowed.values()}
-    named = Artifact.objects.select_related("version__model").filter(pk__in=wanted_ids)
-    return {artifact.pk: desired_model_entry(artifact) for artifact in named}
-
-
-def devices_republish_desired(*, devices: list[Device], rollout: dict | None = None) -> int:
-    """Publish the current desired state of ``devices`` again, at the generation they have
-    (after commit, in Celery tasks). For a state that may never have reached the broker:
-    the process that committed it died before it queued the publishing task, or a worker
-    died inside that task (Redis hands its message to another worker only after the
-    visibility timeout, an hour), or a broker that crashed lost the retained copy before
-    saving it. An agent applies a generation once: given one it applied, it reports again.
-    Returns how many states will be sent."""
-    states = [
-        (d.device_id, d.desired_generation, _json_dict(d.desired_artifacts), _json_dict(d.desired_shadows))
-        for d in devices
-        if d.status == DeviceStatus.ACTIVE and d.desired_generation
-    ]
-    if states:
-        entries = _desired_entries(states)
-        transaction.on_commit(lambda: desired_publish(states, entries, rollout))
-    return len(states)
-
-
-# (device id, generation, model -> live artifact id, model -> {"artifact", "sample_rate"})
-DesiredState = tuple[str, int, dict[str, int], dict[str, dict]]
-
-
-def _desired_models(wanted: dict[str, int], shadowed: dict[str, dict], entries: dict[int, dict]) -> dict:
-    models = {name: entries[pk] for name, pk in wanted.items()}
-    for name, shadow in shadowed.items():
-        models[name] = {
-            **models[name],
-            "shadow": {**entries[shadow["artifact"]], "sample_rate": shadow["sample_rate"]},
-        }
-    return models
-
-
-def sign_desired_states(
-    *,
-    states: list[DesiredState],
-    entries: dict[int, dict],
-    rollout: dict | None,
-) -> list[tuple[str, bytes]]:
-    """Sign desired states to publish them (counted in the metrics)."""
-    signed = _sign(states=states, entries=entries, rollout=rollout)
-    metrics.DESIRED_SIGNED.inc(len(signed))
-    return signed
-
-
-def _sign(
-    *, states: list[DesiredState], entries: dict[int, dict], rollout: dict | None
-) -> list[tuple[str, bytes]]:
-    """Sign desired states. The key is read once and the payload shape checked once: the
-    states of one batch differ only in id and generation."""
-    from fleet.registry.services import desired_state_envelope
-    from fleet.registry.signing import signing_key_active
-
-    _, private_key = signing_key_active()
-    return [
-        (
-            device_id,
-            desired_state_envelope(
-                device_id=device_id,
-                generation=generation,
-                entries=_desired_models(wanted, shadowed, entries),
-                rollout=rollout,
-                private_key=private_key,
-                check=number == 0,
-            ),
-        )
-        for number, (device_id, generation, wanted, shadowed) in enumerate(states)
-    ]
-
-
-def desired_publish(
-    states: list[DesiredState],
-    entries: dict[int, dict],
-    rollout: dict | None,
-    *,
-    now: bool = False,
-) -> None:
-    """Sign and publish desired states: here and now, or in Celery tasks of
-    DESIRED_PUBLISH_CHUNK states each (workers sign and publish in parallel; a failed chunk
-    is retried, and re-publishing a generation is harmless)."""
-    from django.conf import settings
-
-    from fleet.mqtt.publisher import publish_desired
-    from fleet.mqtt.tasks import publish_desired_task
-
-    if now:
-        publish_desired(sign_desired_states(states=states, entries=entries, rollout=rollout))
-        return
-    size = settings.DESIRED_PUBLISH_CHUNK
-    for start in range(0, len(states), size):
-        chunk = states[start : start + size]
-        used = {pk for _, _, wanted, _ in chunk for pk in wanted.values()}
-        used |= {entry["artifact"] for _, _, _, shadowed in chunk for entry in shadowed.values()}
-        publish_desired_task.delay(chunk, {str(pk): entries[pk] for pk in used}, rollout)

@@ -269,6 +269,27 @@ def start_broker(
     return broker
 
 
+def mqtt_client_unconnected(
+    url: str,
+    *,
+    client_id: str = "",
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: str | Path | None = None,
+    manual_ack: bool = False,
+) -> mqtt.Client:
+    """The one place the control plane makes a paho client: MQTT v5, the login, TLS for an
+    ``mqtts://`` URL. Not connected yet: for a long-lived client that sets its own callbacks
+    and connects itself (the ingest bridge); everything else wants ``mqtt_client``."""
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=manual_ack
+    )
+    if username is not None:
+        client.username_pw_set(username, password)
+    tls_configure(client, url, ca_file)
+    return client
+
+
 def mqtt_client(
     url: str,
     *,
@@ -285,10 +306,9 @@ def mqtt_client(
     With ``clean_start=False`` and a ``session_expiry_s``, the broker keeps the session's
     subscriptions and queued QoS 1 messages while the client is away. Over ``mqtts://`` the
     broker's certificate must verify against ``ca_file`` (the system's CAs without it)."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    if username is not None:
-        client.username_pw_set(username, password)
-    tls_configure(client, url, ca_file)
+    client = mqtt_client_unconnected(
+        url, client_id=client_id, username=username, password=password, ca_file=ca_file
+    )
     connected = threading.Event()
     result: dict[str, Any] = {}
 
@@ -364,8 +384,9 @@ class DynSec:
 
         def on_message(client, userdata, message):
             for response in json.loads(message.payload).get("responses", []):
-                if response.get("correlationData") in ours:
-                    by_tag[response["correlationData"]] = response
+                tag = response.pop("correlationData", None)  # ours to match, not the caller's
+                if tag in ours:
+                    by_tag[tag] = response
             if len(by_tag) == len(ours):
                 answered.set()
 

@@ -15,6 +15,15 @@ from agent.protocol import Topics
 from fleet.core import metrics
 from fleet.mqtt.broker import BrokerError, mqtt_client
 
+# How a Celery task that publishes retries when the broker is away: with backoff, up to a
+# minute apart, ten times (re-publishing a retained message is harmless).
+PUBLISH_RETRY = {
+    "autoretry_for": (BrokerError, OSError),
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "max_retries": 10,
+}
+
 
 def topics() -> Topics:
     return Topics(settings.MQTT_TOPIC_PREFIX)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
 from urllib.parse import urlencode
 
 from django import forms
@@ -23,20 +22,23 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
+from agent import protocol
 from fleet.core.choices import Role
 from fleet.core.display import count, moment, percent, raw_details, short_hash, size, time_column
 from fleet.core.errors import ServiceError
+from fleet.core.live import live_response, render_fields
 from fleet.core.permissions import has_role
 from fleet.devices.choices import DeviceStatus
 from fleet.registry import selectors, services, trust
 from fleet.registry.api import VERSION_ACTIONS  # the API's action -> status table: the same service
-from fleet.registry.choices import ArtifactFailure, ArtifactStatus, VersionStatus
+from fleet.registry.choices import ArtifactFailure, ArtifactStatus, QuantRecipe, VersionStatus
 from fleet.registry.models import Artifact, Keyring, MLModel, ModelVersion, SigningKey, TrustRoot
 
 STATUS_COLOURS = {
     ArtifactStatus.READY: "#1a7f37",
     ArtifactStatus.PENDING: "#9a6700",
     ArtifactStatus.FAILED: "#cf222e",
+    ArtifactStatus.REJECTED: "#bc4c00",
     VersionStatus.RELEASED: "#1a7f37",
     VersionStatus.DRAFT: "#57606a",
     VersionStatus.DEPRECATED: "#9a6700",
@@ -108,8 +110,18 @@ def compatibility_table(version: ModelVersion) -> dict:
     return {"variants": variants, "rows": rows}
 
 
-def variant_row(artifact: Artifact) -> dict:
-    """One variant in words and units: sizes, compression, golden accuracy, ops."""
+def _drop(value: float | None) -> str:
+    if value is None:
+        return "—"
+    if abs(value) < 0.05:
+        return "no change"
+    return f"{value:.1f} pp lower" if value > 0 else f"{-value:.1f} pp higher"
+
+
+def variant_row(artifact: Artifact, reference: Artifact | None = None) -> dict:
+    """One variant in words and units: sizes, compression, golden accuracy and its drop
+    against float32 (``reference``: the version's float32; a produced variant's parent wins),
+    median CPU latency, ops and where it came from."""
     signature = artifact.tflite_signature or {}
     ops = signature.get("ops") or []
     ratio = artifact.compression_ratio
@@ -125,6 +137,14 @@ def variant_row(artifact: Artifact) -> dict:
         else "—",
         "ops": f"{count(len(ops), 'op')}: {', '.join(ops)}" if ops else "—",
         "quantization": signature.get("quantization") or "—",
+        "drop": _drop(selectors.accuracy_drop_pp(artifact, artifact.parent or reference))
+        if artifact.variant != "float32"
+        else "—",
+        "latency": f"{artifact.latency_ms:.2f} ms" if artifact.latency_ms is not None else "—",
+        "origin": f"{artifact.get_recipe_display()} by {artifact.tool} {artifact.tool_version}"
+        if artifact.recipe
+        else "uploaded",
+        "reason": artifact.failure_reason if artifact.status == ArtifactStatus.REJECTED else "",
     }
 
 
@@ -132,7 +152,10 @@ def version_section(version: ModelVersion, running: dict, rollouts: list) -> dic
     """What the model and version pages show of one version (no query: all prefetched)."""
     model = version.model
     artifacts = sorted(version.artifacts.all(), key=lambda a: (a.variant, a.status != ArtifactStatus.READY))
-    variants = [variant_row(artifact) for artifact in artifacts]
+    reference = next(
+        (a for a in artifacts if a.variant == "float32" and a.status == ArtifactStatus.READY), None
+    )
+    variants = [variant_row(artifact, reference) for artifact in artifacts]
     devices = [
         {"variant": variant, "n": n, "url": running_url(model, version.version, variant)}
         for (running_version, variant), n in sorted(running.items())
@@ -197,6 +220,16 @@ def version_sections(versions: list[ModelVersion], request=None) -> list[dict]:
     return sections
 
 
+# The live parts of the model and version pages (fleet/core/live.py), each also on the page,
+# and the version's read-only fields that change (never the notes someone may be editing).
+MODEL_PARTS = {"versions": "admin/registry/mlmodel/versions.html"}
+VERSION_PARTS = {
+    "prompt": "admin/registry/modelversion/prompt.html",
+    "section": "admin/registry/includes/version_section.html",
+}
+VERSION_LIVE_FIELDS = ("status_badge", "status_changed_text")
+
+
 class MLModelForm(forms.ModelForm):
     """Class labels one per line (a label may hold a comma), not a JSON list."""
 
@@ -204,9 +237,25 @@ class MLModelForm(forms.ModelForm):
         widget=forms.Textarea(attrs={"rows": 6}), required=False, help_text="One per line, in output order."
     )
 
+    quantize_recipes = forms.MultipleChoiceField(
+        choices=QuantRecipe.choices,
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+        label="Produce variants",
+        help_text="Made by the registry from every float32 upload (docs/quantization.md).",
+    )
+    max_accuracy_drop_pp = forms.FloatField(
+        required=False,
+        min_value=0,
+        max_value=100,
+        label="Accuracy drop limit (percentage points)",
+        help_text="A produced variant losing more golden accuracy than this against float32 is "
+        "rejected. Empty: the server's QUANT_MAX_ACCURACY_DROP_PP.",
+    )
+
     class Meta:
         model = MLModel
-        fields = ("name", "task", "labels", "description")
+        fields = ("name", "task", "labels", "description", "quantize_recipes", "max_accuracy_drop_pp")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -223,15 +272,31 @@ class MLModelAdmin(admin.ModelAdmin):
     list_display = ("name", "task", "version_count", "created_by", "created_at_text")
     list_filter = ("task",)
     search_fields = ("name", "description")
-    readonly_fields = ("created_by", "created_at_text", "labels_text")
+    readonly_fields = ("created_by", "created_at_text", "labels_text", "quantize_text", "limit_text")
     change_form_template = "admin/registry/mlmodel/change_form.html"
     created_at_text = time_column("created_at", "created at")
 
     def get_fields(self, request, obj=None):
-        fields = ("name", "task", "labels", "description", "created_by", "created_at_text")
+        fields = (*MLModelForm.Meta.fields, "created_by", "created_at_text")
         if obj is not None and not self.has_change_permission(request, obj):
-            return tuple("labels_text" if name == "labels" else name for name in fields)  # read only
+            words = {
+                "labels": "labels_text",
+                "quantize_recipes": "quantize_text",
+                "max_accuracy_drop_pp": "limit_text",
+            }
+            return tuple(words.get(name, name) for name in fields)  # read only
         return fields
+
+    @admin.display(description="produce variants")
+    def quantize_text(self, obj):
+        names = dict(QuantRecipe.choices)
+        return ", ".join(names.get(recipe, recipe) for recipe in obj.quantize_recipes or []) or "none"
+
+    @admin.display(description="accuracy drop limit")
+    def limit_text(self, obj):
+        limit = selectors.max_accuracy_drop_pp(obj)
+        source = "" if obj.max_accuracy_drop_pp is not None else " (the server's default)"
+        return f"{limit:.1f} percentage points{source}"
 
     @admin.display(description="labels")
     def labels_text(self, obj):
@@ -252,14 +317,32 @@ class MLModelAdmin(admin.ModelAdmin):
             obj.created_by = request.user
         super().save_model(request, obj, form, change)
 
+    def page_context(self, request, model: MLModel) -> dict:
+        """What the page shows below the model's fields: the same for the page and its refresh."""
+        versions = list(
+            model.versions.select_related("model").prefetch_related("artifacts").order_by("-created_at")
+        )
+        return {
+            "sections": version_sections(versions, request),
+            "live_url": reverse("admin:registry_mlmodel_live", args=[model.pk]),
+        }
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         model = self.get_object(request, object_id)
         if model is not None:
-            versions = list(
-                model.versions.select_related("model").prefetch_related("artifacts").order_by("-created_at")
-            )
-            extra_context = {**(extra_context or {}), "sections": version_sections(versions, request)}
+            extra_context = {**(extra_context or {}), **self.page_context(request, model)}
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def get_urls(self):
+        live = self.admin_site.admin_view(self.live_view)
+        return [path("<int:pk>/live/", live, name="registry_mlmodel_live"), *super().get_urls()]
+
+    def live_view(self, request, pk: int):
+        """The versions part again, for the page's refresh without a reload (fleet/core/live.py)."""
+        model = get_object_or_404(self.get_queryset(request), pk=pk)
+        if not self.has_view_permission(request, model):
+            raise PermissionDenied
+        return live_response(request, parts=MODEL_PARTS, context=self.page_context(request, model))
 
 
 @admin.register(ModelVersion)
@@ -325,20 +408,43 @@ class ModelVersionAdmin(admin.ModelAdmin):
             short_hash(obj.golden_sha256),
         )
 
+    def page_context(self, request, version: ModelVersion) -> dict:
+        return {
+            "original": version,
+            "section": version_sections([version], request)[0],
+            "live_url": reverse("admin:registry_modelversion_live", args=[version.pk]),
+        }
+
     def change_view(self, request, object_id, form_url="", extra_context=None):
         version = self.get_object(request, object_id)
         if version is not None:
             extra_context = {
                 **(extra_context or {}),
-                "section": version_sections([version], request)[0],
+                **self.page_context(request, version),
+                # Not refreshed live: the inventory's matrix changes slowly and costs queries.
                 "compatibility": compatibility_table(version),
             }
         return super().change_view(request, object_id, form_url, extra_context)
 
+    def live_view(self, request, pk: int):
+        """The prompt, the section and the status again, for the page's refresh without a
+        reload (fleet/core/live.py): the same templates and display methods as the page."""
+        version = get_object_or_404(self.get_queryset(request), pk=pk)
+        if not self.has_view_permission(request, version):
+            raise PermissionDenied
+        return live_response(
+            request,
+            parts=VERSION_PARTS,
+            context=self.page_context(request, version),
+            fields=render_fields(request, self, version, VERSION_LIVE_FIELDS),
+        )
+
     def get_urls(self):
         view = self.admin_site.admin_view(self.deprecate_view)
+        live = self.admin_site.admin_view(self.live_view)
         return [
             path("<int:pk>/deprecate/", view, name="registry_modelversion_deprecate"),
+            path("<int:pk>/live/", live, name="registry_modelversion_live"),
             *super().get_urls(),
         ]
 
@@ -450,6 +556,8 @@ class ArtifactAdmin(admin.ModelAdmin):
         "tflite_text",
         "hardware_text",
         "accuracy_text",
+        "latency_text",
+        "origin",
         "manifest_text",
         "created_by",
         "created_at_text",
@@ -517,6 +625,25 @@ class ArtifactAdmin(admin.ModelAdmin):
         if obj.failure_code:
             label = f"{label}: {obj.failure_code}"
         return status_badge(obj.status, label)
+
+    @admin.display(description="latency (server CPU, median)")
+    def latency_text(self, obj):
+        return f"{obj.latency_ms:.2f} ms" if obj.latency_ms is not None else "not measured"
+
+    @admin.display(description="made by")
+    def origin(self, obj):
+        if not obj.recipe:
+            return "uploaded"
+        parent = obj.parent
+        link = format_html(
+            '<a href="{}">{}</a>', reverse("admin:registry_artifact_change", args=[parent.pk]), parent
+        )
+        calibrated = (
+            f", calibrated on {count(obj.calibration_samples, 'sample')}" if obj.calibration_samples else ""
+        )
+        return format_html(
+            "{} of {} by {} {}{}", obj.get_recipe_display(), link, obj.tool, obj.tool_version, calibrated
+        )
 
     @admin.display(description="raw → blob")
     def sizes(self, obj):
@@ -642,7 +769,7 @@ def tensors_text(tensors: list[dict] | None) -> str:
 def signed_at(payload: dict) -> str:
     """The manifest's created_at ("2026-11-30T17:15:23Z") to the second with its zone."""
     try:
-        return moment(datetime.fromisoformat(payload["created_at"]))
+        return moment(protocol.parse_time(payload["created_at"]))
     except (KeyError, TypeError, ValueError):
         return "at an unreadable time"
 

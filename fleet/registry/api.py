@@ -34,7 +34,7 @@ from fleet.core import listing
 from fleet.core.errors import InvalidInput, NotFound, error_body
 from fleet.core.permissions import IsAdmin, IsViewer, ViewerReadsOperatorWrites
 from fleet.registry import selectors, services, trust
-from fleet.registry.choices import ArtifactStatus, SigningKeyStatus, Task, VersionStatus
+from fleet.registry.choices import ArtifactStatus, QuantRecipe, SigningKeyStatus, Task, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey, TrustRoot
 
 # --- serializers
@@ -55,11 +55,34 @@ class ModelSerializer(serializers.ModelSerializer):
     name = serializers.CharField(max_length=64)
     task = serializers.ChoiceField(choices=Task.choices, default=Task.CLASSIFICATION)
     labels = serializers.ListField(child=serializers.CharField(max_length=100), required=False, default=list)
+    quantize_recipes = serializers.ListField(
+        child=serializers.ChoiceField(choices=QuantRecipe.choices),
+        required=False,
+        default=list,
+        help_text="Variants the registry produces from every float32 upload",
+    )
+    max_accuracy_drop_pp = serializers.FloatField(
+        min_value=0,
+        max_value=100,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Percentage points a produced variant may lose; null: the server's limit",
+    )
     created_by = serializers.StringRelatedField()
 
     class Meta:
         model = MLModel
-        fields = ["name", "task", "labels", "description", "created_by", "created_at"]
+        fields = [
+            "name",
+            "task",
+            "labels",
+            "description",
+            "quantize_recipes",
+            "max_accuracy_drop_pp",
+            "created_by",
+            "created_at",
+        ]
         read_only_fields = ["created_by", "created_at"]
 
 
@@ -72,6 +95,10 @@ class ArtifactSerializer(serializers.ModelSerializer):
     )
     created_by = serializers.StringRelatedField()
     urls = serializers.SerializerMethodField()
+    recipe = serializers.CharField(
+        read_only=True,
+        help_text="The quantization recipe that produced it (docs/quantization.md); empty: uploaded",
+    )
 
     class Meta:
         model = Artifact
@@ -94,6 +121,13 @@ class ArtifactSerializer(serializers.ModelSerializer):
             "requires_hardware",
             "golden_accuracy",
             "golden_samples",
+            "latency_ms",
+            "parent",
+            "recipe",
+            "tool",
+            "tool_version",
+            "calibration_samples",
+            "requested_recipes",
             "manifest_sha256",
             "signing_keyid",
             "created_by",
@@ -117,9 +151,31 @@ class ArtifactSerializer(serializers.ModelSerializer):
         return urls
 
 
+class ComparisonRowSerializer(serializers.Serializer):
+    """One variant in a version's comparison (selectors.version_comparison)."""
+
+    artifact_id = serializers.IntegerField()
+    variant = serializers.CharField()
+    status = serializers.CharField(help_text="The artifact's status (pending, ready, failed, rejected)")
+    reason = serializers.CharField(help_text="Why it failed or was rejected")
+    recipe = serializers.CharField(help_text="The quantization recipe that produced it; empty: uploaded")
+    parent_id = serializers.IntegerField(allow_null=True)
+    tool = serializers.CharField(help_text="Quantizer name and version")
+    raw_size = serializers.IntegerField(allow_null=True, help_text="bytes")
+    blob_size = serializers.IntegerField(allow_null=True, help_text="bytes, zstd")
+    golden_accuracy = serializers.FloatField(allow_null=True, help_text="0..1")
+    accuracy_drop_pp = serializers.FloatField(
+        allow_null=True, help_text="percentage points lost against float32"
+    )
+    latency_ms = serializers.FloatField(allow_null=True, help_text="median on the server's CPU")
+    quantization = serializers.CharField(allow_null=True)
+    ops = serializers.ListField(child=serializers.CharField())
+
+
 class VersionSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="model.name", read_only=True)
     golden_set = serializers.SerializerMethodField()
+    comparison = serializers.SerializerMethodField()
     artifacts = ArtifactSerializer(many=True, read_only=True)
     created_by = serializers.StringRelatedField()
 
@@ -132,10 +188,15 @@ class VersionSerializer(serializers.ModelSerializer):
             "status",
             "golden_set",
             "artifacts",
+            "comparison",
             "created_by",
             "created_at",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(ComparisonRowSerializer(many=True))
+    def get_comparison(self, version: ModelVersion) -> list[dict[str, Any]]:
+        return selectors.version_comparison(version)
 
     @extend_schema_field(
         {
@@ -170,6 +231,9 @@ class VersionCreateSerializer(serializers.Serializer):
     )
 
 
+NO_VARIANTS = "none"
+
+
 class ArtifactUploadSerializer(serializers.Serializer):
     variant = serializers.CharField(max_length=64, help_text="e.g. float32, int8")
     file = serializers.FileField(allow_empty_file=True, help_text="The .tflite model")
@@ -177,6 +241,12 @@ class ArtifactUploadSerializer(serializers.Serializer):
         child=serializers.CharField(max_length=64),
         required=False,
         help_text='Hardware classes this variant targets (repeat the field); default ["any"], every device',
+    )
+    quantize = serializers.MultipleChoiceField(
+        choices=[*QuantRecipe.choices, (NO_VARIANTS, "No variant")],
+        required=False,
+        help_text="Variants the registry produces from this float32 upload (repeat the field); "
+        f"absent: the model's quantize_recipes; {NO_VARIANTS!r}: none.",
     )
 
 
@@ -368,6 +438,13 @@ def _wait_for_pipeline(artifact: Artifact, wait: float) -> Artifact:
     return artifact
 
 
+def _requested_recipes(request, data: dict[str, Any]) -> list[str] | None:
+    """None when the upload does not say (the model's setting applies)."""
+    if "quantize" not in request.data:
+        return None
+    return sorted(recipe for recipe in data.get("quantize", ()) if recipe != NO_VARIANTS)
+
+
 @extend_schema(parameters=[NAME_PARAM, VERSION_PARAM])
 class VersionArtifacts(generics.ListCreateAPIView):
     serializer_class = ArtifactSerializer
@@ -403,6 +480,7 @@ class VersionArtifacts(generics.ListCreateAPIView):
             upload=serializer.validated_data["file"],
             created_by=request.user,
             requires_hardware=serializer.validated_data.get("requires_hardware"),
+            quantize_recipes=_requested_recipes(request, serializer.validated_data),
         )
         artifact = _wait_for_pipeline(artifact, wait)
         body = ArtifactSerializer(artifact, context={"request": request}).data

@@ -31,6 +31,9 @@ class ArtifactStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     READY = "ready", "Ready"
     FAILED = "failed", "Failed"
+    # A variant the registry produced itself (quantization factory) that lost more accuracy
+    # against its float32 parent than the model allows: checked and signed, never released.
+    REJECTED = "rejected", "Rejected (accuracy)"
 
 
 class ArtifactFailure(models.TextChoices):
@@ -58,6 +61,18 @@ class ArtifactFailure(models.TextChoices):
     # The worker
     RAW_CHANGED = "raw_changed", "Stored upload changed"
     PIPELINE_ERROR = "pipeline_error", "Pipeline error"
+    # The quantization factory
+    QUANTIZATION_FAILED = "quantization_failed", "The quantizer could not produce it"
+    ACCURACY_DROP = "accuracy_drop", "Lost too much accuracy"
+
+
+class QuantRecipe(models.TextChoices):
+    """Variants the registry can produce from a float32 artifact (fleet/registry/quantize.py).
+    The value is also the produced artifact's variant name."""
+
+    DYNAMIC_INT8 = "int8-dynamic", "Dynamic-range int8 weights"
+    FLOAT16 = "float16", "float16 weights"
+    FULL_INT8 = "int8-full", "Full-integer int8 (calibrated)"
 
 
 class SigningKeyStatus(models.TextChoices):

@@ -5,7 +5,7 @@ from django.core.validators import RegexValidator
 from django.db import models
 
 from agent.protocol.schemas import NAME_PATTERN, SEMVER_PATTERN
-from fleet.registry.choices import ArtifactStatus, SigningKeyStatus, Task, VersionStatus
+from fleet.registry.choices import ArtifactStatus, QuantRecipe, SigningKeyStatus, Task, VersionStatus
 
 name_validator = RegexValidator(
     NAME_PATTERN, "Use lowercase letters, digits, '.', '_' or '-' (at most 64 characters)."
@@ -20,6 +20,17 @@ class MLModel(models.Model):
     task = models.CharField(max_length=20, choices=Task.choices, default=Task.CLASSIFICATION)
     labels = models.JSONField(default=list, blank=True, help_text="Class labels, in output order.")
     description = models.TextField(blank=True)
+    quantize_recipes = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Variants the registry produces from every float32 upload (QuantRecipe values).",
+    )
+    max_accuracy_drop_pp = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Largest accuracy drop (percentage points) a produced variant may show; "
+        "empty: the server's QUANT_MAX_ACCURACY_DROP_PP.",
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -152,6 +163,20 @@ class Artifact(models.Model):
     requires_hardware = models.JSONField(default=list_any, blank=True)
     golden_accuracy = models.FloatField(null=True, blank=True)
     golden_samples = models.PositiveIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(
+        null=True, blank=True, help_text="Median inference time on the server's CPU, in the sandbox"
+    )
+
+    # Provenance of a variant the registry produced itself (quantization factory).
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="derived"
+    )
+    recipe = models.CharField(max_length=20, choices=QuantRecipe.choices, blank=True)
+    tool = models.CharField(max_length=64, blank=True, help_text="Quantizer name")
+    tool_version = models.CharField(max_length=32, blank=True)
+    calibration_samples = models.PositiveIntegerField(null=True, blank=True)
+    # Recipes asked for at upload time (produced once this float32 artifact is ready).
+    requested_recipes = models.JSONField(default=list, blank=True)
 
     manifest_envelope = models.TextField(blank=True, help_text="The DSSE envelope, exactly as served.")
     manifest_sha256 = models.CharField(
@@ -184,3 +209,7 @@ class Artifact(models.Model):
         if not self.raw_size or not self.blob_size:
             return None
         return self.raw_size / self.blob_size
+
+    @property
+    def produced(self) -> bool:
+        return self.parent_id is not None

@@ -39,6 +39,7 @@ import platform
 import resource
 import selectors
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -273,8 +274,9 @@ def check_model(
     max_tensor_bytes: int,
     golden_max_samples: int,
     golden_max_bytes: int,
+    latency_runs: int = 0,
 ) -> dict[str, Any]:
-    """Hash, inspect, load, smoke-run and score one model. Its bytes are untrusted."""
+    """Hash, inspect, load, smoke-run, time and score one model. Its bytes are untrusted."""
     from agent import download, runtime
 
     tflite = _tflite_module()
@@ -293,6 +295,7 @@ def check_model(
         runtime.smoke_run(interpreter)
     except runtime.RuntimeLoadError as exc:
         raise JobFailure("unloadable_model", f"LiteRT cannot run this model: {exc}") from exc
+    latency_ms = _median_latency_ms(interpreter, latency_runs) if latency_runs else None
     accuracy, samples = None, None
     if golden_path:
         try:
@@ -313,7 +316,25 @@ def check_model(
         "signature": signature,
         "golden_accuracy": accuracy,
         "golden_samples": samples,
+        "latency_ms": latency_ms,
     }
+
+
+def _median_latency_ms(interpreter: Any, runs: int) -> float:
+    """Median wall time of ``runs`` single inferences (on the smoke run's zeros), after one
+    warm-up: what one request costs on this CPU with one thread."""
+    import numpy as np
+
+    zeros = [np.zeros(d["shape"], dtype=d["dtype"]) for d in interpreter.get_input_details()]
+    for detail, value in zip(interpreter.get_input_details(), zeros, strict=True):
+        interpreter.set_tensor(detail["index"], value)
+    interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        interpreter.invoke()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
 def _tflite_module() -> Any:

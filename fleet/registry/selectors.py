@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
+from django.conf import settings
 from django.db.models import Count, QuerySet
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 
@@ -39,6 +41,60 @@ def version_get(*, model_name: str, version: str) -> ModelVersion:
 
 def artifact_list() -> QuerySet[Artifact]:
     return Artifact.objects.select_related("version__model", "signing_key", "created_by")
+
+
+def max_accuracy_drop_pp(model: MLModel) -> float:
+    """The accuracy a produced variant may lose (pp): the model's own limit, else the server's."""
+    if model.max_accuracy_drop_pp is not None:
+        return model.max_accuracy_drop_pp
+    return settings.QUANT_MAX_ACCURACY_DROP_PP
+
+
+def accuracy_drop_pp(artifact: Artifact, reference: Artifact | None) -> float | None:
+    """Golden accuracy ``artifact`` loses against ``reference`` (its float32 parent), in
+    percentage points; negative when it gains. None when either was not scored."""
+    if reference is None or reference.golden_accuracy is None or artifact.golden_accuracy is None:
+        return None
+    return (reference.golden_accuracy - artifact.golden_accuracy) * 100
+
+
+def version_comparison(version: ModelVersion) -> list[dict[str, Any]]:
+    """One row per variant of a version, so an operator picks what to release: sizes, golden
+    accuracy and its drop against float32, median CPU latency, ops and where it came from.
+
+    The float32 reference of a produced variant is its parent; of an uploaded one, the
+    version's ready ``float32`` artifact. A failed upload retried since is left out.
+    """
+    artifacts = list(version.artifacts.select_related("parent").order_by("variant", "-created_at"))
+    live = {a.variant for a in artifacts if a.status != ArtifactStatus.FAILED}
+    reference = next(
+        (a for a in artifacts if a.variant == "float32" and a.status == ArtifactStatus.READY), None
+    )
+    rows = []
+    for artifact in artifacts:
+        if artifact.status == ArtifactStatus.FAILED and artifact.variant in live:
+            continue
+        base = artifact.parent or (reference if artifact is not reference else None)
+        signature = artifact.tflite_signature or {}
+        rows.append(
+            {
+                "artifact_id": artifact.pk,
+                "variant": artifact.variant,
+                "status": artifact.status,
+                "reason": artifact.failure_reason,
+                "recipe": artifact.recipe,
+                "parent_id": artifact.parent_id,
+                "tool": f"{artifact.tool} {artifact.tool_version}".strip(),
+                "raw_size": artifact.raw_size if artifact.raw_sha256 else None,
+                "blob_size": artifact.blob_size,
+                "golden_accuracy": artifact.golden_accuracy,
+                "accuracy_drop_pp": accuracy_drop_pp(artifact, base),
+                "latency_ms": artifact.latency_ms,
+                "quantization": signature.get("quantization"),
+                "ops": signature.get("ops", []),
+            }
+        )
+    return rows
 
 
 def artifact_ready(artifact: Artifact) -> Artifact:

@@ -20,29 +20,30 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zstandard
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files import File
+from django.core.files.base import ContentFile
 from django.core.files.storage import Storage, storages
 from django.db import IntegrityError, transaction
-from django.urls import reverse
 from django.utils import timezone
 
 from agent import download, protocol, runtime
 from fleet.core import metrics
 from fleet.core.capabilities import HARDWARE_CLASS
 from fleet.core.errors import Conflict, InvalidInput, TooLarge, Unprocessable
-from fleet.registry import sandbox, tflite
+from fleet.registry import quantize, sandbox, selectors, tflite
 from fleet.registry.choices import (
     COMPRESSION_ZSTD,
     VERSION_TRANSITIONS,
     ArtifactFailure,
     ArtifactStatus,
+    QuantRecipe,
     Task,
     VersionStatus,
 )
@@ -114,9 +115,18 @@ def model_create(
     task: str = Task.CLASSIFICATION,
     labels: list[str] | None = None,
     description: str = "",
+    quantize_recipes: list[str] | None = None,
+    max_accuracy_drop_pp: float | None = None,
     created_by: AbstractBaseUser | None = None,
 ) -> MLModel:
     _require_name(name, "name")
+    recipes = _check_recipes(quantize_recipes or [])
+    if max_accuracy_drop_pp is not None and not 0 <= max_accuracy_drop_pp <= 100:
+        raise InvalidInput(
+            "max_accuracy_drop_pp must be between 0 and 100 percentage points.",
+            code="invalid_limit",
+            field="max_accuracy_drop_pp",
+        )
     if task not in Task.values:
         raise InvalidInput(
             f"Unknown task {task!r}; use one of {', '.join(Task.values)}.", code="invalid_task", field="task"
@@ -128,6 +138,8 @@ def model_create(
                 task=task,
                 labels=list(labels or []),
                 description=description,
+                quantize_recipes=recipes,
+                max_accuracy_drop_pp=max_accuracy_drop_pp,
                 created_by=created_by,
             )
     except IntegrityError as exc:
@@ -240,6 +252,7 @@ def artifact_upload(
     upload: Any,
     created_by: AbstractBaseUser | None = None,
     requires_hardware: list[str] | None = None,
+    quantize_recipes: list[str] | None = None,
 ) -> Artifact:
     """Store an uploaded .tflite as a pending variant and queue its pipeline.
 
@@ -248,6 +261,9 @@ def artifact_upload(
     """
     _require_name(variant, "variant")
     hardware = _hardware_classes(requires_hardware)
+    # Recipes the factory runs once this upload is ready (a float32 model only); None: the
+    # model's setting.
+    recipes = _check_recipes(version.model.quantize_recipes if quantize_recipes is None else quantize_recipes)
     if version.status == VersionStatus.REVOKED:
         raise Conflict(f"{version} is revoked; it takes no new artifacts.", code="version_revoked")
     if version.artifacts.filter(variant=variant).exclude(status=ArtifactStatus.FAILED).exists():
@@ -273,6 +289,7 @@ def artifact_upload(
                 requires_hardware=hardware,
                 created_by=created_by,
                 task_id=task_id,
+                requested_recipes=[r for r in recipes if r != variant],
             )
             transaction.on_commit(lambda: _queue_processing(artifact.pk, task_id))
     except IntegrityError as exc:
@@ -342,6 +359,7 @@ def _run_checks(raw_path: Path, golden_path: Path | None, version: ModelVersion)
                 "max_tensor_bytes": max(settings.SANDBOX_MEMORY_BYTES - SANDBOX_BASELINE_BYTES, 0),
                 "golden_max_samples": settings.GOLDEN_SET_MAX_SAMPLES,
                 "golden_max_bytes": settings.GOLDEN_SET_MAX_ARRAY_BYTES,
+                "latency_runs": settings.LATENCY_RUNS,
             },
             readable=[p for p in (raw_path, golden_path) if p],
             limits=_sandbox_limits(),
@@ -423,6 +441,9 @@ def _checked_report(report: dict[str, Any], version: ModelVersion) -> dict[str, 
             raise _bad_report(f"golden_samples {samples!r} for a golden set of {version.golden_samples}")
     elif accuracy is not None or samples is not None:
         raise _bad_report("a golden accuracy for a version without a golden set")
+    latency = report.get("latency_ms")
+    if latency is not None and not (isinstance(latency, float | int) and 0 <= latency < 3_600_000):
+        raise _bad_report("latency_ms")
     keys = ("inputs", "outputs", "ops", "op_versions", "min_runtime", "quantization", "schema_version")
     keys += ("description", "subgraphs")
     return {
@@ -431,6 +452,7 @@ def _checked_report(report: dict[str, Any], version: ModelVersion) -> dict[str, 
         "signature": {key: signature[key] for key in (*keys, "tensors", "operators") if key in signature},
         "golden_accuracy": float(accuracy) if accuracy is not None else None,
         "golden_samples": samples,
+        "latency_ms": float(latency) if latency is not None else None,
     }
 
 
@@ -604,6 +626,7 @@ def _artifact_pipeline(artifact: Artifact) -> Artifact:
                 report["golden_accuracy"],
                 report["golden_samples"],
             )
+            artifact.latency_ms = report["latency_ms"]
             blob_name = _compress_and_store(artifact, raw_path)  # hashes computed here, by the worker
         if (artifact.raw_sha256, artifact.raw_size) != (report["raw_sha256"], report["raw_size"]):
             raise _PipelineError(
@@ -621,8 +644,11 @@ def _artifact_pipeline(artifact: Artifact) -> Artifact:
         _artifact_fail(artifact, ArtifactFailure.PIPELINE_ERROR, f"{type(exc).__name__}: {exc}", blob_name)
         raise
     else:
+        rejection = _accuracy_rejection(artifact)
         updated = Artifact.objects.filter(pk=artifact.pk, status=ArtifactStatus.PENDING).update(
-            status=ArtifactStatus.READY,
+            status=ArtifactStatus.REJECTED if rejection else ArtifactStatus.READY,
+            failure_code=ArtifactFailure.ACCURACY_DROP if rejection else "",
+            failure_reason=rejection,
             blob_file=blob_name,
             processed_at=timezone.now(),
             **{
@@ -637,6 +663,7 @@ def _artifact_pipeline(artifact: Artifact) -> Artifact:
                     "tflite_signature",
                     "golden_accuracy",
                     "golden_samples",
+                    "latency_ms",
                     "manifest_envelope",
                     "manifest_sha256",
                     "signing_key",
@@ -645,66 +672,111 @@ def _artifact_pipeline(artifact: Artifact) -> Artifact:
         )
         if not updated:
             _delete_quietly(blob_name)
+        elif artifact.requested_recipes:
+            artifact.refresh_from_db()
+            _produce_variants(artifact)
     artifact.refresh_from_db()
     return artifact
 
 
-# --- desired states (what a device should run), signed for the device to verify
+# --- the quantization factory (docs/quantization.md)
 
 
-def _public_url(name: str, artifact: Artifact) -> str:
-    return settings.PUBLIC_BASE_URL + reverse(name, args=[artifact.pk])
-
-
-def desired_model_entry(artifact: Artifact) -> dict[str, Any]:
-    """One model's entry of a desired state. Refuses artifacts that are not ready and
-    versions that are revoked: a revoked version can never be assigned again."""
-    if artifact.status != ArtifactStatus.READY:
-        raise Conflict(f"Artifact {artifact.pk} is {artifact.status}, not ready.", code="artifact_not_ready")
-    if artifact.version.status == VersionStatus.REVOKED:
-        raise Conflict(f"{artifact.version} is revoked; it cannot be assigned.", code="version_revoked")
-    return {
-        "version": artifact.version.version,
-        "variant": artifact.variant,
-        "manifest_url": _public_url("artifact-manifest", artifact),
-        "blob_url": _public_url("artifact-blob", artifact),
-        "golden_url": _public_url("artifact-golden", artifact) if artifact.version.has_golden_set else None,
-        "manifest_sha256": artifact.manifest_sha256,
-    }
-
-
-def desired_state_envelope(
-    *,
-    device_id: str,
-    generation: int,
-    artifacts: dict[str, Artifact] | None = None,
-    entries: dict[str, dict[str, Any]] | None = None,
-    rollout: dict[str, Any] | None = None,
-    private_key: Any = None,
-    check: bool = True,
-) -> bytes:
-    """Sign a device's desired state naming ``artifacts`` (model name -> ready artifact), or
-    ready-made ``entries`` (desired_model_entry), which callers signing thousands of states
-    build once per artifact. ``check=False`` skips the schema check for states of a batch
-    whose first member was checked (they differ only in device id and generation)."""
-    models = (
-        entries
-        if entries is not None
-        else {name: desired_model_entry(artifact) for name, artifact in (artifacts or {}).items()}
+def _accuracy_rejection(artifact: Artifact) -> str:
+    """The reason a produced variant is not released, or "" when it may be."""
+    drop = selectors.accuracy_drop_pp(artifact, artifact.parent)
+    if drop is None:
+        return ""
+    limit = selectors.max_accuracy_drop_pp(artifact.version.model)
+    if drop <= limit + 1e-9:
+        return ""
+    return (
+        f"Rejected: golden accuracy {artifact.golden_accuracy * 100:.1f} % is {drop:.1f} pp below the "
+        f"float32 parent's {artifact.parent.golden_accuracy * 100:.1f} %, over the {limit:.1f} pp limit."
     )
-    now = timezone.now()
-    payload = protocol.build_desired(
-        device_id=device_id,
-        generation=generation,
-        models=models,
-        issued_at=protocol.format_time(now),
-        expires_at=protocol.format_time(now + timedelta(seconds=settings.DESIRED_STATE_TTL_SECONDS)),
-        rollout=rollout,
-        check=check,
-    )
-    if private_key is None:  # callers signing many states fetch the key once and pass it
-        _, private_key = signing_key_active()
-    envelope = protocol.sign(
-        protocol.canonical_json(payload), payload_type=protocol.DESIRED_PAYLOAD_TYPE, private_key=private_key
-    )
-    return protocol.envelope_bytes(envelope)
+
+
+def _check_recipes(recipes: Any) -> list[str]:
+    if not isinstance(recipes, list | tuple) or not all(isinstance(r, str) for r in recipes):
+        raise InvalidInput(
+            "quantize must be a list of recipe names.", code="invalid_recipe", field="quantize"
+        )
+    unknown = sorted(set(recipes) - set(QuantRecipe.values))
+    if unknown:
+        raise InvalidInput(
+            f"Unknown recipe {unknown[0]!r}; choose from {', '.join(QuantRecipe.values)}.",
+            code="invalid_recipe",
+            field="quantize",
+        )
+    return list(dict.fromkeys(recipes))
+
+
+def _golden_calibration(version: ModelVersion) -> np.ndarray | None:
+    if not version.has_golden_set:
+        return None
+    with _local_path(version.golden_file) as golden_path:
+        x, _ = download.read_golden_set(
+            golden_path,
+            max_samples=settings.GOLDEN_SET_MAX_SAMPLES,
+            max_bytes=settings.GOLDEN_SET_MAX_ARRAY_BYTES,
+        )
+    return x[: settings.QUANT_CALIBRATION_SAMPLES]
+
+
+def _produce_variants(parent: Artifact) -> list[Artifact]:
+    """Quantize a ready float32 artifact with each recipe it asked for; every produced file
+    becomes a pending artifact of its own and runs the whole pipeline."""
+    version = parent.version
+    signature = parent.tflite_signature or {}
+    if signature.get("quantization") != "none":
+        log.info("artifact %s is not a float32 model; no variants produced", parent.pk)
+        return []
+    produced = []
+    version_tool = quantize.tool_version()
+    for recipe in parent.requested_recipes:
+        if version.artifacts.filter(variant=recipe).exclude(status=ArtifactStatus.FAILED).exists():
+            continue  # uploaded or produced already: never two artifacts of one variant
+        fields = {
+            "version": version,
+            "variant": recipe,
+            "parent": parent,
+            "recipe": recipe,
+            "tool": quantize.TOOL,
+            "tool_version": version_tool,
+            "created_by": parent.created_by,
+        }
+        try:
+            calibration = _golden_calibration(version) if quantize.needs_calibration(recipe) else None
+            with _local_path(parent.raw_file) as raw_path:
+                data = quantize.quantize(raw_path, recipe, calibration)
+        except (quantize.QuantizationError, runtime.GoldenSetError) as exc:
+            produced.append(
+                Artifact.objects.create(
+                    status=ArtifactStatus.FAILED,
+                    failure_code=ArtifactFailure.QUANTIZATION_FAILED,
+                    failure_reason=str(exc),
+                    processed_at=timezone.now(),
+                    **fields,
+                )
+            )
+            continue
+        raw_name = artifact_storage().save(
+            f"raw/{version.model.name}/{version.version}/{recipe}-{uuid.uuid4().hex[:12]}.tflite",
+            ContentFile(data),
+        )
+        task_id = str(uuid.uuid4())
+        try:
+            with transaction.atomic():
+                child = Artifact.objects.create(
+                    raw_file=raw_name,
+                    raw_size=len(data),
+                    task_id=task_id,
+                    calibration_samples=len(calibration) if calibration is not None else None,
+                    **fields,
+                )
+                transaction.on_commit(lambda pk=child.pk, tid=task_id: _queue_processing(pk, tid))
+        except IntegrityError:
+            _delete_quietly(raw_name)  # a concurrent upload of the same variant won
+            continue
+        produced.append(child)
+    return produced

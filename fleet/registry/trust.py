@@ -112,7 +112,9 @@ def _refusal(exc: protocol.EnvelopeError) -> Exception:
         return Conflict(str(exc), code=exc.reason)
     if isinstance(exc, protocol.EnvelopeMalformed):
         return InvalidInput(f"not a DSSE envelope: {exc}", code="malformed_envelope")
-    return InvalidInput(str(exc), code=exc.reason if exc.reason != "payload_type" else "invalid_document")
+    return InvalidInput(
+        str(exc), code=exc.reason if exc.reason != protocol.Reason.PAYLOAD_TYPE else "invalid_document"
+    )
 
 
 def _load(envelope: bytes | str | dict) -> dict[str, Any]:
@@ -139,7 +141,8 @@ def trust_upload(*, envelope: bytes | str | dict, user=None, publish: str = "cel
         row = _keyring_upload(loaded, user)
     else:
         raise InvalidInput(
-            f"payload type {kind!r} is neither a root document nor a keyring", code="payload_type"
+            f"payload type {kind!r} is neither a root document nor a keyring",
+            code=protocol.Reason.PAYLOAD_TYPE,
         )
     size = len(trust_bundle_bytes() or b"")
     if size > MAX_BUNDLE_BYTES:
@@ -170,7 +173,7 @@ def _root_upload(envelope: dict[str, Any], user) -> TrustRoot:
         raise Conflict(
             f"root version {state.root_version} is already trusted; a new root is version "
             f"{state.root_version + 1}, signed by the current root's keys and its own",
-            code="keyring_rollback",
+            code=protocol.Reason.KEYRING_ROLLBACK,
         )
     root = new.root
     return TrustRoot.objects.create(
@@ -196,7 +199,8 @@ def _keyring_upload(envelope: dict[str, Any], user) -> Keyring:
     keyring = new.keyring
     if new is state:
         raise Conflict(
-            f"keyring version {keyring.version} is already the current one", code="keyring_rollback"
+            f"keyring version {keyring.version} is already the current one",
+            code=protocol.Reason.KEYRING_ROLLBACK,
         )
     active = SigningKey.objects.filter(status=SigningKeyStatus.ACTIVE).first()
     if active is not None and active.keyid not in keyring.keys:
@@ -241,7 +245,7 @@ def _refuse_unsafe_keyring(state: trust.TrustState, new: trust.TrustState) -> No
     if relisted:
         raise Conflict(
             f"key {relisted[0][:16]}… was revoked; a revoked key never comes back (make a new one)",
-            code="key_revoked",
+            code=protocol.Reason.KEY_REVOKED,
         )
     still_signing = (
         Artifact.objects.filter(status=ArtifactStatus.READY, signing_key__keyid__in=new.revoked)
@@ -259,7 +263,7 @@ def _refuse_unsafe_keyring(state: trust.TrustState, new: trust.TrustState) -> No
 def trust_publish(*, now: bool = False) -> None:
     """Publish the trust bundle retained: here (``now``) or from a retried Celery task."""
     from fleet.mqtt.publisher import publish_trust
-    from fleet.mqtt.tasks import publish_trust_task
+    from fleet.registry.tasks import publish_trust_task  # the task module imports this one
 
     if not now:
         publish_trust_task.delay()
@@ -304,7 +308,8 @@ def keyring_draft(
             or SigningKey.objects.filter(keyid=keyid, status=SigningKeyStatus.REVOKED).exists()
         ):
             raise InvalidInput(
-                f"key {keyid[:16]}… was revoked; a revoked key never comes back", code="key_revoked"
+                f"key {keyid[:16]}… was revoked; a revoked key never comes back",
+                code=protocol.Reason.KEY_REVOKED,
             )
         keys[keyid] = key
     for keyid in remove_keyids:

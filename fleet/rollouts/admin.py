@@ -15,9 +15,8 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
-from django.http import HttpResponseRedirect, JsonResponse
+from django.http import HttpResponseRedirect
 from django.shortcuts import get_object_or_404
-from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 
@@ -25,6 +24,7 @@ from fleet.core.choices import Role
 from fleet.core.display import count, moment, raw_details
 from fleet.core.errors import ServiceError
 from fleet.core.forms import WordsField
+from fleet.core.live import live_response
 from fleet.core.permissions import has_role
 from fleet.devices.models import DeviceGroup
 from fleet.registry.admin import status_badge
@@ -49,9 +49,11 @@ STATE_COLOURS = {
     "aborted": "#57606a",
     "rolled_back": "#cf222e",
 }
-# The rollout page polls its live parts this often (a small JSON view of the same templates).
-LIVE_REFRESH_SECONDS = 5
-LIVE_PARTS = ("status", "progress", "verdicts", "devices", "timeline")
+# The rollout page's live parts (fleet/core/live.py): each is its own template, also on the page.
+LIVE_PARTS = {
+    part: f"admin/rollouts/rollout/{part}.html"
+    for part in ("status", "progress", "verdicts", "devices", "timeline")
+}
 # Devices that run (or are installing) the candidate: what a rollback or an abort concerns.
 ON_CANDIDATE = (*IN_FLIGHT, AssignmentState.ACTIVE, AssignmentState.SHADOW)
 
@@ -290,7 +292,6 @@ class RolloutAdmin(admin.ModelAdmin):
             "charts": selectors.chart_data(rollout),
             "shadow_chart": bool(services.shadow_stages(rollout)),
             "live_url": reverse("admin:rollouts_rollout_live", args=[rollout.pk]),
-            "refresh_seconds": LIVE_REFRESH_SECONDS,
         }
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
@@ -300,21 +301,13 @@ class RolloutAdmin(admin.ModelAdmin):
         return super().change_view(request, object_id, form_url, extra_context)
 
     def live_view(self, request, pk: int):
-        """The page's live parts, for its refresh without a reload (rollout_page.js): the
+        """The page's live parts, for its refresh without a reload (fleet/core/live.py): the
         same templates as the page, as HTML fragments, and the charts' data."""
         rollout = get_object_or_404(self.get_queryset(request), pk=pk)
         if not self.has_view_permission(request, rollout):
             raise PermissionDenied
         context = self.page_context(request, rollout)
-        return JsonResponse(
-            {
-                "parts": {
-                    part: render_to_string(f"admin/rollouts/rollout/{part}.html", context, request=request)
-                    for part in LIVE_PARTS
-                },
-                "charts": context["charts"],
-            }
-        )
+        return live_response(request, parts=LIVE_PARTS, context=context, charts=context["charts"])
 
     def get_urls(self):
         act = self.admin_site.admin_view(self.act_view)

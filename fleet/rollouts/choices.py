@@ -2,6 +2,8 @@
 
 from django.db import models
 
+from agent.protocol import EventType
+
 
 class RolloutState(models.TextChoices):
     DRAFT = "draft", "Draft"
@@ -55,12 +57,12 @@ IN_FLIGHT = (AssignmentState.NOTIFIED, AssignmentState.DOWNLOADING, AssignmentSt
 # failure the agent retries, docs/protocol.md addition 8) is left out on purpose: the device
 # is still installing, and only ``failed`` counts against the install-failure gate.
 EVENT_STATES = {
-    "notified": AssignmentState.NOTIFIED,
-    "downloading": AssignmentState.DOWNLOADING,
-    "verifying": AssignmentState.VERIFYING,
-    "shadow": AssignmentState.SHADOW,
-    "active": AssignmentState.ACTIVE,
-    "failed": AssignmentState.FAILED,
+    EventType.NOTIFIED: AssignmentState.NOTIFIED,
+    EventType.DOWNLOADING: AssignmentState.DOWNLOADING,
+    EventType.VERIFYING: AssignmentState.VERIFYING,
+    EventType.SHADOW: AssignmentState.SHADOW,
+    EventType.ACTIVE: AssignmentState.ACTIVE,
+    EventType.FAILED: AssignmentState.FAILED,
 }
 # Where a device has finished with its stage (installed, shadowing or failed).
 SETTLED = (AssignmentState.ACTIVE, AssignmentState.SHADOW, AssignmentState.FAILED)

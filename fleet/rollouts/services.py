@@ -28,9 +28,10 @@ from fleet.core.errors import Conflict, InvalidInput
 from fleet.core.logs import log_context
 from fleet.devices import selectors as device_selectors
 from fleet.devices.choices import DeviceStatus
+from fleet.devices.desired import devices_republish_desired
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup
 from fleet.devices.selectors import group_devices
-from fleet.devices.services import devices_assign, devices_republish_desired
+from fleet.devices.services import devices_assign
 from fleet.registry.choices import ArtifactStatus, VersionStatus
 from fleet.registry.models import Artifact, MLModel, ModelVersion
 from fleet.rollouts import policy, stats
@@ -361,14 +362,15 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
     model = rollout.model.name
     ids = [pk for pk, _, _ in to_notify]
     now = timezone.now()
+    # The devices app's rows for this model, joined in one UPDATE however many devices: what
+    # each device ran before (for a rollback), and below, the generation it was sent.
+    devices, params = device_selectors.device_model_states(model=model).query.sql_with_params()
     with connection.cursor() as cursor:
-        # What each device ran before (for a rollback), from its own row, for all at once.
         cursor.execute(
-            "UPDATE rollouts_assignment AS a SET"
-            " from_version = COALESCE(d.reported_models -> %s ->> 'version', ''),"
-            " from_artifact_id = NULLIF((d.desired_artifacts ->> %s)::bigint, a.to_artifact_id)"
-            " FROM devices_device AS d WHERE a.device_id = d.id AND a.id = ANY(%s)",
-            [model, model, ids],
+            "UPDATE rollouts_assignment AS a SET from_version = COALESCE(d.reported_version, ''),"
+            " from_artifact_id = NULLIF(d.desired_artifact_id, a.to_artifact_id)"
+            f" FROM ({devices}) AS d WHERE a.device_id = d.id AND a.id = ANY(%s)",
+            [*params, ids],
         )
     if shadow:
         # A shadow needs a live model beside it.
@@ -391,9 +393,9 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
         )
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE rollouts_assignment AS a SET generation = d.desired_generation, stage = %s, state = %s,"
-            " notified_at = %s FROM devices_device AS d WHERE a.device_id = d.id AND a.id = ANY(%s)",
-            [stage, AssignmentState.NOTIFIED, now, ids],
+            "UPDATE rollouts_assignment AS a SET generation = d.generation, stage = %s, state = %s,"
+            f" notified_at = %s FROM ({devices}) AS d WHERE a.device_id = d.id AND a.id = ANY(%s)",
+            [stage, AssignmentState.NOTIFIED, now, *params, ids],
         )
     Rollout.objects.filter(pk=rollout.pk).update(
         current_stage=stage, stage_started_at=now, awaiting_approval=False, stage_looks=0

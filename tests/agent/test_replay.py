@@ -68,6 +68,14 @@ def test_windows_nobody_received_come_back_on_a_replay_request_once(make_agent, 
     wait_until(lambda: len(agent.link._recent) >= 3, timeout=10, message="three windows sent")
     unheard = [json.loads(item.payload)["id"] for _, item in list(agent.link._recent)]
     first_end = min(ended for ended, _ in agent.link._recent)
+
+    def acknowledged() -> bool:
+        # paho keeps a QoS 1 message until the broker's PUBACK; publishes are written by
+        # the link's loop thread, so "in _recent" alone does not mean "at the broker" yet.
+        pending = list(agent.link.client._out_messages.values())
+        return not any(json.loads(message.payload).get("id") in unheard for message in pending)
+
+    wait_until(acknowledged, timeout=10, message="the broker to acknowledge the first windows")
     listener = Listener(broker, agent.config.device_id)
     try:
         # Control: new windows arrive, the ones sent before anybody listened do not.

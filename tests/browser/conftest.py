@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
@@ -62,6 +62,11 @@ def _gone(element) -> bool:
         element.tag_name  # noqa: B018 (any call on an element of a page left behind raises)
     except StaleElementReferenceException:
         return True
+    except WebDriverException as exc:
+        # Caught mid-navigation, chromedriver may say so in its own words instead.
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
     return False
 
 

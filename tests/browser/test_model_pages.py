@@ -187,3 +187,37 @@ def test_the_compatibility_matrix_fits_a_phone_and_a_desk(browser, world, digits
         assert browser.axe() == []
     scroll_to(browser, "#compatibility")
     browser.shot("version-compatibility-phone")
+
+
+def test_the_version_page_compares_produced_variants_and_fits_a_phone(
+    browser, world, digits, people, settings
+):
+    """A float32 upload that asked for int8-dynamic and float16: the int8 one lost too much
+    accuracy (tests/server/test_quantization.py's outlier model) and is rejected with its
+    reason; the table scrolls in its box, the page does not."""
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from fleet.registry.choices import ArtifactStatus, QuantRecipe
+    from tests.server.test_quantization import outlier_float_model, produce
+
+    settings.QUANT_MAX_ACCURACY_DROP_PP = 1.0
+    version = registry.version_create(
+        model=world["v1"].model,
+        version="5.0.0",
+        golden_set=SimpleUploadedFile("golden.npz", digits.golden_set_npz()),
+        created_by=people["alice"],
+    )
+    _, children = produce(
+        version, outlier_float_model(digits), [QuantRecipe.DYNAMIC_INT8, QuantRecipe.FLOAT16]
+    )
+    assert children["int8-dynamic"].status == ArtifactStatus.REJECTED
+    browser.login("bob")
+    for size in ((1440, 900), PHONE):
+        browser.driver.set_window_size(*size)
+        browser.open(version_url(version))
+        assert "Rejected: golden accuracy" in browser.text('tr[data-variant="int8-dynamic"]')
+        assert "pp lower" in browser.text('tr[data-variant="int8-dynamic"]')
+        assert browser.sideways() <= 0
+        assert browser.axe() == []
+    scroll_to(browser, f"#variants-{version.pk}")
+    browser.shot("version-produced-variants-phone")

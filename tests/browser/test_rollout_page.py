@@ -175,7 +175,7 @@ def test_the_page_refreshes_itself_after_a_change_without_a_reload(browser, runn
     # A poll with nothing new leaves the page's elements alone (nothing flickers, no
     # element a reader holds goes stale).
     browser.driver.execute_script("document.getElementById('rollout-headline').kept = true;")
-    wait_until(lambda: "last at" in browser.text("#rollout-refreshed"), timeout=20, message="a first poll")
+    wait_until(lambda: "Updated" in browser.text("#live-status"), timeout=20, message="a first poll")
     assert browser.driver.execute_script("return document.getElementById('rollout-headline').kept === true;")
     # A second device of stage 1 reports the candidate active; the evaluator's sync moves it.
     notified = running.assignments.get(stage=0, state=AssignmentState.NOTIFIED)

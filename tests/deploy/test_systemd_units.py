@@ -188,11 +188,8 @@ def test_systemd_analyze_verify_reports_a_broken_unit(tmp_path):
 
 
 def test_procfile_and_compose_run_the_same_commands(compose):
-    """Once the Procfile (issue 11, the deploy branch) is merged: its processes are the
-    compose services' commands."""
+    """The Procfile's processes are the compose services' commands."""
     procfile = ROOT / "Procfile"
-    if not procfile.exists():
-        pytest.skip("no Procfile yet (the deploy branch adds it)")
     from tests.deploy.project_commands import split_shell
 
     compose_signatures = {signature(list(s["command"])) for s in project_services(compose).values()}

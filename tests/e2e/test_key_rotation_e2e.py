@@ -16,12 +16,12 @@ from agent import protocol
 from agent.core import Agent
 from agent.trustctl import load_key_file, make_root
 from fleet.core.errors import InvalidInput
+from fleet.devices.desired import desired_state_envelope
 from fleet.devices.models import Device, DeviceEvent
 from fleet.mqtt.publisher import publish_desired
 from fleet.registry import trust
 from fleet.registry.choices import SigningKeyStatus
 from fleet.registry.models import Artifact, SigningKey
-from fleet.registry.services import desired_state_envelope
 from fleet.registry.signing import signing_key_active
 from tests.conftest import wait_until
 from tests.e2e.conftest import put_everywhere

@@ -46,6 +46,13 @@ def build(digits_model, digits) -> dict:
     return {"v1": v1, "v2": v2, "devices": devices, "policy": policy}
 
 
+def hourly(device, hour, variant: str = "float32", **figures) -> TelemetryHourly:
+    """One hourly rollup row of digits 1.0.0 (what the ingest bridge sums from the windows)."""
+    return TelemetryHourly.objects.create(
+        device=device, hour=hour, model="digits", version="1.0.0", variant=variant, **figures
+    )
+
+
 def start(world: dict, by) -> Rollout:
     """A running rollout of 2.0.0 to every device of the world, started by ``by``."""
     rollout = services.rollout_create(

@@ -108,13 +108,15 @@ def version_v1(digits_model, golden_npz, alice):
     )
 
 
-def pending_artifact(version, variant: str, data: bytes, created_by=None):
+def pending_artifact(version, variant: str, data: bytes, created_by=None, **options):
     """Upload through the service as the API does (an on-disk upload). In a `db` test the
     on_commit hook that queues the Celery task never fires: callers process it themselves."""
     upload = TemporaryUploadedFile(f"{variant}.tflite", "application/octet-stream", len(data), None)
     upload.write(data)
     upload.seek(0)
-    return services.artifact_upload(version=version, variant=variant, upload=upload, created_by=created_by)
+    return services.artifact_upload(
+        version=version, variant=variant, upload=upload, created_by=created_by, **options
+    )
 
 
 def ready_artifact(version, variant: str, data: bytes, created_by=None):

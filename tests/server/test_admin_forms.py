@@ -95,11 +95,19 @@ def test_text_rules_are_taken_as_typed(alice, cameras):
 
 
 def test_a_static_group_keeps_its_chosen_devices_and_no_rules(alice, cameras):
-    form = group_form(kind="static", members=[cameras[2].pk, cameras[3].pk])  # the rule fields are ignored
+    # Devices by id, as words; the rule fields are ignored.
+    form = group_form(kind="static", members=f"{cameras[2].device_id}, {cameras[3].device_id}")
     assert web(alice).post(f"{GROUPS}add/", form).status_code == 302
     group = DeviceGroup.objects.get(name="outdoor")
     assert group.rules == {}
     assert sorted(d.device_id for d in selectors.group_devices(group=group)) == ["cam-3", "cam-4"]
+
+
+def test_a_static_group_naming_an_unknown_device_is_a_form_error_and_saves_nothing(alice, cameras):
+    form = group_form(kind="static", members=f"{cameras[2].device_id}, cam-nowhere")
+    response = web(alice).post(f"{GROUPS}add/", form)
+    assert response.status_code == 200 and "No such device: cam-nowhere." in response.content.decode()
+    assert not DeviceGroup.objects.filter(name="outdoor").exists()
 
 
 @pytest.mark.parametrize(

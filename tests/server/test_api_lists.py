@@ -248,6 +248,19 @@ def test_ordering_orders_and_a_minus_reverses(world, bob):
     assert ids == ["cam-2", "cam-1", "cam-0"]
 
 
+def test_empty_orderings_say_nothing(world, bob):
+    """Found by the fuzzer: "?ordering=,,," was a 500; it is the default order."""
+    default = bob.client().get("/api/v1/devices/").json()["results"]
+    for query in ("?ordering=,,,", "?ordering=", "?ordering=-device_id,,"):
+        response = bob.client().get(f"/api/v1/devices/{query}")
+        assert response.status_code == 200, (query, response.content)
+    assert bob.client().get("/api/v1/devices/?ordering=,,,").json()["results"] == default
+    ids = [
+        d["device_id"] for d in bob.client().get("/api/v1/devices/?ordering=-device_id,,").json()["results"]
+    ]
+    assert ids == ["cam-2", "cam-1", "cam-0"]  # control: the ordering given still holds
+
+
 def test_several_orderings_come_comma_separated_or_repeated(world, bob):
     """The schema says comma-separated; generated clients repeat the parameter instead."""
     Device.objects.filter(device_id="cam-2").update(status=DeviceStatus.ACTIVE)

@@ -10,6 +10,7 @@ from django.core.management import CommandError, call_command
 
 from agent import protocol
 from fleet.devices.choices import DeviceStatus
+from fleet.devices.desired import desired_state_envelope
 from fleet.devices.models import Device
 from fleet.mqtt.broker import mqtt_client
 from fleet.registry import services
@@ -41,9 +42,7 @@ def trusted():
 
 def test_the_envelope_verifies_and_names_the_artifact(ready_int8, settings):
     settings.PUBLIC_BASE_URL = "https://fleet.example.com"
-    envelope = services.desired_state_envelope(
-        device_id="cam-1", generation=7, artifacts={"digits": ready_int8}
-    )
+    envelope = desired_state_envelope(device_id="cam-1", generation=7, artifacts={"digits": ready_int8})
     payload = protocol.verify(envelope, payload_type=protocol.DESIRED_PAYLOAD_TYPE, keys=trusted())
     desired = protocol.parse("desired", payload)
     entry = desired["models"]["digits"]
@@ -62,14 +61,14 @@ def test_a_revoked_version_cannot_be_assigned(ready_int8):
     services.version_set_status(version=ready_int8.version, status=VersionStatus.REVOKED)
     ready_int8.refresh_from_db()
     with pytest.raises(services.Conflict) as excinfo:
-        services.desired_state_envelope(device_id="cam-1", generation=1, artifacts={"digits": ready_int8})
+        desired_state_envelope(device_id="cam-1", generation=1, artifacts={"digits": ready_int8})
     assert excinfo.value.code == "version_revoked"
 
 
 def test_a_pending_artifact_cannot_be_assigned(version_v1, digits):
     pending = pending_artifact(version_v1, "float32", digits.build_digits_models()["float32"])
     with pytest.raises(services.Conflict) as excinfo:
-        services.desired_state_envelope(device_id="cam-1", generation=1, artifacts={"digits": pending})
+        desired_state_envelope(device_id="cam-1", generation=1, artifacts={"digits": pending})
     assert excinfo.value.code == "artifact_not_ready"
 
 

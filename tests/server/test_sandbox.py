@@ -238,8 +238,19 @@ def test_a_report_naming_other_bytes_is_not_signed(version_v1, digits, monkeypat
         {"signature": {"inputs": "x", "outputs": [], "ops": [], "quantization": "none"}},
         {"golden_accuracy": 7.5},
         {"golden_samples": 10**9},
+        {"latency_ms": -1.0},
+        {"latency_ms": float("nan")},
+        {"latency_ms": "fast"},
     ],
-    ids=["size-not-a-number", "signature-not-tensors", "accuracy-over-1", "samples-not-the-golden-set"],
+    ids=[
+        "size-not-a-number",
+        "signature-not-tensors",
+        "accuracy-over-1",
+        "samples-not-the-golden-set",
+        "latency-negative",
+        "latency-nan",
+        "latency-not-a-number",
+    ],
 )
 def test_a_report_that_makes_no_sense_fails_the_artifact(version_v1, tamper):
     honest = {
@@ -253,6 +264,7 @@ def test_a_report_that_makes_no_sense_fails_the_artifact(version_v1, tamper):
         },
         "golden_accuracy": 0.9,
         "golden_samples": 200,
+        "latency_ms": 0.25,
     }
     assert services._checked_report(honest, version_v1)["raw_size"] == 12  # positive control
     with pytest.raises(services._PipelineError) as caught:

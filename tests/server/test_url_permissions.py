@@ -84,6 +84,8 @@ class World:
     token: int
     rollout: int
     released_version: int
+    device_pk: int
+    model_pk: int
     enrollment_key: str
     keyring: dict
     device: APIClient
@@ -105,7 +107,7 @@ class World:
 @dataclass(frozen=True)
 class Call:
     method: str
-    path: str  # {artifact}, {token}, {rollout}, {released_version} are the world's ids
+    path: str  # {artifact}, {token}, {rollout}, {released_version}, {device_pk}, {model_pk}: the world's ids
     expect: dict[str, int]
     body: Callable[[World], Any] | dict | None = None
     format: str = "json"
@@ -248,6 +250,22 @@ PERMISSIONS: dict[str, list[Call]] = {
     "admin:rollouts_rollout_live": [
         Call("GET", "/admin/rollouts/rollout/{rollout}/live/", admin_site(200, 200, 200), session=True)
     ],
+    # The pages that refresh themselves (fleet/core/live.py): whoever may read the page.
+    "fleet-dashboard-live": [Call("GET", "/admin/dashboard/live/", admin_site(200, 200, 200), session=True)],
+    "admin:devices_device_live": [
+        Call("GET", "/admin/devices/device/{device_pk}/live/", admin_site(200, 200, 200), session=True)
+    ],
+    "admin:registry_mlmodel_live": [
+        Call("GET", "/admin/registry/mlmodel/{model_pk}/live/", admin_site(200, 200, 200), session=True)
+    ],
+    "admin:registry_modelversion_live": [
+        Call(
+            "GET",
+            "/admin/registry/modelversion/{released_version}/live/",
+            admin_site(200, 200, 200),
+            session=True,
+        )
+    ],
     "admin:rollouts_rollout_act": [
         Call(
             "GET",
@@ -311,6 +329,8 @@ def world(
         token=token.pk,
         rollout=rollout.pk,
         released_version=released.pk,
+        device_pk=Device.objects.get(device_id="cam-1").pk,
+        model_pk=version_v1.model.pk,
         enrollment_key=enrollment_key,
         keyring=json.loads(keyring),
         device=device,

@@ -1,16 +1,30 @@
 // The device page's sparklines (admin): one small line per health series, hour by hour over
 // the last 24 hours; an hour without telemetry is a gap. Data: #health-data
-// (fleet.devices.selectors.device_health_series). The figures are also in words beside each.
+// (fleet.devices.selectors.device_health_series), then the "charts" of each live refresh
+// (fleet/core/static/fleet/live.js). The figures are also in words beside each.
 "use strict";
 (function () {
   const source = document.getElementById("health-data");
   if (!source || typeof Chart === "undefined") return;
-  const data = JSON.parse(source.textContent);
   const hour = (seconds) => new Date(seconds * 1000).toISOString().slice(11, 16) + " UTC";
-  for (const line of data.series) {
-    const canvas = document.getElementById("spark-" + line.key);
-    if (!canvas) continue;
-    new Chart(canvas, {
+  const charts = {};
+
+  function draw(data) {
+    for (const line of data.series) {
+      const chart = charts[line.key];
+      if (chart) {
+        chart.data.labels = data.hours.map(hour);
+        chart.data.datasets[0].data = line.points;
+        chart.update("none");
+        continue;
+      }
+      const canvas = document.getElementById("spark-" + line.key);
+      if (canvas) charts[line.key] = sparkline(canvas, data, line);
+    }
+  }
+
+  function sparkline(canvas, data, line) {
+    return new Chart(canvas, {
       type: "line",
       data: {
         labels: data.hours.map(hour),
@@ -31,4 +45,9 @@
       },
     });
   }
+
+  draw(JSON.parse(source.textContent));
+  document.addEventListener("fleet:live", (event) => {
+    if (event.detail.charts) draw(event.detail.charts);
+  });
 })();

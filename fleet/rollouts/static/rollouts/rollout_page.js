@@ -1,7 +1,6 @@
 // The rollout page (admin): its charts (vendored Chart.js; data in #rollout-chart-data, the
-// numbers already rounded by fleet/rollouts/selectors.py) and its live refresh: every few
-// seconds it asks the live view for the page's parts, rendered by the same templates, and
-// replaces them in place; the charts get the new series. No full reload.
+// numbers already rounded by fleet/rollouts/selectors.py), redrawn with the new series at
+// each live refresh (fleet/core/static/fleet/live.js replaces the page's parts).
 "use strict";
 (function () {
   const root = document.getElementById("rollout-live");
@@ -132,39 +131,13 @@
     }
   }
 
-  const seconds = Number(root.dataset.refreshSeconds) || 5;
-  const status = document.getElementById("rollout-refreshed");
-
-  async function refresh() {
-    if (document.hidden) return;
-    let answer;
-    try {
-      const response = await fetch(root.dataset.liveUrl + window.location.search, {
-        headers: { Accept: "application/json" },
-        credentials: "same-origin",
-      });
-      if (!response.ok || !(response.headers.get("content-type") || "").includes("json")) {
-        status.textContent = "Could not refresh (logged out?); reload the page.";
-        return;
-      }
-      answer = await response.json();
-    } catch (error) {
-      status.textContent = "Could not refresh; retrying.";
-      return;
-    }
-    for (const [name, html] of Object.entries(answer.parts)) {
-      const part = root.querySelector(`[data-part="${name}"]`);
-      if (!part || part.contains(document.activeElement)) continue; // someone is using it (the filter)
-      // Parsed like the page was, so an unchanged part compares equal and is left alone.
-      const fresh = document.createElement("template");
-      fresh.innerHTML = html;
-      if (fresh.innerHTML !== part.innerHTML) part.replaceChildren(fresh.content);
-    }
-    data = answer.charts;
+  // The live refresh (fleet/core/static/fleet/live.js) replaced the parts; the charts take
+  // the new series.
+  document.addEventListener("fleet:live", (event) => {
+    if (!event.detail.charts) return;
+    data = event.detail.charts;
     draw();
-    status.textContent = `Refreshes by itself every ${seconds} s; last at ${time(Date.now() / 1000, false)}.`;
-  }
+  });
 
   draw();
-  window.setInterval(refresh, seconds * 1000);
 })();

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('registry', '0002_trust_root_keyring'),
+        ('registry', '0003_quantization_factory'),
     ]
 
     operations = [

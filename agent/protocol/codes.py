@@ -1,0 +1,56 @@
+"""The contract's codes: the event types and reason codes a device publishes on its
+``events`` topic (docs/protocol.md, "Event types and reason codes").
+
+One home for both sides: the agent publishes these members, the control plane reads them
+(the ingest stores them, the rollouts move assignments on them, the admin labels them).
+They are ``StrEnum``s, so a member *is* its code: ``json.dumps`` writes exactly the same
+bytes as for the plain string, and a code read from the wire compares equal to its member.
+
+The ``events`` schema leaves ``type`` and ``reason`` open strings on purpose: a newer agent
+may publish a code an older control plane does not know yet, which is stored and shown as
+the raw code rather than dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class EventType(enum.StrEnum):
+    """``type`` of an ``events`` message: where a device is with a desired state."""
+
+    NOTIFIED = "notified"  # a new generation verified; the device starts on it
+    DOWNLOADING = "downloading"  # fetching a model's manifest and blob
+    VERIFYING = "verifying"  # checking the download, loading it, running the golden set
+    ACTIVE = "active"  # the new version serves requests
+    SHADOW = "shadow"  # the candidate runs in shadow beside the live model (addition 5)
+    FAILED = "failed"  # refused or given up, with a reason code
+    RETRYING = "retrying"  # a transient failure, tried again with backoff (addition 8)
+    TRUST = "trust"  # a newer root or keyring was accepted (addition 6)
+
+
+class Reason(enum.StrEnum):
+    """``reason`` of a ``failed`` or ``retrying`` event: why a desired state, one of its
+    models, or a trust bundle was refused."""
+
+    SIGNATURE_INVALID = "signature_invalid"
+    PAYLOAD_TYPE = "payload_type"
+    REPLAY = "replay"
+    EXPIRED = "expired"
+    WRONG_DEVICE = "wrong_device"
+    MANIFEST_MISMATCH = "manifest_mismatch"
+    TOO_LARGE = "too_large"
+    HASH_MISMATCH = "hash_mismatch"
+    INCOMPATIBLE = "incompatible"
+    LOAD_FAILED = "load_failed"
+    GOLDEN_FAILED = "golden_failed"
+    DOWNLOAD_FAILED = "download_failed"
+    TLS_FAILED = "tls_failed"
+    # addition 6: the keyring
+    KEY_REVOKED = "key_revoked"
+    KEY_EXPIRED = "key_expired"
+    KEYRING_ROLLBACK = "keyring_rollback"
+    KEYRING_EXPIRED = "keyring_expired"
+    ROOT_EXPIRED = "root_expired"
+    NO_KEYRING = "no_keyring"
+    TRUST_NOT_SAVED = "trust_not_saved"
