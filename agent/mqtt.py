@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import __version__
+from agent import __version__, runtime
 from agent.config import Config
-from agent.protocol.schemas import format_time, parse_time
+from agent.protocol.schemas import RUNTIME_VERSION_PATTERN, format_time, parse_time
 from agent.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class MqttLink:
         on_trust: Callable[[bytes], None] | None = None,
     ) -> None:
         self.config = config
+        self._capabilities = self._device_capabilities()
         self.topics = Topics(config.broker.topic_prefix)
         self.device_id = config.device_id
         self.on_desired = on_desired
@@ -134,8 +136,27 @@ class MqttLink:
                 "online": online,
                 "agent_version": __version__,
                 "ts": format_time(datetime.now(UTC)),
+                "capabilities": self._capabilities,
             }
         ).encode()
+
+    def _device_capabilities(self) -> dict[str, Any]:
+        """What this device can run (docs/protocol.md, addition 10): the control plane
+        picks the variant it gets from these, so it is never sent one it would refuse."""
+        device = self.config.device
+        capabilities: dict[str, Any] = {
+            "hardware": device.hardware,
+            "int8": device.int8,
+            "unsupported_ops": list(device.unsupported_ops),
+        }
+        try:
+            rt = runtime.runtime()
+        except runtime.RuntimeLoadError:
+            return capabilities
+        capabilities["runtime"] = rt.name
+        if re.fullmatch(RUNTIME_VERSION_PATTERN, rt.version):
+            capabilities["runtime_version"] = rt.version
+        return capabilities
 
     def _make_client(self) -> mqtt.Client:
         broker = self.config.broker

@@ -34,6 +34,11 @@ api_v1 = [
         registry_api.VersionArtifacts.as_view(),
         name="version-artifacts",
     ),
+    re_path(
+        rf"^models/{NAME}/versions/{VERSION}/compatibility$",
+        rollouts_api.VersionCompatibility.as_view(),
+        name="version-compatibility",
+    ),
     path("artifacts/", registry_api.ArtifactList.as_view(), name="artifact-list"),
     path("artifacts/<int:id>/", registry_api.ArtifactDetail.as_view(), name="artifact-detail"),
     path("artifacts/<int:id>/manifest", registry_api.ArtifactManifest.as_view(), name="artifact-manifest"),

@@ -228,10 +228,30 @@ KEYRING = {
     },
 }
 
+# docs/protocol.md, addition 10: what the device can run, optional (older agents omit it).
+HARDWARE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+RUNTIME_VERSION_PATTERN = r"^[0-9]{1,4}(\.[0-9]{1,4}){0,3}([a-z]+[0-9]{0,4})?$"
+CAPABILITIES = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "hardware": {"type": "string", "pattern": HARDWARE_PATTERN},
+        "runtime": {"type": "string", "maxLength": 64},
+        "runtime_version": {"type": "string", "pattern": RUNTIME_VERSION_PATTERN},
+        "int8": {"type": "boolean"},
+        "unsupported_ops": {"type": "array", "maxItems": 500, "items": {"type": "string", "maxLength": 64}},
+    },
+}
+
 STATUS = {
     "type": "object",
     "required": ["online"],
-    "properties": {"online": {"type": "boolean"}, "agent_version": _str, "ts": _str},
+    "properties": {
+        "online": {"type": "boolean"},
+        "agent_version": _str,
+        "ts": _str,
+        "capabilities": CAPABILITIES,
+    },
 }
 
 REPORTED = {
@@ -391,7 +411,7 @@ def _check(schema: dict[str, Any], value: Any, path: tuple[str, ...]) -> tuple[t
     """The first violation of ``schema`` by ``value`` as (path, message), or None.
 
     Supports the keywords the contract's schemas use: type, const, enum, required,
-    properties, additionalProperties, propertyNames, items, minItems, pattern, minLength,
+    properties, additionalProperties, propertyNames, items, minItems, maxItems, pattern, minLength,
     maxLength, minimum, maximum, exclusiveMinimum ("format" is annotation only, as in
     JSON Schema 2020-12 by default).
     """
@@ -419,6 +439,8 @@ def _check(schema: dict[str, Any], value: Any, path: tuple[str, ...]) -> tuple[t
             return path, f"{value!r} is not greater than {schema['exclusiveMinimum']!r}"
     if isinstance(value, list) and len(value) < schema.get("minItems", 0):
         return path, f"{value!r} should have at least {schema['minItems']} item(s)"
+    if isinstance(value, list) and "maxItems" in schema and len(value) > schema["maxItems"]:
+        return path, f"{len(value)} items; at most {schema['maxItems']}"
     if isinstance(value, list) and "items" in schema:
         for index, item in enumerate(value):
             if found := _check(schema["items"], item, (*path, str(index))):

@@ -239,8 +239,8 @@ class EnrollSerializer(serializers.Serializer):
         required=False,
         default=dict,
         validators=[refuse_nul_characters],  # its strings land in text columns
-        help_text="display_name, hardware, runtime, runtime_version, agent_version, supports_int8, "
-        "supported_ops",
+        help_text="display_name, hardware (class, e.g. rpi4), runtime, runtime_version (e.g. 2.18.0), "
+        "agent_version, supports_int8, supported_ops and unsupported_ops (TFLite op names)",
     )
 
 

@@ -76,6 +76,7 @@ from paho.mqtt.properties import Properties
 
 from agent import protocol
 from agent.protocol.topics import DEVICE_TOPICS, Topics
+from fleet.core.capabilities import check_ops
 from fleet.devices.choices import DeviceStatus, IngestKind, IngestRefusalReason
 from fleet.devices.models import (
     Device,
@@ -296,6 +297,17 @@ def _shadow(model: str, shadow: Any) -> tuple:
     return (_name(version), _name(variant), sampled, compared, agreed, errors, skipped, mean_abs_diff, p95)
 
 
+def _capabilities(capabilities: dict[str, Any]) -> dict[str, Any]:
+    """docs/protocol.md addition 10, past the schema: op names must be TFLite's own."""
+    if "unsupported_ops" in capabilities:
+        try:
+            ops = check_ops(capabilities["unsupported_ops"], field="unsupported_ops")
+        except ValueError as exc:
+            raise Refused(INVARIANT, str(exc)) from exc
+        capabilities = {**capabilities, "unsupported_ops": ops}
+    return capabilities
+
+
 def _health(health: Any) -> tuple[float | None, ...]:
     """The health figures of a telemetry message, for its window rows. The wire schema
     leaves "health" open, so a figure that is missing, not a number or not finite is None
@@ -334,7 +346,7 @@ CREATE_TEMP_TABLES = (
     f"SELECT {EVENT_COLUMNS} FROM devices_deviceevent WITH NO DATA",
     "CREATE TEMP TABLE IF NOT EXISTS ingest_devices (id bigint, seen boolean, online boolean, "
     "agent_version text, generation bigint, reported_models jsonb, health jsonb, root_version int, "
-    "keyring_version int) ON COMMIT DELETE ROWS",
+    "keyring_version int, capabilities jsonb) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE IF NOT EXISTS ingest_refusals (device_key text, reason text, count bigint, "
     "at timestamptz) ON COMMIT DELETE ROWS",
 )
@@ -358,7 +370,12 @@ UPDATE devices_device d SET
         THEN COALESCE(u.root_version, d.root_version) ELSE d.root_version END,
     keyring_version = CASE WHEN u.generation >= d.applied_generation
         THEN COALESCE(u.keyring_version, d.keyring_version) ELSE d.keyring_version END,
-    health = COALESCE(u.health, d.health)
+    health = COALESCE(u.health, d.health),
+    hardware = COALESCE(u.capabilities->>'hardware', d.hardware),
+    runtime = COALESCE(u.capabilities->>'runtime', d.runtime),
+    runtime_version = COALESCE(u.capabilities->>'runtime_version', d.runtime_version),
+    supports_int8 = COALESCE((u.capabilities->>'int8')::boolean, d.supports_int8),
+    unsupported_ops = COALESCE(u.capabilities->'unsupported_ops', d.unsupported_ops)
 FROM ingest_devices u WHERE d.id = u.id
 """
 # Hourly sums come from the rows this statement really inserted, never from the batch, so
@@ -877,7 +894,7 @@ class IngestBridge:
         events: list[tuple] = []
         refusals: dict[tuple[str, str], int] = {}
         # pk -> [seen, online, agent_version, generation, reported_models, health,
-        #        root_version, keyring_version]
+        #        root_version, keyring_version, capabilities]
         states: dict[int, list] = {}
         valid = 0
         for kind, device_id, data, retained, topic in parsed:
@@ -887,7 +904,7 @@ class IngestBridge:
                 continue
             state = states.get(pk)
             if state is None:
-                state = states[pk] = [False, None, None, None, None, None, None, None]
+                state = states[pk] = [False, None, None, None, None, None, None, None, None]
             try:
                 if kind == TELEMETRY:
                     telemetry.extend(self._telemetry_rows(pk, data, now))
@@ -899,6 +916,8 @@ class IngestBridge:
                     if "agent_version" in data:
                         # Informational: cut to the column rather than lose the status.
                         state[2] = data["agent_version"][:AGENT_VERSION_MAX]
+                    if "capabilities" in data:
+                        state[8] = _json(_capabilities(data["capabilities"]))
                 elif kind == REPORTED:
                     generation = _count(data["generation"])
                     if state[3] is None or generation >= state[3]:

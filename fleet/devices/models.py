@@ -92,7 +92,9 @@ class Device(models.Model):
     runtime = models.CharField(max_length=64, blank=True)
     runtime_version = models.CharField(max_length=64, blank=True)
     supports_int8 = models.BooleanField(default=True)
-    supported_ops = models.JSONField(default=list, blank=True)
+    supported_ops = models.JSONField(default=list, blank=True)  # empty: every builtin op
+    # TFLite op names the device's runtime lacks (the agent's [device] unsupported_ops).
+    unsupported_ops = models.JSONField(default=list, blank=True)
     agent_version = models.CharField(max_length=32, blank=True)
     tags = models.JSONField(default=list, blank=True)
     # Pre-authorization: an operator registers the id with a one-time enrollment code.

@@ -27,6 +27,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agent.protocol.schemas import DEVICE_ID_PATTERN
+from fleet.core.capabilities import HARDWARE_CLASS, check_ops, version_tuple
 from fleet.core.errors import Conflict, InvalidInput, NotFound, ServiceError
 from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceErrorCode, DeviceStatus, GroupKind
 from fleet.devices.desired import desired_entries, desired_publish, desired_states_check, json_dict
@@ -270,11 +271,27 @@ def _release_enrollment_token(token: EnrollmentToken) -> None:
 
 
 def _identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The enrollment identity's fields, checked as the status' capabilities are
+    (docs/protocol.md, addition 10): a hardware class, a runtime version, TFLite op names."""
     fields = {key: str(identity[key])[:200] for key in IDENTITY_FIELDS if identity.get(key)}
+    if fields.get("runtime_version") == "unknown":  # a runtime built without package metadata
+        del fields["runtime_version"]
+    if "hardware" in fields and not HARDWARE_CLASS.fullmatch(fields["hardware"]):
+        raise InvalidInput(
+            "hardware: letters, digits, '.', '_' or '-', up to 64.", code="invalid", field="identity.hardware"
+        )
+    if "runtime_version" in fields and version_tuple(fields["runtime_version"]) is None:
+        raise InvalidInput(
+            "runtime_version: a version such as 2.18.0.", code="invalid", field="identity.runtime_version"
+        )
     if "supports_int8" in identity:
         fields["supports_int8"] = bool(identity["supports_int8"])
-    if isinstance(identity.get("supported_ops"), list):
-        fields["supported_ops"] = [str(op)[:64] for op in identity["supported_ops"]][:500]
+    for key in ("supported_ops", "unsupported_ops"):
+        if key in identity:
+            try:
+                fields[key] = check_ops(identity[key], field=key)
+            except ValueError as exc:
+                raise InvalidInput(str(exc), code="invalid", field=f"identity.{key}") from exc
     return fields
 
 
@@ -365,6 +382,7 @@ def device_enroll(
         )
     # The use is counted by itself (so that devices enrolling with one token never wait
     # for each other's broker round trips) and given back if the enrollment fails.
+    identity_fields = _identity(identity or {})
     token = _claim_enrollment_token(enrollment_token) if enrollment_token else None
     try:
         with transaction.atomic():
@@ -373,7 +391,7 @@ def device_enroll(
                 if token is None
                 else _new_device(device_id, token)
             )
-            for key, value in _identity(identity or {}).items():
+            for key, value in identity_fields.items():
                 setattr(device, key, value)
             device.enrolled_at = timezone.now()
             try:

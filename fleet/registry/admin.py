@@ -63,6 +63,53 @@ def running_url(model: MLModel, version: str, variant: str) -> str:
     return f"{reverse('admin:devices_device_changelist')}?{query}"
 
 
+def hardware_url(hardware: str, group: str | None) -> str:
+    """The device list filtered to the active devices of a hardware class (and group)."""
+    query = {"status__exact": DeviceStatus.ACTIVE, "hardware": hardware}
+    if group:
+        query["group"] = group
+    return f"{reverse('admin:devices_device_changelist')}?{urlencode(query)}"
+
+
+def compatibility_table(version: ModelVersion) -> dict:
+    """The compatibility matrix (docs/rollouts.md) in words: per group and hardware class,
+    how many devices can run each ready variant and how many a rollout would give it."""
+    from fleet.rollouts.selectors import version_compatibility  # rollouts reads the registry
+
+    matrix = version_compatibility(version=version)
+    variants = [
+        {
+            "name": n.variant,
+            "needs": ", ".join(
+                part
+                for part in (
+                    "any hardware" if "any" in n.hardware else f"{'/'.join(sorted(n.hardware))} only",
+                    "int8 support" if n.quantization in ("int8", "uint8", "int4") else "",
+                    f"TFLite runtime ≥ {'.'.join(map(str, n.min_runtime))}" if n.min_runtime else "",
+                )
+                if part
+            ),
+        }
+        for n in matrix.variants
+    ]
+    rows = [
+        {
+            "group": row.group or "All devices",
+            "hardware": row.hardware,
+            "devices": f"{row.devices:,}",
+            "url": hardware_url(row.hardware, row.group),
+            "cells": [
+                {"runs": f"{row.runs.get(v['name'], 0):,}", "gets": f"{row.gets.get(v['name'], 0):,}"}
+                for v in variants
+            ],
+            "skipped": f"{row.skipped:,}",
+            "why": "; ".join(f"{count(n, 'device')}: {why}" for why, n in row.skipped_reasons.items()),
+        }
+        for row in matrix.rows
+    ]
+    return {"variants": variants, "rows": rows}
+
+
 def _drop(value: float | None) -> str:
     if value is None:
         return "—"
@@ -371,7 +418,12 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def change_view(self, request, object_id, form_url="", extra_context=None):
         version = self.get_object(request, object_id)
         if version is not None:
-            extra_context = {**(extra_context or {}), **self.page_context(request, version)}
+            extra_context = {
+                **(extra_context or {}),
+                **self.page_context(request, version),
+                # Not refreshed live: the inventory's matrix changes slowly and costs queries.
+                "compatibility": compatibility_table(version),
+            }
         return super().change_view(request, object_id, form_url, extra_context)
 
     def live_view(self, request, pk: int):
@@ -456,6 +508,13 @@ class ArtifactUploadForm(forms.ModelForm):
     """The admin's upload door; it calls the same service as the API."""
 
     file = forms.FileField(help_text="A .tflite model. It is inspected now and processed in the background.")
+    hardware = forms.CharField(
+        label="For hardware",
+        initial="any",
+        required=False,
+        help_text='The hardware classes this variant is for, comma-separated (e.g. "rpi4, rpi5"); '
+        '"any" for every device. A rollout gives it only to devices of these classes.',
+    )
 
     class Meta:
         model = Artifact
@@ -495,6 +554,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         "sizes_text",
         "hashes",
         "tflite_text",
+        "hardware_text",
         "accuracy_text",
         "latency_text",
         "origin",
@@ -507,6 +567,11 @@ class ArtifactAdmin(admin.ModelAdmin):
     exclude = ("raw_file", "blob_file", "tflite_signature", "manifest_envelope")
     created_at_text = time_column("created_at", "created at")
     processed_at_text = time_column("processed_at", "processed at")
+
+    @admin.display(description="for hardware")
+    def hardware_text(self, obj):
+        classes = obj.requires_hardware or ["any"]
+        return "any device" if "any" in classes else ", ".join(classes) + " only"
 
     class Media:
         js = ("fleet/copy.js",)  # the copy buttons beside hashes
@@ -523,7 +588,7 @@ class ArtifactAdmin(admin.ModelAdmin):
         return self.exclude if obj else ()
 
     def get_fields(self, request, obj=None):
-        return ("version", "variant", "file") if obj is None else self.readonly_fields
+        return ("version", "variant", "file", "hardware") if obj is None else self.readonly_fields
 
     def save_model(self, request, obj, form, change):
         if change:
@@ -534,6 +599,7 @@ class ArtifactAdmin(admin.ModelAdmin):
                 variant=form.cleaned_data["variant"],
                 upload=form.cleaned_data["file"],
                 created_by=request.user,
+                requires_hardware=form.cleaned_data.get("hardware", "").split(","),
             )
         except ServiceError as exc:
             # ModelAdmin is shared by all requests: keep the error on the request.

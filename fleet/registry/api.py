@@ -118,6 +118,7 @@ class ArtifactSerializer(serializers.ModelSerializer):
             "compression_level",
             "compression_ratio",
             "tflite_signature",
+            "requires_hardware",
             "golden_accuracy",
             "golden_samples",
             "latency_ms",
@@ -236,6 +237,11 @@ NO_VARIANTS = "none"
 class ArtifactUploadSerializer(serializers.Serializer):
     variant = serializers.CharField(max_length=64, help_text="e.g. float32, int8")
     file = serializers.FileField(allow_empty_file=True, help_text="The .tflite model")
+    requires_hardware = serializers.ListField(
+        child=serializers.CharField(max_length=64),
+        required=False,
+        help_text='Hardware classes this variant targets (repeat the field); default ["any"], every device',
+    )
     quantize = serializers.MultipleChoiceField(
         choices=[*QuantRecipe.choices, (NO_VARIANTS, "No variant")],
         required=False,
@@ -473,6 +479,7 @@ class VersionArtifacts(generics.ListCreateAPIView):
             variant=serializer.validated_data["variant"],
             upload=serializer.validated_data["file"],
             created_by=request.user,
+            requires_hardware=serializer.validated_data.get("requires_hardware"),
             quantize_recipes=_requested_recipes(request, serializer.validated_data),
         )
         artifact = _wait_for_pipeline(artifact, wait)

@@ -131,6 +131,10 @@ class Keyring(SignedDocument):
         return f"keyring version {self.version}"
 
 
+def list_any() -> list[str]:
+    return ["any"]
+
+
 class Artifact(models.Model):
     """One variant (float32, int8, …) of a version: the uploaded .tflite, its zstd blob
     and the signed manifest that names both by sha256."""
@@ -154,6 +158,9 @@ class Artifact(models.Model):
     tflite_signature = models.JSONField(
         null=True, blank=True, help_text="inputs, outputs (name, shape, dtype), ops, quantization"
     )
+    # The hardware classes this variant targets (manifest ``requires.hardware``); ["any"]
+    # means every device. Set at upload (docs/rollouts.md, "Who gets what").
+    requires_hardware = models.JSONField(default=list_any, blank=True)
     golden_accuracy = models.FloatField(null=True, blank=True)
     golden_samples = models.PositiveIntegerField(null=True, blank=True)
     latency_ms = models.FloatField(

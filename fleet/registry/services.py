@@ -35,6 +35,7 @@ from django.utils import timezone
 
 from agent import download, protocol, runtime
 from fleet.core import metrics
+from fleet.core.capabilities import HARDWARE_CLASS
 from fleet.core.errors import Conflict, InvalidInput, TooLarge, Unprocessable
 from fleet.registry import quantize, sandbox, selectors, tflite
 from fleet.registry.choices import (
@@ -250,6 +251,7 @@ def artifact_upload(
     variant: str,
     upload: Any,
     created_by: AbstractBaseUser | None = None,
+    requires_hardware: list[str] | None = None,
     quantize_recipes: list[str] | None = None,
 ) -> Artifact:
     """Store an uploaded .tflite as a pending variant and queue its pipeline.
@@ -258,6 +260,7 @@ def artifact_upload(
     consumed: local storage moves it into place instead of copying it.
     """
     _require_name(variant, "variant")
+    hardware = _hardware_classes(requires_hardware)
     # Recipes the factory runs once this upload is ready (a float32 model only); None: the
     # model's setting.
     recipes = _check_recipes(version.model.quantize_recipes if quantize_recipes is None else quantize_recipes)
@@ -283,6 +286,7 @@ def artifact_upload(
                 variant=variant,
                 raw_file=raw_name,
                 raw_size=upload.size,
+                requires_hardware=hardware,
                 created_by=created_by,
                 task_id=task_id,
                 requested_recipes=[r for r in recipes if r != variant],
@@ -299,6 +303,26 @@ def artifact_upload(
     metrics.ARTIFACT_UPLOADS.inc()
     metrics.ARTIFACT_UPLOAD_BYTES.inc(upload.size)
     return artifact
+
+
+def _hardware_classes(classes: list[str] | None) -> list[str]:
+    """The hardware classes a variant targets: names like device hardware classes, "any"
+    alone meaning every device (the default)."""
+    classes = sorted({c.strip() for c in classes or [] if c.strip()}) or ["any"]
+    if len(classes) > 32:
+        raise InvalidInput("At most 32 hardware classes.", code="invalid", field="requires_hardware")
+    for name in classes:
+        if not HARDWARE_CLASS.fullmatch(name):
+            raise InvalidInput(
+                f"{name!r} is not a hardware class (letters, digits, '.', '_', '-'; up to 64).",
+                code="invalid",
+                field="requires_hardware",
+            )
+    if "any" in classes and len(classes) > 1:
+        raise InvalidInput(
+            '"any" means every device; list it alone.', code="invalid", field="requires_hardware"
+        )
+    return classes
 
 
 def _queue_processing(artifact_id: int, task_id: str) -> None:
@@ -397,6 +421,18 @@ def _checked_report(report: dict[str, Any], version: ModelVersion) -> dict[str, 
         type(signature.get(key, 0)) is int for key in ("schema_version", "subgraphs", "tensors", "operators")
     ):
         raise _bad_report("description or counts")
+    op_versions = signature.get("op_versions", {})
+    if not (
+        isinstance(op_versions, dict)
+        and set(op_versions) <= set(ops)
+        and all(type(v) is int and 0 <= v < 1000 for v in op_versions.values())
+    ):
+        raise _bad_report("op_versions")
+    min_runtime = signature.get("min_runtime")
+    if min_runtime is not None and not (
+        _short_str(min_runtime, 32) and tflite.RUNTIME_VERSION.fullmatch(min_runtime)
+    ):
+        raise _bad_report("min_runtime")
     accuracy, samples = report.get("golden_accuracy"), report.get("golden_samples")
     if version.has_golden_set:
         if not (isinstance(accuracy, float | int) and 0 <= accuracy <= 1):
@@ -408,7 +444,8 @@ def _checked_report(report: dict[str, Any], version: ModelVersion) -> dict[str, 
     latency = report.get("latency_ms")
     if latency is not None and not (isinstance(latency, float | int) and 0 <= latency < 3_600_000):
         raise _bad_report("latency_ms")
-    keys = ("inputs", "outputs", "ops", "quantization", "schema_version", "description", "subgraphs")
+    keys = ("inputs", "outputs", "ops", "op_versions", "min_runtime", "quantization", "schema_version")
+    keys += ("description", "subgraphs")
     return {
         "raw_sha256": report["raw_sha256"],
         "raw_size": report["raw_size"],
@@ -494,6 +531,10 @@ def manifest_payload(*, artifact: Artifact, created_at: str) -> dict[str, Any]:
         tflite=artifact.tflite_signature,
         labels=list(version.model.labels),
         golden=golden,
+        hardware=list(artifact.requires_hardware or ["any"]),
+        runtime=[f"tflite>={min_runtime}"]
+        if (min_runtime := (artifact.tflite_signature or {}).get("min_runtime"))
+        else None,
     )
 
 

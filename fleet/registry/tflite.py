@@ -9,6 +9,7 @@ apart from a merely odd one.
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from functools import cache
@@ -17,7 +18,11 @@ from typing import Any
 
 from ai_edge_litert import schema_py_generated as schema
 
+from agent.protocol.schemas import RUNTIME_VERSION_PATTERN
+
 FILE_IDENTIFIER = b"TFL3"
+# A runtime version as devices and converters write it: "2.18.0", "2.3", "1.0.1rc1".
+RUNTIME_VERSION = re.compile(RUNTIME_VERSION_PATTERN)
 
 
 @dataclass
@@ -45,6 +50,36 @@ def _op_name(code: Any) -> str:
         custom = code.CustomCode()
         return f"CUSTOM:{custom.decode('utf-8', 'replace') if custom else '?'}"
     return _enum_names(schema.BuiltinOperator).get(builtin, f"OP_{builtin}")
+
+
+def _op_versions(model: Any) -> dict[str, int]:
+    """Each op the model uses with the highest version it uses it at (an op's version grows
+    when it gains a feature, e.g. int8 inputs; an older runtime lacks the newer kernels)."""
+    versions: dict[str, int] = {}
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        name = _op_name(code)
+        versions[name] = max(versions.get(name, 0), int(code.Version()))
+    return dict(sorted(versions.items()))
+
+
+def _min_runtime(model: Any) -> str | None:
+    """The TFLite runtime the converter says the model needs: the ``min_runtime_version``
+    metadata it computes from the op codes and their versions (TensorFlow's
+    runtime_version.cc). None when the file does not say (hand-built models)."""
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() != b"min_runtime_version" or entry.Buffer() >= model.BuffersLength():
+            continue
+        buffer = model.Buffers(entry.Buffer())
+        offset = buffer._tab.Offset(4)  # Buffer.data; slices of the mmap copy (no view kept open)
+        if not offset:
+            return None
+        start = buffer._tab.Vector(offset)
+        data = bytes(buffer._tab.Bytes[start : start + buffer._tab.VectorLen(offset)])
+        text = data.split(b"\0", 1)[0].decode("ascii", "replace").strip()
+        return text if RUNTIME_VERSION.fullmatch(text) else None
+    return None
 
 
 def _tensor_description(tensor: Any) -> dict[str, Any]:
@@ -98,7 +133,7 @@ def _parse(buf: Any, size: int) -> dict[str, Any]:
             raise InvalidModel("malformed_tflite", f"the main subgraph declares no {what}")
         if any(not 0 <= int(t) < tensors for t in index_list):
             raise InvalidModel("malformed_tflite", f"an {what} names a tensor that does not exist")
-    ops = sorted({_op_name(model.OperatorCodes(i)) for i in range(model.OperatorCodesLength())})
+    op_versions = _op_versions(model)
     description = model.Description()
     return {
         "schema_version": int(model.Version()),
@@ -106,7 +141,9 @@ def _parse(buf: Any, size: int) -> dict[str, Any]:
         "subgraphs": int(model.SubgraphsLength()),
         "inputs": [_tensor_description(subgraph.Tensors(int(t))) for t in subgraph.InputsAsNumpy()],
         "outputs": [_tensor_description(subgraph.Tensors(int(t))) for t in subgraph.OutputsAsNumpy()],
-        "ops": ops,
+        "ops": list(op_versions),
+        "op_versions": op_versions,
+        "min_runtime": _min_runtime(model),
         "quantization": _quantization(model, subgraph),
         "tensors": int(tensors),
         "operators": int(subgraph.OperatorsLength()),

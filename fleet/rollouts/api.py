@@ -14,8 +14,8 @@ from rest_framework.views import APIView
 from fleet.core import listing
 from fleet.core.permissions import IsOperator, ViewerReadsOperatorWrites
 from fleet.registry import selectors as registry_selectors
-from fleet.registry.api import ERRORS, list_create_schema
-from fleet.rollouts import services
+from fleet.registry.api import ERRORS, NAME_PARAM, VERSION_PARAM, list_create_schema
+from fleet.rollouts import selectors, services
 from fleet.rollouts.choices import Approval, AssignmentState, OnFailure, RolloutState
 from fleet.rollouts.models import GateEvaluation, Rollout, RolloutPolicy, default_gates, default_stages
 
@@ -142,10 +142,10 @@ class RolloutSerializer(serializers.ModelSerializer):
     @extend_schema_field({"type": "array", "items": {"type": "object"}})
     def get_skipped(self, rollout: Rollout) -> list[dict]:
         return [
-            {"device_id": device_id, "reason": reason}
-            for device_id, reason in rollout.assignments.filter(state=AssignmentState.SKIPPED).values_list(
-                "device__device_id", "reason"
-            )
+            {"device_id": device_id, "code": code or None, "reason": reason}
+            for device_id, code, reason in rollout.assignments.filter(
+                state=AssignmentState.SKIPPED
+            ).values_list("device__device_id", "skip_code", "reason")
         ]
 
     @extend_schema_field(EvaluationSerializer(many=True))
@@ -243,3 +243,63 @@ def rollout_action_view(action: str) -> type[APIView]:
 
     RolloutAction.__name__ = f"Rollout{action.capitalize()}"
     return RolloutAction
+
+
+class CompatibilityVariantSerializer(serializers.Serializer):
+    variant = serializers.CharField()
+    raw_size = serializers.IntegerField(help_text="bytes")
+    quantization = serializers.CharField()
+    ops = serializers.ListField(child=serializers.CharField())
+    min_runtime = serializers.CharField(allow_null=True, help_text="TensorFlow Lite release, e.g. 2.3.0")
+    requires_hardware = serializers.ListField(child=serializers.CharField())
+
+
+class CompatibilityRowSerializer(serializers.Serializer):
+    group = serializers.CharField(allow_null=True, help_text="null: the whole fleet")
+    hardware = serializers.CharField()
+    devices = serializers.IntegerField()
+    runs = serializers.DictField(
+        child=serializers.IntegerField(), help_text="variant -> devices that can run it"
+    )
+    gets = serializers.DictField(
+        child=serializers.IntegerField(), help_text="variant -> devices a rollout gives it"
+    )
+    skipped = serializers.IntegerField(help_text="devices no variant fits (skip code no_variant_fits)")
+    skipped_reasons = serializers.DictField(child=serializers.IntegerField())
+
+
+class CompatibilitySerializer(serializers.Serializer):
+    model = serializers.CharField()
+    version = serializers.CharField()
+    variants = CompatibilityVariantSerializer(many=True)
+    rows = CompatibilityRowSerializer(many=True)
+
+
+def compatibility_body(version, matrix: selectors.Compatibility) -> dict:
+    """The matrix as the API shows it; the admin's version page draws the same numbers."""
+    return {
+        "model": version.model.name,
+        "version": version.version,
+        "variants": [
+            {
+                "variant": n.variant,
+                "raw_size": n.raw_size,
+                "quantization": n.quantization,
+                "ops": sorted(n.ops),
+                "min_runtime": ".".join(map(str, n.min_runtime)) if n.min_runtime else None,
+                "requires_hardware": sorted(n.hardware),
+            }
+            for n in matrix.variants
+        ],
+        "rows": [row.__dict__ for row in matrix.rows],
+    }
+
+
+@extend_schema(parameters=[NAME_PARAM, VERSION_PARAM], responses={200: CompatibilitySerializer, **ERRORS})
+class VersionCompatibility(APIView):
+    """Which device groups and hardware classes can run which of the version's ready
+    variants, counted from the active inventory (docs/rollouts.md, "Compatibility matrix")."""
+
+    def get(self, request, name: str, version: str):
+        found = registry_selectors.version_get(model_name=name, version=version)
+        return Response(compatibility_body(found, selectors.version_compatibility(version=found)))

@@ -44,6 +44,14 @@ class AssignmentState(models.TextChoices):
     ROLLED_BACK = "rolled_back", "Rolled back"
 
 
+class SkipReason(models.TextChoices):
+    """Why a targeted device is not in the rollout (``Assignment.skip_code``); the
+    assignment's ``reason`` says the particulars ("int8: needs op SOFTMAX")."""
+
+    NO_VARIANT_FITS = "no_variant_fits", "No variant fits the device"
+    DEVICE_INACTIVE = "device_inactive", "Device not active"
+
+
 IN_FLIGHT = (AssignmentState.NOTIFIED, AssignmentState.DOWNLOADING, AssignmentState.VERIFYING)
 # Device event types (agent) -> the assignment state they mean. ``retrying`` (a transient
 # failure the agent retries, docs/protocol.md addition 8) is left out on purpose: the device

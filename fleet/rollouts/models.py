@@ -11,6 +11,7 @@ from fleet.rollouts.choices import (
     Metric,
     OnFailure,
     RolloutState,
+    SkipReason,
     Verdict,
 )
 
@@ -122,6 +123,7 @@ class Assignment(models.Model):
     generation = models.PositiveBigIntegerField(null=True, blank=True)
     state = models.CharField(max_length=12, choices=AssignmentState.choices, default=AssignmentState.PENDING)
     reason = models.CharField(max_length=200, blank=True)
+    skip_code = models.CharField(max_length=20, choices=SkipReason.choices, blank=True)
     notified_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 

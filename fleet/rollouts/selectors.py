@@ -18,9 +18,13 @@ from django.db.models.fields.json import KT
 from django.utils import timezone
 
 from fleet.core.display import moment
-from fleet.devices.models import DeviceEvent
+from fleet.devices.choices import DeviceStatus, GroupKind
+from fleet.devices.models import Device, DeviceEvent, DeviceGroup
+from fleet.devices.selectors import group_devices
+from fleet.registry.models import ModelVersion
 from fleet.rollouts import services
 from fleet.rollouts.choices import ACTIVE_STATES, AssignmentState, Decision, Metric, RolloutState, StageMode
+from fleet.rollouts.cohort import VariantNeeds, choose_variant, misfit
 from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutHour
 from fleet.rollouts.policy import policy_validate
 
@@ -567,3 +571,83 @@ def active_gate_verdicts() -> dict[tuple[str, str], int]:
         .annotate(n=Count("id"))
     )
     return {(metric, verdict): n for metric, verdict, n in rows}
+
+
+# --- the compatibility matrix (docs/rollouts.md, "Compatibility matrix")
+
+
+@dataclass(frozen=True)
+class CompatibilityRow:
+    """Active devices of one group (``group`` None: the whole fleet) and hardware class:
+    how many can run each variant, which variant the rule would give them, and why the
+    rest fit none (reason -> devices)."""
+
+    group: str | None
+    hardware: str
+    devices: int
+    runs: dict[str, int]
+    gets: dict[str, int]
+    skipped: int
+    skipped_reasons: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    variants: list[VariantNeeds]  # the version's ready artifacts, smallest first
+    rows: list[CompatibilityRow]
+
+
+def _compatibility_rows(group: str | None, verdicts: list[tuple[str, frozenset, str | None, str]]) -> list:
+    by_hardware: dict[str, list] = {}
+    for verdict in verdicts:
+        by_hardware.setdefault(verdict[0], []).append(verdict)
+    rows = []
+    for hardware, items in sorted(by_hardware.items()):
+        runs: dict[str, int] = {}
+        gets: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for _, runnable, chosen, why in items:
+            for variant in runnable:
+                runs[variant] = runs.get(variant, 0) + 1
+            if chosen:
+                gets[chosen] = gets.get(chosen, 0) + 1
+            else:
+                reasons[why] = reasons.get(why, 0) + 1
+        skipped = sum(reasons.values())
+        rows.append(CompatibilityRow(group, hardware, len(items), runs, gets, skipped, reasons))
+    return rows
+
+
+def version_compatibility(*, version: ModelVersion) -> Compatibility:
+    """Which active devices, by group and hardware class, can run which of the version's
+    ready variants, by the rule a rollout places them with (``choose_variant``). A device
+    in several groups counts in each; the whole-fleet rows count it once."""
+    needs = sorted(
+        (services.variant_needs(a) for a in services.ready_artifacts(version).values()),
+        key=lambda n: (n.raw_size, n.variant),
+    )
+    active = Device.objects.filter(status=DeviceStatus.ACTIVE)
+    # Devices that said the same things get the same verdict: work per kind, not per device.
+    verdict_of: dict = {}
+    verdicts: dict[int, tuple[str, frozenset, str | None, str]] = {}
+    for device in active.only(
+        "pk", "hardware", "supports_int8", "runtime", "runtime_version", "supported_ops", "unsupported_ops"
+    ):
+        capabilities = services.device_capabilities(device)
+        if capabilities not in verdict_of:
+            runnable = frozenset(n.variant for n in needs if misfit(capabilities, n) is None)
+            chosen, why = choose_variant(device=capabilities, variants=needs)
+            verdict_of[capabilities] = (capabilities.hardware, runnable, chosen, why)
+        verdicts[device.pk] = verdict_of[capabilities]
+    rows = _compatibility_rows(None, list(verdicts.values()))
+    # Static groups' members in one query; a dynamic group is its saved filter, one query each.
+    static: dict[int, list[int]] = {}
+    for group_pk, device_pk in DeviceGroup.members.through.objects.values_list("devicegroup_id", "device_id"):
+        static.setdefault(group_pk, []).append(device_pk)
+    for group in DeviceGroup.objects.order_by("name"):
+        if group.kind == GroupKind.STATIC:
+            members = static.get(group.pk, [])
+        else:
+            members = group_devices(group=group, queryset=active).values_list("pk", flat=True)
+        rows.extend(_compatibility_rows(group.name, [verdicts[pk] for pk in members if pk in verdicts]))
+    return Compatibility(variants=needs, rows=rows)

@@ -23,6 +23,7 @@ from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
+from fleet.core.capabilities import tflite_runtime_level, version_tuple
 from fleet.core.errors import Conflict, InvalidInput
 from fleet.core.logs import log_context
 from fleet.devices import selectors as device_selectors
@@ -45,10 +46,11 @@ from fleet.rollouts.choices import (
     Metric,
     OnFailure,
     RolloutState,
+    SkipReason,
     StageMode,
     Verdict,
 )
-from fleet.rollouts.cohort import choose_variant, cohort_key, stage_size
+from fleet.rollouts.cohort import DeviceCapabilities, VariantNeeds, choose_variant, cohort_key, stage_size
 from fleet.rollouts.models import Assignment, AuditEntry, GateEvaluation, Rollout, RolloutHour, RolloutPolicy
 
 if TYPE_CHECKING:
@@ -239,27 +241,54 @@ def rollout_start(*, rollout: Rollout, by: AbstractBaseUser | None = None, reaso
 @dataclass(frozen=True)
 class Placement:
     """Where a rollout puts a device: its place in the cohort order, and the variant it gets
-    (with why), or none (skipped, with why)."""
+    (with why), or none (skipped, with a ``SkipReason`` and why)."""
 
     device: Device
     cohort_key: int
     variant: str  # "" when skipped
     artifact: Artifact | None
     reason: str
+    skip_code: str = ""  # a SkipReason when skipped
+
+
+def device_capabilities(device: Device) -> DeviceCapabilities:
+    """What the device reported it can run (enrollment and status, docs/protocol.md addition 10)."""
+    return DeviceCapabilities(
+        hardware=device.hardware or "any",
+        supports_int8=device.supports_int8,
+        runtime_level=tflite_runtime_level(device.runtime, device.runtime_version),
+        supported_ops=frozenset(device.supported_ops or ()),
+        unsupported_ops=frozenset(device.unsupported_ops or ()),
+    )
+
+
+def variant_needs(artifact: Artifact) -> VariantNeeds:
+    """What running the variant takes, from what the registry read in its flatbuffer."""
+    signature = artifact.tflite_signature or {}
+    return VariantNeeds(
+        variant=artifact.variant,
+        raw_size=artifact.raw_size or 0,
+        # Rows made before inspection recorded it: the variant's name is the best evidence.
+        quantization=signature.get("quantization") or ("int8" if artifact.variant == "int8" else "none"),
+        ops=frozenset(signature.get("ops", ())),
+        min_runtime=version_tuple(signature.get("min_runtime") or ""),
+        hardware=frozenset(artifact.requires_hardware or ["any"]),
+    )
 
 
 def device_placement(*, rollout_id: int, device: Device, available: dict[str, Artifact]) -> Placement:
     """The placement rule (docs/rollouts.md, "Who gets what"): the stable hash of (rollout,
     device) and the variant rule. Starting a rollout and the admin's preview both use it."""
     variant, why = choose_variant(
-        supports_int8=device.supports_int8, hardware=device.hardware, available=set(available)
+        device=device_capabilities(device), variants=[variant_needs(a) for a in available.values()]
     )
     return Placement(
         device=device,
         cohort_key=cohort_key(rollout_id, device.device_id) >> 1,
         variant=variant or "",
         artifact=available.get(variant) if variant else None,
-        reason=why,
+        reason=why[:200],
+        skip_code="" if variant else SkipReason.NO_VARIANT_FITS,
     )
 
 
@@ -273,6 +302,7 @@ def _placement(rollout: Rollout, device: Device, available: dict[str, Artifact])
         to_artifact=placed.artifact,
         state=AssignmentState.PENDING if placed.variant else AssignmentState.SKIPPED,
         reason=placed.reason,
+        skip_code=placed.skip_code,
     )
 
 
@@ -397,7 +427,9 @@ def _only_active(items: list[tuple[int, int, int]]) -> list[tuple[int, int, int]
     for pk, device_pk, _ in items:
         if device_pk in inactive:
             Assignment.objects.filter(pk=pk).update(
-                state=AssignmentState.SKIPPED, reason=f"device is {inactive[device_pk]}"
+                state=AssignmentState.SKIPPED,
+                skip_code=SkipReason.DEVICE_INACTIVE,
+                reason=f"device is {inactive[device_pk]}",
             )
     return [item for item in items if item[1] not in inactive]
 

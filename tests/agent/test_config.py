@@ -635,3 +635,27 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path):
         load_config(path)
 
     assert caught.value.errors[0].startswith(f"{path}: not")
+
+
+def test_the_status_carries_what_the_device_table_declares():
+    from agent.mqtt import MqttLink
+    from agent.runtime import runtime
+
+    declared = parse_config(config(device={"hardware": "jetson", "int8": False, "unsupported_ops": ["gelu"]}))
+    link = MqttLink(declared, on_desired=lambda envelope: None)
+    status = protocol_status(link)
+    assert status["capabilities"] == {
+        "hardware": "jetson",
+        "int8": False,
+        "unsupported_ops": ["GELU"],
+        "runtime": runtime().name,
+        "runtime_version": runtime().version,
+    }
+
+
+def protocol_status(link) -> dict[str, Any]:
+    import json
+
+    from agent import protocol
+
+    return protocol.validate("status", json.loads(link._status(True)))

@@ -57,7 +57,18 @@ EXAMPLES = {
         },
         "rollout": {"id": 12, "stage": 1},
     },
-    "status": {"online": True, "agent_version": "0.1.0", "ts": "2026-11-28T07:00:00Z"},
+    "status": {
+        "online": True,
+        "agent_version": "0.1.0",
+        "ts": "2026-11-28T07:00:00Z",
+        "capabilities": {
+            "hardware": "rpi4",
+            "runtime": "ai_edge_litert",
+            "runtime_version": "2.3.0",
+            "int8": True,
+            "unsupported_ops": ["GELU"],
+        },
+    },
     "root": {
         "schema": 1,
         "version": 2,
@@ -281,3 +292,27 @@ def test_a_desired_state_without_a_shadow_or_with_a_null_one_is_valid():
     document["models"]["digits"]["shadow"] = {"version": "1.5.0", "variant": "int8"}  # no URLs, no rate
     with pytest.raises(protocol.SchemaError):
         protocol.validate("desired", document)
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "valid"),
+    [
+        ({}, True),
+        ({"runtime_version": "2.18.0rc1"}, True),
+        ({"hardware": "jetson-nano"}, True),
+        ({"hardware": "rpi 4"}, False),
+        ({"hardware": "-rpi4"}, False),
+        ({"runtime_version": "latest"}, False),
+        ({"unsupported_ops": ["GELU"] * 501}, False),
+        ({"int8": "yes"}, False),
+    ],
+)
+def test_a_status_says_what_the_device_can_run_within_the_rules_of_addition_10(capabilities, valid):
+    status = {"online": True, "capabilities": capabilities}
+    if valid:
+        assert protocol.validate("status", status) is status
+    else:
+        with pytest.raises(protocol.SchemaError):
+            protocol.validate("status", status)
+    # Older agents send none at all.
+    assert protocol.validate("status", {"online": True})

@@ -163,6 +163,32 @@ def test_the_device_sparklines_carry_the_rollups_points(browser, camera):
     browser.shot("device-page-phone")
 
 
+def test_the_compatibility_matrix_fits_a_phone_and_a_desk(browser, world, digits):
+    """The version page's matrix (issue 12 §3): an int8 variant for rpi4 only, devices of two
+    hardware classes, one of which cannot run int8."""
+    from fleet.devices.models import Device, DeviceGroup
+    from tests.server.conftest import ready_artifact
+
+    ready_artifact(world["v2"], "int8", digits.build_digits_models(version="2.0.0")["int8"])
+    world["v2"].artifacts.filter(variant="int8").update(requires_hardware=["rpi4"])
+    Device.objects.filter(device_id__in=["cam-00", "cam-01", "cam-02"]).update(hardware="rpi4")
+    Device.objects.filter(device_id="cam-02").update(supports_int8=False)
+    DeviceGroup.objects.create(name="dock").members.set(
+        Device.objects.filter(device_id__in=["cam-00", "cam-03"])
+    )
+    browser.login("bob")
+    url = version_url(world["v2"])
+    for size in ((1440, 900), PHONE):
+        browser.driver.set_window_size(*size)
+        browser.open(url)
+        table = browser.text("#compatibility").lower()  # the admin's headers are in capitals
+        assert "needs rpi4 only, int8 support" in table
+        assert browser.sideways() <= 0
+        assert browser.axe() == []
+    scroll_to(browser, "#compatibility")
+    browser.shot("version-compatibility-phone")
+
+
 def test_the_version_page_compares_produced_variants_and_fits_a_phone(
     browser, world, digits, people, settings
 ):

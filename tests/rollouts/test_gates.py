@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fleet.rollouts import stats
-from fleet.rollouts.cohort import choose_variant, cohort_key, stage_size
+from fleet.rollouts.cohort import cohort_key, stage_size
 from fleet.rollouts.simulation import naive_accuracy_gate
 from fleet.rollouts.stats import (
     FAIL,
@@ -405,11 +405,3 @@ def test_cohort_order_is_stable_and_differs_between_rollouts():
 )
 def test_stage_sizes(kind, value, min_devices, eligible, size):
     assert stage_size(kind=kind, value=value, min_devices=min_devices, eligible=eligible) == size
-
-
-def test_the_variant_rule():
-    assert choose_variant(supports_int8=True, hardware="any", available={"int8", "float32"})[0] == "int8"
-    assert choose_variant(supports_int8=False, hardware="any", available={"int8", "float32"})[0] == "float32"
-    assert choose_variant(supports_int8=True, hardware="any", available={"float32"})[0] == "float32"
-    variant, reason = choose_variant(supports_int8=False, hardware="any", available={"int8"})
-    assert variant is None and "no variant" in reason

@@ -57,6 +57,23 @@ def test_the_admin_upload_form_runs_the_same_service(admin_client, version_v1, d
     assert len(stored_files("raw")) == 1
 
 
+def test_the_admin_upload_form_sets_the_hardware_classes_the_variant_is_for(admin_client, version_v1, digits):
+    form = {"version": version_v1.pk, "variant": "int8", "hardware": "rpi5, rpi4"}
+    data = digits.build_digits_models()["int8"]
+    response = admin_client.post(
+        "/admin/registry/artifact/add/", {**form, "file": SimpleUploadedFile("m.tflite", data)}
+    )
+    assert response.status_code == 302
+    artifact = Artifact.objects.get(variant="int8")
+    assert artifact.requires_hardware == ["rpi4", "rpi5"]
+    page = admin_client.get(f"/admin/registry/artifact/{artifact.pk}/change/").content.decode()
+    assert "rpi4, rpi5 only" in page
+    bad = {**form, "hardware": "rpi 4", "file": SimpleUploadedFile("m.tflite", data)}
+    refused = admin_client.post("/admin/registry/artifact/add/", bad, follow=True).content.decode()
+    assert "is not a hardware class" in refused
+    assert Artifact.objects.filter(variant="int8").count() == 1
+
+
 def test_the_admin_upload_form_refuses_garbage_with_a_message(admin_client, version_v1):
     response = admin_client.post(
         "/admin/registry/artifact/add/",

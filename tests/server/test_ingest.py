@@ -730,3 +730,32 @@ def test_partitions_are_made_ahead_and_rows_parked_in_default_move_into_theirs()
     assert f"devices_telemetrywindow_p{far.date():%Y%m%d}" in made
     assert partition_of("far") == f"devices_telemetrywindow_p{far.date():%Y%m%d}"
     assert ingest.telemetry_partitions_ensure(now=far) == []  # idempotent
+
+
+def test_it_keeps_what_a_device_says_it_can_run_and_refuses_op_names_tflite_lacks(bridge, devices):
+    cam, gate = devices("cam"), devices("gate")
+    capabilities = {
+        "hardware": "jetson",
+        "runtime": "tflite_runtime",
+        "runtime_version": "2.14.0",
+        "int8": False,
+        "unsupported_ops": ["gelu", "CUSTOM:MyOp"],
+    }
+    cam.publish("status", {"online": True, "ts": utc_now(), "capabilities": capabilities}, retain=True)
+    gate.publish(
+        "status",
+        {
+            "online": True,
+            "ts": utc_now(),
+            "capabilities": {"hardware": "rpi4", "unsupported_ops": ["NOT_AN_OP"]},
+        },
+        retain=True,
+    )
+    wait_until(
+        lambda: Device.objects.filter(hardware="jetson").exists(), timeout=10, message="cam's capabilities"
+    )
+    wait_until(lambda: bridge.delta("dropped") == 1, timeout=10, message="gate's status dropped")
+    saved = Device.objects.get(device_id=cam.device_id)
+    assert (saved.runtime, saved.runtime_version, saved.supports_int8) == ("tflite_runtime", "2.14.0", False)
+    assert saved.unsupported_ops == ["CUSTOM:MyOp", "GELU"]
+    assert Device.objects.get(device_id=gate.device_id).hardware != "rpi4"  # the whole status was refused

@@ -173,6 +173,7 @@ PERMISSIONS: dict[str, list[Call]] = {
         Call("GET", f"{V1}/artifacts/", viewers()),
         Call("POST", f"{V1}/artifacts/?wait=0", operators(202), _upload, "multipart"),
     ],
+    "version-compatibility": [Call("GET", f"{V1}/compatibility", viewers())],
     "artifact-list": [Call("GET", "/api/v1/artifacts/", viewers())],
     "artifact-detail": [Call("GET", "/api/v1/artifacts/{artifact}/", viewers())],
     "artifact-manifest": [
