@@ -21,7 +21,7 @@ def test_the_demo_tells_the_whole_story(tmp_path):
     }
     env["DEMO_DATABASE_URL"] = env["DATABASE_URL"].rsplit("/", 1)[0] + "/modelfleet_demo_test"
     result = subprocess.run(
-        [sys.executable, "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
+        [sys.executable, "-m", "scripts.demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if "ready" in line]
