@@ -21,6 +21,8 @@ The steps, in order (each a function with its own docstring; `python -m scripts.
 10. keep everything running until Ctrl-C (``DEMO_EXIT=1``: stop right away, for tests), then
     clean up: every process started is stopped, the broker too, and the database dropped.
 
-State and logs go to var/demo (``DEMO_VAR_DIR``); the port is 8000 or a free one
-(``DEMO_PORT``); Redis databases 14 (Celery) and 12 (cache, ``DEMO_CACHE_URL``).
+``DEMO_UNTIL=STEP`` (a step's function name, e.g. ``rollout_v2``) runs the steps up to that
+one, then keeps running (or stops, with ``DEMO_EXIT=1``). State and logs go to var/demo
+(``DEMO_VAR_DIR``); the port is 8000 or a free one (``DEMO_PORT``); Redis databases 14
+(Celery) and 12 (cache, ``DEMO_CACHE_URL``).
 """

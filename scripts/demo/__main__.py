@@ -11,7 +11,7 @@ import time
 from contextlib import ExitStack
 
 from . import agents, fleet_sim, registry, services, story
-from .common import VAR, Demo, console, new_progress
+from .common import VAR, Demo, console, new_progress, signal_all
 
 
 def keep_running(demo: Demo) -> None:
@@ -53,8 +53,20 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: every process started is stopped
 
 
+def until(plan: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """The steps up to DEMO_UNTIL (a step's function name, e.g. rollout_v2), then "Keep
+    running"; all of them without it."""
+    name = os.environ.get("DEMO_UNTIL", "")
+    names = [step.__name__ for _, step in plan]
+    if not name:
+        return plan
+    if name not in names:
+        raise SystemExit(f"DEMO_UNTIL must name a step: one of {', '.join(names)}; got {name!r}.")
+    return [*plan[: names.index(name) + 1], plan[-1]]
+
+
 def main(argv: list[str]) -> int:
-    plan = steps()
+    plan = until(steps())
     if "--steps" in argv:
         for number, (title, step) in enumerate(plan, 1):
             doc = " ".join(inspect.getdoc(step).split())
@@ -66,19 +78,25 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         with ExitStack() as stack:
-            progress = stack.enter_context(new_progress())
-            demo = Demo(stack=stack, progress=progress)
-            for number, (title, step) in enumerate(plan, 1):
-                console.rule(f"[bold]{number}/{len(plan)}[/bold] {title}", align="left")
-                with demo.task(f"Step {number} of {len(plan)}: {title}"):
-                    step(demo)
+            demo = Demo(stack=stack, progress=new_progress())
+            try:
+                for number, (title, step) in enumerate(plan, 1):
+                    console.rule(f"[bold]{number}/{len(plan)}[/bold] {title}", align="left")
+                    # One spinner list per step, under its rule: each line ticks when done.
+                    with new_progress() as demo.progress:
+                        step(demo)
+            finally:
+                stack.callback(signal_all)  # runs first: every process is asked to stop at once
             console.rule(
                 "Cleaning up: stopping every process started, dropping the demo's database", align="left"
             )
     except KeyboardInterrupt:
-        console.print("Stopped; everything the demo started is stopped and its database dropped.")
+        console.print("Stopped; every process the demo started is stopped and its database dropped.")
         return 130
-    console.print(f"Done in {time.monotonic() - started:.0f} s; everything the demo started is stopped.")
+    console.print(
+        f"Done in {time.monotonic() - started:.0f} s; every process the demo started is stopped "
+        "and its database dropped."
+    )
     return 0
 
 

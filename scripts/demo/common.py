@@ -97,11 +97,24 @@ def manage(env: dict[str, str], *args: str) -> str:
     return result.stdout.strip()
 
 
+# Every process the demo started, with the signal that stops it cleanly.
+STARTED: list[tuple[subprocess.Popen, int]] = []
+
+
+def signal_all() -> None:
+    """Ask every process the demo started to stop, all at once; each one's own callback then
+    waits for it (so twelve agents stop together, not one after the other)."""
+    for process, stop_signal in STARTED:
+        if process.poll() is None:
+            process.send_signal(stop_signal)
+
+
 def start(stack: ExitStack, name: str, env: dict[str, str], *args: str, stop_signal=signal.SIGTERM):
     """Start a process with its output in var/demo/logs/NAME.log; stopped when the demo ends."""
     log = (VAR / "logs" / f"{name}.log").open("wb")
     stack.callback(log.close)
     process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    STARTED.append((process, stop_signal))
 
     def stop() -> None:
         if process.poll() is None:
