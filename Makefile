@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 REQS := $(wildcard requirements/*.txt)
 STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha256sum | cut -c1-16)
 
-.PHONY: setup test demo up lint format bench clean
+.PHONY: setup test demo up lint format bench clean clean-up
 
 setup: $(STAMP)
 
@@ -22,9 +22,10 @@ $(STAMP): $(REQS)
 test: setup
 	scripts/with-services.sh $(PY) -m pytest $(PYTEST_ARGS)
 
-## demo: set up, start the control plane and a Celery worker, upload the digits model
+## demo: set up, start the control plane, a broker and twelve agents, tell the rollout story
+## (DEMO_DEVICES=N: a simulated fleet of N devices beside them); see scripts/demo/
 demo: setup
-	scripts/with-services.sh $(PY) scripts/demo.py
+	scripts/with-services.sh $(PY) -m scripts.demo
 
 ## up: the production processes (Procfile) with production settings until Ctrl-C; state in var/up
 up: setup
@@ -42,5 +43,16 @@ format: setup
 bench: setup
 	scripts/with-services.sh $(PY) bench/registry_pipeline.py
 
+# The project's own databases only: the demo's, the demo test's, and the test databases
+# pytest-django leaves behind when a run is killed (test_modelfleet, test_modelfleet_gw<N>).
+CLEAN_DATABASES := modelfleet_demo modelfleet_demo_test test_modelfleet 'test_modelfleet_gw%'
+
+## clean: remove var/demo and var/test and drop the demo's and leftover test databases
 clean:
 	rm -rf var/test var/demo
+	scripts/drop-databases.sh $(CLEAN_DATABASES)
+
+## clean-up: what make up keeps (var/up: secrets, TLS, keys) and its database modelfleet_up
+clean-up:
+	rm -rf var/up
+	scripts/drop-databases.sh modelfleet_up
