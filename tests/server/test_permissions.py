@@ -55,6 +55,7 @@ ENDPOINTS = [
         "version-list", "POST", "/api/v1/models/digits/versions/", True, 201, lambda _: {"version": "2.0.0"}
     ),
     Endpoint("version-detail", "GET", f"{V1}/"),
+    Endpoint("version-compatibility", "GET", f"{V1}/compatibility"),
     Endpoint("version-release", "POST", f"{V1}/release", True),
     Endpoint("version-deprecate", "POST", "/api/v1/models/digits/versions/0.9.0/deprecate", True),
     Endpoint("version-revoke", "POST", f"{V1}/revoke", True),
