@@ -28,6 +28,13 @@ class Refusal(Exception):
         super().__init__(message)
         self.reason, self.message, self.permanent, self.model = reason, message, permanent, model
 
+    @property
+    def event_type(self) -> EventType:
+        """How it is reported: "failed", or "retrying" for a transient failure (the control
+        plane unreachable mid-download), retried until it works, so that the install-failure
+        gate never counts a device that is about to succeed."""
+        return EventType.FAILED if self.permanent else EventType.RETRYING
+
 
 def utc_now() -> str:
     return protocol.format_time(datetime.now(UTC), fraction=True)

@@ -488,11 +488,8 @@ class Agent:
             except Refusal as refusal:
                 if refusal.permanent:
                     self._refused.add(generation)
-                # A transient failure (the control plane unreachable mid-download) is
-                # retried until it works: "retrying", not "failed", or the rollout's
-                # install-failure gate would count a device that is about to succeed.
                 self._event(
-                    EventType.FAILED if refusal.permanent else EventType.RETRYING,
+                    refusal.event_type,
                     generation=generation,
                     model=refusal.model,
                     reason=refusal.reason,

@@ -350,7 +350,7 @@ class VirtualDevice:
                 self.refused.add(generation)
                 self.fleet.stats.failed += 1
             self._event(
-                EventType.FAILED if refusal.permanent else EventType.RETRYING,
+                refusal.event_type,
                 generation=generation,
                 model=refusal.model,
                 reason=refusal.reason,

@@ -25,7 +25,7 @@ from fleet.core.forms import WordsField, label_split_datetime, words_text
 from fleet.core.live import live_response, render_fields
 from fleet.core.permissions import has_role
 from fleet.devices import selectors, services
-from fleet.devices.choices import DeviceStatus, GroupKind, event_type_label, reason_label
+from fleet.devices.choices import DeviceStatus, EventReason, GroupKind, event_type_label, reason_label
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, EnrollmentToken, IngestRefusal
 from fleet.registry.admin import status_badge
 from fleet.registry.models import Artifact
@@ -707,17 +707,15 @@ class EnrollmentTokenAdmin(admin.ModelAdmin):
 
 class ReasonFilter(admin.SimpleListFilter):
     """Events by reason code, named in words; events without one are "no reason code"
-    (the stock filter showed them as a link without text)."""
+    (the stock filter showed them as a link without text, and read every event's reason
+    to list the values: the codes are the contract's, agent/protocol/codes.py)."""
 
     title = "reason"
     parameter_name = "reason"
     NONE = "none"
 
     def lookups(self, request, model_admin):
-        codes = (
-            model_admin.get_queryset(request).order_by("reason").values_list("reason", flat=True).distinct()
-        )
-        return [(code or self.NONE, reason_label(code) if code else "no reason code") for code in codes]
+        return [(self.NONE, "no reason code"), *((code, reason_label(code)) for code in EventReason.values)]
 
     def queryset(self, request, queryset):
         if self.value() is None:

@@ -152,6 +152,20 @@ def test_events_show_reason_codes_in_words_and_times_to_the_second(camera, bob):
     assert f'href="/admin/devices/deviceevent/?q={camera.device_id}"' in page
 
 
+def test_the_event_list_filters_by_reason_in_words_and_by_no_reason(camera, bob):
+    now = timezone.now()
+    for message_id, kind, reason in (("r1", "failed", "golden_failed"), ("r2", "active", "")):
+        DeviceEvent.objects.create(
+            device=camera, message_id=message_id, type=kind, reason=reason, ts=now, received_at=now
+        )
+    events = "/admin/devices/deviceevent/"
+    page = web(bob).get(events).content.decode()
+    assert "Failed its golden-set check (golden_failed)" in page and ">no reason code<" in page
+    for query, expected in (("?reason=golden_failed", {"r1"}), ("?reason=none", {"r2"}), ("", {"r1", "r2"})):
+        shown = web(bob).get(events + query).context["cl"].result_list
+        assert {event.message_id for event in shown} == expected, query
+
+
 def test_the_rollout_history_lists_each_assignment_and_links_to_its_rollout(world, alice, bob):
     rollout = admin_world.start(world, alice.user)
     assignment = rollout.assignments.exclude(stage=None).select_related("device").first()
