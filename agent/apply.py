@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent import protocol
-from agent.protocol.codes import EventType, Reason
+from agent.protocol.codes import DeltaFallback, EventType, Reason
 from agent.protocol.trust import TrustState
 
 MANIFEST_MAX_BYTES = 1024 * 1024  # a signed manifest is a few kB
@@ -89,6 +89,58 @@ def verify_manifest(
     return payload, manifest
 
 
+class DeltaUnusable(Exception):
+    """A delta offer the device does not use; it downloads the full blob instead and says
+    why in ``delivery.fallback`` (docs/protocol.md, addition 11)."""
+
+    def __init__(self, code: DeltaFallback, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def verify_delta_manifest(
+    trust: TrustState,
+    envelope: bytes,
+    *,
+    name: str,
+    spec: dict[str, Any],
+    offer: dict[str, Any],
+    target: dict[str, Any],
+    base_raw_sha256: str,
+    max_bytes: int,
+) -> dict[str, Any]:
+    """The delta manifest inside ``envelope``, checked against everything the device already
+    trusts: signed by a key the keyring trusts as a *delta* manifest, pinned by the desired
+    state's ``offer``, for the model/version/variant the desired state asks for, rebuilding
+    exactly the raw bytes of the *target's* verified manifest (``target``), from exactly the
+    base installed here (``base_raw_sha256``), and no larger than the device takes or than
+    the full blob it would replace. Raises :class:`DeltaUnusable` (``delta_refused``)."""
+    refused = DeltaFallback.DELTA_REFUSED
+    try:
+        payload = trust.verify(envelope, payload_type=protocol.DELTA_PAYLOAD_TYPE, now=datetime.now(UTC))
+        manifest = protocol.parse("delta_manifest", payload)
+    except (protocol.EnvelopeError, protocol.SchemaError) as exc:
+        raise DeltaUnusable(refused, f"delta manifest: {exc}") from exc
+    if hashlib.sha256(payload).hexdigest() != offer["manifest_sha256"]:
+        raise DeltaUnusable(refused, "delta manifest sha256 differs from the one the desired state pins")
+    named = (manifest["model"], manifest["version"], manifest["variant"])
+    if named != (name, spec["version"], spec["variant"]):
+        raise DeltaUnusable(refused, f"delta manifest is for {named}")
+    base = manifest["base"]
+    if (base["version"], base["variant"]) != (offer["base_version"], offer["base_variant"]):
+        raise DeltaUnusable(refused, "delta manifest names another base than the desired state")
+    if base["raw"]["sha256"] != base_raw_sha256:
+        raise DeltaUnusable(DeltaFallback.WRONG_BASE, "the installed base is not the delta's base")
+    if manifest["target"]["raw"] != {"sha256": target["raw"]["sha256"], "size": target["raw"]["size"]}:
+        raise DeltaUnusable(refused, "delta manifest rebuilds other bytes than the target's signed manifest")
+    size = manifest["delta"]["size"]
+    if size > max_bytes or size >= target["blob"]["size"]:
+        raise DeltaUnusable(
+            DeltaFallback.TOO_LARGE, f"delta is {size} bytes; the full blob is {target['blob']['size']}"
+        )
+    return manifest
+
+
 def check_fits(
     manifest: dict[str, Any],
     *,
@@ -126,9 +178,10 @@ def event_message(
     variant: str | None = None,
     reason: Reason | None = None,
     message: str | None = None,
+    delivery: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An ``events`` message (install/verify/swap/revert with generation and reason code),
-    validated against the contract."""
+    """An ``events`` message (install/verify/swap/revert with generation and reason code,
+    and how a download came, addition 11), validated against the contract."""
     event: dict[str, Any] = {"id": uuid.uuid4().hex, "ts": utc_now(), "type": kind}
     for key, value in (
         ("generation", generation),
@@ -137,6 +190,7 @@ def event_message(
         ("variant", variant),
         ("reason", reason),
         ("message", message),
+        ("delivery", delivery),
     ):
         if value is not None:
             event[key] = value

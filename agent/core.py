@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import mmap
 import os
 import random
 import signal
@@ -37,11 +38,13 @@ import urllib3
 from agent import __version__, protocol, runtime
 from agent.apply import (
     MANIFEST_MAX_BYTES,
+    DeltaUnusable,
     Refusal,
     check_fits,
     check_freshness,
     event_message,
     reported_message,
+    verify_delta_manifest,
     verify_desired,
     verify_manifest,
 )
@@ -57,7 +60,8 @@ from agent.download import (
 from agent.localapi import LocalApi, as_inputs
 from agent.metrics import AgentMetrics
 from agent.mqtt import MqttLink
-from agent.protocol.codes import EventType, Reason
+from agent.protocol.codes import DeliveryPath, DeltaFallback, EventType, Reason
+from agent.protocol.delta import DeltaError, apply_delta, read_header
 from agent.serving import LoadedModel, Models
 from agent.shadow import Shadow, ShadowRunner
 from agent.store import Installed, ModelState, Store
@@ -68,7 +72,14 @@ log = logging.getLogger(__name__)
 # Where a crash-consistency test may ask the agent to SIGKILL itself (FLEET_AGENT_CRASH_AT).
 SWITCH_INTERVAL_S = 0.001
 APPLY_NICENESS = 10
-CRASH_POINTS = ("after_download", "after_install", "before_swap", "after_swap", "after_state")
+CRASH_POINTS = (
+    "after_download",
+    "during_rebuild",
+    "after_install",
+    "before_swap",
+    "after_swap",
+    "after_state",
+)
 
 
 @dataclass
@@ -78,6 +89,14 @@ class ApplyResult:
     reason: Reason | None = None
     message: str = ""
     permanent: bool = True
+
+
+def _mapped(path) -> mmap.mmap:
+    """A file's bytes, read-only and mapped, not copied: a delta rebuild holds only the
+    target in memory. The mapping is released with its last reference (never closed while
+    a view, or a traceback, may still point into it)."""
+    with open(path, "rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 class Agent:
@@ -261,6 +280,7 @@ class Agent:
         variant: str | None = None,
         reason: Reason | None = None,
         message: str | None = None,
+        delivery: dict[str, Any] | None = None,
     ) -> None:
         if reason:
             self.metrics.refusals.labels(reason, kind).inc()
@@ -279,6 +299,7 @@ class Agent:
                 variant=variant,
                 reason=reason,
                 message=message,
+                delivery=delivery,
             ),
         )
 
@@ -523,12 +544,13 @@ class Agent:
         self._event(EventType.DOWNLOADING, **common)
         manifest_payload, manifest = self._fetch_manifest(name, spec)
         self._check_fits(manifest)
+        delivery = None
         if not self.store.is_complete(name, wanted):
-            raw_temp, golden = self._fetch_artifact(name, spec, manifest)
+            raw_temp, golden, delivery = self._fetch_artifact(name, spec, manifest)
             self._crash_point("after_download")
             self.store.install(name, wanted, tflite_temp=raw_temp, manifest=manifest_payload, golden=golden)
             self._crash_point("after_install")
-        self._event(EventType.VERIFYING, **common)
+        self._event(EventType.VERIFYING, **common, delivery=delivery)
         return self._load_and_check(name, wanted, manifest), manifest
 
     def _apply_live(self, name: str, spec: dict[str, Any], generation: int) -> None:
@@ -647,26 +669,33 @@ class Agent:
             runtime_name=runtime.runtime().name,
         )
 
-    def _fetch_artifact(self, name: str, spec: dict[str, Any], manifest: dict[str, Any]):
-        blob, raw = manifest["blob"], manifest["raw"]
-        try:
-            raw_temp = self.store.scratch_path(f"{raw['sha256']}.tflite.tmp")
-            # Unpack on a second thread while the blob arrives: one pass, two cores.
-            unpacker = StreamingUnpacker(raw_temp, raw_size=raw["size"], raw_sha256=raw["sha256"])
+    def _fetch_artifact(
+        self, name: str, spec: dict[str, Any], manifest: dict[str, Any]
+    ) -> tuple[Any, bytes | None, dict[str, Any]]:
+        """The verified raw model in a scratch file, the golden set, and how the bytes came
+        (``delivery``, addition 11): rebuilt from a delta when the desired state offers one
+        and every check passes, else the full blob, with the reason the delta was not used."""
+        received = self.downloader.bytes_received
+        raw_temp, path, fallback, offer = None, DeliveryPath.FULL, None, spec.get("delta")
+        if offer is not None:
             try:
-                partial = self.downloader.fetch_blob(
-                    spec["blob_url"],
-                    partial=self.store.partial_path(blob["sha256"]),
-                    size=blob["size"],
-                    sha256=blob["sha256"],
-                    sink=unpacker,
+                raw_temp, path = self._fetch_delta(name, spec, offer, manifest), DeliveryPath.DELTA
+            except DeltaUnusable as exc:
+                fallback = exc.code
+                log.warning(
+                    "delta for %s %s not used (%s): %s; downloading the full blob",
+                    name,
+                    spec["version"],
+                    exc.code,
+                    exc.message,
                 )
-            except BaseException:
-                unpacker.close()
-                raise
-            if not unpacker.finish():  # the download started over: unpack the file instead
-                decompress_blob(partial, raw_temp, raw_size=raw["size"], raw_sha256=raw["sha256"])
-            partial.unlink(missing_ok=True)
+        try:
+            if raw_temp is None:
+                raw_temp = self._fetch_full(spec, manifest)
+            delivery: dict[str, Any] = {"path": path, "bytes": self.downloader.bytes_received - received}
+            if fallback is not None:
+                delivery["fallback"] = fallback
+            self.metrics.deliveries.labels(path, fallback or "").inc()
             golden = None
             if manifest.get("golden"):
                 golden_url = spec.get("golden_url") or spec["manifest_url"].rsplit("/", 1)[0] + "/golden"
@@ -681,7 +710,107 @@ class Agent:
                     raise Refusal(Reason.HASH_MISMATCH, "golden set sha256 differs from the manifest")
         except TransferError as exc:
             raise self._transfer(exc) from exc
-        return raw_temp, golden
+        return raw_temp, golden, delivery
+
+    def _fetch_full(self, spec: dict[str, Any], manifest: dict[str, Any]):
+        """Download the zstd blob (resumable, capped) and unpack it into a scratch file."""
+        blob, raw = manifest["blob"], manifest["raw"]
+        raw_temp = self.store.scratch_path(f"{raw['sha256']}.tflite.tmp")
+        # Unpack on a second thread while the blob arrives: one pass, two cores.
+        unpacker = StreamingUnpacker(raw_temp, raw_size=raw["size"], raw_sha256=raw["sha256"])
+        try:
+            partial = self.downloader.fetch_blob(
+                spec["blob_url"],
+                partial=self.store.partial_path(blob["sha256"]),
+                size=blob["size"],
+                sha256=blob["sha256"],
+                sink=unpacker,
+            )
+        except BaseException:
+            unpacker.close()
+            raise
+        if not unpacker.finish():  # the download started over: unpack the file instead
+            decompress_blob(partial, raw_temp, raw_size=raw["size"], raw_sha256=raw["sha256"])
+        partial.unlink(missing_ok=True)
+        return raw_temp
+
+    def _delta_transfer(self, exc: TransferError) -> DeltaUnusable:
+        """A delta that cannot be downloaded: a transient failure (the control plane out of
+        reach) would hit the full blob too, so it is retried as one; anything else (404,
+        wrong size or sha256) falls back to the full blob."""
+        if not exc.permanent:
+            raise self._transfer(exc) from exc
+        return DeltaUnusable(DeltaFallback.DELTA_DOWNLOAD, str(exc))
+
+    def _fetch_delta(self, name: str, spec: dict[str, Any], offer: dict[str, Any], manifest: dict[str, Any]):
+        """Rebuild the target's raw model from the installed base and a delta (addition 11).
+
+        The delta's manifest is checked against the target's verified manifest, and the
+        rebuilt bytes against the target's signed raw sha256 (the delta header must name
+        it, and ``apply_delta`` hashes what it builds): nothing a delta carries is trusted on
+        its own. The delta downloads like a blob (resumable, size-capped, hashed); the
+        rebuilt model goes to a scratch file that only ``Store.install`` moves into place,
+        so a kill at any point leaves the store as it was. Raises :class:`DeltaUnusable`."""
+        base = Installed(offer["base_version"], offer["base_variant"])
+        try:
+            base_manifest = protocol.parse("manifest", self.store.manifest(name, base))
+        except (OSError, protocol.SchemaError) as exc:
+            raise DeltaUnusable(DeltaFallback.BASE_MISSING, f"{name} {base.key} is not installed") from exc
+        base_raw = base_manifest["raw"]
+        try:
+            envelope = self.downloader.fetch_bytes(offer["manifest_url"], max_bytes=MANIFEST_MAX_BYTES)
+        except TransferError as exc:
+            raise self._delta_transfer(exc) from exc
+        delta = verify_delta_manifest(
+            self.trust.state,
+            envelope,
+            name=name,
+            spec=spec,
+            offer=offer,
+            target=manifest,
+            base_raw_sha256=base_raw["sha256"],
+            max_bytes=self.config.limits.max_artifact_bytes,
+        )["delta"]
+        try:
+            partial = self.downloader.fetch_blob(
+                offer["blob_url"],
+                partial=self.store.partial_path(delta["sha256"]),
+                size=delta["size"],
+                sha256=delta["sha256"],
+            )
+        except TransferError as exc:
+            raise self._delta_transfer(exc) from exc
+        raw = manifest["raw"]
+        raw_temp = self.store.scratch_path(f"{raw['sha256']}.tflite.tmp")
+        try:
+            base_bytes = _mapped(self.store.model_path(name, base))
+        except (OSError, ValueError) as exc:
+            raise DeltaUnusable(DeltaFallback.BASE_MISSING, f"{name} {base.key}: {exc}") from exc
+        try:
+            delta_bytes = _mapped(partial)
+            if read_header(delta_bytes).target_sha256 != raw["sha256"]:
+                raise DeltaError(DeltaFallback.TARGET_MISMATCH, "the delta rebuilds another model")
+            rebuilt = memoryview(
+                apply_delta(base_bytes, delta_bytes, max_output=raw["size"], base_sha256=base_raw["sha256"])
+            )
+        except Exception as exc:  # any failure of a delta means the full blob
+            # Whatever is wrong with it, this delta will not do: do not resume it next time.
+            partial.unlink(missing_ok=True)
+            code = DeltaFallback(exc.code) if isinstance(exc, DeltaError) else DeltaFallback.CORRUPT
+            raise DeltaUnusable(code, f"delta not applied: {exc}") from exc
+        if len(rebuilt) != raw["size"]:  # apply_delta checked it; a cheap second look
+            partial.unlink(missing_ok=True)
+            raise DeltaUnusable(DeltaFallback.TARGET_MISMATCH, "the rebuilt model has the wrong size")
+        with open(raw_temp, "wb") as out:
+            half = len(rebuilt) // 2
+            out.write(rebuilt[:half])
+            out.flush()
+            self._crash_point("during_rebuild")
+            out.write(rebuilt[half:])
+            out.flush()
+            os.fsync(out.fileno())
+        partial.unlink(missing_ok=True)
+        return raw_temp
 
     def _load_and_check(self, name: str, wanted: Installed, manifest: dict[str, Any]) -> LoadedModel:
         path = self.store.model_path(name, wanted)

@@ -73,6 +73,13 @@ class AgentMetrics:
             ["reason", "event"],
             registry=self.registry,
         )
+        self.deliveries = Counter(
+            "modelfleet_agent_deliveries",
+            "Models downloaded, by path (delta, full) and why a delta offered was not used "
+            "(fallback, empty when none was).",
+            ["path", "fallback"],
+            registry=self.registry,
+        )
         self.registry.register(_ReadAtScrape(download_bytes, download_resumes, rss_bytes))
 
     def inference(self, model: str, version: str, latency_s: float | None) -> None:

@@ -144,6 +144,10 @@ class Store:
         directory = self.model_dir(model, installed)
         return (directory / "model.tflite").is_file() and (directory / "manifest.json").is_file()
 
+    def manifest(self, model: str, installed: Installed) -> bytes:
+        """The manifest payload stored with an installed version (verified when installed)."""
+        return (self.model_dir(model, installed) / "manifest.json").read_bytes()
+
     def install(
         self, model: str, installed: Installed, *, tflite_temp: Path, manifest: bytes, golden: bytes | None
     ) -> Path:

@@ -243,6 +243,15 @@ GOLDEN_SET_MAX_ARRAY_BYTES = _positive(
 )
 
 # --- quantization factory (docs/quantization.md)
+# Tensor-level deltas (docs/protocol.md, addition 11): when an artifact is ready, deltas are
+# made from the ready artifacts (same variant) of this many earlier released versions of
+# the model (0: none), and offered only when smaller than this fraction of the full blob.
+DELTA_BASES = _read("DELTA_BASES", env.int, 2)
+if not 0 <= DELTA_BASES <= 10:
+    raise ImproperlyConfigured(f"DELTA_BASES: must be 0..10, got {DELTA_BASES}")
+DELTA_MAX_RATIO = _read("DELTA_MAX_RATIO", env.float, 0.8)
+if not 0 < DELTA_MAX_RATIO <= 1:
+    raise ImproperlyConfigured(f"DELTA_MAX_RATIO: must be more than 0 and at most 1, got {DELTA_MAX_RATIO}")
 # Largest golden-accuracy drop, in percentage points against the float32 parent, a produced
 # variant may show before it is rejected (a model's own limit overrides it).
 QUANT_MAX_ACCURACY_DROP_PP = _read("QUANT_MAX_ACCURACY_DROP_PP", env.float, 2.0)

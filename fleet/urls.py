@@ -44,6 +44,16 @@ api_v1 = [
     path("artifacts/<int:id>/manifest", registry_api.ArtifactManifest.as_view(), name="artifact-manifest"),
     path("artifacts/<int:id>/blob", registry_api.ArtifactBlob.as_view(), name="artifact-blob"),
     path("artifacts/<int:id>/golden", registry_api.ArtifactGolden.as_view(), name="artifact-golden"),
+    path(
+        "artifacts/<int:id>/deltas/<int:delta_id>/manifest",
+        registry_api.ArtifactDeltaManifest.as_view(),
+        name="artifact-delta-manifest",
+    ),
+    path(
+        "artifacts/<int:id>/deltas/<int:delta_id>/blob",
+        registry_api.ArtifactDeltaBlob.as_view(),
+        name="artifact-delta-blob",
+    ),
     path("signing-keys/", registry_api.SigningKeyList.as_view(), name="signing-key-list"),
     path("trust", registry_api.TrustView.as_view(), name="trust"),
     path("enroll", devices_api.Enroll.as_view(), name="enroll"),

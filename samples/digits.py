@@ -453,6 +453,52 @@ def build_digits_models(*, quality: str = "good", version: str | None = None) ->
     return dict(_build_version(version))
 
 
+@lru_cache(maxsize=2)
+def _head_retrained(version: str, epochs: int) -> tuple[tuple[str, bytes], ...]:
+    weights = _train(_RECIPES["1.0.0"])
+    x_train, y_train, _, _ = _dataset()
+    # New data: the training split with a little pixel noise, as a camera in the field sees it.
+    rng = np.random.default_rng(7)
+    x_new = np.clip(x_train + rng.normal(0, 0.05, x_train.shape), 0, 1).astype(np.float32)
+    hidden = np.maximum(x_new @ weights.w1 + weights.b1, 0)
+    onehot = np.eye(NUM_CLASSES, dtype=np.float32)[y_train]
+    w2, b2 = weights.w2.copy(), weights.b2.copy()
+    for _ in range(epochs):  # full-batch gradient descent on the softmax head, from its weights
+        logits = hidden @ w2 + b2
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        grad = (probs - onehot) / len(hidden)
+        w2 -= 0.05 * (hidden.T @ grad)
+        b2 -= 0.05 * grad.sum(axis=0)
+    tuned = _Weights(w1=weights.w1, b1=weights.b1, w2=w2.astype(np.float32), b2=b2.astype(np.float32))
+    arch = f"MLP {NUM_FEATURES}-{_RECIPES['1.0.0'].hidden_units}-{NUM_CLASSES}"
+    return (
+        (
+            "float32",
+            _float_mlp(
+                *(tuned.w1, tuned.b1, tuned.w2, tuned.b2),
+                description=f"Modelfleet sample: digits {arch}, float32, v1.0.0 head retrained",
+            ),
+        ),
+        (
+            "int8",
+            _int8_mlp(
+                tuned,
+                x_train,
+                description=f"Modelfleet sample: digits {arch}, int8 PTQ, v1.0.0 head retrained",
+            ),
+        ),
+    )
+
+
+def build_head_retrained_models(*, epochs: int = 30) -> dict[str, bytes]:
+    """Version 1.0.0 with its classifier head (the last layer) retrained on new data,
+    starting from its weights, and the hidden layer frozen: what a team ships when it
+    refreshes a model, and what a tensor-level delta is for (docs/protocol.md, addition 11).
+    ``{"float32": ..., "int8": ...}``; the hidden layer's bytes are those of 1.0.0."""
+    return dict(_head_retrained("1.0.0", epochs))
+
+
 def sample_models() -> list[SampleModel]:
     """Every version/variant of the demo story, oldest first."""
     return [

@@ -5,6 +5,7 @@ See ARCHITECTURE.md, "Wire contract v1", and docs/protocol.md.
 
 from agent.protocol.codes import EventType, Reason
 from agent.protocol.dsse import (
+    DELTA_PAYLOAD_TYPE,
     DESIRED_PAYLOAD_TYPE,
     KEYRING_PAYLOAD_TYPE,
     MANIFEST_PAYLOAD_TYPE,
@@ -25,6 +26,7 @@ from agent.protocol.dsse import (
 from agent.protocol.schemas import (
     InvariantError,
     SchemaError,
+    build_delta_manifest,
     build_desired,
     build_manifest,
     canonical_json,
@@ -37,6 +39,7 @@ from agent.protocol.schemas import (
 from agent.protocol.topics import Topics
 
 __all__ = [
+    "DELTA_PAYLOAD_TYPE",
     "DESIRED_PAYLOAD_TYPE",
     "KEYRING_PAYLOAD_TYPE",
     "MANIFEST_PAYLOAD_TYPE",
@@ -50,6 +53,7 @@ __all__ = [
     "SchemaError",
     "SignatureInvalid",
     "Topics",
+    "build_delta_manifest",
     "build_desired",
     "build_manifest",
     "canonical_json",

@@ -54,3 +54,26 @@ class Reason(enum.StrEnum):
     ROOT_EXPIRED = "root_expired"
     NO_KEYRING = "no_keyring"
     TRUST_NOT_SAVED = "trust_not_saved"
+
+
+class DeliveryPath(enum.StrEnum):
+    """How a device got a model's bytes (docs/protocol.md, addition 11): ``delivery.path``
+    of the ``verifying`` event that follows a download."""
+
+    DELTA = "delta"  # rebuilt from the installed base with a tensor-level delta
+    FULL = "full"  # the whole zstd blob
+
+
+class DeltaFallback(enum.StrEnum):
+    """``delivery.fallback``: why a device offered a delta downloaded the full blob instead.
+
+    The last five are the codec's own (agent.protocol.delta.DeltaFailure)."""
+
+    BASE_MISSING = "base_missing"  # the base the delta needs is not installed (or not intact)
+    DELTA_REFUSED = "delta_refused"  # its manifest failed a check: signature, pin, names, sizes
+    DELTA_DOWNLOAD = "delta_download"  # the delta blob could not be downloaded or its sha256 differs
+    WRONG_BASE = "wrong_base"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED = "unsupported"
+    CORRUPT = "corrupt"
+    TARGET_MISMATCH = "target_mismatch"  # the rebuilt bytes are not the target's signed sha256

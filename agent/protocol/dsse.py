@@ -22,6 +22,8 @@ from agent.protocol.codes import Reason
 
 MANIFEST_PAYLOAD_TYPE = "application/vnd.modelfleet.manifest+json"
 DESIRED_PAYLOAD_TYPE = "application/vnd.modelfleet.desired+json"
+# docs/protocol.md, addition 11: the manifest of a tensor-level delta between two versions.
+DELTA_PAYLOAD_TYPE = "application/vnd.modelfleet.delta+json"
 # docs/protocol.md, addition 6: the root of trust and the keyring it signs.
 ROOT_PAYLOAD_TYPE = "application/vnd.modelfleet.root+json"
 KEYRING_PAYLOAD_TYPE = "application/vnd.modelfleet.keyring+json"

@@ -144,6 +144,62 @@ MANIFEST = {
     },
 }
 
+# Addition 11 (docs/protocol.md): a tensor-level delta that rebuilds a version's raw model
+# from a base the device has installed. Its manifest is signed like an artifact's, with a
+# payload type of its own (DELTA_PAYLOAD_TYPE), so neither can pass for the other.
+_raw_ref = {
+    "type": "object",
+    "required": ["sha256", "size"],
+    "additionalProperties": False,
+    "properties": {"sha256": _sha, "size": _count},
+}
+
+DELTA_MANIFEST = {
+    "type": "object",
+    "required": ["schema", "model", "version", "variant", "created_at", "base", "target", "delta"],
+    "additionalProperties": False,
+    "properties": {
+        "schema": {"const": SCHEMA_VERSION},
+        "model": _name,
+        "version": _semver,
+        "variant": _name,
+        "created_at": _ts,
+        "base": {
+            "type": "object",
+            "required": ["version", "variant", "raw"],
+            "additionalProperties": False,
+            "properties": {"version": _semver, "variant": _name, "raw": _raw_ref},
+        },
+        "target": {
+            "type": "object",
+            "required": ["raw"],
+            "additionalProperties": False,
+            "properties": {"raw": _raw_ref},
+        },
+        "delta": {
+            "type": "object",
+            "required": ["sha256", "size", "format"],
+            "additionalProperties": False,
+            "properties": {"sha256": _sha, "size": _count, "format": {"const": "mfdelta"}},
+        },
+    },
+}
+
+# Addition 11: offered in a desired state's model entry when the device reported the base
+# installed. The agent may ignore it (older agents do): the full blob stays named.
+_desired_delta = {
+    "type": "object",
+    "required": ["base_version", "base_variant", "manifest_url", "blob_url", "manifest_sha256", "size"],
+    "properties": {
+        "base_version": _semver,
+        "base_variant": _name,
+        "manifest_url": _str,
+        "blob_url": _str,
+        "manifest_sha256": _sha,
+        "size": _count,
+    },
+}
+
 DESIRED = {
     "type": "object",
     "required": ["schema", "device_id", "generation", "issued_at", "expires_at", "models"],
@@ -167,6 +223,7 @@ DESIRED = {
                     "golden_url": {"type": ["string", "null"]},
                     "manifest_sha256": _sha,
                     "shadow": _desired_shadow,
+                    "delta": _desired_delta,
                 },
             },
         },
@@ -303,6 +360,16 @@ EVENT = {
         "variant": _str,
         "reason": {"type": ["string", "null"]},
         "message": {"type": ["string", "null"], "maxLength": 2000},
+        # Addition 11: on the ``verifying`` event after a download, how the bytes came.
+        "delivery": {
+            "type": "object",
+            "required": ["path", "bytes"],
+            "properties": {
+                "path": {"enum": ["delta", "full"]},
+                "bytes": {"type": "integer", "minimum": 0, "maximum": 2**53},
+                "fallback": {"type": ["string", "null"], "maxLength": 40},
+            },
+        },
     },
 }
 
@@ -341,6 +408,7 @@ TELEMETRY = {
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "manifest": MANIFEST,
+    "delta_manifest": DELTA_MANIFEST,
     "desired": DESIRED,
     "status": STATUS,
     "reported": REPORTED,
@@ -544,6 +612,34 @@ def build_manifest(
         "golden": golden,
     }
     return validate("manifest", manifest)
+
+
+def build_delta_manifest(
+    *,
+    model: str,
+    version: str,
+    variant: str,
+    created_at: str,
+    base_version: str,
+    base_variant: str,
+    base_raw: dict[str, Any],
+    target_raw: dict[str, Any],
+    delta_sha256: str,
+    delta_size: int,
+) -> dict[str, Any]:
+    """The manifest of a tensor-level delta (docs/protocol.md, addition 11), validated.
+    ``base_raw`` and ``target_raw`` are ``{"sha256", "size"}`` of the raw models."""
+    manifest = {
+        "schema": SCHEMA_VERSION,
+        "model": model,
+        "version": version,
+        "variant": variant,
+        "created_at": created_at,
+        "base": {"version": base_version, "variant": base_variant, "raw": dict(base_raw)},
+        "target": {"raw": dict(target_raw)},
+        "delta": {"sha256": delta_sha256, "size": delta_size, "format": "mfdelta"},
+    }
+    return validate("delta_manifest", manifest)
 
 
 def build_desired(

@@ -64,6 +64,11 @@ ARTIFACT_PIPELINE_SECONDS = Histogram(
     ["outcome"],
     buckets=PIPELINE_BUCKETS,
 )
+ARTIFACT_DELTAS = Counter(
+    "modelfleet_artifact_deltas",
+    "Tensor-level deltas made between versions, by outcome (ready: offered, skipped, failed).",
+    ["outcome"],
+)
 DESIRED_SIGNED = Counter("modelfleet_desired_states_signed", "Desired states signed.")
 DESIRED_PUBLISHED = Counter(
     "modelfleet_desired_states_published", "Desired states published and acknowledged by the broker."

@@ -29,12 +29,17 @@ from fleet.core import metrics
 from fleet.core.errors import Conflict
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device
-from fleet.registry.choices import ArtifactStatus, VersionStatus
-from fleet.registry.models import Artifact
+from fleet.registry.choices import ArtifactStatus, DeltaStatus, VersionStatus
+from fleet.registry.models import Artifact, ArtifactDelta
 from fleet.registry.signing import signing_key_active
 
-# (device id, generation, model -> live artifact id, model -> {"artifact", "sample_rate"})
-DesiredState = tuple[str, int, dict[str, int], dict[str, dict]]
+# (device id, generation, model -> live artifact id, model -> {"artifact", "sample_rate"},
+# model -> {"version", "variant"} the device reported running: it picks the delta offered).
+# States queued by a release before deltas have four members; they get no delta.
+DesiredState = tuple[str, int, dict[str, int], dict[str, dict], dict[str, dict]]
+# Inside an entry built by ``desired_entries``: the deltas to that artifact, by base
+# ("version/variant"). Never sent: ``_desired_models`` picks the one the device can use.
+DELTA_OFFERS = "_deltas"
 
 
 # --- building
@@ -61,6 +66,19 @@ def desired_model_entry(artifact: Artifact) -> dict[str, Any]:
     }
 
 
+def desired_delta_entry(delta: ArtifactDelta) -> dict[str, Any]:
+    """A delta offer of a desired state's model entry (docs/protocol.md, addition 11)."""
+    args = [delta.target_id, delta.pk]
+    return {
+        "base_version": delta.base.version.version,
+        "base_variant": delta.base.variant,
+        "manifest_url": settings.PUBLIC_BASE_URL + reverse("artifact-delta-manifest", args=args),
+        "blob_url": settings.PUBLIC_BASE_URL + reverse("artifact-delta-blob", args=args),
+        "manifest_sha256": delta.manifest_sha256,
+        "size": delta.blob_size,
+    }
+
+
 def json_dict(value: Any) -> dict:
     """A JSON column's value as a dict (raw SQL answers it as text)."""
     return value if isinstance(value, dict) else json.loads(value)
@@ -68,19 +86,36 @@ def json_dict(value: Any) -> dict:
 
 def desired_entries(states: list[DesiredState]) -> dict[int, dict]:
     """The desired-state entry of every artifact the states name, made once per artifact."""
-    wanted_ids = {pk for _, _, wanted, _ in states for pk in wanted.values()}
-    wanted_ids |= {entry["artifact"] for _, _, _, shadowed in states for entry in shadowed.values()}
+    live_ids = {pk for state in states for pk in state[2].values()}
+    wanted_ids = live_ids | {entry["artifact"] for state in states for entry in state[3].values()}
     named = Artifact.objects.select_related("version__model").filter(pk__in=wanted_ids)
-    return {artifact.pk: desired_model_entry(artifact) for artifact in named}
+    entries = {artifact.pk: desired_model_entry(artifact) for artifact in named}
+    deltas = ArtifactDelta.objects.filter(target_id__in=live_ids, status=DeltaStatus.READY)
+    for delta in deltas.select_related("base__version"):
+        offers = entries[delta.target_id].setdefault(DELTA_OFFERS, {})
+        offers[f"{delta.base.version.version}/{delta.base.variant}"] = desired_delta_entry(delta)
+    return entries
 
 
-def _desired_models(wanted: dict[str, int], shadowed: dict[str, dict], entries: dict[int, dict]) -> dict:
-    models = {name: entries[pk] for name, pk in wanted.items()}
+def _public(entry: dict) -> dict:
+    return {key: value for key, value in entry.items() if key != DELTA_OFFERS}
+
+
+def _desired_models(
+    wanted: dict[str, int], shadowed: dict[str, dict], entries: dict[int, dict], reported: dict[str, dict]
+) -> dict:
+    """A device's ``models``: each live entry with the delta from the version the device
+    reported running, when there is one (a shadow always downloads whole)."""
+    models = {}
+    for name, pk in wanted.items():
+        entry, running = entries[pk], reported.get(name) or {}
+        models[name] = _public(entry)
+        offer = entry.get(DELTA_OFFERS, {}).get(f"{running.get('version')}/{running.get('variant')}")
+        if offer is not None:
+            models[name]["delta"] = offer
     for name, shadow in shadowed.items():
-        models[name] = {
-            **models[name],
-            "shadow": {**entries[shadow["artifact"]], "sample_rate": shadow["sample_rate"]},
-        }
+        shadow_entry = _public(entries[shadow["artifact"]])
+        models[name]["shadow"] = {**shadow_entry, "sample_rate": shadow["sample_rate"]}
     return models
 
 
@@ -148,23 +183,25 @@ def sign_desired_states(
 def _sign(
     *, states: list[DesiredState], entries: dict[int, dict], rollout: dict | None
 ) -> list[tuple[str, bytes]]:
-    """Sign desired states. The key is read once and the payload shape checked once: the
-    states of one batch differ only in id and generation."""
+    """Sign desired states. The key is read once and the payload shape checked once per
+    shape: the states of one batch differ only in id, generation and the delta offered
+    (the first state, and the first that carries a delta offer, are checked)."""
     _, private_key = signing_key_active()
-    return [
-        (
-            device_id,
-            desired_state_envelope(
-                device_id=device_id,
-                generation=generation,
-                entries=_desired_models(wanted, shadowed, entries),
-                rollout=rollout,
-                private_key=private_key,
-                check=number == 0,
-            ),
+    signed, shapes = [], set()
+    for device_id, generation, wanted, shadowed, *reported in states:
+        models = _desired_models(wanted, shadowed, entries, reported[0] if reported else {})
+        shape = frozenset(name for name, entry in models.items() if "delta" in entry)
+        envelope = desired_state_envelope(
+            device_id=device_id,
+            generation=generation,
+            entries=models,
+            rollout=rollout,
+            private_key=private_key,
+            check=shape not in shapes,
         )
-        for number, (device_id, generation, wanted, shadowed) in enumerate(states)
-    ]
+        shapes.add(shape)
+        signed.append((device_id, envelope))
+    return signed
 
 
 # --- the fan-out
@@ -189,8 +226,8 @@ def desired_publish(
     size = settings.DESIRED_PUBLISH_CHUNK
     for start in range(0, len(states), size):
         chunk = states[start : start + size]
-        used = {pk for _, _, wanted, _ in chunk for pk in wanted.values()}
-        used |= {entry["artifact"] for _, _, _, shadowed in chunk for entry in shadowed.values()}
+        used = {pk for state in chunk for pk in state[2].values()}
+        used |= {entry["artifact"] for state in chunk for entry in state[3].values()}
         publish_desired_task.delay(chunk, {str(pk): entries[pk] for pk in used}, rollout)
 
 
@@ -203,7 +240,13 @@ def devices_republish_desired(*, devices: list[Device], rollout: dict | None = N
     saving it. An agent applies a generation once: given one it applied, it reports again.
     Returns how many states will be sent."""
     states = [
-        (d.device_id, d.desired_generation, json_dict(d.desired_artifacts), json_dict(d.desired_shadows))
+        (
+            d.device_id,
+            d.desired_generation,
+            json_dict(d.desired_artifacts),
+            json_dict(d.desired_shadows),
+            json_dict(d.reported_models),
+        )
         for d in devices
         if d.status == DeviceStatus.ACTIVE and d.desired_generation
     ]

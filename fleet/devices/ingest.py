@@ -336,7 +336,8 @@ TELEMETRY_COLUMNS = (
     "shadow_mean_abs_diff, shadow_latency_p95_ms, cpu_pct, rss_mb, temp_c"
 )
 EVENT_COLUMNS = (
-    "device_id, message_id, type, generation, model, version, variant, reason, message, ts, received_at"
+    "device_id, message_id, type, generation, model, version, variant, reason, message, "
+    "delivery, delivery_bytes, delivery_fallback, ts, received_at"
 )
 
 CREATE_TEMP_TABLES = (
@@ -1004,6 +1005,7 @@ class IngestBridge:
     @staticmethod
     def _event_row(pk: int, data: dict[str, Any], now: datetime) -> tuple:
         generation = data.get("generation")
+        delivery = data.get("delivery") or {}
         return (
             pk,
             data["id"],
@@ -1014,6 +1016,9 @@ class IngestBridge:
             _name(data.get("variant") or ""),
             _name(data.get("reason") or "", EVENT_REASON_MAX),
             data.get("message") or "",
+            delivery.get("path", ""),
+            _count(delivery["bytes"]) if delivery else None,
+            _name(delivery.get("fallback") or "", EVENT_REASON_MAX),
             protocol.parse_time(data["ts"]),
             now,
         )

@@ -178,6 +178,12 @@ class DeviceEvent(models.Model):
     variant = models.CharField(max_length=64, blank=True)
     reason = models.CharField(max_length=40, blank=True)
     message = models.TextField(blank=True)
+    # docs/protocol.md addition 11, on a ``verifying`` event after a download: how the model's
+    # bytes came (DeliveryPath), how many the device says it downloaded, and why a delta
+    # offered was not used (DeltaFallback). A claim of the device, shown, never decided on.
+    delivery = models.CharField(max_length=8, blank=True, default="", db_default="")
+    delivery_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    delivery_fallback = models.CharField(max_length=40, blank=True, default="", db_default="")
     ts = models.DateTimeField(help_text="when the device says it happened")
     received_at = models.DateTimeField()
 

@@ -585,7 +585,8 @@ def devices_assign(
                 " desired_artifacts = desired_artifacts || %s::jsonb,"
                 " desired_shadows = (desired_shadows - %s::text[]) || %s::jsonb"
                 " WHERE id = ANY(%s) AND status = %s"
-                " RETURNING device_id, desired_generation, desired_artifacts, desired_shadows",
+                " RETURNING device_id, desired_generation, desired_artifacts, desired_shadows,"
+                " reported_models",
                 [
                     json.dumps({name: a.pk for name, a in artifacts.items()}),
                     cleared,
@@ -604,10 +605,10 @@ def devices_assign(
                 code="device_not_active",
             )
         states = [
-            (device_id, generation, json_dict(wanted), json_dict(shadowed))
-            for device_id, generation, wanted, shadowed in rows
+            (device_id, generation, json_dict(wanted), json_dict(shadowed), json_dict(reported))
+            for device_id, generation, wanted, shadowed, reported in rows
         ]
-        for device_id, _, wanted, shadowed in states:
+        for device_id, _, wanted, shadowed, _ in states:
             alone = sorted(set(shadowed) - set(wanted))
             if alone:
                 raise Conflict(
@@ -616,4 +617,4 @@ def devices_assign(
         entries = desired_entries(states)
         desired_states_check(states=states, entries=entries, rollout=rollout)  # refuses a bad shape
         transaction.on_commit(lambda: desired_publish(states, entries, rollout, now=publish == "now"))
-    return [(device_id, generation) for device_id, generation, _, _ in states]
+    return [(device_id, generation) for device_id, generation, *_ in states]

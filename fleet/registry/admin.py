@@ -31,7 +31,7 @@ from fleet.core.permissions import has_role
 from fleet.devices.choices import DeviceStatus
 from fleet.registry import selectors, services, trust
 from fleet.registry.api import VERSION_ACTIONS  # the API's action -> status table: the same service
-from fleet.registry.choices import ArtifactFailure, ArtifactStatus, QuantRecipe, VersionStatus
+from fleet.registry.choices import ArtifactFailure, ArtifactStatus, DeltaStatus, QuantRecipe, VersionStatus
 from fleet.registry.models import Artifact, Keyring, MLModel, ModelVersion, SigningKey, TrustRoot
 
 STATUS_COLOURS = {
@@ -69,6 +69,25 @@ def hardware_url(hardware: str, group: str | None) -> str:
     if group:
         query["group"] = group
     return f"{reverse('admin:devices_device_changelist')}?{urlencode(query)}"
+
+
+def deltas_table(version: ModelVersion) -> list[dict]:
+    """The deltas made to this version's variants (docs/protocol.md, addition 11), in words."""
+    rows = []
+    for artifact in version.artifacts.filter(status=ArtifactStatus.READY).order_by("variant"):
+        for delta in selectors.artifact_deltas(artifact):
+            rows.append(
+                {
+                    "variant": artifact.variant,
+                    "base": delta.base.version.version,
+                    "status": delta.get_status_display(),
+                    "offered": delta.status == DeltaStatus.READY,
+                    "size": size(delta.blob_size),
+                    "of_full": percent(delta.ratio, 0),
+                    "reason": delta.reason,
+                }
+            )
+    return rows
 
 
 def compatibility_table(version: ModelVersion) -> dict:
@@ -423,6 +442,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
                 **self.page_context(request, version),
                 # Not refreshed live: the inventory's matrix changes slowly and costs queries.
                 "compatibility": compatibility_table(version),
+                "deltas": deltas_table(version),
             }
         return super().change_view(request, object_id, form_url, extra_context)
 

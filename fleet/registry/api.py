@@ -34,8 +34,15 @@ from fleet.core import listing
 from fleet.core.errors import InvalidInput, NotFound, error_body
 from fleet.core.permissions import IsAdmin, IsViewer, ViewerReadsOperatorWrites
 from fleet.registry import selectors, services, trust
-from fleet.registry.choices import ArtifactStatus, QuantRecipe, SigningKeyStatus, Task, VersionStatus
-from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey, TrustRoot
+from fleet.registry.choices import (
+    ArtifactStatus,
+    DeltaStatus,
+    QuantRecipe,
+    SigningKeyStatus,
+    Task,
+    VersionStatus,
+)
+from fleet.registry.models import Artifact, ArtifactDelta, MLModel, ModelVersion, SigningKey, TrustRoot
 
 # --- serializers
 
@@ -86,6 +93,44 @@ class ModelSerializer(serializers.ModelSerializer):
         read_only_fields = ["created_by", "created_at"]
 
 
+class DeltaSerializer(serializers.ModelSerializer):
+    """A delta to the artifact from an earlier version (docs/protocol.md, addition 11)."""
+
+    base_version = serializers.CharField(source="base.version.version", read_only=True)
+    base_artifact = serializers.IntegerField(source="base_id", read_only=True)
+    ratio = serializers.FloatField(read_only=True, allow_null=True, help_text="size / full blob size")
+    urls = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ArtifactDelta
+        fields = [
+            "id",
+            "base_version",
+            "base_artifact",
+            "status",
+            "reason",
+            "blob_sha256",
+            "blob_size",
+            "ratio",
+            "manifest_sha256",
+            "created_at",
+            "urls",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "string", "format": "uri"}})
+    def get_urls(self, delta: ArtifactDelta) -> dict[str, str]:
+        if delta.status != DeltaStatus.READY:
+            return {}
+        request = self.context.get("request")
+        args = [delta.target_id, delta.pk]
+        urls = {
+            "manifest": reverse("artifact-delta-manifest", args=args),
+            "blob": reverse("artifact-delta-blob", args=args),
+        }
+        return {k: request.build_absolute_uri(u) for k, u in urls.items()} if request is not None else urls
+
+
 class ArtifactSerializer(serializers.ModelSerializer):
     model = serializers.CharField(source="version.model.name", read_only=True)
     version = serializers.CharField(source="version.version", read_only=True)
@@ -99,6 +144,7 @@ class ArtifactSerializer(serializers.ModelSerializer):
         read_only=True,
         help_text="The quantization recipe that produced it (docs/quantization.md); empty: uploaded",
     )
+    deltas = DeltaSerializer(many=True, read_only=True)
 
     class Meta:
         model = Artifact
@@ -133,6 +179,7 @@ class ArtifactSerializer(serializers.ModelSerializer):
             "created_by",
             "created_at",
             "processed_at",
+            "deltas",
             "urls",
         ]
         read_only_fields = fields
@@ -359,7 +406,9 @@ class VersionListCreate(generics.ListCreateAPIView):
 
     def get_queryset(self):
         model = selectors.model_get(name=self.kwargs["name"])
-        return model.versions.select_related("model", "created_by").prefetch_related("artifacts__signing_key")
+        return model.versions.select_related("model", "created_by").prefetch_related(
+            "artifacts__signing_key", "artifacts__deltas__base__version"
+        )
 
     @extend_schema(request=VersionCreateSerializer, responses={201: VersionSerializer, **ERRORS})
     def post(self, request, name: str):
@@ -643,6 +692,50 @@ class ArtifactBlob(_ArtifactFileView):
             size=artifact.blob_size,
             sha256=artifact.blob_sha256,
             content_type="application/zstd",
+        )
+
+
+class _DeltaFileView(_ArtifactFileView):
+    """A delta to an artifact: whoever may download the artifact may download its deltas."""
+
+    def delta(self, artifact_id: int, delta_id: int) -> ArtifactDelta:
+        return selectors.delta_ready(artifact=self.artifact(artifact_id), delta_id=delta_id)
+
+
+DELTA_ID_PARAM = OpenApiParameter("delta_id", int, OpenApiParameter.PATH, description="The delta's id.")
+
+
+@extend_schema(
+    parameters=[ID_PARAM, DELTA_ID_PARAM],
+    responses={(200, "application/json"): OpenApiTypes.OBJECT, **ERRORS},
+    summary="A delta's signed manifest (a DSSE envelope; docs/protocol.md, addition 11)",
+)
+class ArtifactDeltaManifest(_DeltaFileView):
+    def get(self, request, id: int, delta_id: int):
+        delta = self.delta(id, delta_id)
+        response = HttpResponse(delta.manifest_envelope, content_type="application/json")
+        response["ETag"] = f'"{delta.manifest_sha256}"'
+        return response
+
+
+@extend_schema(
+    parameters=[ID_PARAM, DELTA_ID_PARAM],
+    responses={
+        (200, "application/octet-stream"): OpenApiTypes.BINARY,
+        (206, "application/octet-stream"): OpenApiTypes.BINARY,
+        **ERRORS,
+    },
+    summary="A tensor-level delta that rebuilds the model from an earlier version (supports Range)",
+)
+class ArtifactDeltaBlob(_DeltaFileView):
+    def get(self, request, id: int, delta_id: int):
+        delta = self.delta(id, delta_id)
+        return ranged_file_response(
+            request,
+            name=delta.blob_file,
+            size=delta.blob_size,
+            sha256=delta.blob_sha256,
+            content_type="application/octet-stream",
         )
 
 

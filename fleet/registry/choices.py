@@ -66,6 +66,16 @@ class ArtifactFailure(models.TextChoices):
     ACCURACY_DROP = "accuracy_drop", "Lost too much accuracy"
 
 
+class DeltaStatus(models.TextChoices):
+    """A tensor-level delta between two versions (docs/protocol.md, addition 11)."""
+
+    READY = "ready", "Offered"
+    # Made, or tried, and not worth offering (no smaller than DELTA_MAX_RATIO of the full
+    # blob) or not expressible (DeltaRefused): devices get the full blob.
+    SKIPPED = "skipped", "Not offered"
+    FAILED = "failed", "Failed"
+
+
 class QuantRecipe(models.TextChoices):
     """Variants the registry can produce from a float32 artifact (fleet/registry/quantize.py).
     The value is also the produced artifact's variant name."""

@@ -5,7 +5,14 @@ from django.core.validators import RegexValidator
 from django.db import models
 
 from agent.protocol.schemas import NAME_PATTERN, SEMVER_PATTERN
-from fleet.registry.choices import ArtifactStatus, QuantRecipe, SigningKeyStatus, Task, VersionStatus
+from fleet.registry.choices import (
+    ArtifactStatus,
+    DeltaStatus,
+    QuantRecipe,
+    SigningKeyStatus,
+    Task,
+    VersionStatus,
+)
 
 name_validator = RegexValidator(
     NAME_PATTERN, "Use lowercase letters, digits, '.', '_' or '-' (at most 64 characters)."
@@ -213,3 +220,37 @@ class Artifact(models.Model):
     @property
     def produced(self) -> bool:
         return self.parent_id is not None
+
+
+class ArtifactDelta(models.Model):
+    """A tensor-level delta that rebuilds ``target``'s raw model from ``base``'s (an earlier
+    released version, same model and variant), with a signed manifest of its own naming
+    both (docs/protocol.md, addition 11). Desired states offer it to devices that report
+    ``base`` installed; the full blob stays named beside it."""
+
+    target = models.ForeignKey(Artifact, on_delete=models.CASCADE, related_name="deltas")
+    base = models.ForeignKey(Artifact, on_delete=models.CASCADE, related_name="+")
+    status = models.CharField(max_length=10, choices=DeltaStatus.choices)
+    reason = models.CharField(max_length=300, help_text="What was decided and why, in one sentence.")
+    blob_file = models.CharField(max_length=255, blank=True, help_text="Name in artifact storage.")
+    blob_sha256 = models.CharField(max_length=64, blank=True)
+    blob_size = models.PositiveBigIntegerField(null=True, blank=True)
+    manifest_envelope = models.TextField(blank=True, help_text="The DSSE envelope, exactly as served.")
+    manifest_sha256 = models.CharField(max_length=64, blank=True)
+    signing_key = models.ForeignKey(SigningKey, null=True, blank=True, on_delete=models.PROTECT)
+    seconds = models.FloatField(null=True, blank=True, help_text="Time taken to make and check it")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["target", "base"], name="registry_delta_once")]
+
+    def __str__(self) -> str:
+        return f"{self.target} from {self.base.version.version}"
+
+    @property
+    def ratio(self) -> float | None:
+        """The delta's size as a fraction of the full blob's."""
+        if not self.blob_size or not self.target.blob_size:
+            return None
+        return self.blob_size / self.target.blob_size

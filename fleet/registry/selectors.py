@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Prefetch, QuerySet
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 
 from fleet.core.choices import Role
@@ -16,8 +16,8 @@ from fleet.core.errors import Conflict, NotFound
 from fleet.core.permissions import has_role
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device
-from fleet.registry.choices import VERSION_TRANSITIONS, ArtifactStatus, VersionStatus
-from fleet.registry.models import Artifact, MLModel, ModelVersion, SigningKey
+from fleet.registry.choices import VERSION_TRANSITIONS, ArtifactStatus, DeltaStatus, VersionStatus
+from fleet.registry.models import Artifact, ArtifactDelta, MLModel, ModelVersion, SigningKey
 from fleet.rollouts.choices import AssignmentState, RolloutState
 from fleet.rollouts.models import Assignment, AuditEntry, Rollout
 
@@ -40,7 +40,9 @@ def version_get(*, model_name: str, version: str) -> ModelVersion:
 
 
 def artifact_list() -> QuerySet[Artifact]:
-    return Artifact.objects.select_related("version__model", "signing_key", "created_by")
+    return Artifact.objects.select_related("version__model", "signing_key", "created_by").prefetch_related(
+        Prefetch("deltas", queryset=ArtifactDelta.objects.select_related("base__version"))
+    )
 
 
 def max_accuracy_drop_pp(model: MLModel) -> float:
@@ -107,6 +109,21 @@ def artifact_ready(artifact: Artifact) -> Artifact:
             code="artifact_not_ready",
         )
     return artifact
+
+
+def delta_ready(*, artifact: Artifact, delta_id: int) -> ArtifactDelta:
+    """A delta to ``artifact`` that devices may be offered (made, checked and signed)."""
+    delta = artifact.deltas.filter(pk=delta_id).first()
+    if delta is None:
+        raise NotFound(f"Artifact {artifact.pk} has no delta {delta_id}.", code="unknown_delta")
+    if delta.status != DeltaStatus.READY:
+        raise Conflict(f"Delta {delta_id} is not offered: {delta.reason}", code="delta_not_ready")
+    return delta
+
+
+def artifact_deltas(artifact: Artifact) -> QuerySet[ArtifactDelta]:
+    """Every delta made (or tried) to ``artifact``, newest base first."""
+    return artifact.deltas.select_related("base__version").order_by("-base__version__created_at")
 
 
 def artifact_fetchable_by(*, principal, artifact: Artifact) -> bool:

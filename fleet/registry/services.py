@@ -34,7 +34,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from agent import download, protocol, runtime
-from fleet.core import metrics
+from agent.protocol.delta import DeltaError, DeltaRefused, apply_delta, make_delta
+from fleet.core import display, metrics
 from fleet.core.capabilities import HARDWARE_CLASS
 from fleet.core.errors import Conflict, InvalidInput, TooLarge, Unprocessable
 from fleet.registry import quantize, sandbox, selectors, tflite
@@ -43,11 +44,12 @@ from fleet.registry.choices import (
     VERSION_TRANSITIONS,
     ArtifactFailure,
     ArtifactStatus,
+    DeltaStatus,
     QuantRecipe,
     Task,
     VersionStatus,
 )
-from fleet.registry.models import Artifact, MLModel, ModelVersion, name_validator
+from fleet.registry.models import Artifact, ArtifactDelta, MLModel, ModelVersion, name_validator
 from fleet.registry.signing import signing_key_active
 
 log = logging.getLogger(__name__)
@@ -228,6 +230,8 @@ def version_set_status(*, version: ModelVersion, status: str) -> ModelVersion:
             f"{version} changed while you were looking; reload and try again.", code="concurrent_change"
         )
     version.refresh_from_db()
+    if status == VersionStatus.RELEASED:
+        deltas_queue_for_release(version)
     return version
 
 
@@ -672,9 +676,12 @@ def _artifact_pipeline(artifact: Artifact) -> Artifact:
         )
         if not updated:
             _delete_quietly(blob_name)
-        elif artifact.requested_recipes:
-            artifact.refresh_from_db()
-            _produce_variants(artifact)
+        else:
+            if not rejection:
+                _queue_deltas([artifact.pk])
+            if artifact.requested_recipes:
+                artifact.refresh_from_db()
+                _produce_variants(artifact)
     artifact.refresh_from_db()
     return artifact
 
@@ -780,3 +787,148 @@ def _produce_variants(parent: Artifact) -> list[Artifact]:
             continue
         produced.append(child)
     return produced
+
+
+# --- tensor-level deltas (docs/protocol.md, addition 11)
+
+
+def delta_bases(artifact: Artifact) -> list[Artifact]:
+    """The artifacts a delta to ``artifact`` is made from: the ready artifacts of the same
+    variant of the DELTA_BASES most recent earlier versions of the model that were released
+    (released or deprecated: what devices may run)."""
+    if settings.DELTA_BASES == 0:
+        return []
+    version = artifact.version
+    return list(
+        Artifact.objects.filter(
+            version__model_id=version.model_id,
+            variant=artifact.variant,
+            status=ArtifactStatus.READY,
+            version__status__in=[VersionStatus.RELEASED, VersionStatus.DEPRECATED],
+            version__created_at__lt=version.created_at,
+        )
+        .select_related("version__model")
+        .order_by("-version__created_at")[: settings.DELTA_BASES]
+    )
+
+
+def _delta_manifest_sign(delta: ArtifactDelta) -> None:
+    target, base = delta.target, delta.base
+    key_row, private_key = signing_key_active()
+    manifest = protocol.build_delta_manifest(
+        model=target.version.model.name,
+        version=target.version.version,
+        variant=target.variant,
+        created_at=protocol.format_time(timezone.now()),
+        base_version=base.version.version,
+        base_variant=base.variant,
+        base_raw={"sha256": base.raw_sha256, "size": base.raw_size},
+        target_raw={"sha256": target.raw_sha256, "size": target.raw_size},
+        delta_sha256=delta.blob_sha256,
+        delta_size=delta.blob_size,
+    )
+    payload = protocol.canonical_json(manifest)
+    envelope = protocol.sign(payload, payload_type=protocol.DELTA_PAYLOAD_TYPE, private_key=private_key)
+    delta.manifest_envelope = protocol.envelope_bytes(envelope).decode("utf-8")
+    delta.manifest_sha256 = hashlib.sha256(payload).hexdigest()
+    delta.signing_key = key_row
+
+
+def _delta_build(target: Artifact, base: Artifact) -> ArtifactDelta:
+    """Make, check and (when worth it) store and sign the delta from ``base`` to ``target``.
+
+    Both files already passed the sandbox's inspection; the delta is made here with the
+    codec's pure-Python flatbuffer reader, and signed only after this process rebuilt the
+    target from it (``apply_delta``, no parser) and found the target's sha256."""
+    delta = ArtifactDelta(target=target, base=base)
+    started = time.perf_counter()
+    with _local_path(base.raw_file) as base_path, _local_path(target.raw_file) as target_path:
+        base_raw, target_raw = base_path.read_bytes(), target_path.read_bytes()
+    if hashlib.sha256(base_raw).hexdigest() != base.raw_sha256 or (
+        hashlib.sha256(target_raw).hexdigest() != target.raw_sha256
+    ):
+        delta.status, delta.reason = DeltaStatus.FAILED, "A stored model no longer matches its signed sha256."
+        return delta
+    try:
+        data = make_delta(base_raw, target_raw, level=settings.ARTIFACT_ZSTD_LEVEL)
+        rebuilt = apply_delta(base_raw, data, max_output=len(target_raw), base_sha256=base.raw_sha256)
+    except DeltaRefused as exc:
+        delta.status, delta.reason = DeltaStatus.SKIPPED, f"No delta: {exc}."
+        return delta
+    except DeltaError as exc:
+        delta.status, delta.reason = DeltaStatus.FAILED, f"The delta did not rebuild the model: {exc}."
+        return delta
+    delta.seconds = time.perf_counter() - started
+    if hashlib.sha256(rebuilt).hexdigest() != target.raw_sha256:
+        delta.status, delta.reason = DeltaStatus.FAILED, "The delta did not rebuild the model exactly."
+        return delta
+    size, full = len(data), target.blob_size
+    sizes = f"{display.size(size)} against the full blob's {display.size(full)} ({size / full * 100:.0f} %)"
+    if size >= settings.DELTA_MAX_RATIO * full:
+        delta.status = DeltaStatus.SKIPPED
+        delta.reason = (
+            f"Not offered: the delta from {base.version.version} would be {sizes}, "
+            f"over the {settings.DELTA_MAX_RATIO * 100:.0f} % limit (DELTA_MAX_RATIO)."
+        )
+        return delta
+    version = target.version
+    delta.blob_file = artifact_storage().save(
+        f"deltas/{version.model.name}/{version.version}/{target.variant}-from-{base.version.version}"
+        f"-{uuid.uuid4().hex[:12]}.mfdelta",
+        ContentFile(data),
+    )
+    delta.blob_sha256, delta.blob_size = hashlib.sha256(data).hexdigest(), size
+    _delta_manifest_sign(delta)
+    delta.status = DeltaStatus.READY
+    delta.reason = f"Offered to devices running {base.version.version}: {sizes}."
+    return delta
+
+
+def artifact_delta_make(*, target: Artifact, base: Artifact) -> ArtifactDelta | None:
+    """Make the delta from ``base`` to ``target`` (both ready, same model and variant) and
+    record what was decided: offered, skipped or failed, with the reason. A pair done
+    already is left alone (None), so a retry or a second worker changes nothing."""
+    if ArtifactDelta.objects.filter(target=target, base=base).exists():
+        return None
+    if (target.version.model_id, target.variant) != (base.version.model_id, base.variant) or (
+        target.status != ArtifactStatus.READY or base.status != ArtifactStatus.READY
+    ):
+        raise Conflict("A delta needs two ready artifacts of one model and variant.", code="delta_mismatch")
+    delta = _delta_build(target, base)
+    try:
+        with transaction.atomic():
+            delta.save()
+    except IntegrityError:  # another worker made it meanwhile: keep theirs
+        _delete_quietly(delta.blob_file)
+        return None
+    log.info("delta %s: %s", delta, delta.reason)
+    metrics.ARTIFACT_DELTAS.labels(delta.status).inc()
+    return delta
+
+
+def artifact_deltas_make(*, artifact_id: int) -> list[ArtifactDelta]:
+    """Make the deltas to a ready artifact from its bases (``delta_bases``). Returns the
+    deltas made by this call."""
+    target = Artifact.objects.select_related("version__model").filter(pk=artifact_id).first()
+    if target is None or target.status != ArtifactStatus.READY:
+        return []
+    made = (artifact_delta_make(target=target, base=base) for base in delta_bases(target))
+    return [delta for delta in made if delta is not None]
+
+
+def _queue_deltas(artifact_ids: list[int]) -> None:
+    from fleet.registry.tasks import artifact_deltas_task
+
+    for artifact_id in artifact_ids:
+        transaction.on_commit(lambda pk=artifact_id: artifact_deltas_task.delay(pk))
+
+
+def deltas_queue_for_release(version: ModelVersion) -> None:
+    """A version just released becomes a base: queue deltas to the ready artifacts of the
+    model's later versions (the task skips pairs it made already)."""
+    later = Artifact.objects.filter(
+        version__model_id=version.model_id,
+        version__created_at__gt=version.created_at,
+        status=ArtifactStatus.READY,
+    ).values_list("pk", flat=True)
+    _queue_deltas(list(later))

@@ -10,6 +10,12 @@ def artifact_process_task(artifact_id: int) -> str:
     return services.artifact_process(artifact_id=artifact_id).status
 
 
+@shared_task(acks_late=True)
+def artifact_deltas_task(artifact_id: int) -> int:
+    """Thin wrapper: services.artifact_deltas_make; returns how many deltas it made."""
+    return len(services.artifact_deltas_make(artifact_id=artifact_id))
+
+
 # The name is the one this task had in fleet.mqtt.tasks (before fleet.mqtt became a broker
 # adapter that imports no other app, issue 11): tasks queued by an older release still run.
 @shared_task(name="fleet.mqtt.tasks.publish_trust_task", **PUBLISH_RETRY)

@@ -280,6 +280,7 @@ class RolloutAdmin(admin.ModelAdmin):
                 for action in (legal_actions(rollout) if can_act else [])
             ],
             "stage_rows": selectors.stage_progress(rollout) if rollout.current_stage >= 0 else [],
+            "delivery": selectors.rollout_delivery(rollout).summary,
             # A draft: where starting it would put each device, by the code that will.
             "preview": selectors.rollout_preview(rollout) if rollout.state == RolloutState.DRAFT else None,
             "evaluated_at": moment(evaluated_at) if evaluated_at else None,

@@ -109,6 +109,7 @@ class RolloutSerializer(serializers.ModelSerializer):
     counts = serializers.SerializerMethodField()
     skipped = serializers.SerializerMethodField()
     evaluations = serializers.SerializerMethodField()
+    delivery = serializers.SerializerMethodField()
 
     class Meta:
         model = Rollout
@@ -128,11 +129,38 @@ class RolloutSerializer(serializers.ModelSerializer):
             "counts",
             "skipped",
             "evaluations",
+            "delivery",
             "created_at",
             "started_at",
             "finished_at",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(
+        {
+            "type": "object",
+            "description": "How the devices got the target version (docs/protocol.md, addition 11): "
+            "by delta or full blob, bytes downloaded, what full blobs would be, why deltas were not used.",
+            "properties": {
+                "by_delta": {"type": "integer"},
+                "full": {"type": "integer"},
+                "downloaded_bytes": {"type": "integer"},
+                "full_blob_bytes": {"type": "integer"},
+                "fallbacks": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "summary": {"type": "string"},
+            },
+        }
+    )
+    def get_delivery(self, rollout: Rollout) -> dict:
+        delivery = selectors.rollout_delivery(rollout)
+        return {
+            "by_delta": delivery.by_delta,
+            "full": delivery.full,
+            "downloaded_bytes": delivery.downloaded,
+            "full_blob_bytes": delivery.full_blobs,
+            "fallbacks": delivery.fallbacks,
+            "summary": delivery.summary,
+        }
 
     @extend_schema_field({"type": "object", "additionalProperties": {"type": "integer"}})
     def get_counts(self, rollout: Rollout) -> dict[str, int]:

@@ -8,6 +8,7 @@ page shows next to them; the charts' data are the same numbers.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -17,10 +18,12 @@ from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KT
 from django.utils import timezone
 
-from fleet.core.display import moment
+from agent.protocol.codes import DeliveryPath, EventType
+from fleet.core.display import count, moment, percent, size
 from fleet.devices.choices import DeviceStatus, GroupKind
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup
 from fleet.devices.selectors import group_devices
+from fleet.registry.choices import ArtifactStatus
 from fleet.registry.models import ModelVersion
 from fleet.rollouts import services
 from fleet.rollouts.choices import ACTIVE_STATES, AssignmentState, Decision, Metric, RolloutState, StageMode
@@ -651,3 +654,76 @@ def version_compatibility(*, version: ModelVersion) -> Compatibility:
             members = group_devices(group=group, queryset=active).values_list("pk", flat=True)
         rows.extend(_compatibility_rows(group.name, [verdicts[pk] for pk in members if pk in verdicts]))
     return Compatibility(variants=needs, rows=rows)
+
+
+# --- how the new version reached the devices (docs/protocol.md, addition 11)
+
+
+@dataclass
+class Delivery:
+    """What the rollout's devices say they downloaded for the target version: by delta or
+    the full blob, the bytes, and what full blobs would have cost the same devices."""
+
+    by_delta: int = 0
+    full: int = 0
+    downloaded: int = 0
+    full_blobs: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def devices(self) -> int:
+        return self.by_delta + self.full
+
+    @property
+    def summary(self) -> str:
+        """One sentence, rounded, with units; empty before any device reported a download."""
+        if not self.devices:
+            return ""
+        why = ", ".join(f"{code}: {n}" for code, n in sorted(self.fallbacks.items()))
+        text = (
+            f"{count(self.by_delta, 'device')} got it as a delta "
+            f"and {count(self.full, 'device')} as the full blob"
+        )
+        if why:
+            text += f" (delta not used: {why})"
+        text += f"; they downloaded {size(self.downloaded)} where full blobs would be {size(self.full_blobs)}"
+        if self.full_blobs:
+            text += f" ({percent(1 - self.downloaded / self.full_blobs, 0)} less)"
+        return text + "."
+
+
+def rollout_delivery(rollout: Rollout) -> Delivery:
+    """How each device of the rollout got the target version: its latest ``verifying``
+    event for it since the rollout started that says (two queries)."""
+    delivery = Delivery()
+    if rollout.started_at is None:
+        return delivery
+    version = rollout.target_version
+    blob_sizes = dict(
+        version.artifacts.filter(status=ArtifactStatus.READY).values_list("variant", "blob_size")
+    )
+    latest = (
+        DeviceEvent.objects.filter(
+            device_id__in=_rollout_device_pks(rollout),
+            model=rollout.model.name,
+            version=version.version,
+            type=EventType.VERIFYING,
+            received_at__gte=rollout.started_at,
+        )
+        .exclude(delivery="")
+        .order_by("device_id", "-received_at", "-pk")
+        .distinct("device_id")
+        .values_list("variant", "delivery", "delivery_bytes", "delivery_fallback")
+    )
+    fallbacks: Counter = Counter()
+    for variant, path, downloaded, fallback in latest:
+        if path == DeliveryPath.DELTA:
+            delivery.by_delta += 1
+        else:
+            delivery.full += 1
+        if fallback:
+            fallbacks[fallback] += 1
+        delivery.downloaded += downloaded or 0
+        delivery.full_blobs += blob_sizes.get(variant) or 0
+    delivery.fallbacks = dict(fallbacks)
+    return delivery

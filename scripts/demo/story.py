@@ -80,17 +80,19 @@ class Apps:
 
 
 def upload_versions(demo: Demo) -> None:
-    """Upload digits 2.0.0 (a retrained model), 3.0.0 and 4.0.0 (two deliberately worse
-    ones), create the three rollout policies, and start the devices' apps, which predict
-    and post the true label (the accuracy gate's evidence)."""
+    """Upload digits 2.0.0 (1.0.0's classifier head retrained on new data), 3.0.0 and 4.0.0
+    (two deliberately worse ones), create the three rollout policies, and start the devices'
+    apps, which predict and post the true label (the accuracy gate's evidence)."""
     console.rule("Rollouts")
     console.print(
-        "Uploading digits 2.0.0 (a retrained model), 3.0.0 and 4.0.0 (two deliberately worse ones)…"
+        "Uploading digits 2.0.0 (1.0.0 with its head retrained on new data), "
+        "3.0.0 and 4.0.0 (two deliberately worse ones)…"
     )
     session, api = demo.session, demo.api
     upload_version(
-        session, api, "2.0.0", digits.build_digits_models(version="2.0.0"), "retrained, 48 units", demo
+        session, api, "2.0.0", digits.build_head_retrained_models(), "1.0.0's head retrained", demo
     )
+    show_deltas(demo, "2.0.0")
     upload_version(
         session, api, "3.0.0", digits.build_digits_models(quality="worse"), "trained on 30 samples", demo
     )
@@ -100,6 +102,32 @@ def upload_versions(demo: Demo) -> None:
     for name, body in POLICIES.items():
         api_call(session, "POST", f"{api}/rollout-policies/", 201, json={"name": name, **body})
     demo.stack.enter_context(Apps(demo.agents))
+
+
+def show_deltas(demo: Demo, version: str, timeout: float = 60) -> None:
+    """Wait for the worker to make the deltas to ``version`` from the released versions
+    before it (docs/protocol.md, addition 11) and show them beside the full blobs."""
+    with demo.task(f"Making tensor-level deltas to {version} from the released versions"):
+        deadline = time.monotonic() + timeout
+        while True:
+            found = api_call(demo.session, "GET", f"{demo.api}/models/digits/versions/{version}/", 200)
+            artifacts = [a for a in found["artifacts"] if a["status"] == "ready"]
+            if all(a["deltas"] for a in artifacts) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    table = Table(title=f"digits {version}: what a device running an earlier version downloads")
+    for column in ("variant", "full blob", "from", "delta", "decision"):
+        table.add_column(column, justify="right" if column in ("full blob", "delta") else "left")
+    for artifact in artifacts:
+        for delta in artifact["deltas"] or [None]:
+            table.add_row(
+                artifact["variant"],
+                f"{artifact['blob_size']:,} B",
+                delta["base_version"] if delta else "—",
+                f"{delta['blob_size']:,} B" if delta and delta["blob_size"] else "—",
+                delta["reason"] if delta else "no delta made yet: devices get the full blob",
+            )
+    console.print(table)
 
 
 def follow(session: requests.Session, api: str, rollout_id: int, label: str, timeout: float = 300) -> dict:
@@ -134,6 +162,8 @@ def roll_out(demo: Demo, version: str, policy: str, label: str, tags: list[str])
     api_call(demo.session, "POST", f"{demo.api}/rollouts/{rollout['id']}/start", 200, json={"reason": "demo"})
     final = follow(demo.session, demo.api, rollout["id"], label)
     console.print(f"  [bold]{final['last_decision']}[/bold]")
+    if final["delivery"]["summary"]:
+        console.print(f"  Delivery: {final['delivery']['summary']}")
     return final
 
 

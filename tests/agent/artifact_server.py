@@ -421,3 +421,50 @@ def make_signed_artifact(
         blob=blob,
         golden=golden_npz,
     )
+
+
+@dataclass
+class SignedDelta:
+    manifest_envelope: bytes
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    blob: bytes
+
+
+def make_signed_delta(
+    *,
+    private_key: Ed25519PrivateKey,
+    base: SignedArtifact,
+    target: SignedArtifact,
+    delta: bytes | None = None,
+    manifest_overrides: dict[str, Any] | None = None,
+) -> SignedDelta:
+    """A delta from ``base`` to ``target`` and its signed manifest, as the registry makes
+    them (docs/protocol.md, addition 11). ``delta`` replaces the honest delta bytes and
+    ``manifest_overrides`` top-level manifest fields, for tests that lie."""
+    from agent.protocol.delta import make_delta
+
+    decompressor = zstandard.ZstdDecompressor()
+    base_raw, target_raw = decompressor.decompress(base.blob), decompressor.decompress(target.blob)
+    blob = make_delta(base_raw, target_raw) if delta is None else delta
+    manifest = protocol.build_delta_manifest(
+        model=target.manifest["model"],
+        version=target.manifest["version"],
+        variant=target.manifest["variant"],
+        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        base_version=base.manifest["version"],
+        base_variant=base.manifest["variant"],
+        base_raw={"sha256": base.manifest["raw"]["sha256"], "size": base.manifest["raw"]["size"]},
+        target_raw={"sha256": target.manifest["raw"]["sha256"], "size": target.manifest["raw"]["size"]},
+        delta_sha256=hashlib.sha256(blob).hexdigest(),
+        delta_size=len(blob),
+    )
+    manifest.update(manifest_overrides or {})
+    payload = protocol.canonical_json(manifest)
+    envelope = protocol.sign(payload, payload_type=protocol.DELTA_PAYLOAD_TYPE, private_key=private_key)
+    return SignedDelta(
+        manifest_envelope=protocol.envelope_bytes(envelope),
+        manifest=manifest,
+        manifest_sha256=hashlib.sha256(payload).hexdigest(),
+        blob=blob,
+    )

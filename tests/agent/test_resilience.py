@@ -158,6 +158,53 @@ def assert_store_consistent(state_dir: Path) -> dict[str, str]:
     return named
 
 
+def apply_until_killed(config: Path, crash_at: str, publish, *, partial: Path | None = None) -> None:
+    """Start an agent process and ``publish`` its desired state; it must die by SIGKILL: at
+    ``crash_at`` (its own test hook), or, given ``partial``, from outside once the download
+    into that file has started."""
+    process = start_process(config, "" if partial else crash_at)
+    try:
+        publish()
+        if partial is not None:
+            wait_until(
+                lambda: partial.exists() and partial.stat().st_size > 0,
+                timeout=20,
+                message="the download to start",
+            )
+            process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
+def restart_and_finish(config: Path, port: int, collector, device: str, version: str) -> None:
+    """Power back: the restarted agent serves at once, finishes the update from the retained
+    desired state (generation 2, ``version``), and stops cleanly."""
+    process = start_process(config)
+    try:
+        served = wait_until(
+            lambda: (h := health(port)) and h["models"].get("digits"),
+            timeout=30,
+            message="the restarted agent to serve",
+        )
+        assert served["version"] in ("1.0.0", version)
+        collector.wait_for(
+            device,
+            "reported",
+            lambda m: m["generation"] == 2 and m["models"]["digits"]["version"] == version,
+            timeout=30,
+        )
+        assert health(port)["models"]["digits"]["version"] == version
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "crash_at",
@@ -197,52 +244,23 @@ def test_a_power_cut_at_any_point_leaves_a_valid_model(
         key_hex=root_key_hex,
         port=port,
     )
+    partial = None
     if crash_at == "during_download":
         artifact_server.throttle(blob_path, 2048)
-    process = start_process(config, "" if crash_at == "during_download" else crash_at)
-    try:
-        publish_desired(publisher, device, desired_envelope(signing_key, device, 2, {"digits": v2}))
-        if crash_at == "during_download":
-            partial = Store(state_dir).partial_path(v2_artifact.manifest["blob"]["sha256"])
-            wait_until(
-                lambda: partial.exists() and partial.stat().st_size > 0,
-                timeout=20,
-                message="the download to start",
-            )
-            process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=30) == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
+        partial = Store(state_dir).partial_path(v2_artifact.manifest["blob"]["sha256"])
+    apply_until_killed(
+        config,
+        crash_at,
+        lambda: publish_desired(publisher, device, desired_envelope(signing_key, device, 2, {"digits": v2})),
+        partial=partial,
+    )
 
     # Power back: the state on disk is consistent and the agent serves at once.
     assert assert_store_consistent(state_dir)["digits"] in ("1.0.0", "2.0.0")
     artifact_server.throttle(blob_path, None)
-    process = start_process(config)
-    try:
-        served = wait_until(
-            lambda: (h := health(port)) and h["models"].get("digits"),
-            timeout=30,
-            message="the restarted agent to serve",
-        )
-        assert served["version"] in ("1.0.0", "2.0.0")
-        # …and finishes the job from the retained desired state.
-        collector.wait_for(
-            device,
-            "reported",
-            lambda m: m["generation"] == 2 and m["models"]["digits"]["version"] == "2.0.0",
-            timeout=30,
-        )
-        assert health(port)["models"]["digits"]["version"] == "2.0.0"
-        if crash_at == "during_download":
-            assert any("Range" in headers for headers in artifact_server.requests[blob_path][1:])
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
+    restart_and_finish(config, port, collector, device, "2.0.0")
+    if crash_at == "during_download":
+        assert any("Range" in headers for headers in artifact_server.requests[blob_path][1:])
     assert assert_store_consistent(state_dir) == {"digits": "2.0.0"}
     offline = collector.wait_for(device, "status", lambda m: m["online"] is False)
     assert offline["agent_version"]

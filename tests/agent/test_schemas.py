@@ -53,9 +53,27 @@ EXAMPLES = {
                     "manifest_sha256": SHA,
                     "sample_rate": 0.25,
                 },
+                "delta": {
+                    "base_version": "1.3.0",
+                    "base_variant": "int8",
+                    "manifest_url": "https://x/dm",
+                    "blob_url": "https://x/db",
+                    "manifest_sha256": SHA,
+                    "size": 321,
+                },
             }
         },
         "rollout": {"id": 12, "stage": 1},
+    },
+    "delta_manifest": {
+        "schema": 1,
+        "model": "digits",
+        "version": "1.4.0",
+        "variant": "int8",
+        "created_at": "2026-11-28T07:00:00Z",
+        "base": {"version": "1.3.0", "variant": "int8", "raw": {"sha256": SHA, "size": 4000}},
+        "target": {"raw": {"sha256": SHA, "size": 4192}},
+        "delta": {"sha256": SHA, "size": 321, "format": "mfdelta"},
     },
     "status": {
         "online": True,
@@ -108,6 +126,7 @@ EXAMPLES = {
         "variant": "int8",
         "reason": "hash_mismatch",
         "message": "boom",
+        "delivery": {"path": "full", "bytes": 3044, "fallback": "base_missing"},
     },
     "telemetry": {
         "id": "t1",

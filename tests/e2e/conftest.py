@@ -109,35 +109,41 @@ def enroll(control_plane, enrollment, device_id: str, *, int8: bool) -> dict:
     return answer.json()
 
 
+def start_agent(control_plane, broker, tmp_path, enrollment, device_id: str, *, int8: bool) -> Agent:
+    """A real agent, enrolled through the API, on the broker's TLS listener; started."""
+    answer = enroll(control_plane, enrollment, device_id, int8=int8)
+    config = parse_config(
+        {
+            "device_id": device_id,
+            "state_dir": str(tmp_path / device_id),
+            "telemetry_interval_s": 0.5,
+            "broker": {
+                "url": answer["mqtt"]["url"],  # mqtts://, the broker's TLS listener
+                "username": answer["mqtt"]["username"],
+                "password": answer["mqtt"]["password"],
+                "ca_file": str(broker.ca_file),
+            },
+            "control_plane": {"url": control_plane["url"], "token": answer["token"]},
+            "trust": {"root_keys": [control_plane["root_key_hex"]]},
+            "local_api": {"bind": "127.0.0.1:0"},
+            "device": {"int8": int8},
+            "limits": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "reconnect_initial_s": 0.1},
+        }
+    )
+    agent = Agent(config)
+    agent.start()
+    return agent
+
+
 @pytest.fixture
 def agents(control_plane, bridge, broker, tmp_path, int8_rule, enrollment):
     running = []
     try:
         for n in range(DEVICES):
             device_id = f"e2e-{enrollment['run']}-{n:02d}"
-            int8 = int8_rule(n)
-            answer = enroll(control_plane, enrollment, device_id, int8=int8)
-            config = parse_config(
-                {
-                    "device_id": device_id,
-                    "state_dir": str(tmp_path / device_id),
-                    "telemetry_interval_s": 0.5,
-                    "broker": {
-                        "url": answer["mqtt"]["url"],  # mqtts://, the broker's TLS listener
-                        "username": answer["mqtt"]["username"],
-                        "password": answer["mqtt"]["password"],
-                        "ca_file": str(broker.ca_file),
-                    },
-                    "control_plane": {"url": control_plane["url"], "token": answer["token"]},
-                    "trust": {"root_keys": [control_plane["root_key_hex"]]},
-                    "local_api": {"bind": "127.0.0.1:0"},
-                    "device": {"int8": int8},
-                    "limits": {"backoff_initial_s": 0.05, "backoff_max_s": 0.5, "reconnect_initial_s": 0.1},
-                }
+            running.append(
+                start_agent(control_plane, broker, tmp_path, enrollment, device_id, int8=int8_rule(n))
             )
-            agent = Agent(config)
-            agent.start()
-            running.append(agent)
         for agent in running:
             wait_until(
                 agent.link.connected.is_set, timeout=20, message=f"{agent.config.device_id} to connect"

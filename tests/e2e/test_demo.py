@@ -55,6 +55,9 @@ def test_the_demo_tells_the_whole_story(tmp_path):
     # The rollout story: v2 promoted through its stages, v3 rolled back by the accuracy gate,
     # v4 stopped in shadow before it served anyone; each decision said in one sentence.
     assert "v2 canary: completed, stage 3 of 3 (12 active)" in result.stdout
+    # v2 (1.0.0 with its head retrained) went to every agent as a tensor-level delta.
+    words = " ".join(result.stdout.split())  # the console wraps long lines
+    assert "Delivery: 12 devices got it as a delta and 0 devices as the full blob" in words, result.stdout
     assert "v3 canary: rolled_back" in result.stdout
     assert "Rolled back at stage 1 by the accuracy gate" in result.stdout
     assert "v4 in shadow: rolled_back, stage 1 of 2" in result.stdout

@@ -81,6 +81,7 @@ def admin_site(viewer: int, operator: int, admin: int) -> dict[str, int]:
 @dataclass
 class World:
     artifact: int
+    delta: int
     token: int
     rollout: int
     released_version: int
@@ -107,7 +108,8 @@ class World:
 @dataclass(frozen=True)
 class Call:
     method: str
-    path: str  # {artifact}, {token}, {rollout}, {released_version}, {device_pk}, {model_pk}: the world's ids
+    # {artifact}, {delta}, {token}, {rollout}, {released_version}, {device_pk}, {model_pk}: the world's ids
+    path: str
     expect: dict[str, int]
     body: Callable[[World], Any] | dict | None = None
     format: str = "json"
@@ -181,6 +183,12 @@ PERMISSIONS: dict[str, list[Call]] = {
     ],
     "artifact-blob": [Call("GET", "/api/v1/artifacts/{artifact}/blob", assigned_device_and_viewers())],
     "artifact-golden": [Call("GET", "/api/v1/artifacts/{artifact}/golden", assigned_device_and_viewers())],
+    "artifact-delta-manifest": [
+        Call("GET", "/api/v1/artifacts/{artifact}/deltas/{delta}/manifest", assigned_device_and_viewers())
+    ],
+    "artifact-delta-blob": [
+        Call("GET", "/api/v1/artifacts/{artifact}/deltas/{delta}/blob", assigned_device_and_viewers())
+    ],
     "signing-key-list": [Call("GET", "/api/v1/signing-keys/", viewers())],
     "trust": [
         Call("GET", "/api/v1/trust", anyone()),  # a device reads it before it trusts anything
@@ -299,6 +307,12 @@ def world(
         model=version_v1.model, version="0.9.0", created_by=alice.user
     )
     registry_services.version_set_status(version=released, status=VersionStatus.RELEASED)
+    # A delta to the artifact, from an artifact of the released version (fine-tuned weights).
+    from samples.retrained import fine_tune
+
+    base = ready_artifact(released, "float32", fine_tune(digits.build_digits_models()["float32"]), alice.user)
+    delta = registry_services.artifact_delta_make(target=artifact, base=base)
+    assert delta is not None and delta.status == "ready", delta and delta.reason
     for device_id, status in (("cam-1", DeviceStatus.ACTIVE), ("cam-p", DeviceStatus.PENDING)):
         Device.objects.create(device_id=device_id, status=status, tags=["pilot"])
         admin.ensure_device(device_id, "pw")
@@ -326,6 +340,7 @@ def world(
     keyring = make_keyring(root_keys=[root_key], version=1, signing_keys=[active.public_key()])
     return World(
         artifact=artifact.pk,
+        delta=delta.pk,
         token=token.pk,
         rollout=rollout.pk,
         released_version=released.pk,
