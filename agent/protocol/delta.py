@@ -49,18 +49,27 @@ import zstandard
 
 from agent.download import ZSTD_MAX_WINDOW_BYTES
 
-MAGIC = b"MFDELTA1"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<8sHHQQ32s32sIQQQ")
-HEADER_SIZE = _HEADER.size
-_SEGMENT = struct.Struct("<BBxxQQ")
+MAGIC = b"MFDL"
+FORMAT_VERSION = 2
+_OLD_MAGIC = b"MFDELTA1"  # format 1 (120-byte fixed header), refused as unsupported
+# Header flags (docs/protocol.md, addition 9).
+FLAG_HASHES = 1  # the full base and target sha256 follow; else only the base's first 8 bytes
+FLAG_TABLE_ZSTD = 2  # the table is a zstd frame; else stored
+FLAG_PAYLOAD_ZSTD = 4  # the payload is a zstd frame (dictionary: the unread base); else stored
+_FLAGS = FLAG_HASHES | FLAG_TABLE_ZSTD | FLAG_PAYLOAD_ZSTD
+_BASE_PREFIX = 8  # bytes of the base's sha256 a delta without FLAG_HASHES names
+_MAX_VARINT = 10  # LEB128 of a u64
+# The longest header: magic, version, flags, seven varints, both sha256. read_header needs at
+# most this many bytes; a delta without FLAG_HASHES and with small sizes has a ~20-byte header.
+HEADER_SIZE = len(MAGIC) + 2 + 7 * _MAX_VARINT + 64
 # TFLite models have hundreds, at most a few thousand buffers. The cap bounds the table a
-# delta can make the agent read (2**16 segments of 20 bytes = 1.25 MiB) whatever its header says.
+# delta can make the agent read (2**16 rows of at most 21 bytes = 1.3 MiB) whatever it says.
 MAX_ENTRIES = 1 << 16
-LITERAL, COPY, XOR = 0, 1, 2
+_MAX_ROW = 1 + 2 * _MAX_VARINT
+LITERAL, COPY, XOR, SUB = 0, 1, 2, 3
 _WIDTHS = (1, 2, 4, 8)
 _WINDOW_LOG = ZSTD_MAX_WINDOW_BYTES.bit_length() - 1
-# Level used only to choose between plain and XOR for one buffer; the frame uses ``level``.
+# Level used only to choose a buffer's transform; the frames use ``level``.
 _CHOICE_LEVEL = 3
 
 
@@ -91,12 +100,15 @@ class DeltaHeader:
     version: int
     base_size: int
     target_size: int
-    base_sha256: str
-    target_sha256: str
+    base_sha256: str  # hex: the whole digest with FLAG_HASHES, else its first 8 bytes
+    target_sha256: str | None  # hex, or None when the delta leaves it to the signed manifest
     segments: int
-    table_zsize: int
+    table_zsize: int  # bytes of the table as stored
     payload_size: int
-    payload_zsize: int
+    payload_zsize: int  # bytes of the payload as stored
+    table_size: int = 0  # bytes of the table once decompressed
+    flags: int = 0
+    header_size: int = 0  # bytes of this header in the delta
 
 
 @dataclass(frozen=True)
@@ -178,21 +190,76 @@ def _unread(data: bytes | memoryview, segments: list[tuple[int, int, int, int]])
     return b"".join(pieces)
 
 
-def _shuffled_xor(new: memoryview, old: memoryview, width: int) -> bytes:
-    xored = np.bitwise_xor(np.frombuffer(new, np.uint8), np.frombuffer(old, np.uint8))
-    return xored.reshape(-1, width).T.tobytes()
+def _transformed(kind: int, new: memoryview, old: memoryview, width: int) -> bytes:
+    """XOR or SUB (target - base per element, mod 2**(8 x width)), bytes shuffled by position.
+
+    Regrouping the bytes by their position in the element puts the unchanged high bytes of
+    slightly moved values together, as long zero runs.
+    """
+    unsigned = np.dtype(f"<u{width}")
+    a, b = np.frombuffer(new, unsigned), np.frombuffer(old, unsigned)
+    changed = np.bitwise_xor(a, b) if kind == XOR else np.subtract(a, b)
+    return changed.view(np.uint8).reshape(-1, width).T.tobytes()
 
 
-def _unshuffle_xor_into(out: np.ndarray, shuffled: memoryview, old: memoryview, width: int) -> None:
-    """Undo :func:`_shuffled_xor` into ``out``: one plane per byte position, then XOR."""
-    old_bytes = np.frombuffer(old, np.uint8)
+def _untransform_into(out: memoryview, kind: int, shuffled: memoryview, old: memoryview, width: int) -> None:
+    """Undo :func:`_transformed` into ``out``: one plane per byte position, then XOR or add."""
+    target = np.frombuffer(out, np.uint8)
     if width == 1:
-        np.bitwise_xor(np.frombuffer(shuffled, np.uint8), old_bytes, out=out)
-        return
-    columns, planes = out.reshape(-1, width), np.frombuffer(shuffled, np.uint8).reshape(width, -1)
-    for position in range(width):  # column by column: far faster than a transposed copy
-        columns[:, position] = planes[position]
-    np.bitwise_xor(out, old_bytes, out=out)
+        target[:] = np.frombuffer(shuffled, np.uint8)
+    else:
+        columns, planes = target.reshape(-1, width), np.frombuffer(shuffled, np.uint8).reshape(width, -1)
+        for position in range(width):  # column by column: far faster than a transposed copy
+            columns[:, position] = planes[position]
+    unsigned = np.dtype(f"<u{width}")
+    elements, old_elements = np.frombuffer(out, unsigned), np.frombuffer(old, unsigned)
+    if kind == XOR:
+        np.bitwise_xor(elements, old_elements, out=elements)
+    else:
+        np.add(elements, old_elements, out=elements)  # unsigned: wraps mod 2**(8 x width)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: memoryview | bytes, position: int) -> tuple[int, int]:
+    """(value, next position) of the LEB128 varint at ``position``; corrupt if cut or over 64 bits."""
+    value = shift = 0
+    for index in range(position, min(position + _MAX_VARINT, len(data))):
+        byte = data[index]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if value >= 1 << 64:
+                break
+            return value, index + 1
+        shift += 7
+    raise DeltaError(DeltaFailure.CORRUPT, "the delta is cut short or holds a malformed size")
+
+
+def _zigzag(value: int) -> int:
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+def _unzigzag(value: int) -> int:
+    return value // 2 if value % 2 == 0 else -(value + 1) // 2
+
+
+def _encode_table(segments: list[list[int]]) -> bytes:
+    """Rows: kind | width code << 3, then for COPY/XOR/SUB the base offset minus the target
+    position (zigzag: 0 when the layout is the same), then the length; varints."""
+    rows = bytearray()
+    for kind, width, offset, length, start in segments:
+        rows.append(kind | _WIDTHS.index(width) << 3)
+        if kind != LITERAL:
+            rows += _varint(_zigzag(offset - start))
+        rows += _varint(length)
+    return bytes(rows)
 
 
 def _dictionary(skeleton: bytes) -> zstandard.ZstdCompressionDict | None:
@@ -247,11 +314,45 @@ def _extend_copies(segments: list[list[int]], base: np.ndarray, target: np.ndarr
     return merged
 
 
-def make_delta(base: bytes, target: bytes, *, level: int = 19) -> bytes:
+def _transform_skeleton(
+    segments: list[list[int]],
+    base: memoryview,
+    target: memoryview,
+    chooser: zstandard.ZstdCompressor,
+    transformed: dict[int, bytes],
+) -> None:
+    """Turn a changed stretch of skeleton into SUB or XOR against the base bytes in its place.
+
+    A re-quantized layer changes its scales, float32 vectors of the flatbuffer: the stretch
+    between two copies differs in a few bytes, and its base counterpart (the bytes right
+    after the previous segment's base range) has the same length. Byte for byte (width 1)
+    the unchanged bytes become zeros. Kept only when zstd makes it smaller than the plain bytes.
+    """
+    for i, segment in enumerate(segments):
+        kind, _, _, length, start = segment
+        if kind != LITERAL or i == 0 or segments[i - 1][0] == LITERAL:
+            continue
+        before = segments[i - 1]
+        base_start = before[2] + before[3]
+        if base_start + length > len(base):
+            continue
+        data, old = target[start : start + length], base[base_start : base_start + length]
+        best, best_size = None, len(chooser.compress(data))
+        for candidate_kind in (SUB, XOR):
+            candidate = _transformed(candidate_kind, data, old, 1)
+            if (size := len(chooser.compress(candidate))) < best_size:
+                best, best_size, transformed[start] = candidate_kind, size, candidate
+        if best is not None:
+            segment[0], segment[2] = best, base_start
+
+
+def make_delta(base: bytes, target: bytes, *, level: int = 19, embed_hashes: bool = True) -> bytes:
     """A delta that rebuilds ``target`` from ``base``; both must be TFLite models.
 
-    Raises :class:`DeltaRefused` when either is not a TFLite flatbuffer the format can
-    describe; the registry then ships the full blob only.
+    ``embed_hashes=False`` leaves the full base and target sha256 out of the delta (56 bytes
+    less): for a delta whose signed manifest names both, the caller of :func:`apply_delta`
+    then passes them. Raises :class:`DeltaRefused` when either is not a TFLite flatbuffer
+    the format can describe; the registry then ships the full blob only.
     """
     base_buffers, target_buffers = _weight_buffers(base), _weight_buffers(target)
     base_view, target_view = memoryview(base), memoryview(target)
@@ -263,7 +364,7 @@ def make_delta(base: bytes, target: bytes, *, level: int = 19) -> bytes:
         base_by_index[buffer.index] = buffer
     chooser = zstandard.ZstdCompressor(level=_CHOICE_LEVEL)
     segments: list[list[int]] = []  # [kind, width, base offset, length, target offset]
-    xor_bytes: dict[int, bytes] = {}  # target offset -> shuffled XOR of that buffer
+    transformed: dict[int, bytes] = {}  # target offset -> shuffled XOR or SUB of that buffer
     cursor = 0
     for buffer in target_buffers:
         if buffer.offset > cursor:
@@ -275,84 +376,123 @@ def make_delta(base: bytes, target: bytes, *, level: int = 19) -> bytes:
             segments.append([COPY, 1, same.offset, buffer.length, buffer.offset])
             continue
         old = base_by_index.get(buffer.index)
+        best, best_size, best_bytes = LITERAL, len(chooser.compress(data)), b""
         if old is not None and old.length == buffer.length and old.shape == buffer.shape:
-            shuffled = _shuffled_xor(data, base_view[old.offset : old.offset + old.length], buffer.width)
-            if len(chooser.compress(shuffled)) < len(chooser.compress(data)):
-                segments.append([XOR, buffer.width, old.offset, buffer.length, buffer.offset])
-                xor_bytes[buffer.offset] = shuffled
-                continue
-        segments.append([LITERAL, 1, 0, buffer.length, buffer.offset])
+            old_data = base_view[old.offset : old.offset + old.length]
+            # SUB suits values that moved by small amounts (re-quantized int8, int32 biases);
+            # XOR suits floats that moved within their exponent. The smaller one wins.
+            for kind in (SUB, XOR):
+                candidate = _transformed(kind, data, old_data, buffer.width)
+                if (candidate_size := len(chooser.compress(candidate))) < best_size:
+                    best, best_size, best_bytes = kind, candidate_size, candidate
+        if best == LITERAL:
+            segments.append([LITERAL, 1, 0, buffer.length, buffer.offset])
+        else:
+            segments.append([best, buffer.width, old.offset, buffer.length, buffer.offset])
+            transformed[buffer.offset] = best_bytes
     if len(target) > cursor:
         segments.append([LITERAL, 1, 0, len(target) - cursor, cursor])
     segments = _extend_copies(segments, np.frombuffer(base, np.uint8), np.frombuffer(target, np.uint8))
+    _transform_skeleton(segments, base_view, target_view, chooser, transformed)
     if len(segments) > MAX_ENTRIES:
         raise DeltaRefused(f"{len(segments)} segments: more than the {MAX_ENTRIES} the format allows")
 
     payload = b"".join(
-        xor_bytes[start] if kind == XOR else target_view[start : start + length]
+        transformed[start] if kind in (XOR, SUB) else target_view[start : start + length]
         for kind, _, _, length, start in segments
         if kind != COPY
     )
-    table_rows = [tuple(segment[:4]) for segment in segments]
-    table = b"".join(_SEGMENT.pack(*row) for row in table_rows)
-    table_frame = capped_compressor(level, len(table), None).compress(table)
-    dictionary = _dictionary(_unread(base, table_rows))
-    payload_frame = capped_compressor(level, len(payload), dictionary).compress(payload)
-    header = _HEADER.pack(
-        MAGIC,
-        FORMAT_VERSION,
-        0,
-        len(base),
-        len(target),
-        hashlib.sha256(base).digest(),
-        hashlib.sha256(target).digest(),
-        len(segments),
-        len(table_frame),
-        len(payload),
-        len(payload_frame),
-    )
-    return header + table_frame + payload_frame
+    flags = FLAG_HASHES if embed_hashes else 0
+    table = _encode_table(segments)
+    stored_table = table
+    table_frame = capped_compressor(level, len(table)).compress(table)
+    if len(table_frame) < len(table):
+        flags, stored_table = flags | FLAG_TABLE_ZSTD, table_frame
+    stored_payload = payload
+    if payload:
+        dictionary = _dictionary(_unread(base, [tuple(segment[:4]) for segment in segments]))
+        payload_frame = capped_compressor(level, len(payload), dictionary).compress(payload)
+        if len(payload_frame) < len(payload):
+            flags, stored_payload = flags | FLAG_PAYLOAD_ZSTD, payload_frame
+    sizes = [len(base), len(target), len(segments), len(stored_table)]
+    sizes += [len(table)] if flags & FLAG_TABLE_ZSTD else []
+    sizes += [len(payload)] + ([len(stored_payload)] if flags & FLAG_PAYLOAD_ZSTD else [])
+    base_sha256 = hashlib.sha256(base).digest()
+    digests = base_sha256 + hashlib.sha256(target).digest() if embed_hashes else base_sha256[:_BASE_PREFIX]
+    header = MAGIC + bytes([FORMAT_VERSION, flags]) + b"".join(map(_varint, sizes)) + digests
+    return header + stored_table + stored_payload
 
 
-def capped_compressor(level: int, size: int, dictionary: Any = None) -> zstandard.ZstdCompressor:
+def capped_compressor(
+    level: int, size: int, dictionary: Any = None, *, checksum: bool = True
+) -> zstandard.ZstdCompressor:
     """A zstd compressor for ``size`` bytes whose window agents accept (ZSTD_MAX_WINDOW_BYTES).
 
-    With checksum and content size in the frame, as the registry writes its blobs.
+    With content size in the frame, and a checksum as the registry writes its blobs. (The
+    delta's frames carry none: the rebuilt target's sha256 is checked anyway.)
     """
     params = zstandard.ZstdCompressionParameters.from_level(level, source_size=size)
     params = zstandard.ZstdCompressionParameters.from_level(
         level,
         source_size=size,
         window_log=min(params.window_log, _WINDOW_LOG),
-        write_checksum=1,
+        write_checksum=int(checksum),
         write_content_size=1,
     )
     return zstandard.ZstdCompressor(compression_params=params, dict_data=dictionary)
 
 
 def read_header(delta: bytes | memoryview) -> DeltaHeader:
-    """Parse and sanity-check the fixed header; raise :class:`DeltaError` if it is not one."""
-    if len(delta) < HEADER_SIZE:
-        raise DeltaError(DeltaFailure.CORRUPT, f"the delta is {len(delta)} bytes, shorter than its header")
-    fields = _HEADER.unpack_from(delta, 0)
-    if fields[0] != MAGIC:
-        raise DeltaError(DeltaFailure.CORRUPT, "not a Modelfleet delta (wrong magic)")
-    if fields[1] != FORMAT_VERSION:
+    """Parse and sanity-check the header; raise :class:`DeltaError` if it is not one."""
+    delta = memoryview(delta)
+    if bytes(delta[: len(_OLD_MAGIC)]) == _OLD_MAGIC:
         raise DeltaError(
-            "unsupported", f"delta format version {fields[1]}; this agent reads {FORMAT_VERSION}"
+            DeltaFailure.UNSUPPORTED, f"delta format version 1; this agent reads {FORMAT_VERSION}"
         )
-    header = DeltaHeader(fields[1], fields[3], fields[4], fields[5].hex(), fields[6].hex(), *fields[7:])
-    if fields[2] != 0:
-        raise DeltaError(DeltaFailure.UNSUPPORTED, f"delta flags {fields[2]:#x} are not understood")
-    if header.segments > MAX_ENTRIES:
-        raise DeltaError(DeltaFailure.CORRUPT, "the delta declares more table entries than the format allows")
-    if header.payload_size > header.target_size:
-        raise DeltaError(DeltaFailure.CORRUPT, "the delta's payload is larger than its target")
-    if HEADER_SIZE + header.table_zsize + header.payload_zsize != len(delta):
+    if len(delta) < len(MAGIC) + 2 or bytes(delta[: len(MAGIC)]) != MAGIC:
+        raise DeltaError(DeltaFailure.CORRUPT, "not a Modelfleet delta (wrong magic)")
+    version, flags = delta[len(MAGIC)], delta[len(MAGIC) + 1]
+    if version != FORMAT_VERSION:
         raise DeltaError(
-            "corrupt",
-            f"the delta is {len(delta)} bytes; its header describes "
-            f"{HEADER_SIZE + header.table_zsize + header.payload_zsize}",
+            DeltaFailure.UNSUPPORTED, f"delta format version {version}; this agent reads {FORMAT_VERSION}"
+        )
+    if flags & ~_FLAGS:
+        raise DeltaError(DeltaFailure.UNSUPPORTED, f"delta flags {flags:#x} are not understood")
+    position, sizes = len(MAGIC) + 2, []
+    for _ in range(4 + bool(flags & FLAG_TABLE_ZSTD) + 1 + bool(flags & FLAG_PAYLOAD_ZSTD)):
+        value, position = _read_varint(delta, position)
+        sizes.append(value)
+    base_size, target_size, segments, table_zsize = sizes[:4]
+    table_size = sizes[4] if flags & FLAG_TABLE_ZSTD else table_zsize
+    payload_size = sizes[-2] if flags & FLAG_PAYLOAD_ZSTD else sizes[-1]
+    payload_zsize = sizes[-1]
+    digest_size = 64 if flags & FLAG_HASHES else _BASE_PREFIX
+    if len(delta) < position + digest_size:
+        raise DeltaError(DeltaFailure.CORRUPT, f"the delta is {len(delta)} bytes, shorter than its header")
+    digests = bytes(delta[position : position + digest_size])
+    position += digest_size
+    header = DeltaHeader(
+        version=version,
+        base_size=base_size,
+        target_size=target_size,
+        base_sha256=digests[:32].hex() if flags & FLAG_HASHES else digests.hex(),
+        target_sha256=digests[32:].hex() if flags & FLAG_HASHES else None,
+        segments=segments,
+        table_zsize=table_zsize,
+        payload_size=payload_size,
+        payload_zsize=payload_zsize,
+        table_size=table_size,
+        flags=flags,
+        header_size=position,
+    )
+    if segments > MAX_ENTRIES or table_size > segments * _MAX_ROW:
+        raise DeltaError(DeltaFailure.CORRUPT, "the delta declares more table entries than the format allows")
+    if payload_size > target_size:
+        raise DeltaError(DeltaFailure.CORRUPT, "the delta's payload is larger than its target")
+    if position + table_zsize + payload_zsize != len(delta):
+        raise DeltaError(
+            DeltaFailure.CORRUPT,
+            f"the delta is {len(delta)} bytes; its header describes {position + table_zsize + payload_zsize}",
         )
     return header
 
@@ -391,60 +531,90 @@ def _inflate(frame: memoryview, size: int, what: str, dictionary: Any = None) ->
     return data
 
 
-def _read_table(header: DeltaHeader, table: bytes) -> list[tuple[int, int, int, int]]:
-    segments = list(_SEGMENT.iter_unpack(table))
-    total = carried = 0
-    for kind, width, offset, length in segments:
-        total += length
-        if kind == LITERAL:
+def _read_table(header: DeltaHeader, table: bytes | memoryview) -> list[tuple[int, int, int, int]]:
+    """The segments as (kind, width, base offset, length), each checked against the sizes."""
+    segments, position, total, carried = [], 0, 0, 0
+    for _ in range(header.segments):
+        if position >= len(table):
+            raise DeltaError(DeltaFailure.CORRUPT, "the delta's table is cut short")
+        code = table[position]
+        kind, width_code, position = code & 7, code >> 3, position + 1
+        if kind > SUB or width_code >= len(_WIDTHS):
+            raise DeltaError(DeltaFailure.CORRUPT, f"unknown delta segment {code:#x}")
+        width, offset = _WIDTHS[width_code], 0
+        if kind != LITERAL:
+            shift, position = _read_varint(table, position)
+            offset = total + _unzigzag(shift)
+        length, position = _read_varint(table, position)
+        if kind == LITERAL or kind in (XOR, SUB):
             carried += length
-        elif kind in (COPY, XOR):
-            if length == 0 or offset + length > header.base_size:
-                raise DeltaError(DeltaFailure.CORRUPT, "a delta segment reads past the end of the base")
-            if kind == XOR:
-                if width not in _WIDTHS or length % width:
-                    raise DeltaError(DeltaFailure.CORRUPT, f"a delta XOR segment has element width {width}")
-                carried += length
-        else:
-            raise DeltaError(DeltaFailure.CORRUPT, f"unknown delta segment kind {kind}")
-    if total != header.target_size or carried != header.payload_size:
+        if kind != LITERAL:
+            if length == 0 or offset < 0 or offset + length > header.base_size:
+                raise DeltaError(DeltaFailure.CORRUPT, "a delta segment reads outside the base")
+            if length % width:
+                raise DeltaError(DeltaFailure.CORRUPT, f"a delta segment of {length} bytes has width {width}")
+        total += length
+        segments.append((kind, width, offset, length))
+    if position != len(table) or total != header.target_size or carried != header.payload_size:
         raise DeltaError(DeltaFailure.CORRUPT, "the delta's segments do not add up to its target")
     return segments
 
 
 def apply_delta(
-    base: bytes | memoryview, delta: bytes | memoryview, *, max_output: int, base_sha256: str | None = None
+    base: bytes | memoryview,
+    delta: bytes | memoryview,
+    *,
+    max_output: int,
+    base_sha256: str | None = None,
+    target_sha256: str | None = None,
 ) -> bytearray:
     """Rebuild the target from ``base``; raise :class:`DeltaError` (with a reason code) if not.
 
     Returns the bytes it built (a bytearray, not copied once more into ``bytes``).
 
-    The result is checked against the target sha256 that the delta names; the agent must
-    still compare that with the *target's* signed manifest. ``base_sha256`` is the base's
-    sha256 when the caller already verified it (the agent's store keeps it from the base's
-    manifest); without it the base is hashed here. Nothing larger than ``max_output`` (plus
-    a table of at most ``MAX_ENTRIES`` entries) is ever allocated.
+    The result must hash to the target sha256: the one the delta names, and ``target_sha256``
+    when given (the *target's* signed manifest's; required for a delta made without embedded
+    hashes). ``base_sha256`` is the base's sha256 when the caller already verified it (the
+    agent's store keeps it from the base's manifest); without it the base is hashed here.
+    Nothing larger than ``max_output`` (plus a table of at most ``MAX_ENTRIES`` rows) is
+    ever allocated.
     """
     delta = memoryview(delta)
     header = read_header(delta)
+    expected_target = header.target_sha256 or target_sha256
+    if expected_target is None:
+        raise DeltaError(
+            DeltaFailure.UNSUPPORTED,
+            "the delta names no target sha256: pass the one from the target's signed manifest",
+        )
+    if target_sha256 is not None and target_sha256 != expected_target:
+        raise DeltaError(
+            DeltaFailure.TARGET_MISMATCH, f"the delta rebuilds sha256 {expected_target}, not {target_sha256}"
+        )
     if header.target_size > max_output:
         raise DeltaError(
-            "too_large", f"the delta rebuilds {header.target_size} bytes, more than the {max_output} allowed"
+            DeltaFailure.TOO_LARGE,
+            f"the delta rebuilds {header.target_size} bytes, more than the {max_output} allowed",
         )
     if len(base) != header.base_size:
         raise DeltaError(
-            "wrong_base", f"the delta needs a {header.base_size}-byte base, not {len(base)} bytes"
+            DeltaFailure.WRONG_BASE, f"the delta needs a {header.base_size}-byte base, not {len(base)} bytes"
         )
     have = base_sha256 if base_sha256 is not None else hashlib.sha256(base).hexdigest()
-    if have != header.base_sha256:
+    if have[: len(header.base_sha256)] != header.base_sha256:
         raise DeltaError(
-            "wrong_base", f"the delta was made from base sha256 {header.base_sha256}, not {have}"
+            DeltaFailure.WRONG_BASE, f"the delta was made from base sha256 {header.base_sha256}, not {have}"
         )
-    table_end = HEADER_SIZE + header.table_zsize
-    table = _inflate(delta[HEADER_SIZE:table_end], header.segments * _SEGMENT.size, "table")
+    table_start = header.header_size
+    table_end = table_start + header.table_zsize
+    table = delta[table_start:table_end]
+    if header.flags & FLAG_TABLE_ZSTD:
+        table = memoryview(_inflate(table, header.table_size, "table"))
     segments = _read_table(header, table)
-    dictionary = _dictionary(_unread(base, segments))
-    payload = memoryview(_inflate(delta[table_end:], header.payload_size, "payload", dictionary))
+    payload = delta[table_end:]
+    if header.flags & FLAG_PAYLOAD_ZSTD:
+        dictionary = _dictionary(_unread(base, segments))
+        payload = memoryview(_inflate(payload, header.payload_size, "payload", dictionary))
     # Written in place: each byte of the target is copied once.
     base_view, out, position, taken = memoryview(base), bytearray(header.target_size), 0, 0
     out_view = memoryview(out)
@@ -456,12 +626,10 @@ def apply_delta(
             out_view[position:end] = payload[taken : taken + length]
             taken += length
         else:
-            shuffled, old = payload[taken : taken + length], base_view[offset : offset + length]
-            _unshuffle_xor_into(np.frombuffer(out_view[position:end], np.uint8), shuffled, old, width)
+            old = base_view[offset : offset + length]
+            _untransform_into(out_view[position:end], kind, payload[taken : taken + length], old, width)
             taken += length
         position = end
-    if hashlib.sha256(out).hexdigest() != header.target_sha256:
-        raise DeltaError(
-            DeltaFailure.TARGET_MISMATCH, f"the rebuilt model's sha256 is not {header.target_sha256}"
-        )
+    if hashlib.sha256(out).hexdigest() != expected_target:
+        raise DeltaError(DeltaFailure.TARGET_MISMATCH, f"the rebuilt model's sha256 is not {expected_target}")
     return out
