@@ -5,12 +5,13 @@ training: by rewriting weight buffers inside the flatbuffer bytes, leaving every
 (graph, quantization parameters, offsets) untouched, so the result is still a valid model
 that LiteRT loads and runs.
 
-* :func:`head_warm_retrain` (the judged "head retrain" of bench/delta.py): the last layer
-  retrained *starting from its previous weights* on new data, as a fleet retrains a head.
-  Float weights move by training steps: each by a normal step of 1 % of the layer's weight
+* :func:`head_warm_retrain` (the judged "head retrain" of bench/delta.py): the head (the
+  last two conv/fully-connected layers; the last one of a two-layer MLP) retrained
+  *starting from its previous weights* on new data, as a fleet retrains a head. Float
+  weights move by training steps: each by a normal step of 1 % of the layer's weight
   standard deviation (what a few SGD steps at learning rate 1e-3 do to a dense head:
   measured on the 16 MiB digits-shaped model, 8 steps of 32 digits move its head weights by
-  a median 1.2 %). An int8 layer is re-quantized the way the converter does it: its float
+  a median 1.2 %; at 1e-4, 0.14 %). An int8 layer is re-quantized the way the converter does it: its float
   weights (int8 x scale, per channel) move by a normal step of one quantization step, each
   channel's scale becomes max|w| / 127 again (so it changes slightly), the weights are
   rounded to the new scale (so int8 values move by a few steps) and the int32 bias is
@@ -153,16 +154,26 @@ def _store_per_channel(out: bytearray, weight: _Weight, values: np.ndarray, scal
 
 
 def head_warm_retrain(
-    model_bytes: bytes, *, layers: int = 1, float_step: float = 0.01, int8_steps: float = 1.0, seed: int = 3
+    model_bytes: bytes,
+    *,
+    layers: int | None = None,
+    float_step: float = 0.01,
+    int8_steps: float = 1.0,
+    seed: int = 3,
 ) -> bytes:
-    """The last ``layers`` layers retrained from their previous weights (see the module's doc).
+    """The head retrained from its previous weights on new data (see the module's doc).
 
-    ``float_step``: a float weight's move, in units of the layer's weight standard deviation;
-    ``int8_steps``: an int8 layer's float move, in quantization steps, before re-quantization.
+    The head is the last ``layers`` layers; by default the last two, or the last one of a
+    model with only two (retraining both would retrain the whole network). ``float_step``: a
+    float weight's move, in units of the layer's weight standard deviation; ``int8_steps``:
+    an int8 layer's float move, in quantization steps, before re-quantization.
     """
     rng = np.random.default_rng(seed)
     out = bytearray(model_bytes)
-    for layer in _layers(model_bytes)[-layers:]:
+    all_layers = _layers(model_bytes)
+    if layers is None:
+        layers = 2 if len(all_layers) > 2 else 1
+    for layer in all_layers[-layers:]:
         weights = [w for w in layer if w.dtype is not np.int32]
         biases = [w for w in layer if w.dtype is np.int32]
         ratio = None  # new weight scale / old weight scale, per output channel

@@ -202,21 +202,49 @@ def _transformed(kind: int, new: memoryview, old: memoryview, width: int) -> byt
     return changed.view(np.uint8).reshape(-1, width).T.tobytes()
 
 
+_UNSIGNED = {width: np.dtype(f"<u{width}") for width in _WIDTHS}
+
+
 def _untransform_into(out: memoryview, kind: int, shuffled: memoryview, old: memoryview, width: int) -> None:
     """Undo :func:`_transformed` into ``out``: one plane per byte position, then XOR or add."""
-    target = np.frombuffer(out, np.uint8)
     if width == 1:
-        target[:] = np.frombuffer(shuffled, np.uint8)
+        elements = np.frombuffer(out, np.uint8)
+        changes = np.frombuffer(shuffled, np.uint8)
     else:
-        columns, planes = target.reshape(-1, width), np.frombuffer(shuffled, np.uint8).reshape(width, -1)
+        columns = np.frombuffer(out, np.uint8).reshape(-1, width)
+        planes = np.frombuffer(shuffled, np.uint8).reshape(width, -1)
         for position in range(width):  # column by column: far faster than a transposed copy
             columns[:, position] = planes[position]
-    unsigned = np.dtype(f"<u{width}")
-    elements, old_elements = np.frombuffer(out, unsigned), np.frombuffer(old, unsigned)
-    if kind == XOR:
-        np.bitwise_xor(elements, old_elements, out=elements)
-    else:
-        np.add(elements, old_elements, out=elements)  # unsigned: wraps mod 2**(8 x width)
+        elements = changes = np.frombuffer(out, _UNSIGNED[width])
+    ufunc = np.bitwise_xor if kind == XOR else np.add  # unsigned add wraps mod 2**(8 x width)
+    ufunc(changes, np.frombuffer(old, _UNSIGNED[width]), out=elements)
+
+
+def _untransform_bytewise(out: memoryview, base: memoryview, pieces: list[tuple[int, int, int, int]]) -> None:
+    """Undo the width-1 XOR and SUB ``pieces`` (kind, position, base offset, length) at once.
+
+    Their changes are already in ``out``. The base bytes they need are laid out at the same
+    positions in one buffer per kind, then one numpy call per kind finishes the lot: a model
+    with dozens of re-quantized int8 tensors costs two calls, not dozens. Scattered pieces
+    (the span is mostly bytes that are not theirs) are done one by one instead.
+    """
+    low = min(position for _, position, _, _ in pieces)
+    high = max(position + length for _, position, _, length in pieces)
+    if high - low > 4 * sum(length for _, _, _, length in pieces):
+        for kind, position, offset, length in pieces:
+            piece = out[position : position + length]
+            _untransform_into(piece, kind, piece, base[offset : offset + length], 1)
+        return
+    for kind in (XOR, SUB):
+        olds = bytearray(high - low)
+        used = False
+        for piece_kind, position, offset, length in pieces:
+            if piece_kind == kind:
+                olds[position - low : position - low + length] = base[offset : offset + length]
+                used = True
+        if used:
+            span = np.frombuffer(out[low:high], np.uint8)
+            (np.bitwise_xor if kind == XOR else np.add)(span, np.frombuffer(olds, np.uint8), out=span)
 
 
 def _varint(value: int) -> bytes:
@@ -228,8 +256,10 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_varint(data: memoryview | bytes, position: int) -> tuple[int, int]:
+def _read_varint(data: bytes | memoryview, position: int) -> tuple[int, int]:
     """(value, next position) of the LEB128 varint at ``position``; corrupt if cut or over 64 bits."""
+    if position < len(data) and data[position] < 0x80:
+        return data[position], position + 1  # the common case: one byte
     value = shift = 0
     for index in range(position, min(position + _MAX_VARINT, len(data))):
         byte = data[index]
@@ -346,6 +376,48 @@ def _transform_skeleton(
             segment[0], segment[2] = best, base_start
 
 
+# A copy this short between two byte-wise XOR (or SUB) segments joins them as zeros: a few
+# bytes of zstd instead of a table row and an apply step.
+_MERGE_GAP = 4096
+
+
+def _merge_bytewise(segments: list[list[int]], transformed: dict[int, bytes]) -> list[list[int]]:
+    """Join width-1 XOR (or SUB) segments that follow each other in the base and the target.
+
+    A re-quantized or fine-tuned int8 model changes tensor after tensor, with a few unchanged
+    skeleton bytes between: one segment instead of dozens keeps the table and the apply
+    loop short. Width 1 has no shuffle, so the joined bytes are the pieces one after another
+    (an unchanged stretch: zeros).
+    """
+
+    def bytewise(segment: list[int] | None) -> bool:
+        return segment is not None and segment[0] in (XOR, SUB) and segment[1] == 1
+
+    def follows(first: list[int], second: list[int]) -> bool:
+        return first[2] + first[3] == second[2]
+
+    for i in range(1, len(segments) - 1):
+        before, gap, after = segments[i - 1], segments[i], segments[i + 1]
+        joins = bytewise(before) and bytewise(after) and before[0] == after[0]
+        if joins and gap[0] == COPY and gap[3] <= _MERGE_GAP and follows(before, gap) and follows(gap, after):
+            gap[:2] = [before[0], 1]
+            transformed[gap[4]] = bytes(gap[3])
+    merged: list[list[int]] = []
+    parts: dict[int, list[bytes]] = {}
+    for segment in segments:
+        last = merged[-1] if merged else None
+        if bytewise(segment) and bytewise(last) and last[0] == segment[0] and follows(last, segment):
+            last[3] += segment[3]
+            parts[last[4]].append(transformed.pop(segment[4]))
+            continue
+        merged.append(segment)
+        if bytewise(segment):
+            parts[segment[4]] = [transformed[segment[4]]]
+    for start, pieces in parts.items():
+        transformed[start] = b"".join(pieces)
+    return merged
+
+
 def make_delta(base: bytes, target: bytes, *, level: int = 19, embed_hashes: bool = True) -> bytes:
     """A delta that rebuilds ``target`` from ``base``; both must be TFLite models.
 
@@ -394,6 +466,7 @@ def make_delta(base: bytes, target: bytes, *, level: int = 19, embed_hashes: boo
         segments.append([LITERAL, 1, 0, len(target) - cursor, cursor])
     segments = _extend_copies(segments, np.frombuffer(base, np.uint8), np.frombuffer(target, np.uint8))
     _transform_skeleton(segments, base_view, target_view, chooser, transformed)
+    segments = _merge_bytewise(segments, transformed)
     if len(segments) > MAX_ENTRIES:
         raise DeltaRefused(f"{len(segments)} segments: more than the {MAX_ENTRIES} the format allows")
 
@@ -531,31 +604,43 @@ def _inflate(frame: memoryview, size: int, what: str, dictionary: Any = None) ->
     return data
 
 
-def _read_table(header: DeltaHeader, table: bytes | memoryview) -> list[tuple[int, int, int, int]]:
-    """The segments as (kind, width, base offset, length), each checked against the sizes."""
-    segments, position, total, carried = [], 0, 0, 0
+def _read_table(header: DeltaHeader, table: bytes) -> list[tuple[int, int, int, int]]:
+    """The segments as (kind, width, base offset, length), each checked against the sizes.
+
+    Written for speed (it runs on every apply): one-byte varints, the usual case, inline.
+    """
+    segments: list[tuple[int, int, int, int]] = []
+    position = total = carried = 0
+    size, base_size = len(table), header.base_size
     for _ in range(header.segments):
-        if position >= len(table):
+        if position >= size:
             raise DeltaError(DeltaFailure.CORRUPT, "the delta's table is cut short")
         code = table[position]
         kind, width_code, position = code & 7, code >> 3, position + 1
         if kind > SUB or width_code >= len(_WIDTHS):
             raise DeltaError(DeltaFailure.CORRUPT, f"unknown delta segment {code:#x}")
-        width, offset = _WIDTHS[width_code], 0
+        offset = 0
         if kind != LITERAL:
-            shift, position = _read_varint(table, position)
-            offset = total + _unzigzag(shift)
-        length, position = _read_varint(table, position)
-        if kind == LITERAL or kind in (XOR, SUB):
+            if position < size and table[position] < 0x80:
+                shift, position = table[position], position + 1
+            else:
+                shift, position = _read_varint(table, position)
+            offset = total + (shift >> 1 if not shift & 1 else -((shift + 1) >> 1))
+        if position < size and table[position] < 0x80:
+            length, position = table[position], position + 1
+        else:
+            length, position = _read_varint(table, position)
+        if kind != COPY:
             carried += length
         if kind != LITERAL:
-            if length == 0 or offset < 0 or offset + length > header.base_size:
-                raise DeltaError(DeltaFailure.CORRUPT, "a delta segment reads outside the base")
-            if length % width:
-                raise DeltaError(DeltaFailure.CORRUPT, f"a delta segment of {length} bytes has width {width}")
+            width = _WIDTHS[width_code]
+            if length == 0 or offset < 0 or offset + length > base_size or length % width:
+                raise DeltaError(
+                    DeltaFailure.CORRUPT, "a delta segment reads outside the base or splits elements"
+                )
         total += length
-        segments.append((kind, width, offset, length))
-    if position != len(table) or total != header.target_size or carried != header.payload_size:
+        segments.append((kind, _WIDTHS[width_code], offset, length))
+    if position != size or total != header.target_size or carried != header.payload_size:
         raise DeltaError(DeltaFailure.CORRUPT, "the delta's segments do not add up to its target")
     return segments
 
@@ -610,7 +695,7 @@ def apply_delta(
     table = delta[table_start:table_end]
     if header.flags & FLAG_TABLE_ZSTD:
         table = memoryview(_inflate(table, header.table_size, "table"))
-    segments = _read_table(header, table)
+    segments = _read_table(header, bytes(table))
     payload = delta[table_end:]
     if header.flags & FLAG_PAYLOAD_ZSTD:
         dictionary = _dictionary(_unread(base, segments))
@@ -618,18 +703,23 @@ def apply_delta(
     # Written in place: each byte of the target is copied once.
     base_view, out, position, taken = memoryview(base), bytearray(header.target_size), 0, 0
     out_view = memoryview(out)
+    bytewise: list[tuple[int, int, int, int]] = []
     for kind, width, offset, length in segments:
         end = position + length
         if kind == COPY:
             out_view[position:end] = base_view[offset : offset + length]
-        elif kind == LITERAL:
+        elif kind == LITERAL or width == 1:
             out_view[position:end] = payload[taken : taken + length]
             taken += length
+            if kind != LITERAL:
+                bytewise.append((kind, position, offset, length))
         else:
             old = base_view[offset : offset + length]
             _untransform_into(out_view[position:end], kind, payload[taken : taken + length], old, width)
             taken += length
         position = end
+    if bytewise:
+        _untransform_bytewise(out_view, base_view, bytewise)
     if hashlib.sha256(out).hexdigest() != expected_target:
         raise DeltaError(DeltaFailure.TARGET_MISMATCH, f"the rebuilt model's sha256 is not {expected_target}")
     return out
