@@ -49,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import zstandard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +59,7 @@ from agent.download import ZSTD_MAX_WINDOW_BYTES  # noqa: E402
 from agent.protocol.delta import apply_delta, capped_compressor, make_delta  # noqa: E402
 from samples.digits import build_large_model  # noqa: E402
 from samples.retrained import (  # noqa: E402
+    changed_float_weights,
     delta_cases,
     fine_tune,
     head_retrain,
@@ -100,6 +102,26 @@ def patch_from(base: bytes, target: bytes, *level_args: str) -> int:
             stderr=subprocess.DEVNULL,
         )
         return (Path(tmp) / "p").stat().st_size
+
+
+def float_bits(base: bytes, target: bytes) -> float:
+    """Estimated information in the float32 weight changes, in bits: a lower bound for any
+    lossless encoding of them, given the base.
+
+    Each changed value is coded as its difference in units in the last place (the integer
+    difference of the two float32 bit patterns): its sign and binary magnitude class
+    (entropy measured over the tensor) plus the bits below its leading one, which for a
+    move that is noise at the scale of the weights are incompressible.
+    """
+    bits = 0.0
+    for old, new in changed_float_weights(base, target):
+        difference = new.view(np.int32).astype(np.int64) - old.view(np.int32)
+        difference = difference[difference != 0]
+        magnitude = np.floor(np.log2(np.abs(difference))).astype(np.int64)
+        _, counts = np.unique(np.sign(difference) * (magnitude + 1), return_counts=True)
+        shares = counts / counts.sum()
+        bits += len(difference) * float(-(shares * np.log2(shares)).sum()) + float(magnitude.sum())
+    return bits
 
 
 def median_seconds(functions: list, runs: int) -> list[float]:
@@ -147,6 +169,7 @@ def measure(name: str, change: str, base: bytes, target: bytes, runs: int) -> di
         "patch_default": patch_from(base, target),
         "patch_19": patch_from(base, target, f"-{LEVEL}", "--single-thread"),
         "delta": len(delta),
+        "float_bytes": float_bits(base, target) / 8,
         "full_ms": full_seconds * 1000,
         "rebuild_ms": rebuild_seconds * 1000,
         "hashing_ms": hashing_seconds * 1000,
@@ -228,6 +251,14 @@ def main() -> int:
             f"{row['hashing_ms']:.3f} ms hashing the base)",
         )
     console.print(table)
+    for row in rows:
+        if row["change"] == WARM and row["name"] not in UNJUDGED and row["float_bytes"]:
+            console.print(
+                f"{row['name']}, {WARM}: the float32 weight changes carry about "
+                f"{size(round(row['float_bytes']))} of information (lower bound for any lossless "
+                f"delta): {row['float_bytes'] / row['patch_default']:.2f} of patch-from; "
+                f"the delta is {row['delta'] / row['patch_default']:.2f}"
+            )
     if failures:
         console.print("[red]FAIL[/red]: " + "; ".join(failures))
         return 1

@@ -216,6 +216,17 @@ def fine_tune(model_bytes: bytes, *, seed: int = 2) -> bytes:
     return bytes(out)
 
 
+def changed_float_weights(base: bytes, target: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(old, new) values of each float32 layer weight that differs between two versions."""
+    pairs = []
+    for weight in dict.fromkeys(w for layer in _layers(base) for w in layer):
+        if weight.dtype is np.float32:
+            old, new = _values(base, weight), _values(target, weight)
+            if not np.array_equal(old.view(np.uint32), new.view(np.uint32)):
+                pairs.append((old, new))
+    return pairs
+
+
 def external_buffers(model_bytes: bytes, *, alignment: int = 16) -> bytes:
     """The same model in TFLite's "large model" layout: weights after the flatbuffer.
 

@@ -9,30 +9,35 @@ everything else, the *skeleton*. The target is written as a list of segments:
 
 * ``COPY`` a base buffer whose bytes equal the target buffer's (matched by content hash, so a
   buffer that moved to another index is still found);
-* ``XOR`` a changed buffer as (target XOR base buffer of the same index and size), its bytes
-  regrouped by position within the element ("byte shuffle": all sign/exponent bytes of a
-  float32 tensor together) so that slightly fine-tuned floats become long zero runs; used only
-  when zstd makes it smaller than the plain bytes;
-* ``LITERAL`` bytes stored whole: the skeleton between buffers, and changed buffers.
+* ``SUB`` / ``XOR`` a changed buffer as (target - base per element, mod 2**(8 x width)) or
+  (target XOR base) against the base buffer of the same index and size, its bytes regrouped
+  by position within the element ("byte shuffle": all high bytes of a tensor together), so
+  that int8 values re-quantized a few steps away (SUB) or slightly moved floats (XOR) become
+  long runs of zeros and small numbers; the smallest under zstd wins, plain bytes included;
+* ``LITERAL`` bytes stored whole: the skeleton between buffers, and changed buffers. A
+  changed skeleton stretch (a re-quantized layer's new scales) with a same-length base
+  counterpart is SUB or XOR against it instead, when that is smaller.
 
-The literal and XOR bytes travel in one zstd frame whose dictionary is the base bytes that
-no segment copies (the base's skeleton, mostly), so an unchanged skeleton costs a few bytes
-and a changed one is stored whole, compressed.
+The literal and transformed bytes travel in one payload whose zstd dictionary is the base
+bytes that no segment reads (the base's skeleton, mostly), so an unchanged skeleton costs
+a few bytes and a changed one is stored whole, compressed.
 :func:`apply_delta` needs no flatbuffer parser: segments name byte ranges of the base, and
 unchanged skeleton bytes next to copied buffers are copied with them, so an unchanged run of
 buffers is one segment. Every size is checked before anything is allocated, zstd never
 inflates past a size known in advance, and the result is compared with the target's sha256,
 so a corrupt or hostile delta fails with :class:`DeltaError`.
 
-Layout (little-endian)::
+Layout (format 2; sizes are LEB128 varints, so a small model's header is ~25 bytes)::
 
-    header   (120 bytes) magic "MFDELTA1" · version u16 · flags u16 (0) · base size u64 · target size u64
-             · base sha256 [32] · target sha256 [32] · segments u32 · table zstd size u64
-             · payload size u64 · payload zstd size u64
-    table    one zstd frame: segments (kind u8, element width u8, 2 pad bytes,
-             base offset u64, length u64)…, in target order
-    payload  one zstd frame whose dictionary is the base bytes no COPY/XOR segment reads:
-             the LITERAL and (shuffled) XOR bytes in target order
+    header   magic "MFDL" · version u8 (2) · flags u8 · base size · target size · segments
+             · table size as stored · [table size, with FLAG_TABLE_ZSTD] · payload size
+             · [payload size as stored, with FLAG_PAYLOAD_ZSTD]
+             · base sha256 [32] + target sha256 [32] with FLAG_HASHES, else base sha256 [:8]
+    table    per segment, in target order: kind | width code << 3 (u8), then for COPY/XOR/SUB
+             the base offset minus the target position (zigzag varint), then the length
+             (varint); stored, or one zstd frame
+    payload  the LITERAL and (shuffled) XOR/SUB bytes in target order; stored, or one zstd
+             frame whose dictionary is the base bytes no COPY/XOR/SUB segment reads
 """
 
 from __future__ import annotations
