@@ -61,7 +61,7 @@ from agent.localapi import LocalApi, as_inputs
 from agent.metrics import AgentMetrics
 from agent.mqtt import MqttLink
 from agent.protocol.codes import DeliveryPath, DeltaFallback, EventType, Reason
-from agent.protocol.delta import DeltaError, apply_delta, read_header
+from agent.protocol.delta import DeltaError, apply_delta
 from agent.serving import LoadedModel, Models
 from agent.shadow import Shadow, ShadowRunner
 from agent.store import Installed, ModelState, Store
@@ -746,11 +746,11 @@ class Agent:
         """Rebuild the target's raw model from the installed base and a delta (addition 11).
 
         The delta's manifest is checked against the target's verified manifest, and the
-        rebuilt bytes against the target's signed raw sha256 (the delta header must name
-        it, and ``apply_delta`` hashes what it builds): nothing a delta carries is trusted on
-        its own. The delta downloads like a blob (resumable, size-capped, hashed); the
-        rebuilt model goes to a scratch file that only ``Store.install`` moves into place,
-        so a kill at any point leaves the store as it was. Raises :class:`DeltaUnusable`."""
+        rebuilt bytes against the target's signed raw sha256 (``apply_delta`` hashes what it
+        builds): nothing a delta carries is trusted on its own. The delta downloads like a
+        blob (resumable, size-capped, hashed); the rebuilt model goes to a scratch file that
+        only ``Store.install`` moves into place, so a kill at any point leaves the store as
+        it was. Raises :class:`DeltaUnusable`."""
         base = Installed(offer["base_version"], offer["base_variant"])
         try:
             base_manifest = protocol.parse("manifest", self.store.manifest(name, base))
@@ -787,11 +787,16 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise DeltaUnusable(DeltaFallback.BASE_MISSING, f"{name} {base.key}: {exc}") from exc
         try:
-            delta_bytes = _mapped(partial)
-            if read_header(delta_bytes).target_sha256 != raw["sha256"]:
-                raise DeltaError(DeltaFallback.TARGET_MISMATCH, "the delta rebuilds another model")
+            # The target's signed sha256 is what the rebuilt bytes must hash to, whatever the
+            # delta itself names (a different one is refused as target_mismatch).
             rebuilt = memoryview(
-                apply_delta(base_bytes, delta_bytes, max_output=raw["size"], base_sha256=base_raw["sha256"])
+                apply_delta(
+                    base_bytes,
+                    _mapped(partial),
+                    max_output=raw["size"],
+                    base_sha256=base_raw["sha256"],
+                    target_sha256=raw["sha256"],
+                )
             )
         except Exception as exc:  # any failure of a delta means the full blob
             # Whatever is wrong with it, this delta will not do: do not resume it next time.

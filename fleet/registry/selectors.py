@@ -121,9 +121,14 @@ def delta_ready(*, artifact: Artifact, delta_id: int) -> ArtifactDelta:
     return delta
 
 
-def artifact_deltas(artifact: Artifact) -> QuerySet[ArtifactDelta]:
-    """Every delta made (or tried) to ``artifact``, newest base first."""
-    return artifact.deltas.select_related("base__version").order_by("-base__version__created_at")
+def version_deltas(version: ModelVersion) -> QuerySet[ArtifactDelta]:
+    """Every delta made (or tried) to the ready variants of ``version``: by variant, newest
+    base first (one query)."""
+    return (
+        ArtifactDelta.objects.filter(target__version=version, target__status=ArtifactStatus.READY)
+        .select_related("target", "base__version")
+        .order_by("target__variant", "-base__version__created_at")
+    )
 
 
 def artifact_fetchable_by(*, principal, artifact: Artifact) -> bool:

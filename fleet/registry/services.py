@@ -851,7 +851,13 @@ def _delta_build(target: Artifact, base: Artifact) -> ArtifactDelta:
         return delta
     try:
         data = make_delta(base_raw, target_raw, level=settings.ARTIFACT_ZSTD_LEVEL)
-        rebuilt = apply_delta(base_raw, data, max_output=len(target_raw), base_sha256=base.raw_sha256)
+        rebuilt = apply_delta(
+            base_raw,
+            data,
+            max_output=len(target_raw),
+            base_sha256=base.raw_sha256,
+            target_sha256=target.raw_sha256,
+        )
     except DeltaRefused as exc:
         delta.status, delta.reason = DeltaStatus.SKIPPED, f"No delta: {exc}."
         return delta

@@ -24,7 +24,7 @@ from fleet.devices.choices import DeviceStatus, GroupKind
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup
 from fleet.devices.selectors import group_devices
 from fleet.registry.choices import ArtifactStatus
-from fleet.registry.models import ModelVersion
+from fleet.registry.models import Artifact, ModelVersion
 from fleet.rollouts import services
 from fleet.rollouts.choices import ACTIVE_STATES, AssignmentState, Decision, Metric, RolloutState, StageMode
 from fleet.rollouts.cohort import VariantNeeds, choose_variant, misfit
@@ -694,13 +694,16 @@ class Delivery:
 
 def rollout_delivery(rollout: Rollout) -> Delivery:
     """How each device of the rollout got the target version: its latest ``verifying``
-    event for it since the rollout started that says (two queries)."""
+    event for it since the rollout started that says, beside the size of the full blob of
+    the variant it got (one query)."""
     delivery = Delivery()
     if rollout.started_at is None:
         return delivery
     version = rollout.target_version
-    blob_sizes = dict(
-        version.artifacts.filter(status=ArtifactStatus.READY).values_list("variant", "blob_size")
+    blob_size = Subquery(
+        Artifact.objects.filter(
+            version=version, variant=OuterRef("variant"), status=ArtifactStatus.READY
+        ).values("blob_size")[:1]
     )
     latest = (
         DeviceEvent.objects.filter(
@@ -713,10 +716,11 @@ def rollout_delivery(rollout: Rollout) -> Delivery:
         .exclude(delivery="")
         .order_by("device_id", "-received_at", "-pk")
         .distinct("device_id")
-        .values_list("variant", "delivery", "delivery_bytes", "delivery_fallback")
+        .annotate(full_blob=blob_size)
+        .values_list("full_blob", "delivery", "delivery_bytes", "delivery_fallback")
     )
     fallbacks: Counter = Counter()
-    for variant, path, downloaded, fallback in latest:
+    for full_blob, path, downloaded, fallback in latest:
         if path == DeliveryPath.DELTA:
             delivery.by_delta += 1
         else:
@@ -724,6 +728,6 @@ def rollout_delivery(rollout: Rollout) -> Delivery:
         if fallback:
             fallbacks[fallback] += 1
         delivery.downloaded += downloaded or 0
-        delivery.full_blobs += blob_sizes.get(variant) or 0
+        delivery.full_blobs += full_blob or 0
     delivery.fallbacks = dict(fallbacks)
     return delivery
