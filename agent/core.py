@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,7 @@ from agent.protocol.codes import DeliveryPath, DeltaFallback, EventType, Reason
 from agent.protocol.delta import DeltaError, apply_delta
 from agent.serving import LoadedModel, Models
 from agent.shadow import Shadow, ShadowRunner
-from agent.store import Installed, ModelState, Store
+from agent.store import Installed, ModelState, Store, atomic_write
 from agent.telemetry import TelemetryWindow, health_snapshot, telemetry_message
 from agent.trust import TrustStore
 
@@ -92,9 +93,10 @@ class ApplyResult:
 
 
 def _mapped(path) -> mmap.mmap:
-    """A file's bytes, read-only and mapped, not copied: a delta rebuild holds only the
-    target in memory. The mapping is released with its last reference (never closed while
-    a view, or a traceback, may still point into it)."""
+    """A file's bytes, read-only and mapped, not copied into the agent's heap. The mapping
+    is released with its last reference (never closed while a view, or a traceback, may
+    still point into it). A rebuild still allocates up to about three times the target's
+    size (docs/protocol.md, addition 9)."""
     with open(path, "rb") as handle:
         return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
 
@@ -734,12 +736,15 @@ class Agent:
         partial.unlink(missing_ok=True)
         return raw_temp
 
-    def _delta_transfer(self, exc: TransferError) -> DeltaUnusable:
-        """A delta that cannot be downloaded: a transient failure (the control plane out of
-        reach) would hit the full blob too, so it is retried as one; anything else (404,
-        wrong size or sha256) falls back to the full blob."""
-        if not exc.permanent:
+    def _delta_transfer(self, exc: TransferError, partial: Path | None = None) -> DeltaUnusable:
+        """A delta that cannot be downloaded falls back to the full blob, whatever failed
+        (its retries used up, 404, wrong size or sha256): the blob may well come where the
+        delta did not. Only a stop request stays one. After a transient failure the partial
+        delta is kept (a later offer resumes it); after a permanent one it goes."""
+        if self._stop.is_set():
             raise self._transfer(exc) from exc
+        if exc.permanent and partial is not None:
+            partial.unlink(missing_ok=True)
         return DeltaUnusable(DeltaFallback.DELTA_DOWNLOAD, str(exc))
 
     def _fetch_delta(self, name: str, spec: dict[str, Any], offer: dict[str, Any], manifest: dict[str, Any]):
@@ -771,21 +776,41 @@ class Agent:
             base_raw_sha256=base_raw["sha256"],
             max_bytes=self.config.limits.max_artifact_bytes,
         )["delta"]
+        partial = self.store.partial_path(delta["sha256"])
+        # Marks a rebuild under way: found on a later try, the last one never finished (the
+        # agent was killed, by a power cut or the OOM killer, or the disk filled), and the
+        # full blob is used rather than risking the same end again and again.
+        attempt = self.store.scratch_path(f"{delta['sha256']}.attempt")
+        if attempt.exists():
+            attempt.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
+            raise DeltaUnusable(DeltaFallback.INTERRUPTED, "the last rebuild from this delta did not finish")
         try:
-            partial = self.downloader.fetch_blob(
-                offer["blob_url"],
-                partial=self.store.partial_path(delta["sha256"]),
-                size=delta["size"],
-                sha256=delta["sha256"],
+            self.downloader.fetch_blob(
+                offer["blob_url"], partial=partial, size=delta["size"], sha256=delta["sha256"]
             )
         except TransferError as exc:
-            raise self._delta_transfer(exc) from exc
+            raise self._delta_transfer(exc, partial) from exc
         raw = manifest["raw"]
         raw_temp = self.store.scratch_path(f"{raw['sha256']}.tflite.tmp")
         try:
             base_bytes = _mapped(self.store.model_path(name, base))
         except (OSError, ValueError) as exc:
+            partial.unlink(missing_ok=True)
             raise DeltaUnusable(DeltaFallback.BASE_MISSING, f"{name} {base.key}: {exc}") from exc
+        atomic_write(attempt, b"")
+        try:
+            self._rebuild(base_bytes, partial, raw, base_raw["sha256"], raw_temp)
+        finally:
+            # Whatever happened, it finished: a crash never gets here and leaves the mark.
+            attempt.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        return raw_temp
+
+    def _rebuild(
+        self, base_bytes, partial: Path, raw: dict[str, Any], base_sha256: str, raw_temp: Path
+    ) -> None:
+        """``apply_delta`` into ``raw_temp`` (fsynced); :class:`DeltaUnusable` on any failure."""
         try:
             # The target's signed sha256 is what the rebuilt bytes must hash to, whatever the
             # delta itself names (a different one is refused as target_mismatch).
@@ -794,7 +819,7 @@ class Agent:
                     base_bytes,
                     _mapped(partial),
                     max_output=raw["size"],
-                    base_sha256=base_raw["sha256"],
+                    base_sha256=base_sha256,
                     target_sha256=raw["sha256"],
                 )
             )
@@ -806,16 +831,21 @@ class Agent:
         if len(rebuilt) != raw["size"]:  # apply_delta checked it; a cheap second look
             partial.unlink(missing_ok=True)
             raise DeltaUnusable(DeltaFallback.TARGET_MISMATCH, "the rebuilt model has the wrong size")
-        with open(raw_temp, "wb") as out:
-            half = len(rebuilt) // 2
-            out.write(rebuilt[:half])
-            out.flush()
-            self._crash_point("during_rebuild")
-            out.write(rebuilt[half:])
-            out.flush()
-            os.fsync(out.fileno())
-        partial.unlink(missing_ok=True)
-        return raw_temp
+        try:
+            with open(raw_temp, "wb") as out:
+                half = len(rebuilt) // 2
+                out.write(rebuilt[:half])
+                out.flush()
+                self._crash_point("during_rebuild")
+                out.write(rebuilt[half:])
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:  # a full disk, say: the blob's path streams and may still fit
+            raw_temp.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
+            raise DeltaUnusable(
+                DeltaFallback.INTERRUPTED, f"the rebuilt model could not be written: {exc}"
+            ) from exc
 
     def _load_and_check(self, name: str, wanted: Installed, manifest: dict[str, Any]) -> LoadedModel:
         path = self.store.model_path(name, wanted)

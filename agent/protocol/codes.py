@@ -71,7 +71,8 @@ class DeltaFallback(enum.StrEnum):
 
     BASE_MISSING = "base_missing"  # the base the delta needs is not installed (or not intact)
     DELTA_REFUSED = "delta_refused"  # its manifest failed a check: signature, pin, names, sizes
-    DELTA_DOWNLOAD = "delta_download"  # the delta blob could not be downloaded or its sha256 differs
+    DELTA_DOWNLOAD = "delta_download"  # the delta could not be downloaded (retries exhausted, 404, sha256)
+    INTERRUPTED = "interrupted"  # a rebuild from this delta did not finish (a crash, OOM kill, full disk)
     WRONG_BASE = "wrong_base"
     TOO_LARGE = "too_large"
     UNSUPPORTED = "unsupported"

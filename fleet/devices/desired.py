@@ -163,9 +163,12 @@ def desired_states_check(
     *, states: list[DesiredState], entries: dict[int, dict], rollout: dict | None
 ) -> None:
     """Refuse a batch whose payload breaks the contract, before it commits: the first state
-    is signed and checked (the others differ only in device id and generation)."""
-    if states:
-        _sign(states=states[:1], entries=entries, rollout=rollout)
+    of each shape is signed and checked (the others differ only in device id and
+    generation; a shape is which models carry a delta offer)."""
+    firsts: dict[frozenset, DesiredState] = {}
+    for state in states:
+        firsts.setdefault(_shape(_state_models(state, entries)), state)
+    _sign(states=list(firsts.values()), entries=entries, rollout=rollout)
 
 
 def sign_desired_states(
@@ -188,20 +191,30 @@ def _sign(
     (the first state, and the first that carries a delta offer, are checked)."""
     _, private_key = signing_key_active()
     signed, shapes = [], set()
-    for device_id, generation, wanted, shadowed, *reported in states:
-        models = _desired_models(wanted, shadowed, entries, reported[0] if reported else {})
-        shape = frozenset(name for name, entry in models.items() if "delta" in entry)
+    for state in states:
+        models = _state_models(state, entries)
+        shape = _shape(models)
         envelope = desired_state_envelope(
-            device_id=device_id,
-            generation=generation,
+            device_id=state[0],
+            generation=state[1],
             entries=models,
             rollout=rollout,
             private_key=private_key,
             check=shape not in shapes,
         )
         shapes.add(shape)
-        signed.append((device_id, envelope))
+        signed.append((state[0], envelope))
     return signed
+
+
+def _state_models(state: DesiredState, entries: dict[int, dict]) -> dict:
+    """A state's ``models``; a state of four members (queued before deltas) gets no offer."""
+    _, _, wanted, shadowed, *reported = state
+    return _desired_models(wanted, shadowed, entries, reported[0] if reported else {})
+
+
+def _shape(models: dict) -> frozenset:
+    return frozenset(name for name, entry in models.items() if "delta" in entry)
 
 
 # --- the fan-out

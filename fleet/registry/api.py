@@ -576,7 +576,7 @@ class _ArtifactFileView(APIView):
     content_negotiation_class = FallbackContentNegotiation
 
     def artifact(self, artifact_id: int) -> Artifact:
-        artifact = selectors.artifact_list().filter(pk=artifact_id).first()
+        artifact = selectors.artifact_files().filter(pk=artifact_id).first()
         if artifact is None:
             raise NotFound(f"No artifact {artifact_id}.", code="unknown_artifact")
         self.check_object_permissions(self.request, artifact)

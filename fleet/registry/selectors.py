@@ -39,6 +39,12 @@ def version_get(*, model_name: str, version: str) -> ModelVersion:
     return found
 
 
+def artifact_files() -> QuerySet[Artifact]:
+    """Artifacts as the download views need them (manifest, blob, golden set, deltas): what
+    devices fetch, so nothing more than the version and model is joined."""
+    return Artifact.objects.select_related("version__model")
+
+
 def artifact_list() -> QuerySet[Artifact]:
     return Artifact.objects.select_related("version__model", "signing_key", "created_by").prefetch_related(
         Prefetch("deltas", queryset=ArtifactDelta.objects.select_related("base__version"))

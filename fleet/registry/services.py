@@ -864,6 +864,10 @@ def _delta_build(target: Artifact, base: Artifact) -> ArtifactDelta:
     except DeltaError as exc:
         delta.status, delta.reason = DeltaStatus.FAILED, f"The delta did not rebuild the model: {exc}."
         return delta
+    except Exception as exc:  # a time limit, memory: recorded, so that no later trigger redoes it
+        log.exception("making the delta from %s to %s failed", base, target)
+        delta.status, delta.reason = DeltaStatus.FAILED, f"Making the delta failed: {type(exc).__name__}."
+        return delta
     delta.seconds = time.perf_counter() - started
     if hashlib.sha256(rebuilt).hexdigest() != target.raw_sha256:
         delta.status, delta.reason = DeltaStatus.FAILED, "The delta did not rebuild the model exactly."

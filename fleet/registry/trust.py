@@ -27,8 +27,8 @@ from agent.protocol import trust
 from agent.trust import MAX_BUNDLE_BYTES
 from agent.trustctl import KEYRING_EXPIRY_DAYS, generate_key_file, load_key_file, make_keyring, make_root
 from fleet.core.errors import Conflict, InvalidInput
-from fleet.registry.choices import ArtifactStatus, SigningKeyStatus
-from fleet.registry.models import Artifact, Keyring, SigningKey, TrustRoot
+from fleet.registry.choices import ArtifactStatus, DeltaStatus, SigningKeyStatus
+from fleet.registry.models import Artifact, ArtifactDelta, Keyring, SigningKey, TrustRoot
 
 RESIGN_DEVICES_CHUNK = 1000
 
@@ -251,6 +251,10 @@ def _refuse_unsafe_keyring(state: trust.TrustState, new: trust.TrustState) -> No
         Artifact.objects.filter(status=ArtifactStatus.READY, signing_key__keyid__in=new.revoked)
         .values_list("signing_key__keyid", flat=True)
         .first()
+    ) or (
+        ArtifactDelta.objects.filter(status=DeltaStatus.READY, signing_key__keyid__in=new.revoked)
+        .values_list("signing_key__keyid", flat=True)
+        .first()
     )
     if still_signing:
         raise Conflict(
@@ -342,17 +346,19 @@ def signing_resign_all(*, publish: str = "celery") -> dict[str, int]:
 
     key_row, private_key = signing_key_active()
     manifests = 0
-    for artifact in (
-        Artifact.objects.filter(status=ArtifactStatus.READY).exclude(signing_key=key_row).iterator()
+    # Artifact manifests, and the manifests of the deltas offered between them (addition 11).
+    for rows, payload_type in (
+        (Artifact.objects.filter(status=ArtifactStatus.READY), protocol.MANIFEST_PAYLOAD_TYPE),
+        (ArtifactDelta.objects.filter(status=DeltaStatus.READY), protocol.DELTA_PAYLOAD_TYPE),
     ):
-        payload = base64.b64decode(json.loads(artifact.manifest_envelope)["payload"])
-        envelope = protocol.sign(
-            payload, payload_type=protocol.MANIFEST_PAYLOAD_TYPE, private_key=private_key
-        )
-        updated = Artifact.objects.filter(
-            pk=artifact.pk, manifest_envelope=artifact.manifest_envelope
-        ).update(manifest_envelope=protocol.envelope_bytes(envelope).decode(), signing_key=key_row)
-        manifests += updated
+        for row in rows.exclude(signing_key=key_row).iterator():
+            payload = base64.b64decode(json.loads(row.manifest_envelope)["payload"])
+            envelope = protocol.sign(payload, payload_type=payload_type, private_key=private_key)
+            manifests += (
+                type(row)
+                .objects.filter(pk=row.pk, manifest_envelope=row.manifest_envelope)
+                .update(manifest_envelope=protocol.envelope_bytes(envelope).decode(), signing_key=key_row)
+            )
     devices = 0
     ids = list(
         Device.objects.filter(status=DeviceStatus.ACTIVE, desired_generation__gt=0)

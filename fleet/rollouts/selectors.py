@@ -18,7 +18,7 @@ from django.db.models.expressions import RawSQL
 from django.db.models.fields.json import KT
 from django.utils import timezone
 
-from agent.protocol.codes import DeliveryPath, EventType
+from agent.protocol.codes import DeliveryPath, DeltaFallback, EventType
 from fleet.core.display import count, moment, percent, size
 from fleet.devices.choices import DeviceStatus, GroupKind
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup
@@ -687,7 +687,7 @@ class Delivery:
         if why:
             text += f" (delta not used: {why})"
         text += f"; they downloaded {size(self.downloaded)} where full blobs would be {size(self.full_blobs)}"
-        if self.full_blobs:
+        if self.full_blobs and self.downloaded <= self.full_blobs:
             text += f" ({percent(1 - self.downloaded / self.full_blobs, 0)} less)"
         return text + "."
 
@@ -725,8 +725,8 @@ def rollout_delivery(rollout: Rollout) -> Delivery:
             delivery.by_delta += 1
         else:
             delivery.full += 1
-        if fallback:
-            fallbacks[fallback] += 1
+        if fallback:  # a device's claim: a code this release does not know is counted as "other"
+            fallbacks[fallback if fallback in DeltaFallback.__members__.values() else "other"] += 1
         delivery.downloaded += downloaded or 0
         delivery.full_blobs += full_blob or 0
     delivery.fallbacks = dict(fallbacks)

@@ -192,6 +192,32 @@ def test_a_delta_larger_than_the_full_blob_is_not_downloaded(
     assert artifact_server.bytes_sent[urlparse(entry["delta"]["blob_url"]).path] == 0
 
 
+def test_a_delta_that_cannot_be_downloaded_falls_back_and_one_that_fails_for_a_while_resumes(
+    make_agent, publisher, collector, artifact_server, artifacts, signing_key, tuned
+):
+    _, device = agent_on_v1(make_agent, publisher, collector, artifact_server, artifacts, signing_key)
+    base, target = artifacts[("1.0.0", "float32")], tuned
+    delta = make_signed_delta(private_key=signing_key, base=base, target=target)
+    entry = {**publish_artifact(artifact_server, target), "delta": publish_delta(artifact_server, delta)}
+    delta_path = urlparse(entry["delta"]["blob_url"]).path
+    artifact_server.fail(delta_path, 502, times=1000)  # a proxy failing only on deltas
+    publish_desired(publisher, device, desired_envelope(signing_key, device, 2, {"digits": entry}))
+    delivery = verifying(collector, device, 2)["delivery"]
+    assert delivery["path"] == DeliveryPath.FULL and delivery["fallback"] == DeltaFallback.DELTA_DOWNLOAD
+    collector.wait_for(device, "reported", lambda m: m["generation"] == 2)
+    assert artifact_server.bytes_sent[urlparse(entry["blob_url"]).path] == len(target.blob)
+
+    # A 404 (the delta gone from storage) also ends in the blob, for another version.
+    other = make_signed_delta(private_key=signing_key, base=target, target=artifacts[("3.0.0", "float32")])
+    entry3 = {
+        **publish_artifact(artifact_server, artifacts[("3.0.0", "float32")]),
+        "delta": {**publish_delta(artifact_server, other), "blob_url": artifact_server.url("/nothing-here")},
+    }
+    publish_desired(publisher, device, desired_envelope(signing_key, device, 3, {"digits": entry3}))
+    delivery = verifying(collector, device, 3)["delivery"]
+    assert delivery["path"] == DeliveryPath.FULL and delivery["fallback"] == DeltaFallback.DELTA_DOWNLOAD
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["during_delta_download", "after_download", "during_rebuild"])
 def test_a_power_cut_while_rebuilding_leaves_the_store_valid(
@@ -249,6 +275,18 @@ def test_a_power_cut_while_rebuilding_leaves_the_store_valid(
         for e in collector.of(device, "events")
         if e["type"] == "verifying" and e.get("generation") == 2 and "delivery" in e
     ]
+    store = Store(state_dir)
+    assert not [p.name for p in store.downloads_dir.iterdir()]  # no partial, scratch or mark left
+    if crash_at == "during_rebuild":
+        # Killed while rebuilding (as the OOM killer would): the next try takes the blob
+        # rather than risking the same end again.
+        assert deliveries[-1] == {
+            "path": DeliveryPath.FULL,
+            "bytes": deliveries[-1]["bytes"],
+            "fallback": DeltaFallback.INTERRUPTED,
+        }
+        assert artifact_server.bytes_sent[urlparse(entry["blob_url"]).path] == len(target.blob)
+        return
     assert deliveries and deliveries[-1]["path"] == DeliveryPath.DELTA
     if throttled:  # the second process resumed the delta rather than starting over
         assert any("Range" in headers for headers in artifact_server.requests[delta_path][1:])

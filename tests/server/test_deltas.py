@@ -193,3 +193,18 @@ def _size(n: int) -> str:
     from fleet.core.display import size
 
     return size(n)
+
+
+def test_the_version_page_shows_each_delta_once_in_words(released_v1, golden_npz, alice, bob, digits):
+    from django.test import Client
+    from django.utils.html import escape
+
+    v2 = new_version(released_v1.version.model, "2.0.0", golden_npz, alice)
+    target = ready_artifact(v2, "float32", digits.build_head_retrained_models()["float32"], alice.user)
+    (delta,) = services.artifact_deltas_make(artifact_id=target.pk)
+    client = Client()
+    client.force_login(bob.user)
+    html = client.get(f"/admin/registry/modelversion/{v2.pk}/change/").content.decode()
+    assert html.count('id="deltas"') == 1
+    row = html.split('data-variant="float32" data-base="1.0.0" data-offered="yes"')[1].split("</tr>")[0]
+    assert escape(delta.reason) in row and f"<td>{delta.ratio * 100:.0f} %</td>" in row

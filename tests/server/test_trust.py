@@ -6,6 +6,7 @@ never signs."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from datetime import UTC, datetime
 
@@ -17,9 +18,10 @@ from agent import protocol
 from agent.protocol.trust import TrustState
 from agent.trustctl import make_keyring, make_root
 from fleet.core.errors import Conflict, InvalidInput
+from fleet.registry import services as registry_services
 from fleet.registry import signing, trust
-from fleet.registry.choices import SigningKeyStatus
-from fleet.registry.models import Keyring, SigningKey, TrustRoot
+from fleet.registry.choices import SigningKeyStatus, VersionStatus
+from fleet.registry.models import ArtifactDelta, Keyring, SigningKey, TrustRoot
 from tests.server.conftest import ready_artifact
 from tests.server.test_signing import pem
 
@@ -151,6 +153,11 @@ def test_the_rotation_procedure_resigns_manifests_and_revokes_the_old_key(
     anchored, ada, root_key, key_file, version_v1, digits, tmp_path
 ):
     artifact = ready_artifact(version_v1, "float32", digits.build_digits_models()["float32"])
+    # A later version with a delta from this one: its manifest is signed by the key too.
+    registry_services.version_set_status(version=version_v1, status=VersionStatus.RELEASED)
+    v2 = registry_services.version_create(model=version_v1.model, version="2.0.0")
+    target = ready_artifact(v2, "float32", digits.build_head_retrained_models()["float32"])
+    (delta,) = registry_services.artifact_deltas_make(artifact_id=target.pk)
     old_keyid = protocol.keyid_for(anchored.public_key())
     new_key = Ed25519PrivateKey.generate()
     new_hex = protocol.public_key_bytes(new_key.public_key()).hex()
@@ -165,7 +172,13 @@ def test_the_rotation_procedure_resigns_manifests_and_revokes_the_old_key(
     # 2. Activate the new key and re-sign what the old one signed.
     key_file.write_bytes(pem(new_key))
     counts = trust.signing_resign_all(publish="celery")
-    assert counts["manifests"] == 1
+    assert counts["manifests"] == 3  # two artifacts and the delta
+    delta_payload = protocol.verify(
+        ArtifactDelta.objects.get(pk=delta.pk).manifest_envelope,
+        payload_type=protocol.DELTA_PAYLOAD_TYPE,
+        keys=protocol.trusted_keys([new_hex]),
+    )
+    assert hashlib.sha256(delta_payload).hexdigest() == delta.manifest_sha256  # the pin still holds
     artifact.refresh_from_db()
     payload = protocol.verify(
         artifact.manifest_envelope,
