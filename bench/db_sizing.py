@@ -80,11 +80,11 @@ def fill(devices: int, hours: int) -> None:
     with connection.cursor() as c:
         c.execute(
             """INSERT INTO devices_device (device_id, display_name, status, hardware, runtime,
-                runtime_version, supports_int8, supported_ops, agent_version, tags,
+                runtime_version, supports_int8, supported_ops, unsupported_ops, agent_version, tags,
                 enrollment_code_sha256, online, applied_generation, reported_models, health,
                 desired_generation, desired_artifacts, created_at)
             SELECT 'cam-' || lpad(i::text, 6, '0'), '', 'active', 'any', 'litert', '2.3.0', true,
-                '[]', '0.1.0', '[]', '', true, 1, '{}', '{}', 1, '{}', now()
+                '[]', '[]', '0.1.0', '[]', '', true, 1, '{}', '{}', 1, '{}', now()
             FROM generate_series(1, %s) i""",
             [devices],
         )
