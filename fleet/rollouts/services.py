@@ -1056,6 +1056,38 @@ def evaluate_running() -> dict[int, str]:
     return decisions
 
 
+def evaluations_thin(*, now: datetime | None = None, chunk_size: int = 500) -> int:
+    """Retention of the gates' evaluations older than GATE_EVALUATION_RETENTION_DAYS: of
+    each rollout, keep every evaluation whose decision acted (anything but wait), the last
+    evaluation of each stage and the first of each hour, and delete the other evaluations'
+    rows. What stays is what the rollout page shows (decisions, verdicts, at most
+    CHART_POINTS chart points); what goes is the same "waiting" read every 5 s. Returns
+    the rows deleted. Idempotent: a second run finds nothing more to delete."""
+    cutoff = (now or timezone.now()) - timedelta(days=settings.GATE_EVALUATION_RETENTION_DAYS)
+    old = GateEvaluation.objects.filter(evaluated_at__lt=cutoff)
+    deleted = 0
+    for rollout_id in old.filter(decision=Decision.WAIT).values_list("rollout_id", flat=True).distinct():
+        times = old.filter(rollout_id=rollout_id).values_list("evaluated_at", "stage", "decision").distinct()
+        keep, last_of_stage, hours = set(), {}, set()
+        for at, stage, decision in sorted(times):
+            if decision != Decision.WAIT:
+                keep.add(at)
+            last_of_stage[stage] = at
+            hour = at.replace(minute=0, second=0, microsecond=0)
+            if hour not in hours:
+                hours.add(hour)
+                keep.add(at)
+        keep.update(last_of_stage.values())
+        gone = sorted({at for at, _, _ in times} - keep)
+        waits = GateEvaluation.objects.filter(rollout_id=rollout_id, decision=Decision.WAIT)
+        for start in range(0, len(gone), chunk_size):
+            count, _ = waits.filter(evaluated_at__in=gone[start : start + chunk_size]).delete()
+            deleted += count
+    if deleted:
+        log.info("gate evaluations: deleted %s rows older than %s", deleted, cutoff.isoformat())
+    return deleted
+
+
 def rollout_telemetry_sums(
     *, rollout: Rollout, since: datetime, until: datetime | None
 ) -> list[dict[str, Any]]:
