@@ -225,7 +225,7 @@ def fill_hourly(devices: int, days_start: datetime, now: datetime) -> int:
 
 
 def statements(call) -> list[tuple[str, tuple]]:
-    """The SQL statements (with their parameters) that ``call`` sends, in order."""
+    """The queries (with their parameters) that ``call`` sends, in order (not its SETs)."""
     from django.db import connection
 
     sent = []
@@ -236,14 +236,17 @@ def statements(call) -> list[tuple[str, tuple]]:
 
     with connection.execute_wrapper(record):
         call()
-    return sent
+    return [(sql, params) for sql, params in sent if sql.lstrip().upper().startswith("SELECT")]
 
 
 def explain(sql: str, params) -> str:
     """EXPLAIN (ANALYZE, BUFFERS) of one statement, its long id lists shortened."""
-    from django.db import connection
+    from django.db import connection, transaction
 
-    with connection.cursor() as c:
+    from fleet.devices.selectors import GATE_QUERY_WORK_MEM
+
+    with transaction.atomic(), connection.cursor() as c:
+        c.execute(f"SET LOCAL work_mem = '{GATE_QUERY_WORK_MEM}'")  # as the selector runs it
         c.execute(f"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {sql}", params)
         plan = "\n".join(row[0] for row in c.fetchall())
     return re.sub(r"'\{(\d+),[\d,]*,(\d+)\}'", lambda m: f"'{{{m[1]},…,{m[2]}}}'", plan)
