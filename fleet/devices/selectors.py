@@ -14,6 +14,7 @@ from django.db.models.fields.json import KeyTextTransform, KeyTransform
 from django.db.models.functions import Cast
 
 from fleet.core.errors import InvalidInput
+from fleet.core.lookups import any_of
 from fleet.devices.choices import DeviceStatus, GroupKind
 from fleet.devices.models import Device, DeviceEvent, DeviceGroup, TelemetryHourly, TelemetryWindow
 from fleet.rollouts.models import Assignment
@@ -166,23 +167,9 @@ def telemetry_by_device_queryset(
     )
 
 
-class _AnyOf(Lookup):
-    """``lhs = ANY(%s)`` with the list as one array parameter."""
-
-    lookup_name = "any_of"
-    prepare_rhs = False
-
-    def as_sql(self, compiler, connection) -> tuple[str, list]:
-        lhs, params = self.process_lhs(compiler, connection)
-        return f"{lhs} = ANY(%s::bigint[])", [*params, list(self.rhs)]
-
-
 def _of_devices(pks: list[int], field: str = "device_id") -> Q | Lookup:
-    """``field`` among ``pks``: on PostgreSQL as one array parameter (the plan IN makes
-    anyway), since binding 10,000 parameters one by one costs more than the query itself."""
-    if connection.vendor != "postgresql":
-        return Q(**{f"{field}__in": pks})
-    return _AnyOf(F(field), pks)
+    """``field`` among ``pks``, as one array parameter (fleet/core/lookups.py)."""
+    return any_of(field, pks)
 
 
 GATE_QUERY_WORK_MEM = "64MB"  # for the gate's sums only (SET LOCAL), not the whole database

@@ -26,6 +26,7 @@ from django.utils import timezone
 from fleet.core.capabilities import tflite_runtime_level, version_tuple
 from fleet.core.errors import Conflict, InvalidInput
 from fleet.core.logs import log_context
+from fleet.core.lookups import any_of
 from fleet.devices import selectors as device_selectors
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.desired import devices_republish_desired
@@ -379,14 +380,14 @@ def _enter_stage(rollout: Rollout, stage: int) -> Rollout:
         )
         to_notify = [item for item in to_notify if item[0] in set(ids)]
     else:
-        _shadows_end(rollout, _shadowing(rollout).exclude(pk__in=ids))
+        _shadows_end(rollout, _shadowing(rollout).exclude(any_of("pk", ids)))
     by_artifact: dict[int, list[int]] = defaultdict(list)
     for _, device_id, artifact_id in to_notify:
         by_artifact[artifact_id].append(device_id)
     for artifact_id, device_ids in by_artifact.items():
         artifact = Artifact.objects.get(pk=artifact_id)
         devices_assign(
-            devices=[Device(pk=pk) for pk in device_ids],
+            devices=device_ids,  # pks: 10,000 model instances cost more than the UPDATE
             artifacts={} if shadow else {model: artifact},
             shadows={model: (artifact, float(spec.get("sample_rate", 0.25)))} if shadow else None,
             rollout={"id": rollout.pk, "stage": stage},
@@ -420,7 +421,7 @@ def _only_active(items: list[tuple[int, int, int]]) -> list[tuple[int, int, int]
     """(assignment, device, artifact) of active devices only; a device disabled or retired
     since it was placed is skipped with the reason, so it never blocks the others."""
     inactive = dict(
-        Device.objects.filter(pk__in={device_pk for _, device_pk, _ in items})
+        Device.objects.filter(any_of("pk", {device_pk for _, device_pk, _ in items}))
         .exclude(status=DeviceStatus.ACTIVE)
         .values_list("pk", "status")
     )
@@ -449,7 +450,7 @@ def _shadows_end(rollout: Rollout, assignments: QuerySet[Assignment]) -> None:
         assignments.update(state=AssignmentState.PENDING, stage=None, generation=None, notified_at=None)
         return
     devices_assign(
-        devices=[Device(pk=pk) for pk in device_pks],
+        devices=device_pks,
         artifacts={},
         clear_shadows=(rollout.model.name,),
         rollout={"id": rollout.pk, "stage": rollout.current_stage},
