@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -182,11 +182,10 @@ def _fetch(queryset: QuerySet) -> list[dict]:
     sql, params = queryset.query.sql_with_params()
     with transaction.atomic(), connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # 10,000 groups hash in memory; with the default 4 MB they were sorted on disk.
-            cursor.execute(f"SET LOCAL work_mem = '{GATE_QUERY_WORK_MEM}'")
-        if connection.vendor == "postgresql":
             from psycopg.types.numeric import IntLoader
 
+            # 10,000 groups hash in memory; with the default 4 MB they were sorted on disk.
+            cursor.execute(f"SET LOCAL work_mem = '{GATE_QUERY_WORK_MEM}'")
             cursor.cursor.adapters.register_loader("numeric", IntLoader)  # this cursor only
         cursor.execute(sql, params)
         names = [column.name for column in cursor.description]
@@ -206,8 +205,8 @@ def _weighted_mean(
 
 
 def _window_sums(pks: list[int], model: str, since: datetime, until: datetime | None) -> list[dict]:
-    """Per group, the sums of the windows that began in [since, until), in the shape of
-    ``_Sums.add`` (one query on the gate index)."""
+    """Per group, the sums of the windows that began in [since, until), in the shape
+    ``_add`` takes (one query on the gate index)."""
     sums = []
     queryset = telemetry_by_device_queryset(devices=pks, model=model, since=since, until=until)
     for row in _fetch(queryset.order_by()):  # sorted in Python: PostgreSQL may hash the groups
@@ -314,12 +313,17 @@ def telemetry_sums(
     pks = sorted({getattr(device, "pk", device) for device in devices})
     if not pks:
         return []
+    # Hours as the ingest's date_trunc makes them: on the database session's clock, UTC.
+    since = since.astimezone(UTC)
+    until = None if until is None else until.astimezone(UTC)
     first_hour = _hour_ceil(since)
     last_hour = None if until is None else until.replace(minute=0, second=0, microsecond=0)
     if not hourly or (last_hour is not None and last_hour <= first_hour):
         parts = _window_sums(pks, model, since, until)  # no whole hour in between
     else:
-        parts = _window_sums(pks, model, since, first_hour) + _hourly_sums(pks, model, first_hour, last_hour)
+        parts = _hourly_sums(pks, model, first_hour, last_hour)
+        if since < first_hour:
+            parts += _window_sums(pks, model, since, first_hour)
         if last_hour is not None and last_hour < until:
             parts += _window_sums(pks, model, last_hour, until)
     totals: dict[tuple, dict] = {}
