@@ -33,6 +33,18 @@ sys.path.insert(0, str(ROOT))
 SERVER_URL = "postgres://postgres@127.0.0.1:5432"
 WINDOW_S = 30  # the agent's default telemetry_interval_s
 EVENTS_PER_DEVICE = 6  # downloading, verifying, active … of one rollout, and a trust event
+ROLLOUTS_PER_WEEK = 1  # the projection's assumption: one rollout reaches every device a week
+LOOKS = 2_000  # gate evaluations stored for the per-row figure (a day is 17,280 at 5 s)
+GATES_PER_LOOK = 4  # install, error rate, accuracy per variant (two variants)
+GROWING = (
+    "devices_telemetrywindow",
+    "devices_telemetryhourly",
+    "devices_deviceevent",
+    "devices_ingestrefusal",
+    "rollouts_assignment",
+    "rollouts_gateevaluation",
+    "rollouts_rollouthour",
+)
 
 
 def postgres():
@@ -80,11 +92,11 @@ def fill(devices: int, hours: int) -> None:
     with connection.cursor() as c:
         c.execute(
             """INSERT INTO devices_device (device_id, display_name, status, hardware, runtime,
-                runtime_version, supports_int8, supported_ops, agent_version, tags,
+                runtime_version, supports_int8, supported_ops, unsupported_ops, agent_version, tags,
                 enrollment_code_sha256, online, applied_generation, reported_models, health,
                 desired_generation, desired_artifacts, created_at)
             SELECT 'cam-' || lpad(i::text, 6, '0'), '', 'active', 'any', 'litert', '2.3.0', true,
-                '[]', '0.1.0', '[]', '', true, 1, '{}', '{}', 1, '{}', now()
+                '[]', '[]', '0.1.0', '[]', '', true, 1, '{}', '{}', 1, '{}', now()
             FROM generate_series(1, %s) i""",
             [devices],
         )
@@ -128,9 +140,73 @@ def fill(devices: int, hours: int) -> None:
             FROM devices_device d, generate_series(1, %s) e""",
             [EVENTS_PER_DEVICE],
         )
+        c.execute(
+            """INSERT INTO devices_ingestrefusal (device_id, reason, count, first_at, last_at)
+            SELECT d.id, 'clock', 3, now(), now() FROM devices_device d"""
+        )
+    fill_rollout(start, now)
     connection.connection.autocommit = True
     with connection.cursor() as c:
         c.execute("VACUUM ANALYZE")
+
+
+def fill_rollout(start: datetime, now: datetime) -> None:
+    """One rollout over every device (an assignment each), LOOKS evaluations of its gates as
+    services._store writes them (sentences and inputs of a 10,000-device comparison, no
+    per-device inputs beyond 50 devices), and its per-hour sums."""
+    from django.db import connection
+
+    from fleet.registry import services as registry
+    from fleet.rollouts.models import Rollout, RolloutPolicy
+
+    model = registry.model_create(name="digits", labels=[str(n) for n in range(10)])
+    version = registry.version_create(model=model, version="2.0.0")
+    rollout = Rollout.objects.create(
+        model=model,
+        target_version=version,
+        policy=RolloutPolicy.objects.create(name="sizing"),
+        state="running",
+    )
+    summary = (
+        "accuracy (int8): 95.7 % (3,750 devices, n = 23,625,000) vs 95.7 % (3,750 devices, "
+        "n = 23,625,000), drop 0.0 pp (97.5 % CS -0.1 to 0.1 pp, one device set aside each way) "
+        "< 2.0 pp allowed"
+    )
+    inputs = (
+        '{"candidate": {"devices": 3750, "n": 23625000, "k": 22613000, "n_capped": 23625000.0, '
+        '"k_capped": 22613000.0, "cap_n": 126000.0, "capped_devices": []}, "incumbent": {"devices": 3750, '
+        '"n": 23625000, "k": 22610000, "n_capped": 23625000.0, "k_capped": 22610000.0, "cap_n": 126000.0, '
+        '"capped_devices": []}, "drop_pp": 0.01, "alpha": 0.025, "looks": 120}'
+    )
+    with connection.cursor() as c:
+        c.execute(
+            """INSERT INTO rollouts_assignment (rollout_id, device_id, cohort_key, stage, from_version,
+                to_artifact_id, from_artifact_id, variant, generation, state, reason, skip_code,
+                notified_at, updated_at)
+            SELECT %s, d.id, (d.id * 2654435761) %% 4294967296, 1, '1.4.0', NULL, NULL, 'int8', 2,
+                'active', '', '', now(), now()
+            FROM devices_device d""",
+            [rollout.pk],
+        )
+        c.execute(
+            """INSERT INTO rollouts_gateevaluation (rollout_id, stage, metric, variant, verdict,
+                candidate_value, incumbent_value, candidate_n, incumbent_n, candidate_devices,
+                incumbent_devices, threshold, p_value, lower, upper, method, looks, note, summary,
+                inputs, decision, evaluated_at)
+            SELECT %s, 1, 'accuracy', 'int8', 'wait', 0.957, 0.957, 23625000, 23625000, 3750, 3750,
+                2.0, 0.41, -0.1, 0.1, 'mixture confidence sequence, cluster variance', l, '', %s,
+                %s::jsonb, 'wait', now() - l * interval '5 seconds'
+            FROM generate_series(1, %s) l, generate_series(1, %s) g""",
+            [rollout.pk, summary, inputs, LOOKS, GATES_PER_LOOK],
+        )
+        c.execute(
+            """INSERT INTO rollouts_rollouthour (rollout_id, version, hour, inferences, errors,
+                latency_p95_weighted_sum, latency_p95_weight)
+            SELECT %s, v, h, 18000000, 1200, 16200000.0, 18000000
+            FROM generate_series(%s::timestamptz, %s::timestamptz - interval '1 hour', interval '1 hour') h,
+                 unnest(ARRAY['1.4.0', '2.0.0']) v""",
+            [rollout.pk, start, now],
+        )
 
 
 def measure() -> dict[str, tuple[int, int, int]]:
@@ -140,7 +216,7 @@ def measure() -> dict[str, tuple[int, int, int]]:
 
     sizes = {}
     with connection.cursor() as c:
-        for table in ("devices_telemetrywindow", "devices_telemetryhourly", "devices_deviceevent"):
+        for table in GROWING:
             c.execute(f"SELECT count(*) FROM {table}")
             rows = c.fetchone()[0]
             c.execute(
@@ -151,7 +227,7 @@ def measure() -> dict[str, tuple[int, int, int]]:
                 [table, table, table],
             )
             table_bytes, index_bytes = c.fetchone()
-            sizes[table] = (rows, table_bytes, index_bytes)
+            sizes[table] = (rows, int(table_bytes), int(index_bytes))
     return sizes
 
 
@@ -181,22 +257,46 @@ def main() -> int:
             f" = {per_row[table]:>4.0f} B/row ({(heap + index) / 2**20:,.1f} MiB)"
         )
     windows_per_day = 86400 // WINDOW_S
-    per_device = {
-        "telemetry windows": windows_per_day
-        * settings.TELEMETRY_RETENTION_DAYS
-        * per_row["devices_telemetrywindow"],
-        "hourly sums": 24 * settings.TELEMETRY_HOURLY_RETENTION_DAYS * per_row["devices_telemetryhourly"],
+    per_day = {  # bytes a device adds a day (one model), and how long they are kept (days)
+        "telemetry windows": (
+            windows_per_day * per_row["devices_telemetrywindow"],
+            settings.TELEMETRY_RETENTION_DAYS,
+        ),
+        "hourly sums": (24 * per_row["devices_telemetryhourly"], settings.TELEMETRY_HOURLY_RETENTION_DAYS),
+        "events": (
+            EVENTS_PER_DEVICE * ROLLOUTS_PER_WEEK / 7 * per_row["devices_deviceevent"],
+            settings.TELEMETRY_RETENTION_DAYS,
+        ),
+        "assignments": (ROLLOUTS_PER_WEEK / 7 * per_row["rollouts_assignment"], None),
     }
     print(
-        f"per device and model: {windows_per_day:,} windows/day "
-        f"({windows_per_day * per_row['devices_telemetrywindow'] / 2**20:.2f} MiB/day), 24 hourly sums/day; "
-        f"kept {settings.TELEMETRY_RETENTION_DAYS} d and {settings.TELEMETRY_HOURLY_RETENTION_DAYS} d: "
-        + ", ".join(f"{name} {value / 2**20:.1f} MiB" for name, value in per_device.items())
+        f"\nper device and model, a day (assuming {ROLLOUTS_PER_WEEK} rollout a week reaches every device):"
     )
-    steady = sum(per_device.values())
-    for fleet in (1_000, 10_000, 100_000):
+    steady = 0.0
+    for name, (daily, kept) in per_day.items():
+        held = daily * kept if kept else None
+        steady += held or 0.0
         print(
-            f"{fleet:>7,} devices: {fleet / WINDOW_S:>6,.0f} windows/s to ingest, "
+            f"  {name:18} {daily:>10,.0f} B/day; "
+            + (f"kept {kept} d: {held / 2**20:,.2f} MiB" if held else "kept with the rollout's history")
+        )
+    print(
+        f"  {'refusal counts':18} {per_row['devices_ingestrefusal']:>10,.0f} B per device and reason at most"
+        " (upserted, deleted after TELEMETRY_RETENTION_DAYS)"
+    )
+    looks_per_day = 86400 // 5
+    evaluation = per_row["rollouts_gateevaluation"] * GATES_PER_LOOK
+    print(
+        f"per running rollout: {looks_per_day:,} gate evaluations a day x {GATES_PER_LOOK} rows"
+        f" = {looks_per_day * evaluation / 2**20:,.0f} MiB/day while it runs; past"
+        f" GATE_EVALUATION_RETENTION_DAYS ({settings.GATE_EVALUATION_RETENTION_DAYS}) thinned to 24 a day"
+        f" ({24 * evaluation / 2**10:,.0f} KiB/day); rollout hours {per_row['rollouts_rollouthour']:.0f} B"
+        " per version and hour"
+    )
+    for fleet in (1_000, 10_000, 100_000, 1_000_000):
+        print(
+            f"{fleet:>9,} devices: {fleet / WINDOW_S:>7,.0f} windows/s to ingest, "
+            f"{fleet * sum(daily for daily, _ in per_day.values()) / 2**30:,.1f} GiB written a day, "
             f"steady state {fleet * steady / 2**30:,.1f} GiB (one model each)"
         )
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 TARGET_RATIO = 2.0
+MOONSHOT_RATIO = 1.2  # issue 13, section 3: printed beside the ratio, not enforced
 DATABASE = "postgres://postgres@127.0.0.1:5432/modelfleet_bench_fanout"
 
 
@@ -292,7 +293,12 @@ def main() -> int:
         f"bare paho: {args.devices:,} x {size} B at QoS 1, all PUBACKs", f"{bare_acked_s:.2f} s", ""
     )
     table.add_row("bare paho: subscriber has every message", f"{bare_delivered_s:.2f} s", "")
-    table.add_row("ratio fan-out / bare", f"{ratio:.2f}", f"<= {TARGET_RATIO}")
+    table.add_row(
+        "committed → subscriber has every desired state (signing + publishing)",
+        f"{delivered - committed:.2f} s",
+        f"bare: {bare_delivered_s:.2f} s",
+    )
+    table.add_row("ratio fan-out / bare", f"{ratio:.2f}", f"<= {TARGET_RATIO} (moonshot {MOONSHOT_RATIO})")
     table.add_row("signing cost per desired state", f"{per_state * 1e6:.0f} µs", "")
     console.print(table)
     verdict = "[green]PASS[/green]" if ratio <= TARGET_RATIO else "[red]FAIL[/red]"

@@ -333,6 +333,13 @@ TELEMETRY_RETENTION_DAYS = _positive(
 TELEMETRY_HOURLY_RETENTION_DAYS = _positive(
     "TELEMETRY_HOURLY_RETENTION_DAYS", _read("TELEMETRY_HOURLY_RETENTION_DAYS", env.int, 90)
 )
+# The gates are evaluated every 5 s and each keeps a row per gate (about 100,000 rows a
+# day for a running rollout): past this age, a beat task keeps of each rollout only the
+# evaluations that acted, the last of each stage and the first of each hour (the charts'
+# points), so a rollout's history stays readable and bounded (docs/scaling.md).
+GATE_EVALUATION_RETENTION_DAYS = _positive(
+    "GATE_EVALUATION_RETENTION_DAYS", _read("GATE_EVALUATION_RETENTION_DAYS", env.int, 7)
+)
 # A device silent for longer than this is marked offline by a beat task.
 DEVICE_STALE_SECONDS = _positive("DEVICE_STALE_SECONDS", _read("DEVICE_STALE_SECONDS", env.int, 300))
 

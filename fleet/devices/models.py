@@ -322,7 +322,35 @@ class TelemetryHourly(models.Model):
                 name="devices_hourly_key",
             )
         ]
-        indexes = [models.Index(fields=["hour"], name="devices_hourly_hour")]
+        indexes = [
+            models.Index(fields=["hour"], name="devices_hourly_hour"),
+            # telemetry_sums (fleet/devices/selectors.py): the whole hours of a gate's stage,
+            # its devices, one model; the sums are read from the index alone (issue 13).
+            models.Index(
+                fields=["model", "device", "hour"],
+                include=[
+                    "version",
+                    "variant",
+                    "shadow_version",
+                    "shadow_variant",
+                    "windows",
+                    "inferences",
+                    "errors",
+                    "labeled",
+                    "correct",
+                    "latency_p95_weighted_sum",
+                    "latency_p95_weight",
+                    "latency_p95_max_ms",
+                    "shadow_sampled",
+                    "shadow_compared",
+                    "shadow_agreed",
+                    "shadow_errors",
+                    "shadow_latency_p95_weighted_sum",
+                    "shadow_latency_p95_weight",
+                ],
+                name="devices_hourly_gate",
+            ),
+        ]
 
 
 class IngestRefusal(models.Model):

@@ -550,7 +550,7 @@ def group_update(
 
 def devices_assign(
     *,
-    devices: list[Device],
+    devices: list[Device] | list[int],
     artifacts: dict[str, Any],
     rollout: dict | None = None,
     publish: str = "celery",
@@ -574,7 +574,7 @@ def devices_assign(
     is simply a newer generation naming the older version.
     """
     shadows = shadows or {}
-    ids = sorted({device.pk for device in devices})
+    ids = sorted({getattr(device, "pk", device) for device in devices})  # Devices or their pks
     cleared = sorted({*artifacts, *clear_shadows})
     with transaction.atomic():
         # One statement for any number of devices: the generation grows in the database

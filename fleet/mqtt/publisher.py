@@ -4,6 +4,8 @@ account write ``…/desired`` and ``…/trust`` only."""
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,20 +31,69 @@ def topics() -> Topics:
     return Topics(settings.MQTT_TOPIC_PREFIX)
 
 
-@contextmanager
-def _publisher() -> Iterator[mqtt.Client]:
-    client = mqtt_client(
+# One connection per process, kept between publishes: a worker publishing a rollout's
+# chunks one after another no longer connects and disconnects for each (docs/benchmarks.md,
+# "Rollout fan-out"). Keyed by the login so that a changed setting makes a new one, and by
+# the process id so that a forked worker never shares its parent's socket.
+_clients: dict[tuple, mqtt.Client] = {}
+_clients_lock = threading.Lock()
+
+
+def _login() -> tuple:
+    return (
+        os.getpid(),
         settings.MQTT_URL,
-        client_id=f"fleet-publisher-{uuid.uuid4().hex[:8]}",
-        username=settings.MQTT_PUBLISHER_USERNAME,
-        password=settings.MQTT_PUBLISHER_PASSWORD,
-        ca_file=settings.MQTT_CA_FILE,
+        settings.MQTT_PUBLISHER_USERNAME,
+        settings.MQTT_PUBLISHER_PASSWORD,
+        settings.MQTT_CA_FILE,
     )
-    try:
-        yield client
-    finally:
+
+
+def _client(login: tuple) -> mqtt.Client:
+    with _clients_lock:
+        client = _clients.get(login)
+        if client is None:
+            for stale in [key for key in _clients if key[0] == login[0]]:  # another login: one at a time
+                old = _clients.pop(stale)
+                old.disconnect()
+                old.loop_stop()
+            _, url, username, password, ca_file = login
+            client = mqtt_client(
+                url,
+                client_id=f"fleet-publisher-{uuid.uuid4().hex[:8]}",
+                username=username,
+                password=password,
+                ca_file=ca_file,
+            )
+            _clients[login] = client
+        return client
+
+
+def publisher_close() -> None:
+    """Disconnect this process's kept publishers (tests, shutdown)."""
+    with _clients_lock:
+        clients = [client for (pid, *_), client in _clients.items() if pid == os.getpid()]
+        _clients.clear()
+    for client in clients:
         client.disconnect()
         client.loop_stop()
+
+
+@contextmanager
+def _publisher() -> Iterator[mqtt.Client]:
+    """This process's publisher; dropped (and made again next time) after any failure, so a
+    broker that went away or a changed password is met with a fresh connection."""
+    login = _login()
+    client = _client(login)
+    try:
+        yield client
+    except BaseException:
+        with _clients_lock:
+            if _clients.get(login) is client:
+                del _clients[login]
+        client.disconnect()
+        client.loop_stop()
+        raise
 
 
 def _retain_all(client: mqtt.Client, messages: Iterable[tuple[str, bytes]], timeout_s: float) -> int:

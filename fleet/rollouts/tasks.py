@@ -13,3 +13,9 @@ def rollouts_evaluate_running() -> dict[int, str]:
 def rollouts_telemetry_summarize() -> dict[int, int]:
     """Beat task: sum the settled hours of each rollout's telemetry (thin; see services)."""
     return services.telemetry_summarize()
+
+
+@shared_task
+def rollouts_evaluations_thin() -> int:
+    """Beat task: retention of old gate evaluations (thin; see services.evaluations_thin)."""
+    return services.evaluations_thin()

@@ -24,6 +24,7 @@ from fleet.rollouts import services
 from fleet.rollouts.choices import AssignmentState, Decision, RolloutState
 from fleet.rollouts.models import AuditEntry, GateEvaluation, RolloutPolicy
 from tests.server.conftest import ready_artifact
+from tests.server.telemetry_writer import ingest_window
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("broker_settings")]
 DEVICES = 40
@@ -66,17 +67,22 @@ def report(device: Device, version: str, variant: str, shadow: str | None = None
 
 
 def window(device: Device, version: str, variant: str, *, accuracy: float = 1.0, start=None, **extra) -> None:
-    """One telemetry window as the bridge stores it (the device is the topic's)."""
-    start = start or timezone.now()
+    """One telemetry window, stored by the ingest bridge's own writer (the device is the
+    topic's), so that the hourly sums the gates read for whole hours have it too."""
     labeled = extra.pop("labeled", LABELS)
-    TelemetryWindow.objects.create(
-        device=device,
-        message_id=uuid.uuid4().hex,
-        ts=start + timedelta(seconds=30),
-        window_start=start,
-        received_at=timezone.now(),
-        window_s=30,
-        model="digits",
+    shadow = None
+    if "shadow_version" in extra:
+        shadow = {
+            "version": extra.pop("shadow_version"),
+            "variant": extra.pop("shadow_variant"),
+            "sampled": extra.pop("shadow_sampled"),
+            "compared": extra.pop("shadow_compared"),
+            "agreed": extra.pop("shadow_agreed"),
+            "latency_ms": {"p50": 1.0, "p95": extra.pop("shadow_latency_p95_ms"), "p99": 2.0},
+        }
+    stored = ingest_window(
+        device.device_id,
+        start=start or timezone.now(),
         version=version,
         variant=variant,
         inferences=extra.pop("inferences", labeled),
@@ -84,8 +90,10 @@ def window(device: Device, version: str, variant: str, *, accuracy: float = 1.0,
         latency_p95_ms=extra.pop("latency_p95_ms", 1.0),
         labeled=labeled,
         correct=extra.pop("correct", round(labeled * accuracy)),
-        **extra,
+        shadow=shadow,
     )
+    assert not extra, extra
+    assert stored == 1, "the bridge refused the window"
 
 
 def policy(name: str = "canary", **changes) -> RolloutPolicy:
