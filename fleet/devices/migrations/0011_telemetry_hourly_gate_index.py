@@ -24,7 +24,7 @@ class Migration(migrations.Migration):
     atomic = False  # CREATE INDEX CONCURRENTLY cannot run in a transaction
 
     dependencies = [
-        ("devices", "0009_device_unsupported_ops"),
+        ("devices", "0010_event_delivery"),
     ]
 
     operations = [
