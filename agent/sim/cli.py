@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     stats_file.write(
                         json.dumps({"elapsed_s": round(time.monotonic() - started, 2), **snapshot}) + "\n"
                     )
+                    stats_file.flush()  # read while the simulator runs (bench/fleet.py)
             except queue.Empty:
                 if not any(p.is_alive() for p in processes):
                     break
