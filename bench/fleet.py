@@ -14,9 +14,11 @@ desired state and manifest with the agent's code, sending telemetry every 30 s.
 
 Figures and targets:
 
-* each stage's devices ``active``: time from the stage's start, p50/p95/max, beside a bare
-  publisher's fan-out of as many desired-state-sized messages to a subscriber (the
-  bench/fanout.py method), measured in this run; target <= 2x;
+* each stage's devices ``active`` (the bridge received their ``active`` event): time from
+  the stage's start, p50/p95/max, beside the fan-out alone for that stage's devices in
+  this run, by bench/fanout.py's method: a subscriber on ``fleet/v1/devices/+/desired``
+  notes when the last of them got its new desired state; target: max <= 2x. A bare paho
+  publisher's time for as many messages of the same size is printed too, for reference;
 * gate decision: time from the moment the stored telemetry first satisfies the gates
   (every stage device active, ``min_devices`` devices with a candidate window begun after
   the stage started, ``min_inferences``) to the stage's promotion; target <= 2 beats;
@@ -286,7 +288,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def bare_fanout(broker, size: int, counts: list[int]) -> dict[int, float]:
+class DesiredWatcher:
+    """bench/fanout.py's method for the rollout's own fan-out: a subscriber on every
+    device's desired topic notes when each device's new desired state arrived (live
+    messages only; the retained ones it gets on subscribing are old)."""
+
+    def __init__(self, broker, password: str) -> None:
+        from fleet.mqtt.broker import mqtt_client
+
+        self.arrivals: dict[str, list[float]] = {}
+        self.client = mqtt_client(
+            broker.url, client_id="bench-desired", username="fleet-bench", password=password
+        )
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.subscribe("fleet/v1/devices/+/desired", qos=1)
+        assert subscribed.wait(10)
+
+    def _on_message(self, client, userdata, message) -> None:
+        if not message.retain:
+            self.arrivals.setdefault(message.topic.split("/")[3], []).append(time.time())
+
+    def first_after(self, device_id: str, start: float) -> float | None:
+        return next((at for at in self.arrivals.get(device_id, []) if at >= start), None)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def bare_fanout(broker, size: int, counts: list[int]) -> tuple[dict[int, float], str]:
     """bench/fanout.py's yardstick: a bare paho client publishes ``count`` messages of the
     desired state's size at QoS 1 to a subscriber; seconds until the subscriber has them."""
     from fleet.mqtt.broker import mqtt_client
@@ -297,8 +329,15 @@ def bare_fanout(broker, size: int, counts: list[int]) -> dict[int, float]:
             "command": "createRole",
             "rolename": "fleet-bench",
             "acls": [
-                {"acltype": acl, "topic": "bench/fanout/#", "priority": 0, "allow": True}
-                for acl in ("publishClientSend", "subscribePattern", "publishClientReceive")
+                *[
+                    {"acltype": acl, "topic": "bench/fanout/#", "priority": 0, "allow": True}
+                    for acl in ("publishClientSend", "subscribePattern", "publishClientReceive")
+                ],
+                # The watcher of the rollout's own fan-out (DesiredWatcher): read only.
+                *[
+                    {"acltype": acl, "topic": "fleet/v1/devices/+/desired", "priority": 0, "allow": True}
+                    for acl in ("subscribePattern", "publishClientReceive")
+                ],
             ],
         },
         {
@@ -338,7 +377,7 @@ def bare_fanout(broker, size: int, counts: list[int]) -> dict[int, float]:
     for client in (publisher, subscriber):
         client.disconnect()
         client.loop_stop()
-    return seconds
+    return seconds, password
 
 
 def wait(what: str, check, timeout: float, processes: dict[str, subprocess.Popen], every: float = 1.0):
@@ -377,7 +416,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         for name in ("web", "worker", "beat"):
             processes[name] = start(name, commands[name], env, work)
         for number in range(args.bridges):
-            processes[f"bridge-{number + 1}"] = start(f"bridge-{number + 1}", commands["ingest"], env, work)
+            # Each bridge its own client id (one id twice: the broker kicks one for the other).
+            name = f"bridge-{number + 1}"
+            processes[name] = start(name, f"{commands['ingest']} --client-id fleet-ingest-{name}", env, work)
         wait("the web app", lambda: _http_up(env["PUBLIC_BASE_URL"]), 60, processes, every=0.5)
         sim_cmd = [
             sys.executable, "-m", "agent.sim", "--bulk", "--url", env["PUBLIC_BASE_URL"],
@@ -466,8 +507,11 @@ def measure(args, work: Path, broker, processes, model, versions) -> dict:
     stage_sizes = [max(1, round(n * percent / 100)) for percent in STAGES]
     # A stage covers at least the gates' minimum, or they could never decide on it.
     stage_sizes = [max(size, args.min_devices) for size in stage_sizes]
-    bare = bare_fanout(broker, size, stage_sizes)
+    # The devices each stage adds: its cover minus the earlier stages'.
+    fresh_counts = [cover - before for cover, before in zip(stage_sizes, [0, *stage_sizes], strict=False)]
+    bare, bench_password = bare_fanout(broker, size, fresh_counts)
     log("bare fan-out: " + ", ".join(f"{count}: {s:.2f} s" for count, s in bare.items()))
+    watcher = DesiredWatcher(broker, bench_password)
 
     clock = RowClock()
     clock.thread.start()
@@ -531,6 +575,8 @@ def measure(args, work: Path, broker, processes, model, versions) -> dict:
     sim_published = _sim_published(work) - sim_published_before
 
     # Per stage: active times, and the gate's evidence vs its decision.
+    watcher.close()
+    device_ids = dict(Device.objects.values_list("pk", "device_id"))
     # A device is active for the control plane when the bridge receives its `active` event.
     active_at = dict(
         DeviceEvent.objects.filter(type="active", model="digits", version="2.0.0")
@@ -555,6 +601,15 @@ def measure(args, work: Path, broker, processes, model, versions) -> dict:
         decided = stage_starts.get(index + 1, finished_at)
         covered = [(at, device) for stage, at, device in assignments if stage is not None and stage <= index]
         fresh = [(at - start).total_seconds() for stage, at, _ in assignments if stage == index]
+        # The fan-out alone: until the last of this stage's devices had its desired state.
+        arrivals = [
+            watcher.first_after(device_ids[device], start.timestamp())
+            for stage, _, device in assignments
+            if stage == index
+        ]
+        if None in arrivals:
+            raise RuntimeError(f"stage {index}: a desired state never reached the watcher")
+        fanout = max(arrivals) - start.timestamp()
         all_active = max(at for at, _ in covered).timestamp()
         # The gates' evidence: candidate windows begun after the stage started.
         devices_seen: set[int] = set()
@@ -576,7 +631,8 @@ def measure(args, work: Path, broker, processes, model, versions) -> dict:
                 "active_p50_s": round(percent_or_nan(fresh, 0.5), 2),
                 "active_p95_s": round(percent_or_nan(fresh, 0.95), 2),
                 "active_max_s": round(max(fresh), 2) if fresh else None,
-                "bare_fanout_s": round(bare[stage_sizes[index]], 2),
+                "fanout_s": round(fanout, 2),
+                "bare_fanout_s": round(bare.get(len(fresh), float("nan")), 2),
                 "gate_decision_after_evidence_s": round(decided.timestamp() - ready, 2),
             }
         )
@@ -678,12 +734,18 @@ def report(result: dict) -> bool:
     row("bulk provisioning (simulator, all devices)", f"{result['provisioning_s']:.0f} s", "", None)
     row("1.0.0 on every device (fan-out + install)", f"{result['baseline_all_active_s']:.1f} s", "", None)
     for stage in result["stages"]:
-        limit = TARGET_STAGE_RATIO * stage["bare_fanout_s"]
+        limit = TARGET_STAGE_RATIO * stage["fanout_s"]
         row(
             f"stage {stage['percent']} %: {stage['devices']:,} devices active p50 / p95 / max",
-            f"{stage['active_p50_s']:.1f} / {stage['active_p95_s']:.1f} / {stage['active_max_s']:.1f} s",
-            f"max <= 2 x bare fan-out {stage['bare_fanout_s']:.2f} s = {limit:.2f} s",
+            f"{stage['active_p50_s']:.2f} / {stage['active_p95_s']:.2f} / {stage['active_max_s']:.2f} s",
+            f"max <= 2 x fan-out {stage['fanout_s']:.2f} s = {limit:.2f} s",
             stage["active_max_s"] <= limit,
+        )
+        row(
+            f"stage {stage['percent']} %: bare publisher, as many messages (reference)",
+            f"{stage['bare_fanout_s']:.2f} s",
+            "",
+            None,
         )
         row(
             f"stage {stage['percent']} %: evidence -> gate decision",
