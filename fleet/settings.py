@@ -435,6 +435,12 @@ ENROLLMENT_TOKEN_DEFAULT_MAX_USES = _positive(
     "ENROLLMENT_TOKEN_DEFAULT_MAX_USES", _read("ENROLLMENT_TOKEN_DEFAULT_MAX_USES", env.int, 100)
 )
 
+# Bulk provisioning (docs/enrollment.md): devices per request, each with its credentials in
+# the answer; a factory sends several requests for a larger batch.
+DEVICE_PROVISION_MAX_DEVICES = _positive(
+    "DEVICE_PROVISION_MAX_DEVICES", _read("DEVICE_PROVISION_MAX_DEVICES", env.int, 1000)
+)
+
 MQTT_PUBLIC_URL = _read("MQTT_PUBLIC_URL", env.str, MQTT_URL)  # the broker as devices reach it
 # Rate limits live in this cache. Its own URL, so that tests can empty it without
 # touching Celery's queues.

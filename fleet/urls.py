@@ -59,6 +59,7 @@ api_v1 = [
     path("enroll", devices_api.Enroll.as_view(), name="enroll"),
     path("devices/", devices_api.DeviceList.as_view(), name="device-list"),
     path("devices/preauthorize", devices_api.DevicePreauthorize.as_view(), name="device-preauthorize"),
+    path("devices/provision", devices_api.DeviceProvision.as_view(), name="device-provision"),
     re_path(rf"^devices/{DEVICE}/$", devices_api.DeviceDetail.as_view(), name="device-detail"),
     *[
         re_path(

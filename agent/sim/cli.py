@@ -21,6 +21,7 @@ from agent.sim.device import Behaviour, DeviceSpec, VersionProfile
 from agent.sim.fleet import SimConfig, run_process
 
 TOKEN_ENV = "FLEET_SIM_ENROLLMENT_TOKEN"
+ADMIN_TOKEN_ENV = "FLEET_SIM_ADMIN_TOKEN"
 
 DESCRIPTION = """\
 Run N virtual devices against a real Modelfleet control plane and MQTT broker.
@@ -39,6 +40,9 @@ What to do:
        FLEET_SIM_ENROLLMENT_TOKEN=me_... python -m agent.sim --url https://fleet.example \\
            --root-key HEX --ca-file ca.pem --devices 1000 --processes 2
   3. start rollouts as usual; stop with Ctrl-C (devices publish `offline` and disconnect).
+
+With --bulk, step 1 is an admin's API token in $FLEET_SIM_ADMIN_TOKEN instead: each
+process provisions its devices in bulk requests (docs/enrollment.md, "Bulk provisioning").
 """
 
 EPILOG = """\
@@ -110,6 +114,15 @@ def parser() -> argparse.ArgumentParser:
         "--enrollment-token",
         default=os.environ.get(TOKEN_ENV),
         help=f"fleet enrollment token; better ${TOKEN_ENV}, which keeps it off the process list",
+    )
+    where.add_argument(
+        "--bulk",
+        action="store_true",
+        help=f"provision the devices in bulk (POST /api/v1/devices/provision) with the admin API "
+        f"token in ${ADMIN_TOKEN_ENV}, instead of enrolling each one",
+    )
+    where.add_argument(
+        "--bulk-batch", type=int, default=500, help="devices per bulk request (500; the server caps it)"
     )
     where.add_argument(
         "--root-key", action="append", required=True, help="pinned root public key, hex (repeatable)"
@@ -228,6 +241,8 @@ def sim_config(args: argparse.Namespace) -> SimConfig:
         flap_offline_s=args.flap_offline_s,
         keepalive_s=args.keepalive,
         enroll_concurrency=args.enroll_concurrency,
+        provision_token=os.environ.get(ADMIN_TOKEN_ENV) if args.bulk else None,
+        provision_batch=args.bulk_batch,
     )
 
 
@@ -282,8 +297,12 @@ def summary(elapsed: float, snapshots: dict[int, dict[str, Any]], args: argparse
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if not args.enrollment_token:
+    if args.bulk and not os.environ.get(ADMIN_TOKEN_ENV):
+        parser().error(f"--bulk needs an admin API token in ${ADMIN_TOKEN_ENV}")
+    if not args.bulk and not args.enrollment_token:
         parser().error(f"an enrollment token is needed: --enrollment-token or ${TOKEN_ENV}")
+    if args.bulk_batch < 1:
+        parser().error("--bulk-batch must be at least 1")
     if args.devices < 1 or args.processes < 1:
         parser().error("--devices and --processes must be at least 1")
     args.processes = min(args.processes, args.devices)
@@ -323,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     stats_file.write(
                         json.dumps({"elapsed_s": round(time.monotonic() - started, 2), **snapshot}) + "\n"
                     )
+                    stats_file.flush()  # read while the simulator runs (bench/fleet.py)
             except queue.Empty:
                 if not any(p.is_alive() for p in processes):
                     break

@@ -49,7 +49,7 @@ class SimConfig:
     """Everything a fleet process needs; picklable, made by the CLI."""
 
     url: str
-    enrollment_token: str
+    enrollment_token: str | None
     root_keys: tuple[str, ...]
     root_threshold: int = 1
     ca_file: str | None = None
@@ -67,6 +67,10 @@ class SimConfig:
     keepalive_s: int = 30
     enroll_concurrency: int = 4
     enroll_attempts: int = 20
+    # Bulk provisioning (POST /api/v1/devices/provision) with an admin's API token instead
+    # of one enrollment per device; devices per request.
+    provision_token: str | None = None
+    provision_batch: int = 500
 
 
 @dataclass
@@ -239,22 +243,68 @@ class EnrollmentError(Exception):
     pass
 
 
+def identity(spec: DeviceSpec) -> dict[str, Any]:
+    """What a virtual device says about itself when it enrolls or is provisioned."""
+    return {
+        "hardware": spec.hardware,
+        "supports_int8": spec.int8,
+        "agent_version": __version__,
+        "runtime": "simulated",
+    }
+
+
+def credentials(answer: dict[str, Any], config: SimConfig) -> Credentials:
+    """A device's credentials from its enrollment answer (or its entry in a bulk one)."""
+    broker = answer["mqtt"]
+    return Credentials(
+        token=answer["token"],
+        broker=BrokerConfig(
+            url=broker["url"],
+            username=broker["username"],
+            password=broker["password"],
+            ca_file=Path(config.ca_file) if config.ca_file else None,
+            topic_prefix=broker["topic_prefix"],
+        ),
+    )
+
+
+def provision(
+    http: urllib3.PoolManager, config: SimConfig, specs: list[DeviceSpec], stop: threading.Event
+) -> list[Credentials]:
+    """Provision ``specs`` in one ``POST /api/v1/devices/provision`` (docs/enrollment.md,
+    "Bulk provisioning"), retrying a control plane or broker that is briefly unavailable.
+    The request is all or nothing, so a retry after a 503 starts clean."""
+    body = json.dumps(
+        {"devices": [{"device_id": spec.device_id, "identity": identity(spec)} for spec in specs]}
+    ).encode()
+    url = urllib.parse.urljoin(config.url, "/api/v1/devices/provision")
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.provision_token}"}
+    for _ in range(config.enroll_attempts):
+        if stop.is_set():
+            break
+        try:
+            response = http.request("POST", url, body=body, headers=headers, timeout=600, retries=False)
+        except urllib3.exceptions.HTTPError as exc:
+            log.warning("bulk provisioning failed: %s; retrying", exc)
+            stop.wait(1)
+            continue
+        if response.status == 201:
+            return [credentials(answer, config) for answer in json.loads(response.data)["devices"]]
+        if response.status == 429 or response.status >= 500:
+            log.warning("bulk provisioning answered %s: %s; retrying", response.status, response.data[:300])
+            stop.wait(2)
+            continue
+        raise EnrollmentError(f"bulk provisioning refused: {response.status} {response.data[:300]!r}")
+    raise EnrollmentError(f"bulk provisioning did not succeed after {config.enroll_attempts} attempts")
+
+
 def enroll(
     http: urllib3.PoolManager, config: SimConfig, spec: DeviceSpec, stop: threading.Event
 ) -> Credentials:
     """Enroll one device through ``POST /api/v1/enroll``, waiting out the rate limit (429
     with Retry-After) and retrying a control plane that is briefly unavailable."""
     body = json.dumps(
-        {
-            "device_id": spec.device_id,
-            "enrollment_token": config.enrollment_token,
-            "identity": {
-                "hardware": spec.hardware,
-                "supports_int8": spec.int8,
-                "agent_version": __version__,
-                "runtime": "simulated",
-            },
-        }
+        {"device_id": spec.device_id, "enrollment_token": config.enrollment_token, "identity": identity(spec)}
     ).encode()
     url = urllib.parse.urljoin(config.url, "/api/v1/enroll")
     for _ in range(config.enroll_attempts):
@@ -274,18 +324,7 @@ def enroll(
             stop.wait(1)
             continue
         if response.status in (200, 201):
-            answer = json.loads(response.data)
-            broker = answer["mqtt"]
-            return Credentials(
-                token=answer["token"],
-                broker=BrokerConfig(
-                    url=broker["url"],
-                    username=broker["username"],
-                    password=broker["password"],
-                    ca_file=Path(config.ca_file) if config.ca_file else None,
-                    topic_prefix=broker["topic_prefix"],
-                ),
-            )
+            return credentials(json.loads(response.data), config)
         if response.status >= 500:
             log.warning(
                 "%s: enrollment answered %s: %s; retrying",
@@ -378,6 +417,18 @@ class Fleet:
             **({"ca_certs": self.config.ca_file} if self.config.ca_file else {}),
         )
         enrolled = []
+        if self.config.provision_token:
+            batch = self.config.provision_batch
+            for start in range(0, len(self.specs), batch):
+                specs = self.specs[start : start + batch]
+                try:
+                    enrolled += zip(specs, provision(http, self.config, specs, stop), strict=True)
+                    self.stats.enrolled += len(specs)
+                except EnrollmentError as exc:
+                    log.error("%s", exc)
+                    self.stats.enroll_failed += len(specs)
+            self.stats.enroll_s = round(time.monotonic() - started, 2)
+            return enrolled
         with concurrent.futures.ThreadPoolExecutor(self.config.enroll_concurrency) as pool:
             futures = {pool.submit(enroll, http, self.config, spec, stop): spec for spec in self.specs}
             for future in concurrent.futures.as_completed(futures):

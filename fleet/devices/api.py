@@ -218,6 +218,62 @@ class DevicePreauthorize(APIView):
         )
 
 
+class ProvisionDeviceSerializer(serializers.Serializer):
+    device_id = serializers.CharField(max_length=128)
+    identity = serializers.DictField(
+        required=False,
+        default=dict,
+        validators=[refuse_nul_characters],
+        help_text="As in enrollment: display_name, hardware, runtime, runtime_version, agent_version, "
+        "supports_int8, supported_ops, unsupported_ops",
+    )
+    tags = serializers.ListField(child=serializers.CharField(), required=False, default=list)
+
+
+class ProvisionSerializer(serializers.Serializer):
+    devices = serializers.ListField(
+        child=ProvisionDeviceSerializer(),
+        help_text="At most DEVICE_PROVISION_MAX_DEVICES (1000) per request.",
+    )
+    tags = serializers.ListField(
+        child=serializers.CharField(), required=False, default=list, help_text="Given to every device."
+    )
+
+
+class ProvisionedSerializer(serializers.Serializer):
+    devices = CredentialsSerializer(many=True, help_text="In the order asked; every secret shown once.")
+
+
+class DeviceProvision(APIView):
+    """Bulk provisioning for factories (docs/enrollment.md, "Bulk provisioning")."""
+
+    permission_classes = [IsAdmin]
+    serializer_class = ProvisionSerializer
+
+    @extend_schema(
+        request=ProvisionSerializer,
+        responses={201: ProvisionedSerializer, **ERRORS},
+        summary="Create many active devices at once, with their credentials (shown once)",
+    )
+    def post(self, request):
+        # The cap before validating: a request far over it is refused without parsing it all.
+        devices = request.data.get("devices") if isinstance(request.data, dict) else None
+        if isinstance(devices, list):
+            services.devices_provision_count_check(count=len(devices))
+        data = ProvisionSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        credentials = services.devices_provision(
+            items=[
+                services.ProvisionItem(device["device_id"], device["identity"], device["tags"])
+                for device in data.validated_data["devices"]
+            ],
+            tags=data.validated_data["tags"],
+        )
+        return Response(
+            {"devices": [credentials_body(one) for one in credentials]}, status=status.HTTP_201_CREATED
+        )
+
+
 # --- enrollment
 
 

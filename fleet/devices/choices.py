@@ -52,10 +52,12 @@ class EnrollmentTokenState(models.TextChoices):
 
 
 class DeviceErrorCode(models.TextChoices):
-    """Error codes of the enrollment and lifecycle refusals added by issue 9, section 1."""
+    """Error codes of the enrollment and lifecycle refusals added by issue 9, section 1, and of
+    bulk provisioning (issue 13)."""
 
     RESERVED_DEVICE_ID = "reserved_device_id", "The id names a broker service account"
     DEVICE_RETIRED = "device_retired", "Retired devices never come back"
+    TOO_MANY_DEVICES = "too_many_devices", "More devices than one bulk request may provision"
 
 
 class DeviceEventType(models.TextChoices):

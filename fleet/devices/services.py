@@ -310,9 +310,11 @@ def _broker(call, **kwargs) -> None:
         # The name belongs to a broker account that is not this device's (a service account
         # not listed in the settings, or one an operator made): the same refusal as a
         # reserved id, and the account is untouched.
+        name = kwargs.get("device_id")
         raise InvalidInput(
-            f"{kwargs.get('device_id')!r} is the name of a broker account that is not a device's; "
-            "choose another device id.",
+            f"{name!r} is the name of a broker account that is not a device's; choose another device id."
+            if name
+            else f"{exc}: choose other device ids.",
             code=DeviceErrorCode.RESERVED_DEVICE_ID,
             field="device_id",
         ) from exc
@@ -413,6 +415,114 @@ def device_enroll(
             _release_enrollment_token(token)
         raise
     return credentials
+
+
+# --- bulk provisioning (for factories)
+
+
+@dataclass(frozen=True)
+class ProvisionItem:
+    """One device of a bulk request: its id, its identity (the enrollment identity's
+    fields: hardware, supports_int8, supported_ops, ...) and tags of its own."""
+
+    device_id: str
+    identity: dict[str, Any]
+    tags: list[str]
+
+
+def devices_provision_count_check(*, count: int) -> None:
+    """At least one device, at most DEVICE_PROVISION_MAX_DEVICES: one answer holds every
+    device's secrets, and one request holds the broker's admin connection."""
+    cap = settings.DEVICE_PROVISION_MAX_DEVICES
+    if count < 1:
+        raise InvalidInput("Send at least one device.", code="invalid", field="devices")
+    if count > cap:
+        raise InvalidInput(
+            f"At most {cap} devices per request (DEVICE_PROVISION_MAX_DEVICES); send several requests.",
+            code=DeviceErrorCode.TOO_MANY_DEVICES,
+            field="devices",
+        )
+
+
+def _provision_checked(items: list[ProvisionItem], tags: Any) -> list[tuple[str, dict[str, Any], list[str]]]:
+    """Every refusal before anything is written: the cap, each id, repeated ids, each
+    identity and each tag list (checked as enrollment tokens' tags are)."""
+    devices_provision_count_check(count=len(items))
+    common = _enrollment_token_check(tags=tags or []) or []
+    checked, seen = [], set()
+    for index, item in enumerate(items):
+        where = f"devices.{index}"
+        try:
+            _check_device_id(item.device_id)
+            identity = _identity(item.identity)
+            own = _enrollment_token_check(tags=item.tags or []) or []
+        except InvalidInput as exc:
+            raise InvalidInput(exc.message, code=exc.code, field=f"{where}.{exc.field}") from exc
+        if item.device_id in seen:
+            raise InvalidInput(
+                f"{item.device_id!r} is in the request twice.",
+                code="duplicate_device",
+                field=f"{where}.device_id",
+            )
+        seen.add(item.device_id)
+        checked.append((item.device_id, identity, list(dict.fromkeys([*common, *own]))))
+    return checked
+
+
+def devices_provision(*, items: list[ProvisionItem], tags: list[str] | None = None) -> list[Credentials]:
+    """Create many devices at once, active, with their credentials: a factory's batch.
+
+    What ``device_enroll`` does for one device with an auto-approving token, for up to
+    DEVICE_PROVISION_MAX_DEVICES at once: the rows and their API tokens in a few
+    statements, and every broker client and role in a few control messages over one
+    connection (``DynSec.devices_create``) instead of several connections per device. All or
+    nothing: an id that exists (``already_enrolled``, ``device_retired``), is reserved, or
+    names a broker account that is not a device's refuses the whole request, and if the
+    broker refuses, nothing is kept. The secrets are in the answer only, once."""
+    checked = _provision_checked(items, tags)
+    ids = [device_id for device_id, _, _ in checked]
+    now = timezone.now()
+    with transaction.atomic():
+        existing = Device.objects.filter(device_id__in=ids).order_by("device_id").first()
+        if existing is not None:
+            _refuse_existing(
+                existing, code="already_enrolled", message=f"Device {existing.device_id!r} already exists."
+            )
+        devices = [
+            Device(
+                device_id=device_id,
+                status=DeviceStatus.ACTIVE,
+                status_changed_at=now,
+                enrolled_at=now,
+                tags=device_tags,
+                **identity,
+            )
+            for device_id, identity, device_tags in checked
+        ]
+        try:
+            with transaction.atomic():
+                Device.objects.bulk_create(devices, batch_size=1000)
+        except IntegrityError as exc:  # another request created one of them meanwhile
+            raise Conflict(
+                "One of these devices was created meanwhile; send the request again.",
+                code="already_enrolled",
+                field="devices",
+            ) from exc
+        keys = [_secret(DEVICE_TOKEN_PREFIX) for _ in devices]
+        DeviceToken.objects.bulk_create(
+            [
+                DeviceToken(device=device, prefix=key[:10], key_sha256=sha256(key))
+                for device, key in zip(devices, keys, strict=True)
+            ],
+            batch_size=1000,
+        )
+        passwords = {device.device_id: secrets.token_urlsafe(24) for device in devices}
+        _broker(broker.devices_credentials_create, passwords=passwords)
+    log.info("provisioned %d devices in bulk (%s … %s)", len(devices), ids[0], ids[-1])
+    return [
+        Credentials(device, key, device.device_id, passwords[device.device_id])
+        for device, key in zip(devices, keys, strict=True)
+    ]
 
 
 # --- lifecycle

@@ -27,6 +27,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,11 @@ DEFAULT_DENY = (
     ("subscribe", False),
     ("unsubscribe", True),
 )
+
+# A control message stays under the shipped max_packet_size (256 KiB) with room to spare;
+# each command grows by its correlation id on the way out.
+CONTROL_MESSAGE_BYTES = 200_000
+CORRELATION_BYTES = 64
 
 # Stamped (textdescription) on the clients the control plane creates for devices.
 DEVICE_CLIENT_MARKER = "modelfleet-device:"
@@ -363,7 +369,22 @@ class DynSec:
     ca_file: str | Path | None = None
 
     def command(self, *commands: dict[str, Any]) -> list[dict[str, Any]]:
-        """Send commands in one message; raise BrokerError naming the first that failed.
+        """Send commands in one message; raise BrokerError naming the first that failed."""
+        with self.session() as send:
+            return self._checked(send(list(commands)))
+
+    @staticmethod
+    def _checked(responses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for response in responses:
+            if response.get("error"):
+                raise BrokerError(f"{response.get('command')}: {response['error']}")
+        return responses
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Callable[[list[dict[str, Any]]], list[dict[str, Any]]]]:
+        """One admin connection for several control messages: yields ``send(commands)``,
+        which sends the commands in one message and answers their responses in order,
+        failed ones included (each says its ``error``).
 
         Every admin client hears every answer on the one response topic: a correlation id
         per command picks ours out, or two enrollments at once (two web workers, a fleet
@@ -375,20 +396,31 @@ class DynSec:
             password=self.password,
             ca_file=self.ca_file,
         )
-        ours = [f"{uuid.uuid4().hex}-{n}" for n in range(len(commands))]
-        commands = tuple(
-            {**command, "correlationData": tag} for command, tag in zip(commands, ours, strict=True)
-        )
-        answered = threading.Event()
         by_tag: dict[str, dict[str, Any]] = {}
+        waiting: dict[str, Any] = {"tags": set(), "answered": threading.Event()}
+        lock = threading.Lock()
 
         def on_message(client, userdata, message):
-            for response in json.loads(message.payload).get("responses", []):
-                tag = response.pop("correlationData", None)  # ours to match, not the caller's
-                if tag in ours:
-                    by_tag[tag] = response
-            if len(by_tag) == len(ours):
-                answered.set()
+            with lock:
+                for response in json.loads(message.payload).get("responses", []):
+                    tag = response.pop("correlationData", None)  # ours to match, not the caller's
+                    if tag in waiting["tags"]:
+                        by_tag[tag] = response
+                if waiting["tags"] and waiting["tags"] <= by_tag.keys():
+                    waiting["answered"].set()
+
+        def send(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            ours = [f"{uuid.uuid4().hex}-{n}" for n in range(len(commands))]
+            tagged = [
+                {**command, "correlationData": tag} for command, tag in zip(commands, ours, strict=True)
+            ]
+            with lock:
+                waiting["tags"], waiting["answered"] = set(ours), threading.Event()
+            client.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
+            if not waiting["answered"].wait(self.timeout_s):
+                raise BrokerError("the broker did not answer the dynamic security command")
+            with lock:
+                return [by_tag.pop(tag) for tag in ours]
 
         try:
             subscribed = threading.Event()
@@ -397,16 +429,28 @@ class DynSec:
             client.subscribe(f"{CONTROL_TOPIC}/response", qos=1)
             if not subscribed.wait(self.timeout_s):
                 raise BrokerError("the broker did not confirm the control response subscription")
-            client.publish(CONTROL_TOPIC, json.dumps({"commands": list(commands)}), qos=1)
-            if not answered.wait(self.timeout_s):
-                raise BrokerError("the broker did not answer the dynamic security command")
+            yield send
         finally:
             client.disconnect()
             client.loop_stop()
-        responses = [by_tag[tag] for tag in ours]
-        for response in responses:
-            if response.get("error"):
-                raise BrokerError(f"{response.get('command')}: {response['error']}")
+
+    def send_batched(
+        self, send: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], commands: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """``commands`` over ``send`` in as few messages as the broker's packet limit
+        allows (docker/mosquitto/mosquitto.conf: max_packet_size), in order."""
+        responses: list[dict[str, Any]] = []
+        message: list[dict[str, Any]] = []
+        size = 0
+        for command in commands:
+            length = len(json.dumps(command)) + CORRELATION_BYTES
+            if message and size + length > CONTROL_MESSAGE_BYTES:
+                responses += send(message)
+                message, size = [], 0
+            message.append(command)
+            size += length
+        if message:
+            responses += send(message)
         return responses
 
     # --- roles and clients
@@ -505,19 +549,7 @@ class DynSec:
         self._ignore_existing({"command": "deleteRole", "rolename": role})
         # One control message: the broker runs its commands in order, so a new client of a
         # device that is not active is never enabled, not even for a moment.
-        self.command(
-            *self._role_commands(role, self.device_acls(device_id)),
-            {
-                "command": "createClient",
-                "username": device_id,
-                "password": password,
-                "clientid": device_id,
-                "textname": "Modelfleet device",
-                "textdescription": self.device_marker(device_id),
-                "roles": [{"rolename": role}],
-            },
-            state,
-        )
+        self.command(*self._device_create_commands(device_id, password), state)
 
     def enable_device(self, device_id: str) -> bool:
         """Enable the device's client; False when it has none yet (a pre-authorized device
@@ -542,6 +574,78 @@ class DynSec:
             self.command({"command": "deleteClient", "username": device_id})
         self._ignore_existing({"command": "deleteRole", "rolename": self.device_role(device_id)})
         return client is not None
+
+    def _device_create_commands(self, device_id: str, password: str) -> list[dict[str, Any]]:
+        """The device's role, its ACLs given in the same command, and its client: two
+        commands, since Mosquitto 2.0's plugin rewrites its whole configuration file after
+        every command that changes something (docs/benchmarks.md, "Fleet at 10,000 devices")."""
+        role = self.device_role(device_id)
+        return [
+            {
+                "command": "createRole",
+                "rolename": role,
+                "acls": [
+                    {"acltype": acl_type, "topic": topic, "priority": 0, "allow": True}
+                    for acl_type, topic in self.device_acls(device_id)
+                ],
+            },
+            {
+                "command": "createClient",
+                "username": device_id,
+                "password": password,
+                "clientid": device_id,
+                "textname": "Modelfleet device",
+                "textdescription": self.device_marker(device_id),
+                "roles": [{"rolename": role}],
+            },
+        ]
+
+    @staticmethod
+    def _found(response: dict[str, Any], key: str) -> dict[str, Any] | None:
+        """A get command's record; None for "not found"; BrokerError for any other failure."""
+        if response.get("error"):
+            if "not found" in str(response["error"]).lower():
+                return None
+            raise BrokerError(f"{response.get('command')}: {response['error']}")
+        return response.get("data", {}).get(key) or {}
+
+    def devices_create(self, passwords: dict[str, str]) -> None:
+        """Bulk provisioning (docs/enrollment.md, "Bulk provisioning"): for each device id,
+        what ``ensure_device(device_id, password, enabled=True)`` does, over one connection
+        in as few control messages as fit.
+
+        It reads first (cheap for the broker) and changes nothing if any name is held by a
+        client that is not a device's (ClientNotOwned). A device's own client (left by an
+        attempt the database forgot) gets the new password and is enabled; a leftover role
+        of a device's name is started afresh; everything else is two commands per device."""
+        reads = [
+            command
+            for device_id in passwords
+            for command in (
+                {"command": "getClient", "username": device_id},
+                {"command": "getRole", "rolename": self.device_role(device_id)},
+            )
+        ]
+        with self.session() as send:
+            answers = self.send_batched(send, reads)
+            writes: list[dict[str, Any]] = []
+            for index, (device_id, password) in enumerate(passwords.items()):
+                client = self._found(answers[2 * index], "client")
+                if client is not None:
+                    if not self.is_device_client(client, device_id):
+                        raise ClientNotOwned(
+                            f"the broker client {device_id!r} exists and was not created for a "
+                            "device; nothing was changed"
+                        )
+                    writes += [
+                        {"command": "setClientPassword", "username": device_id, "password": password},
+                        {"command": "enableClient", "username": device_id},
+                    ]
+                    continue
+                if self._found(answers[2 * index + 1], "role") is not None:
+                    writes.append({"command": "deleteRole", "rolename": self.device_role(device_id)})
+                writes += self._device_create_commands(device_id, password)
+            self._checked(self.send_batched(send, writes))
 
     # --- the control plane's own roles and accounts (BrokerProvisioner)
 

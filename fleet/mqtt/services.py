@@ -64,3 +64,10 @@ def device_credentials_delete(*, device_id: str) -> None:
         broker_admin().delete_device(device_id)
     except ClientNotOwned as exc:
         _leave_alone(device_id, exc)
+
+
+def devices_credentials_create(*, passwords: dict[str, str]) -> None:
+    """Bulk provisioning: each device's broker client and role, enabled, in a few control
+    messages (``DynSec.devices_create``). ClientNotOwned, changing nothing, when one of
+    the names is held by a client that is not a device's."""
+    broker_admin().devices_create(passwords)

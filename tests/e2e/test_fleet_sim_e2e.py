@@ -16,6 +16,8 @@ import pytest
 
 from agent.sim.cli import device_specs, parser
 from agent.sim.device import Behaviour
+from fleet.core.choices import Role
+from fleet.core.services import api_token_create, user_ensure
 from fleet.devices.models import Device, DeviceEvent, TelemetryWindow
 from fleet.rollouts import services as rollouts
 from fleet.rollouts.choices import AssignmentState, RolloutState
@@ -38,7 +40,7 @@ def run_simulator(control_plane, bridge, broker, enrollment, tmp_path):
     kept, and it is stopped (Ctrl-C) at the end of the test."""
     started = []
 
-    def run(*extra: str, devices: int = DEVICES) -> dict:
+    def run(*extra: str, devices: int = DEVICES, env: dict[str, str] | None = None) -> dict:
         args = [
             "--url",
             control_plane["url"],
@@ -64,10 +66,9 @@ def run_simulator(control_plane, bridge, broker, enrollment, tmp_path):
             str(tmp_path / "cache"),
             *extra,
         ]
-        env = {**os.environ, "FLEET_SIM_ENROLLMENT_TOKEN": enrollment["key"]}
         process = subprocess.Popen(
             [sys.executable, "-m", "agent.sim", *args],
-            env=env,
+            env={**os.environ, "FLEET_SIM_ENROLLMENT_TOKEN": enrollment["key"], **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -231,3 +232,46 @@ def test_simulated_install_failures_carry_their_reason_and_trip_the_failure_gate
     assert DeviceEvent.objects.filter(device__device_id__in=connected, type="active").count() >= 1
     for device in Device.objects.filter(device_id__in=failing):
         assert "digits" not in (device.reported_models or {})
+
+
+def test_a_bulk_provisioned_simulated_fleet_connects_and_completes_a_rollout(control_plane, run_simulator):
+    """--bulk: each process provisions its devices through POST /api/v1/devices/provision
+    with an admin's API token (no enrollment token at all), then runs them as usual."""
+    admin = user_ensure(username="sim-admin", role=Role.ADMIN)
+    simulator = run_simulator(
+        "--bulk",
+        "--bulk-batch",
+        "4",
+        devices=12,
+        env={
+            "FLEET_SIM_ENROLLMENT_TOKEN": "",
+            "FLEET_SIM_ADMIN_TOKEN": api_token_create(user=admin, name="sim")[1],
+        },
+    )
+    specs = simulator["specs"]
+    ids = [spec.device_id for spec in specs]
+    wait_until(lambda: all_online(simulator, ids, expected=12), timeout=90, message="twelve devices online")
+    int8 = dict(Device.objects.filter(device_id__in=ids).values_list("device_id", "supports_int8"))
+    assert int8 == {spec.device_id: spec.int8 for spec in specs}
+    assert not Device.objects.filter(device_id__in=ids, enrolled_with__isnull=False).exists()
+
+    policy = RolloutPolicy.objects.create(
+        name="sim-bulk",
+        stages=[{"kind": "percent", "value": 100, "soak_seconds": 1}],
+        gates={"max_install_failure_rate": 0.0},
+        pickup_timeout_seconds=60,
+    )
+    rollout = rollouts.rollout_create(
+        model=control_plane["model"],
+        version=control_plane["artifacts"][("2.0.0", "int8")].version,
+        targets={"devices": ids},
+        policy=policy,
+    )
+    rollout = rollouts.rollout_start(rollout=rollout)
+    evaluate_until(
+        rollout, {RolloutState.COMPLETED, RolloutState.PAUSED, RolloutState.ROLLED_BACK}, timeout=60
+    )
+    assert rollout.state == RolloutState.COMPLETED, rollout.last_decision
+    output = stopped(simulator)
+    assert simulator["process"].returncode == 0, output
+    assert "enrollment: 12 devices in" in output, output

@@ -46,6 +46,14 @@ DEVICE_ENDPOINTS = [
         201,
         {"device_id": "cam-new"},
     ),
+    Endpoint(
+        "device-provision",
+        "POST",
+        "/api/v1/devices/provision",
+        "admin",
+        201,
+        {"devices": [{"device_id": "cam-bulk"}]},
+    ),
     Endpoint("device-group-list", "GET", "/api/v1/device-groups/", "viewer"),
     Endpoint(
         "device-group-list",

@@ -207,6 +207,9 @@ PERMISSIONS: dict[str, list[Call]] = {
     "device-preauthorize": [
         Call("POST", "/api/v1/devices/preauthorize", operators(201), {"device_id": "cam-9"})
     ],
+    "device-provision": [
+        Call("POST", "/api/v1/devices/provision", admins(201), {"devices": [{"device_id": "cam-bulk"}]})
+    ],
     "device-detail": [
         Call("GET", "/api/v1/devices/cam-1/", viewers()),
         Call("PATCH", "/api/v1/devices/cam-1/", operators(), {"tags": ["roof"]}),
