@@ -101,7 +101,9 @@ def test_the_matrices_cover_every_api_v1_endpoint():
     # the trust bundle, read by anyone and uploaded by admins (tests/server/test_trust.py).
     # The API root lists addresses only, like the schema (tests/server/test_api_root.py).
     public = {"enroll", "trust", "api-root"}
-    covered = {e.name for e in ENDPOINTS} | {e.name for e in DEVICE_ENDPOINTS} | public | rollouts
+    # A target artifact's deltas: who may fetch them, below (and tests/server/test_url_permissions.py).
+    deltas = {"artifact-delta-manifest", "artifact-delta-blob"}
+    covered = {e.name for e in ENDPOINTS} | {e.name for e in DEVICE_ENDPOINTS} | public | rollouts | deltas
     assert covered == {pattern.name for pattern in api_v1}
 
 
@@ -145,6 +147,15 @@ def test_a_device_token_opens_no_endpoint_meant_for_people(endpoint, world, enro
 @pytest.fixture
 def two_devices(version_v1, digits, alice, anonymous, enrollment_key, django_capture_on_commit_callbacks):
     artifact = ready_artifact(version_v1, "int8", digits.build_digits_models()["int8"], alice.user)
+    # A delta to it, from an artifact of another version (devices may fetch it with the artifact).
+    from fleet.registry import services as registry_services
+    from samples.retrained import fine_tune
+
+    other = registry_services.version_create(model=version_v1.model, version="0.9.0", created_by=alice.user)
+    base = ready_artifact(other, "int8", fine_tune(digits.build_digits_models()["int8"]), alice.user)
+    delta = registry_services.artifact_delta_make(target=artifact, base=base)
+    assert delta is not None and delta.status == "ready", delta and delta.reason
+    artifact.delta_id = delta.pk
     clients = {}
     for device_id in ("cam-a", "cam-b"):
         answer = anonymous.post(
@@ -159,19 +170,37 @@ def two_devices(version_v1, digits, alice, anonymous, enrollment_key, django_cap
     return artifact, clients
 
 
-@pytest.mark.parametrize("what", ["manifest", "blob", "golden"])
+FILES = ["manifest", "blob", "golden", "deltas/{delta}/manifest", "deltas/{delta}/blob"]
+
+
+@pytest.mark.parametrize("what", FILES)
 def test_a_device_fetches_what_is_assigned_to_it(two_devices, what):
     artifact, clients = two_devices
-    response = clients["cam-a"].get(f"/api/v1/artifacts/{artifact.pk}/{what}")
+    response = clients["cam-a"].get(f"/api/v1/artifacts/{artifact.pk}/{what.format(delta=artifact.delta_id)}")
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("what", ["manifest", "blob", "golden"])
+@pytest.mark.parametrize("what", FILES)
 def test_a_device_cannot_fetch_another_devices_artifact(two_devices, what):
     artifact, clients = two_devices
-    response = clients["cam-b"].get(f"/api/v1/artifacts/{artifact.pk}/{what}")
+    response = clients["cam-b"].get(f"/api/v1/artifacts/{artifact.pk}/{what.format(delta=artifact.delta_id)}")
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "permission_denied"
+
+
+def test_a_delta_is_reached_only_through_its_own_target(two_devices, version_v1, digits, alice):
+    """cam-a may fetch its artifact; a delta of another artifact is not found through it."""
+    artifact, clients = two_devices
+    float32 = ready_artifact(version_v1, "float32", digits.build_digits_models()["float32"], alice.user)
+    assert (
+        clients["cam-a"].get(f"/api/v1/artifacts/{artifact.pk}/deltas/{artifact.delta_id}/blob").status_code
+        == 200
+    )
+    foreign = clients["cam-a"].get(f"/api/v1/artifacts/{artifact.pk}/deltas/{artifact.delta_id + 1000}/blob")
+    assert foreign.status_code == 404 and foreign.json()["error"]["code"] == "unknown_delta"
+    # The delta's own id under an artifact the device was not given: refused before lookup.
+    through_other = clients["cam-a"].get(f"/api/v1/artifacts/{float32.pk}/deltas/{artifact.delta_id}/blob")
+    assert through_other.status_code == 403
 
 
 @pytest.mark.parametrize(
