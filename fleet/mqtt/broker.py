@@ -70,6 +70,12 @@ DEFAULT_DENY = (
 # each command grows by its correlation id on the way out.
 CONTROL_MESSAGE_BYTES = 200_000
 CORRELATION_BYTES = 64
+# ...and holds at most this many commands: the broker answers a message once, after its
+# last command, and Mosquitto 2.0's plugin rewrites its whole file after every command that
+# changes something (0.3 s each at 10,000 devices here), so a message of many such commands
+# would outlast DynSec.timeout_s, the more so queued behind another admin's message
+# (docs/benchmarks.md, "Fleet at 10,000 devices").
+CONTROL_MESSAGE_COMMANDS = 8
 
 # Stamped (textdescription) on the clients the control plane creates for devices.
 DEVICE_CLIENT_MARKER = "modelfleet-device:"
@@ -438,13 +444,15 @@ class DynSec:
         self, send: Callable[[list[dict[str, Any]]], list[dict[str, Any]]], commands: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """``commands`` over ``send`` in as few messages as the broker's packet limit
-        allows (docker/mosquitto/mosquitto.conf: max_packet_size), in order."""
+        allows (docker/mosquitto/mosquitto.conf: max_packet_size) and CONTROL_MESSAGE_COMMANDS
+        lets, in order."""
         responses: list[dict[str, Any]] = []
         message: list[dict[str, Any]] = []
         size = 0
         for command in commands:
             length = len(json.dumps(command)) + CORRELATION_BYTES
-            if message and size + length > CONTROL_MESSAGE_BYTES:
+            full = size + length > CONTROL_MESSAGE_BYTES or len(message) == CONTROL_MESSAGE_COMMANDS
+            if message and full:
                 responses += send(message)
                 message, size = [], 0
             message.append(command)

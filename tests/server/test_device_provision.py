@@ -9,7 +9,7 @@ import pytest
 
 from fleet.devices.choices import DeviceStatus
 from fleet.devices.models import Device, DeviceToken
-from fleet.mqtt.broker import BrokerError, mqtt_client
+from fleet.mqtt.broker import CONTROL_MESSAGE_COMMANDS, BrokerError, mqtt_client
 from tests.conftest import wait_until
 from tests.server.test_broker_acl import Client, topic, watcher  # noqa: F401 (a fixture)
 
@@ -53,6 +53,32 @@ def test_an_admin_provisions_many_devices_in_one_request(ada, broker):
     # Only hashes are kept, and each token opens the API as its device.
     assert not DeviceToken.objects.filter(key_sha256=answers[0]["token"]).exists()
     assert DeviceToken.objects.filter(device__device_id__in=names, revoked_at=None).count() == 3
+
+
+def test_a_batch_of_many_control_messages_provisions_every_device(ada, broker):
+    """Two changing commands a device, at most CONTROL_MESSAGE_COMMANDS a control message:
+    this batch takes several messages, and every device's login works, its own only."""
+    names = ids(CONTROL_MESSAGE_COMMANDS + 1)
+    response = provision(ada, {"devices": [{"device_id": name} for name in names]})
+    assert response.status_code == 201, response.json()
+    answers = response.json()["devices"]
+    assert [answer["device_id"] for answer in answers] == names
+    for answer in answers:
+        mqtt = answer["mqtt"]
+        client = mqtt_client(
+            mqtt["url"],
+            client_id=mqtt["username"],
+            username=mqtt["username"],
+            password=mqtt["password"],
+            ca_file=broker.ca_file,
+        )
+        client.disconnect()
+        client.loop_stop()
+    first, last = answers[0]["mqtt"], answers[-1]["mqtt"]
+    with pytest.raises(BrokerError):  # the last one's name with the first one's password
+        mqtt_client(
+            broker.url, client_id=last["username"], username=last["username"], password=first["password"]
+        )
 
 
 def test_a_provisioned_device_uses_its_own_topics_and_cannot_forge_another(ada, broker, watcher):  # noqa: F811
