@@ -77,6 +77,7 @@ from paho.mqtt.properties import Properties
 from agent import protocol
 from agent.protocol.topics import DEVICE_TOPICS, Topics
 from fleet.core.capabilities import check_ops
+from fleet.core.lookups import any_of
 from fleet.devices.choices import DeviceStatus, IngestKind, IngestRefusalReason
 from fleet.devices.models import (
     Device,
@@ -84,6 +85,7 @@ from fleet.devices.models import (
     IngestRefusal,
     TelemetryHourly,
     TelemetryWindow,
+    devices_locked,
 )
 from fleet.mqtt.broker import host_port, mqtt_client_unconnected
 
@@ -352,7 +354,8 @@ CREATE_TEMP_TABLES = (
     "at timestamptz) ON COMMIT DELETE ROWS",
 )
 
-# Rows are locked in id order so that two bridges updating the same devices cannot deadlock.
+# Rows are locked in id order so that two bridges updating the same devices cannot deadlock,
+# nor a bridge and a promotion (models.devices_locked: the same order for the ORM's writers).
 LOCK_DEVICES = (
     "SELECT 1 FROM devices_device WHERE id IN (SELECT id FROM ingest_devices) ORDER BY id FOR NO KEY UPDATE"
 )
@@ -1244,5 +1247,8 @@ def devices_mark_stale(*, now: datetime | None = None) -> int:
     lost last will, a bridge that was down). Compare-and-set: a device the bridge has
     just heard from is not matched any more. Returns how many were marked."""
     cutoff = (now or timezone.now()) - timedelta(seconds=settings.DEVICE_STALE_SECONDS)
-    stale = Device.objects.filter(online=True).exclude(last_seen_at__gte=cutoff)
-    return stale.update(online=False)
+    with transaction.atomic():
+        # Locked in id order like the bridge's batches; the lock re-checks the condition on
+        # a row a batch has just updated.
+        stale = devices_locked(Device.objects.filter(online=True).exclude(last_seen_at__gte=cutoff))
+        return Device.objects.filter(any_of("pk", stale)).update(online=False) if stale else 0

@@ -132,6 +132,18 @@ class Device(models.Model):
         return self.device_id
 
 
+def devices_locked(queryset: models.QuerySet[Device]) -> list[int]:
+    """The pks of ``queryset``'s devices, their rows locked in id order until the
+    transaction ends (FOR NO KEY UPDATE: the lock an UPDATE of non-key columns takes).
+
+    Every transaction that changes many device rows takes this first, as the ingest bridge
+    does (``ingest.LOCK_DEVICES``): two of them then queue instead of deadlocking. An
+    ``UPDATE … WHERE id = ANY(…)`` alone locks in the order of its plan (a sequential or
+    bitmap scan: the rows' physical order), and at 10,000 devices a stage's promotion and a
+    bridge's batch did deadlock that way (docs/benchmarks.md, "Fleet at 10,000 devices")."""
+    return list(queryset.order_by("pk").select_for_update(no_key=True).values_list("pk", flat=True))
+
+
 class DeviceToken(models.Model):
     """A device's bearer token for the HTTP API (artifact downloads). Hashed; shown once."""
 

@@ -29,9 +29,17 @@ from django.utils import timezone
 from agent.protocol.schemas import DEVICE_ID_PATTERN
 from fleet.core.capabilities import HARDWARE_CLASS, check_ops, version_tuple
 from fleet.core.errors import Conflict, InvalidInput, NotFound, ServiceError
+from fleet.core.lookups import any_of
 from fleet.devices.choices import DEVICE_TRANSITIONS, DeviceErrorCode, DeviceStatus, GroupKind
 from fleet.devices.desired import desired_entries, desired_publish, desired_states_check, json_dict
-from fleet.devices.models import Device, DeviceGroup, DeviceToken, EnrollmentToken, is_reserved_device_id
+from fleet.devices.models import (
+    Device,
+    DeviceGroup,
+    DeviceToken,
+    EnrollmentToken,
+    devices_locked,
+    is_reserved_device_id,
+)
 from fleet.devices.selectors import validate_group_rules
 from fleet.mqtt import services as broker
 from fleet.mqtt.broker import BrokerError, ClientNotOwned
@@ -687,6 +695,7 @@ def devices_assign(
     ids = sorted({getattr(device, "pk", device) for device in devices})  # Devices or their pks
     cleared = sorted({*artifacts, *clear_shadows})
     with transaction.atomic():
+        devices_locked(Device.objects.filter(any_of("pk", ids)))  # in id order, as the bridge
         # One statement for any number of devices: the generation grows in the database
         # itself, and the new models are merged over the ones each device already has.
         with connection.cursor() as cursor:
