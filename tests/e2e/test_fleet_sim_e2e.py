@@ -110,6 +110,27 @@ def stopped(simulator) -> str:
     return "".join(simulator["output"])
 
 
+def roll_out_at_once(control_plane, device_ids: list[str], *, name: str):
+    """2.0.0 (int8) to ``device_ids`` in one stage, no install failure allowed, evaluated
+    until it ends (completed, paused or rolled back)."""
+    policy = RolloutPolicy.objects.create(
+        name=name,
+        stages=[{"kind": "percent", "value": 100, "soak_seconds": 1}],
+        gates={"max_install_failure_rate": 0.0},
+        pickup_timeout_seconds=60,
+    )
+    rollout = rollouts.rollout_create(
+        model=control_plane["model"],
+        version=control_plane["artifacts"][("2.0.0", "int8")].version,
+        targets={"devices": device_ids},
+        policy=policy,
+    )
+    rollout = rollouts.rollout_start(rollout=rollout)
+    ends = {RolloutState.COMPLETED, RolloutState.PAUSED, RolloutState.ROLLED_BACK}
+    evaluate_until(rollout, ends, timeout=60)
+    return rollout
+
+
 def test_a_simulated_fleet_enrolls_follows_a_staged_rollout_reports_telemetry_and_reconnects(
     control_plane, run_simulator
 ):
@@ -206,22 +227,7 @@ def test_simulated_install_failures_carry_their_reason_and_trip_the_failure_gate
     assert not Device.objects.get(device_id=offline).online  # enrolled, and never connected
 
     connected = [device_id for device_id in ids if device_id != offline]
-    policy = RolloutPolicy.objects.create(
-        name="sim-all-at-once",
-        stages=[{"kind": "percent", "value": 100, "soak_seconds": 1}],
-        gates={"max_install_failure_rate": 0.0},
-        pickup_timeout_seconds=60,
-    )
-    rollout = rollouts.rollout_create(
-        model=control_plane["model"],
-        version=control_plane["artifacts"][("2.0.0", "int8")].version,
-        targets={"devices": connected},
-        policy=policy,
-    )
-    rollout = rollouts.rollout_start(rollout=rollout)
-    evaluate_until(
-        rollout, {RolloutState.COMPLETED, RolloutState.PAUSED, RolloutState.ROLLED_BACK}, timeout=60
-    )
+    rollout = roll_out_at_once(control_plane, connected, name="sim-all-at-once")
     assert rollout.state in (RolloutState.PAUSED, RolloutState.ROLLED_BACK), rollout.last_decision
     assert "install failures" in rollout.last_decision, rollout.last_decision
     events = DeviceEvent.objects.filter(device__device_id__in=failing, type="failed")
@@ -255,22 +261,7 @@ def test_a_bulk_provisioned_simulated_fleet_connects_and_completes_a_rollout(con
     assert int8 == {spec.device_id: spec.int8 for spec in specs}
     assert not Device.objects.filter(device_id__in=ids, enrolled_with__isnull=False).exists()
 
-    policy = RolloutPolicy.objects.create(
-        name="sim-bulk",
-        stages=[{"kind": "percent", "value": 100, "soak_seconds": 1}],
-        gates={"max_install_failure_rate": 0.0},
-        pickup_timeout_seconds=60,
-    )
-    rollout = rollouts.rollout_create(
-        model=control_plane["model"],
-        version=control_plane["artifacts"][("2.0.0", "int8")].version,
-        targets={"devices": ids},
-        policy=policy,
-    )
-    rollout = rollouts.rollout_start(rollout=rollout)
-    evaluate_until(
-        rollout, {RolloutState.COMPLETED, RolloutState.PAUSED, RolloutState.ROLLED_BACK}, timeout=60
-    )
+    rollout = roll_out_at_once(control_plane, ids, name="sim-bulk")
     assert rollout.state == RolloutState.COMPLETED, rollout.last_decision
     output = stopped(simulator)
     assert simulator["process"].returncode == 0, output
